@@ -1,0 +1,26 @@
+"""lru_online: streaming Linear Recurrent Units with carried state, in pure PyTorch."""
+
+from lru_online.block import LRUBlock
+from lru_online.blur import BLURFusion, FusionOutput
+from lru_online.layer import LRU
+from lru_online.learner import LearnerConfig, LearnStep, OnlineLearner, forecast_targets
+from lru_online.model import LRUForecaster, ModelConfig, ScoredSequence
+from lru_online.scan import available_backends, scan
+from lru_online.state import RecurrentState
+
+__all__ = [
+    "BLURFusion",
+    "FusionOutput",
+    "LRU",
+    "LRUBlock",
+    "LRUForecaster",
+    "LearnStep",
+    "LearnerConfig",
+    "ModelConfig",
+    "OnlineLearner",
+    "RecurrentState",
+    "ScoredSequence",
+    "available_backends",
+    "forecast_targets",
+    "scan",
+]

@@ -1,0 +1,108 @@
+"""A pickle-free byte format for named tensors plus JSON metadata.
+
+Layout: magic b"LRUT", format version (u32), header length (u64), a UTF-8 JSON header, then
+the raw little-endian tensor bytes. Decoding parses JSON and copies bytes into tensors of
+whitelisted dtypes after checking every offset and size, so untrusted bytes can at worst be
+rejected — nothing in them is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import torch
+
+MAGIC = b"LRUT"
+VERSION = 1
+_PREFIX = struct.Struct("<4sIQ")
+_MAX_HEADER_BYTES = 16 << 20
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class CodecError(ValueError):
+    """The bytes are not a valid tensor record."""
+
+
+def encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> bytes:
+    entries, blobs, offset = [], [], 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _NAMES:
+            raise TypeError(f"codec: tensor {name!r} has unsupported dtype {tensor.dtype}")
+        data = tensor.detach().to("cpu").contiguous()
+        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        entries.append(
+            {
+                "name": name,
+                "dtype": _NAMES[tensor.dtype],
+                "shape": list(data.shape),
+                "offset": offset,
+                "nbytes": len(raw),
+            }
+        )
+        blobs.append(raw)
+        offset += len(raw)
+    header = json.dumps({"meta": meta or {}, "tensors": entries}, sort_keys=True).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
+
+
+def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if len(data) < _PREFIX.size:
+        raise CodecError(f"codec: {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise CodecError(f"codec: bad magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise CodecError(f"codec: format version {version} is not supported (expected {VERSION})")
+    body_start = _PREFIX.size + header_len
+    if header_len > _MAX_HEADER_BYTES or body_start > len(data):
+        raise CodecError(f"codec: header length {header_len} does not fit in {len(data)} bytes")
+    try:
+        header = json.loads(data[_PREFIX.size : body_start].decode())
+        entries = header["tensors"]
+        meta = header["meta"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CodecError(f"codec: unreadable header ({error})") from error
+    if not isinstance(entries, list) or not isinstance(meta, dict):
+        raise CodecError("codec: header must hold a list of tensors and a meta object")
+    body = memoryview(data)[body_start:]
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        tensors[_field(entry, "name", str)] = _read_tensor(entry, body)
+    return tensors, meta
+
+
+def _field(entry: Any, key: str, kind: type) -> Any:
+    if not isinstance(entry, dict) or not isinstance(entry.get(key), kind):
+        raise CodecError(f"codec: tensor entry {entry!r} lacks a valid {key!r}")
+    return entry[key]
+
+
+def _read_tensor(entry: dict, body: memoryview) -> torch.Tensor:
+    name = entry.get("name")
+    dtype = _DTYPES.get(_field(entry, "dtype", str))
+    if dtype is None:
+        raise CodecError(f"codec: tensor {name!r} has a dtype outside the allowed set {sorted(_DTYPES)}")
+    shape = _field(entry, "shape", list)
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CodecError(f"codec: tensor {name!r} has an invalid shape {shape!r}")
+    offset, nbytes = _field(entry, "offset", int), _field(entry, "nbytes", int)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if nbytes != math.prod(shape) * itemsize or offset < 0 or offset + nbytes > len(body):
+        raise CodecError(f"codec: tensor {name!r} claims {nbytes} bytes at {offset}, which does not fit")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = bytearray(body[offset : offset + nbytes])
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape).clone()

@@ -1,0 +1,100 @@
+"""The Linear Recurrent Unit of Orvieto et al. 2023 (arXiv 2303.06349).
+
+h_t = Λ h_{t-1} + exp(γ_log) ⊙ (B u_t),   y_t = Re(C h_t) + D ⊙ u_t,
+Λ = diag(exp(-exp(ν_log) + i·exp(θ_log))), so |λ| = exp(-exp(ν_log)) < 1 for every parameter
+value. With irregular sampling a step of length Δt decays by Λ^Δt = exp(Δt · log Λ).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lru_online.scan import scan
+
+
+class LRU(nn.Module):
+    """One LRU layer mapping (B, T, H) to (B, T, H) through a complex diagonal state of size N."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        r_min: float = 0.0,
+        r_max: float = 1.0,
+        max_phase: float = 2 * math.pi,
+        scan_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= r_min < r_max <= 1.0:
+            raise ValueError(f"LRU ring needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        if max_phase <= 0:
+            raise ValueError(f"LRU max_phase must be positive, got {max_phase}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.scan_backend = scan_backend
+
+        # Ring initialisation: |λ|² uniform on [r_min², r_max²], phase uniform on [0, max_phase].
+        u1 = torch.rand(d_state)
+        u2 = torch.rand(d_state)
+        radius_sq = u1 * (r_max**2 - r_min**2) + r_min**2
+        nu = -0.5 * torch.log(radius_sq.clamp_min(1e-30))
+        self.nu_log = nn.Parameter(torch.log(nu.clamp_min(1e-30)))
+        self.theta_log = nn.Parameter(torch.log((max_phase * u2).clamp_min(1e-30)))
+        modulus = torch.exp(-torch.exp(self.nu_log.detach()))
+        self.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - modulus**2)))
+
+        self.B_re = nn.Parameter(torch.randn(d_state, d_model) / math.sqrt(2 * d_model))
+        self.B_im = nn.Parameter(torch.randn(d_state, d_model) / math.sqrt(2 * d_model))
+        self.C_re = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
+        self.C_im = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
+        self.D = nn.Parameter(torch.randn(d_model))
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return torch.complex128 if self.nu_log.dtype == torch.float64 else torch.complex64
+
+    def log_lambda(self) -> torch.Tensor:
+        """log Λ, complex (N,)."""
+        return torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log))
+
+    def decay(self, dt: torch.Tensor | None = None) -> torch.Tensor:
+        """Λ as (N,), or Λ^Δt as (B, T, N) (or (B, N) for a single step) when dt is given."""
+        log_lam = self.log_lambda()
+        if dt is None:
+            return torch.exp(log_lam)
+        return torch.exp(dt.to(self.nu_log.dtype).unsqueeze(-1) * log_lam)
+
+    def input_drive(self, u: torch.Tensor) -> torch.Tensor:
+        """exp(γ_log) ⊙ (B u), complex (..., N)."""
+        scale = torch.exp(self.gamma_log)
+        return torch.complex(u @ self.B_re.T * scale, u @ self.B_im.T * scale)
+
+    def readout(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Re(C h) + D ⊙ u."""
+        return h.real @ self.C_re.T - h.imag @ self.C_im.T + self.D * u
+
+    def zero_state(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.zeros(batch, self.d_state, dtype=self.state_dtype, device=device)
+
+    def forward(
+        self,
+        u: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        dt: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: (B, T, H); h0: (B, N) complex; dt: optional (B, T) step lengths.
+
+        Returns y (B, T, H) and the last state (B, N).
+        """
+        h, h_last = scan(self.decay(dt), self.input_drive(u), h0, backend=self.scan_backend)
+        return self.readout(h, u), h_last
+
+    def step(
+        self, u_t: torch.Tensor, h: torch.Tensor, dt_t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One event: u_t (B, H), h (B, N), dt_t optional (B,). Returns y_t and the new state."""
+        h_new = self.decay(dt_t) * h + self.input_drive(u_t)
+        return self.readout(h_new, u_t), h_new

@@ -1,0 +1,59 @@
+"""Reservoir replay of past training windows (Vitter's algorithm R).
+
+Every window ever offered has the same chance capacity/seen of being held, so the buffer is a
+uniform sample of the whole stream, old regimes included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Window = dict[str, torch.Tensor]
+
+
+class ReservoirReplay:
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        if capacity < 0:
+            raise ValueError(f"replay capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.seen = 0
+        self.windows: list[Window] = []
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self._generator))
+
+    def add(self, window: Window) -> None:
+        self.seen += 1
+        if self.capacity == 0:
+            return
+        stored = {key: value.detach().clone() for key, value in window.items()}
+        if len(self.windows) < self.capacity:
+            self.windows.append(stored)
+            return
+        slot = self._randint(self.seen)
+        if slot < self.capacity:
+            self.windows[slot] = stored
+
+    def sample(self, count: int) -> list[Window]:
+        if not self.windows or count <= 0:
+            return []
+        picks = torch.randperm(len(self.windows), generator=self._generator)[:count]
+        return [self.windows[int(i)] for i in picks]
+
+    def state_dict(self) -> dict:
+        return {
+            "capacity": self.capacity,
+            "seen": self.seen,
+            "generator": self._generator.get_state(),
+            "windows": [dict(w) for w in self.windows],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.capacity = int(state["capacity"])
+        self.seen = int(state["seen"])
+        self._generator.set_state(state["generator"])
+        self.windows = [dict(w) for w in state["windows"]]

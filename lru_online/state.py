@@ -1,0 +1,76 @@
+"""The recurrent state a model carries from one batch of events to the next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lru_online import codec
+
+
+@dataclass
+class RecurrentState:
+    """Per-layer LRU states (each (B, N) complex) and the last forecast (B, horizon, targets).
+
+    The last forecast is carried so that the first event of the next batch is scored against
+    the forecast made for it at the end of the previous batch.
+    """
+
+    hidden: list[torch.Tensor]
+    last_forecast: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden[0].shape[0]
+
+    def detach(self) -> RecurrentState:
+        forecast = self.last_forecast.detach() if self.last_forecast is not None else None
+        return RecurrentState([h.detach() for h in self.hidden], forecast)
+
+    def to(self, device: torch.device | str) -> RecurrentState:
+        forecast = self.last_forecast.to(device) if self.last_forecast is not None else None
+        return RecurrentState([h.to(device) for h in self.hidden], forecast)
+
+    def unbind(self) -> list[RecurrentState]:
+        """Splits a batched state into one state of batch size 1 per row."""
+        return [self.select(index) for index in range(self.batch_size)]
+
+    def select(self, index: int) -> RecurrentState:
+        forecast = self.last_forecast[index : index + 1] if self.last_forecast is not None else None
+        return RecurrentState([h[index : index + 1] for h in self.hidden], forecast)
+
+    @staticmethod
+    def cat(states: list[RecurrentState]) -> RecurrentState:
+        """Stacks states along the batch axis (the inverse of `unbind`)."""
+        if not states:
+            raise ValueError("RecurrentState.cat needs at least one state")
+        layers = len(states[0].hidden)
+        if any(len(s.hidden) != layers for s in states):
+            raise ValueError("RecurrentState.cat: states have different numbers of layers")
+        hidden = [torch.cat([s.hidden[i] for s in states]) for i in range(layers)]
+        has_forecast = [s.last_forecast is not None for s in states]
+        if any(has_forecast) and not all(has_forecast):
+            raise ValueError("RecurrentState.cat: some states carry a forecast and others do not")
+        forecast = torch.cat([s.last_forecast for s in states]) if all(has_forecast) else None
+        return RecurrentState(hidden, forecast)
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"hidden.{i}": h for i, h in enumerate(self.hidden)}
+        if self.last_forecast is not None:
+            tensors["last_forecast"] = self.last_forecast
+        return codec.encode(tensors, {"kind": "RecurrentState", "layers": len(self.hidden)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RecurrentState:
+        tensors, meta = codec.decode(data)
+        layers = meta.get("layers")
+        if meta.get("kind") != "RecurrentState" or not isinstance(layers, int) or layers < 1:
+            raise codec.CodecError("state bytes do not hold a RecurrentState")
+        try:
+            hidden = [tensors[f"hidden.{i}"] for i in range(layers)]
+        except KeyError as missing:
+            raise codec.CodecError(f"state bytes lack tensor {missing}") from None
+        if any(h.dim() != 2 or not h.is_complex() for h in hidden):
+            raise codec.CodecError("state bytes hold a hidden state that is not a complex (B, N) tensor")
+        return cls(hidden, tensors.get("last_forecast"))

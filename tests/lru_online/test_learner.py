@@ -1,0 +1,124 @@
+import math
+import pickle
+
+import pytest
+import torch
+
+from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner, forecast_targets
+
+
+def _pattern(kind: str, length: int, start: int) -> torch.Tensor:
+    t = torch.arange(start, start + length, dtype=torch.float32)
+    if kind == "A":
+        series = [torch.sin(2 * math.pi * t / 16), 0.5 * torch.cos(2 * math.pi * t / 16) + 1.0]
+    else:
+        series = [
+            0.8 * torch.sign(torch.sin(2 * math.pi * t / 10)) - 1.0,
+            torch.sin(2 * math.pi * t / 5),
+        ]
+    return torch.stack(series, -1)[None]
+
+
+def _learner(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = LRUForecaster(ModelConfig(n_inputs=2, n_targets=2, d_model=32, d_state=32, n_layers=1))
+    settings = {"learning_rate": 3e-3, "window": 32, "replay_capacity": 0, "seed": seed} | overrides
+    return OnlineLearner(model, LearnerConfig(**settings))
+
+
+def _stream(learner, regimes, batches, batch_len=128):
+    state, errors, position = None, [], 0
+    for kind in regimes:
+        for _ in range(batches):
+            x = _pattern(kind, batch_len, position)
+            position += batch_len
+            step = learner.learn(x, x, state)
+            state = step.scored.state
+            errors.append(step.metrics["mae_before"])
+    return errors, position
+
+
+def test_forecast_targets_shift_and_mask():
+    targets = torch.arange(10.0).reshape(1, 5, 2)
+    future, mask = forecast_targets(targets, horizon=2)
+    assert future.shape == (1, 5, 2, 2)
+    assert torch.equal(future[0, 1, 0], targets[0, 2]) and torch.equal(future[0, 1, 1], targets[0, 3])
+    assert mask[0, 3].tolist() == [[True, True], [False, False]]
+    assert not mask[0, 4].any()
+
+
+def test_learning_reduces_forecast_error():
+    learning, _ = _stream(_learner(), ["A"], 20)
+    frozen, _ = _stream(_learner(learning_rate=0.0), ["A"], 20)
+    late = sum(learning[-5:]) / 5
+    assert late < 0.2 * sum(learning[1:4]) / 3
+    # With a zero learning rate nothing is learned: the update is what reduced the error.
+    assert late < 0.2 * sum(frozen[-5:]) / 5
+
+
+def test_replay_reduces_forgetting():
+    def error_on_a_after_b(capacity):
+        learner = _learner(seed=1, replay_capacity=capacity, replay_batch=8)
+        _, position = _stream(learner, ["A", "B"], 25)
+        x = _pattern("A", 512, position)
+        scored = learner.score(x, x)
+        return float(scored.residuals[:, 64:].abs().mean())
+
+    without, with_replay = error_on_a_after_b(0), error_on_a_after_b(256)
+    assert with_replay < 0.5 * without
+
+
+def test_ewc_holds_weights_near_the_anchor_and_reduces_forgetting():
+    def after_b(ewc_weight):
+        learner = _learner(seed=2, ewc_weight=ewc_weight)
+        _stream(learner, ["A"], 10)
+        x = _pattern("A", 256, 0)
+        learner.consolidate(x, x)
+        anchor = [p.detach().clone() for p in learner.model.parameters()]
+        _, position = _stream(learner, ["B"], 5)
+        drift = sum(
+            float((p.detach() - a).pow(2).sum())
+            for p, a in zip(learner.model.parameters(), anchor, strict=True)
+        )
+        x = _pattern("A", 512, position)
+        return drift, float(learner.score(x, x).residuals[:, 64:].abs().mean())
+
+    (drift_plain, error_plain), (drift_ewc, error_ewc) = after_b(0.0), after_b(100.0)
+    assert drift_ewc < 0.5 * drift_plain
+    assert error_ewc < 0.5 * error_plain
+
+
+def test_scores_are_made_before_the_update():
+    learner = _learner()
+    x = _pattern("A", 128, 0)
+    expected = learner.score(x, x).scores
+    step = learner.learn(x, x)
+    torch.testing.assert_close(step.scored.scores, expected, equal_nan=True)
+    assert not torch.allclose(learner.score(x, x).scores[:, 1:], expected[:, 1:])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    learner = _learner(replay_capacity=16, ewc_weight=1.0)
+    _, position = _stream(learner, ["A"], 3)
+    x = _pattern("A", 64, position)
+    learner.consolidate(x, x)
+    path = tmp_path / "learner.pt"
+    learner.save_checkpoint(path)
+    restored = OnlineLearner.load_checkpoint(path)
+    assert restored.updates == learner.updates and len(restored.replay) == len(learner.replay)
+    torch.testing.assert_close(restored.score(x, x).forecast, learner.score(x, x).forecast)
+    # Continuing from the checkpoint is the same as continuing without it.
+    a, b = learner.update(x, x), restored.update(x, x)
+    assert a == pytest.approx(b)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("import sys; sys.exit('pickle payload executed')",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Exploit()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        OnlineLearner.load_checkpoint(path)
