@@ -76,16 +76,12 @@ def run_shape(batch: int, channels: int, length: int, repeats: int, loop_repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1x256x65536,16x256x65536,16x256x4096", help="BxNxT list")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-repeats", type=int, default=1)
     args = parser.parse_args()
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, complex64, median of {args.repeats}"
-    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, complex64, median of {args.repeats}")
     columns = ["fwd ms", "fwd+bwd ms", "fwd/copy", "f+b/copy", "loop/fwd", "loop/f+b"]
     header = f"{'B':>3} {'N':>4} {'T':>6}  {'method':<20} " + " ".join(f"{c:>10}" for c in columns)
     print(header)

@@ -2,42 +2,206 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Continual online learning on factory logs.", no_args_is_help=True)
+# A fresh ephemeral Prefect API migrates its database first; 20 s (Prefect's default wait) is
+# not always enough on a 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# The local API's telemetry heartbeat writes to its SQLite file and collides with flow runs.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(
+    help="Continual online learning on factory logs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: embedded defaults).")]
+WorkdirOption = Annotated[Path | None, typer.Option("--workdir", "-w", help="Work folder (overrides the config).")]
+
+
+def _settings(config: Path | None, workdir: Path | None):
+    from flows.settings import ConfigError, load_settings
+    from flows.storage.database import DatabaseError
+
+    try:
+        settings = load_settings(config, workdir)
+        from flows.storage.database import Database
+
+        Database(settings.database_url).migrate()
+        settings.ensure_folders()
+        return settings
+    except (ConfigError, DatabaseError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _config_arg(config: Path | None) -> str | None:
+    return str(config.resolve()) if config else None
+
+
+@app.command()
+def simulate(
+    workdir: WorkdirOption = None,
+    config: ConfigOption = None,
+    entities: Annotated[int, typer.Option(help="Production lines.")] = 3,
+    batches: Annotated[int, typer.Option(help="Batches per line.")] = 36,
+    rows: Annotated[int, typer.Option(help="Rows per batch.")] = 240,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+) -> None:
+    """Writes simulated factory logs into the landing folder (ground truth beside it)."""
+    from flows.simulator import SimulationConfig
+    from flows.simulator import simulate as run_simulation
+
+    settings = _settings(config, workdir)
+    sim = SimulationConfig(entities=entities, batches=batches, rows_per_batch=rows, seed=seed)
+    if batches < 36:
+        scale = batches / 36
+        sim.gradual_drift_start = int(14 * scale)
+        sim.gradual_drift_batches = max(1, int(8 * scale))
+        sim.abrupt_drift_batch = int(26 * scale)
+        sim.broken_batches = {kind: int(at * scale) for kind, at in sim.broken_batches.items()}
+    truth = run_simulation(settings.paths.landing, settings.workdir / "ground_truth.json", sim, settings.log_schema)
+    typer.echo(
+        f"wrote {len(truth.files)} files ({len(truth.broken_files)} broken) to {settings.paths.landing}; "
+        f"ground truth in {settings.workdir / 'ground_truth.json'}"
+    )
+
+
+@app.command()
+def run(config: ConfigOption = None, workdir: WorkdirOption = None, max_batches: int | None = None) -> None:
+    """Runs continual_update once now over the landing folder."""
+    settings = _settings(config, workdir)
+    from flows.prefect_flows import continual_update
+
+    result = continual_update(config=_config_arg(config), workdir=str(settings.workdir), max_batches=max_batches)
+    typer.echo(json.dumps(result["run"]))
+
+
+@app.command()
+def backfill(
+    source: Annotated[Path, typer.Argument(help="Folder of historical log files.")],
+    config: ConfigOption = None,
+    workdir: WorkdirOption = None,
+) -> None:
+    """Replays a folder of historical files in time order."""
+    settings = _settings(config, workdir)
+    if not source.is_dir():
+        typer.echo(f"error: {source} is not a folder", err=True)
+        raise typer.Exit(2)
+    from flows.prefect_flows import backfill as backfill_flow
+
+    result = backfill_flow(source=str(source.resolve()), config=_config_arg(config), workdir=str(settings.workdir))
+    typer.echo(json.dumps({"files": result["files"], "batches": result.get("batches"), "rows": result.get("rows")}))
+
+
+@app.command()
+def retrain(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
+    """Trains a challenger on the recent window now; promotes it only if it wins."""
+    settings = _settings(config, workdir)
+    from flows.prefect_flows import retrain_flow
+
+    outcome = retrain_flow(config=_config_arg(config), workdir=str(settings.workdir), trigger="manual")
+    typer.echo(outcome["reason"])
+
+
+@app.command()
+def serve(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
+    """Serves continual_update on its schedule and retrain on the drift event (needs a Prefect server)."""
+    settings = _settings(config, workdir)
+    from flows.deployments import serve_deployments
+
+    serve_deployments(settings, _config_arg(config))
+
+
+@app.command()
+def ui(
+    config: ConfigOption = None,
+    workdir: WorkdirOption = None,
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+) -> None:
+    """Starts the MLflow UI on the configured tracking store."""
+    settings = _settings(config, workdir)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        settings.tracking.tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    typer.echo(f"MLflow UI on http://{host}:{port} (Ctrl+C stops it)")
+    raise typer.Exit(subprocess.call(command))
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    workdir: WorkdirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Where every batch and row ended up, drift events and the model registry."""
+    settings = _settings(config, workdir)
+    from flows.status import pipeline_status
+
+    report = pipeline_status(settings)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    typer.echo(_summary(report))
+
+
+def _summary(report: dict) -> str:
+    b, r = report["batches"], report["rows"]
+    return "\n".join(
+        [
+            f"batches: {b['processed']} processed, {b['quarantined']} quarantined, {b['duplicate']} duplicate, "
+            f"{b['late']} late, {b['pending']} pending",
+            f"rows:    {r['received']} received = {r['scored']} scored + {r['quarantined']} quarantined"
+            f" + {r['late']} late",
+            f"drift events: {report['drift_events']}",
+            f"model versions: {report['model_versions']}, champion: version {report['champion_version']}",
+        ]
+    )
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo-work"),
-    batches: Annotated[int, typer.Option(help="Batches of the simulated stream.")] = 40,
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder for everything the demo writes.")] = Path(
+        "demo-work"
+    ),
 ) -> None:
-    """Streams a simulated sensor log through an online LRU forecaster, batch by batch."""
-    import torch
+    """Simulates a plant, trains, streams the batches through drift, retrains and promotes."""
+    import time
 
-    from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
+    workdir = workdir.resolve()
+    os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
+    started = time.perf_counter()
+    settings = _settings(None, workdir)
+    if not any(settings.paths.landing.iterdir()) and not (workdir / "ground_truth.json").exists():
+        simulate(workdir=workdir, config=None)
+    from flows.prefect_flows import continual_update
+    from flows.status import pipeline_status
 
-    torch.manual_seed(0)
-    workdir.mkdir(parents=True, exist_ok=True)
-    model = LRUForecaster(ModelConfig(n_inputs=3, n_targets=3, d_model=32, d_state=32))
-    learner = OnlineLearner(model, LearnerConfig(learning_rate=3e-3, window=32))
-    state, position = None, 0
-    for index in range(batches):
-        t = torch.arange(position, position + 256, dtype=torch.float32)
-        position += 256
-        signal = torch.stack([torch.sin(t / 8), torch.cos(t / 13), torch.sin(t / 5) * torch.cos(t / 29)], -1)
-        signal = (signal + 0.05 * torch.randn_like(signal))[None]
-        step = learner.learn(signal, signal, state)
-        state = step.scored.state
-        if index % 5 == 0 or index == batches - 1:
-            typer.echo(f"batch {index:3d}: forecast MAE before update {step.metrics['mae_before']:.4f}")
-    path = workdir / "learner.pt"
-    learner.save_checkpoint(path)
-    (workdir / "state.bin").write_bytes(state.to_bytes())
-    typer.echo(f"checkpoint {path}; carried state {workdir / 'state.bin'} ({len(state.hidden)} layers)")
+    continual_update(workdir=str(workdir))
+    report = pipeline_status(settings)
+    typer.echo("\n" + _summary(report))
+    typer.echo(f"quarantined files: {[q['file'] for q in report['quarantined_files']]}")
+    typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s")
+    typer.echo(f"open the model registry: lru-online ui --workdir {workdir}  (then http://127.0.0.1:5000)")
 
 
 @app.command()

@@ -53,9 +53,7 @@ class BLURFusion(nn.Module):
         missing = set(self.encoders) - set(sources)
         extra = set(sources) - set(self.encoders)
         if missing or extra:
-            raise ValueError(
-                f"BLURFusion sources mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}"
-            )
+            raise ValueError(f"BLURFusion sources mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}")
         shapes = {name: tuple(t.shape[:2]) for name, t in sources.items()}
         if len(set(shapes.values())) != 1:
             raise ValueError(f"BLURFusion sources must share (B, T); got {shapes}")

@@ -134,12 +134,23 @@ class OnlineLearner:
         for row in range(inputs.shape[0]):
             if not bool(mask[row].any()):
                 continue
-            window = {"inputs": inputs[row], "future": future[row], "mask": mask[row]}
+            # update_index tells when a window was seen, so a retraining can leave out
+            # windows from data it must not learn from (a held-out slice).
+            window = {
+                "inputs": inputs[row],
+                "future": future[row],
+                "mask": mask[row],
+                "update_index": torch.tensor(self.updates),
+            }
             if dt is not None:
                 window["dt"] = dt[row]
             for index, h in enumerate(state.hidden):
                 window[f"hidden.{index}"] = h[row]
             self.replay.add(window)
+
+    def forget_replay_from(self, update_index: int) -> None:
+        """Drops replay windows stored at or after the given update (see `updates`)."""
+        self.replay.windows = [w for w in self.replay.windows if int(w["update_index"]) < update_index]
 
     def update(
         self,
@@ -148,7 +159,10 @@ class OnlineLearner:
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """Learns from one batch, starting from the state carried in before it."""
+        """Learns from one batch, starting from the state carried in before it.
+
+        `updates` counts the calls; this one has index `updates` until it returns.
+        """
         future, mask = forecast_targets(targets, self.model.config.horizon)
         start_state = (state or self.model.initial_state(inputs.shape[0], inputs.device)).detach()
         self.model.train()
@@ -230,9 +244,7 @@ class OnlineLearner:
                 mask[:, lo:hi],
             )
 
-        self.ewc.consolidate(
-            self.model, [closure(lo, hi, s) for (lo, hi), s in zip(windows, states, strict=True)]
-        )
+        self.ewc.consolidate(self.model, [closure(lo, hi, s) for (lo, hi), s in zip(windows, states, strict=True)])
 
     # --- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict:

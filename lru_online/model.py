@@ -46,7 +46,7 @@ class ModelConfig:
 class ScoredSequence:
     forecast: torch.Tensor  # (B, T, horizon, targets): made at t for t+1 .. t+horizon
     residuals: torch.Tensor  # (B, T, targets): target_t - forecast made at t-1 (NaN if none)
-    scores: torch.Tensor  # (B, T): mean squared residual, NaN where no forecast existed
+    scores: torch.Tensor  # (B, T): mean squared residual over the targets present, else NaN
     state: RecurrentState
 
 
@@ -146,4 +146,5 @@ class LRUForecaster(nn.Module):
         previous = state.last_forecast if state is not None else None
         forecast, new_state = self(u, state, dt)
         residuals = one_step_residuals(forecast, targets, previous)
-        return ScoredSequence(forecast, residuals, residuals.pow(2).mean(-1), new_state)
+        # Sensors that did not report at an event (NaN target) do not count towards its score.
+        return ScoredSequence(forecast, residuals, residuals.pow(2).nanmean(-1), new_state)

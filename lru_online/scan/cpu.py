@@ -167,9 +167,7 @@ def cpu_backward(
     # Time-invariant lam: one (B, N) partial sum per stretch, reduced at the end.
     grad_lam = None
     if need_lam:
-        grad_lam = (
-            torch.empty_like(lam) if time_varying else grad_h.new_empty(len(plan.stretches), batch, channels)
-        )
+        grad_lam = torch.empty_like(lam) if time_varying else grad_h.new_empty(len(plan.stretches), batch, channels)
 
     def lam_buffer(index: int) -> int:
         if grad_lam is None:

@@ -168,9 +168,7 @@ def scan(
     _load_gpu_backend(x.device.type)
     chosen = _BACKENDS.get(name)
     if chosen is None:
-        raise ValueError(
-            f"scan: unknown or unavailable backend {name!r}; have {available_backends(x.device)}"
-        )
+        raise ValueError(f"scan: unknown or unavailable backend {name!r}; have {available_backends(x.device)}")
     if x.device.type not in chosen.devices:
         raise ValueError(f"scan: backend {name!r} does not run on {x.device.type} tensors")
     h0 = h0.contiguous() if h0 is not None else None

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def reference_scan(
-    lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_scan(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     batch, _, channels = x.shape
     h = h0 if h0 is not None else x.new_zeros(batch, channels)
     # unbind, not x[:, t]: indexing one step at a time makes autograd build a full-size

@@ -11,11 +11,7 @@ def numpy_scan(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = Non
     lam_np = lam.detach().cpu().numpy().astype(np.complex128)
     x_np = x.detach().cpu().numpy().astype(np.complex128)
     batch, length, channels = x_np.shape
-    h = (
-        np.zeros((batch, channels), np.complex128)
-        if h0 is None
-        else h0.detach().cpu().numpy().astype(np.complex128)
-    )
+    h = np.zeros((batch, channels), np.complex128) if h0 is None else h0.detach().cpu().numpy().astype(np.complex128)
     out = np.empty_like(x_np)
     for t in range(length):
         decay = lam_np if lam_np.ndim == 1 else lam_np[:, t]

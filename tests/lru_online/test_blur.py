@@ -8,9 +8,7 @@ from tests.lru_online.reference import numpy_scan
 
 def _fusion():
     torch.manual_seed(0)
-    return BLURFusion(
-        {"temperature": 2, "vibration": 3, "current": 1}, d_model=8, d_state=6, n_outputs=4
-    ).double()
+    return BLURFusion({"temperature": 2, "vibration": 3, "current": 1}, d_model=8, d_state=6, n_outputs=4).double()
 
 
 def _sources(batch=2, length=25):

@@ -77,8 +77,7 @@ def test_ewc_holds_weights_near_the_anchor_and_reduces_forgetting():
         anchor = [p.detach().clone() for p in learner.model.parameters()]
         _, position = _stream(learner, ["B"], 5)
         drift = sum(
-            float((p.detach() - a).pow(2).sum())
-            for p, a in zip(learner.model.parameters(), anchor, strict=True)
+            float((p.detach() - a).pow(2).sum()) for p, a in zip(learner.model.parameters(), anchor, strict=True)
         )
         x = _pattern("A", 512, position)
         return drift, float(learner.score(x, x).residuals[:, 64:].abs().mean())

@@ -1,0 +1,5 @@
+"""`python -m flows ...` is `lru-online ...`."""
+
+from flows.cli import app
+
+app()

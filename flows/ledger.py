@@ -1,0 +1,231 @@
+"""The batch ledger: arrivals, claims on entities, quarantine and the row accounting."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from flows.ingest import LandedFile, content_hash
+from flows.storage.database import Database
+from flows.storage.models import Arrival, Batch, DriftEvent, EntityState
+
+LEASE_SECONDS = 600
+
+
+def owner_id() -> str:
+    """Who holds a lease: host, process and a per-process token."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_TOKEN}"
+
+
+_TOKEN = uuid.uuid4().hex[:8]
+
+
+def _owner_is_dead(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def move_into(source: Path, folder: Path) -> Path:
+    """Moves a file into a folder without overwriting anything already there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    if target.exists() or target.is_symlink():
+        target = folder / f"{source.stem}-{uuid.uuid4().hex[:8]}{''.join(source.suffixes[-1:])}"
+    shutil.move(str(source), str(target))
+    return target
+
+
+@dataclass
+class DiscoveryResult:
+    new: list[int] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+class Ledger:
+    def __init__(self, db: Database, archive: Path, quarantine: Path) -> None:
+        self.db = db
+        self.archive = archive
+        self.quarantine = quarantine
+
+    # --- arrivals -------------------------------------------------------------------------
+    def record(self, landed: LandedFile) -> tuple[str, int]:
+        """Records one landed file: ("new", id), ("duplicate", id), ("pending", id) or ("finished", id).
+
+        The same content under any name, or under the same name after the first copy was filed
+        away, is a duplicate arrival: counted, archived, never processed again.
+        """
+        digest = content_hash(landed.path)
+        path = str(landed.path.resolve())
+        with self.db.session() as session:
+            batch = session.scalar(select(Batch).where(Batch.content_hash == digest))
+            if batch is None:
+                batch = Batch(content_hash=digest, source_file=path, size_bytes=landed.size_bytes, status="pending")
+                session.add(batch)
+                session.flush()
+                session.add(
+                    Arrival(
+                        path=path,
+                        content_hash=digest,
+                        size_bytes=landed.size_bytes,
+                        outcome="new",
+                        batch_id=batch.id,
+                    )
+                )
+                return "new", batch.id
+            if batch.source_file == path and batch.status == "pending":
+                return "pending", batch.id
+            if batch.source_file == path and batch.stored_at is None:
+                return "finished", batch.id  # finished, but a crash kept it from being filed away
+            session.add(
+                Arrival(
+                    path=path,
+                    content_hash=digest,
+                    size_bytes=landed.size_bytes,
+                    outcome="duplicate",
+                    batch_id=batch.id,
+                )
+            )
+            return "duplicate", batch.id
+
+    def file_away_duplicate(self, path: Path) -> Path:
+        return move_into(path, self.archive / "duplicates")
+
+    def refuse(self, path: Path, reason: str) -> int:
+        """A landing entry that is never read (a symlink out of the folder): quarantined as is."""
+        target = os.readlink(path) if path.is_symlink() else ""
+        digest = hashlib.sha256(f"refused:{path.resolve(strict=False)}:{target}".encode()).hexdigest()
+        with self.db.session() as session:
+            batch = session.scalar(select(Batch).where(Batch.content_hash == digest))
+            if batch is None:
+                batch = Batch(content_hash=digest, source_file=str(path.absolute()), size_bytes=0, status="pending")
+                session.add(batch)
+                session.flush()
+                session.add(
+                    Arrival(
+                        path=str(path.absolute()),
+                        content_hash=digest,
+                        size_bytes=0,
+                        outcome="new",
+                        batch_id=batch.id,
+                    )
+                )
+            batch_id = batch.id
+        self.quarantine_batch(batch_id, [reason], [], rows=0)
+        return batch_id
+
+    def finish_move(self, batch_id: int) -> None:
+        """Completes the move of a finished batch's file that a crash left in the landing folder."""
+        with self.db.session() as session:
+            batch = session.get(Batch, batch_id)
+            source = Path(batch.source_file)
+            if not source.exists() and not source.is_symlink():
+                return
+            folder = self.quarantine if batch.status == "quarantined" else self.archive
+            batch.stored_at = str(move_into(source, folder))
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def pending(self) -> list[int]:
+        with self.db.session() as session:
+            return list(session.scalars(select(Batch.id).where(Batch.status == "pending").order_by(Batch.id)))
+
+    def get(self, batch_id: int) -> Batch:
+        with self.db.session() as session:
+            return session.get(Batch, batch_id)
+
+    def quarantine_batch(self, batch_id: int, reasons: list[str], samples: list[dict], rows: int) -> Path | None:
+        """Marks the batch quarantined (reasons, sample rows) and moves its file to quarantine/."""
+        with self.db.session() as session:
+            batch = session.get(Batch, batch_id)
+            batch.status = "quarantined"
+            batch.reasons = reasons
+            batch.sample_rows = samples
+            batch.rows_received = rows
+            batch.rows_quarantined = rows
+            batch.processed_at = datetime.now(UTC)
+        source = Path(batch.source_file)
+        if not source.exists() and not source.is_symlink():
+            return None
+        stored = move_into(source, self.quarantine)
+        with self.db.session() as session:
+            session.get(Batch, batch_id).stored_at = str(stored)
+        return stored
+
+    # --- entity leases --------------------------------------------------------------------
+    def acquire(self, entity: str) -> bool:
+        """Claims an entity for this process; False if another live run holds it."""
+        now = datetime.now(UTC)
+        me = owner_id()
+        with self.db.session() as session:
+            state = session.get(EntityState, entity, with_for_update=True)
+            if state is None:
+                session.add(
+                    EntityState(entity=entity, lease_owner=me, lease_expires=now + timedelta(seconds=LEASE_SECONDS))
+                )
+                return True
+            holder = state.lease_owner
+            free = holder is None or holder == me or state.lease_expires is None or state.lease_expires < now
+            if not free and not _owner_is_dead(holder):
+                return False
+            state.lease_owner = me
+            state.lease_expires = now + timedelta(seconds=LEASE_SECONDS)
+            return True
+
+    def release(self, entity: str) -> None:
+        with self.db.session() as session:
+            state = session.get(EntityState, entity)
+            if state is not None and state.lease_owner == owner_id():
+                state.lease_owner = None
+                state.lease_expires = None
+
+    # --- accounting -----------------------------------------------------------------------
+    def accounting(self) -> dict:
+        with self.db.session() as session:
+            by_status = dict(session.execute(select(Batch.status, func.count()).group_by(Batch.status)).all())
+            duplicates = session.scalar(select(func.count()).select_from(Arrival).where(Arrival.outcome == "duplicate"))
+            sums = session.execute(
+                select(
+                    func.coalesce(func.sum(Batch.rows_received), 0),
+                    func.coalesce(func.sum(Batch.rows_scored), 0),
+                    func.coalesce(func.sum(Batch.rows_quarantined), 0),
+                    func.coalesce(func.sum(Batch.rows_late), 0),
+                ).where(Batch.status != "pending")
+            ).one()
+            drift_events = session.scalar(select(func.count()).select_from(DriftEvent))
+            quarantined = session.execute(
+                select(Batch.source_file, Batch.stored_at, Batch.reasons)
+                .where(Batch.status == "quarantined")
+                .order_by(Batch.id)
+            ).all()
+        return {
+            "batches": {
+                "processed": by_status.get("processed", 0),
+                "quarantined": by_status.get("quarantined", 0),
+                "late": by_status.get("late", 0),
+                "duplicate": duplicates,
+                "pending": by_status.get("pending", 0),
+            },
+            "rows": {"received": sums[0], "scored": sums[1], "quarantined": sums[2], "late": sums[3]},
+            "drift_events": drift_events,
+            "quarantined_files": [
+                {"file": Path(source).name, "stored_at": stored, "reasons": reasons or []}
+                for source, stored, reasons in quarantined
+            ],
+        }

@@ -1,0 +1,524 @@
+"""One pipeline's working parts, and the processing of a landed batch from ledger to commit.
+
+The Prefect flows in `flows.flows` call these methods as tasks. A batch's results become
+visible in one database transaction (entity states, model checkpoint reference, ledger status,
+summary); anything that happened before it (a checkpoint file, an output file) is invisible
+if the process dies, and is redone from the old state on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
+
+from features import EntityFeatureState, FeatureBatch, build_features
+from flows import faults
+from flows.fleet import feature_spec, load_learner, save_checkpoint
+from flows.ingest import BatchReadError, discover, read_batch
+from flows.ledger import DiscoveryResult, Ledger
+from flows.settings import Settings
+from flows.storage.database import Database
+from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
+from lru_online import OnlineLearner, RecurrentState
+from lru_online.drift import Reference, ks_statistic, psi
+
+log = logging.getLogger(__name__)
+COMMIT_ATTEMPTS = 3
+
+
+class StaleModel(RuntimeError):
+    """Another run committed a newer model or entity state first; redo from the fresh state."""
+
+
+@dataclass
+class EntityOutcome:
+    entity: str
+    rows: int
+    late: int
+    features: FeatureBatch | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    drift_stats: dict = field(default_factory=dict)
+    output_path: Path | None = None
+
+
+@dataclass
+class BatchResult:
+    batch_id: int
+    file: str
+    status: str  # processed | quarantined | late | skipped
+    rows_received: int = 0
+    rows_scored: int = 0
+    rows_quarantined: int = 0
+    rows_late: int = 0
+    sequence: int | None = None
+    entities: list[EntityOutcome] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def safe_name(entity: str) -> str:
+    """A file-system-safe, collision-free folder name for an entity id."""
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", entity)[:40]
+    return f"{readable}-{hashlib.sha1(entity.encode()).hexdigest()[:8]}"
+
+
+class Pipeline:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.ensure_folders()
+        self.db = Database(settings.database_url)
+        self.db.migrate()
+        self.ledger = Ledger(self.db, settings.paths.archive, settings.paths.quarantine)
+        self.spec = feature_spec(settings)
+        self._validator = None
+        self._tracker = None
+        self.learner: OnlineLearner | None = None
+        self._model_version: int | None = None  # model_state.version the learner was loaded at
+
+    # --- lazily built adapters (GE and MLflow imports take seconds) -----------------------
+    @property
+    def validator(self):
+        if self._validator is None:
+            from flows.validation import BatchValidator
+
+            self._validator = BatchValidator(self.settings.log_schema)
+        return self._validator
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from flows.tracking import Tracker
+
+            self._tracker = Tracker(self.settings)
+        return self._tracker
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    # --- the live model -------------------------------------------------------------------
+    def model_state(self) -> ModelState | None:
+        with self.db.session() as session:
+            return session.get(ModelState, self.settings.pipeline)
+
+    def load_live_model(self) -> OnlineLearner:
+        state = self.model_state()
+        if state is None:
+            raise RuntimeError("no live model yet: run initial training first")
+        if self.learner is None or self._model_version != state.version:
+            try:
+                self.learner = load_learner(Path(state.checkpoint_path), self.settings)
+            except FileNotFoundError:
+                # A concurrent run committed a newer checkpoint and removed this one.
+                raise StaleModel(f"checkpoint {state.checkpoint_path} was replaced") from None
+            self._model_version = state.version
+        return self.learner
+
+    def reference(self) -> dict:
+        state = self.model_state()
+        return state.reference if state is not None and state.reference else {}
+
+    # --- discovery ------------------------------------------------------------------------
+    def discover(self) -> DiscoveryResult:
+        result = DiscoveryResult()
+        ready, refused = discover(self.settings.paths.landing, self.settings.ingest.stable_seconds)
+        for path, reason in refused:
+            self.ledger.refuse(path, reason)
+            result.refused.append(reason)
+        for landed in ready:
+            outcome, batch_id = self.ledger.record(landed)
+            if outcome == "new":
+                result.new.append(batch_id)
+            elif outcome == "duplicate":
+                self.ledger.file_away_duplicate(landed.path)
+                result.duplicates.append(landed.path.name)
+            elif outcome == "finished":
+                self.ledger.finish_move(batch_id)
+        return result
+
+    # --- one batch ------------------------------------------------------------------------
+    def read_and_validate(self, batch: Batch) -> tuple[pd.DataFrame | None, BatchResult | None]:
+        """The validated rows, or the quarantine result when the file is unreadable or invalid."""
+        path = Path(batch.source_file)
+        try:
+            frame = read_batch(path, self.settings.log_schema)
+        except BatchReadError as error:
+            self.ledger.quarantine_batch(batch.id, [str(error)], [], rows=0)
+            return None, BatchResult(batch.id, path.name, "quarantined", reasons=[str(error)])
+        outcome = self.validator.validate(frame, path.name)
+        faults.checkpoint("validated")
+        if not outcome.success:
+            self.ledger.quarantine_batch(batch.id, outcome.reasons, outcome.sample_rows, rows=len(frame))
+            return None, BatchResult(
+                batch.id,
+                path.name,
+                "quarantined",
+                len(frame),
+                rows_quarantined=len(frame),
+                reasons=outcome.reasons,
+            )
+        return outcome.frame, None
+
+    def process(self, batch_id: int) -> BatchResult:
+        """Validates, scores and learns from one pending batch, then commits it."""
+        batch = self.ledger.get(batch_id)
+        if batch is None or batch.status != "pending":
+            return BatchResult(batch_id, Path(batch.source_file).name if batch else "?", "skipped")
+        started = time.perf_counter()
+        faults.checkpoint("ledger")
+        rows, quarantined = self.read_and_validate(batch)
+        if quarantined is not None:
+            return quarantined
+        validate_s = time.perf_counter() - started
+        entities = sorted(rows[self.spec.entity_column].astype(str).unique())
+        held = [e for e in entities if self.ledger.acquire(e)]
+        try:
+            if len(held) < len(entities):
+                # Another live run is updating one of these entities; the batch waits for it.
+                return BatchResult(batch_id, Path(batch.source_file).name, "skipped")
+            for attempt in range(COMMIT_ATTEMPTS):
+                try:
+                    result = self._learn_and_commit(batch, rows, entities, validate_s)
+                    result.timings["validate"] = validate_s
+                    result.timings["total"] = time.perf_counter() - started
+                    return result
+                except StaleModel:
+                    log.info("batch %s: state moved on under us (attempt %d), redoing", batch_id, attempt + 1)
+                    self.learner = None
+            raise RuntimeError(f"batch {batch_id}: gave up after {COMMIT_ATTEMPTS} conflicting commits")
+        finally:
+            for entity in held:
+                self.ledger.release(entity)
+
+    def _entity_rows(self, rows: pd.DataFrame, entity: str) -> pd.DataFrame:
+        return rows[rows[self.spec.entity_column].astype(str) == entity]
+
+    def _learn_and_commit(
+        self, batch: Batch, rows: pd.DataFrame, entities: list[str], validate_s: float
+    ) -> BatchResult:
+        learner = self.load_live_model()
+        model_version = self._model_version
+        timings = {"features": 0.0, "score": 0.0, "update": 0.0, "output": 0.0}
+        loaded: dict[str, int] = {}
+        outcomes: list[EntityOutcome] = []
+        new_states: dict[str, tuple[bytes, bytes, datetime]] = {}
+        reference = self.reference()
+        for entity in entities:
+            with self.db.session() as session:
+                stored = session.get(EntityState, entity)
+                loaded[entity] = stored.version
+                watermark = stored.watermark
+                hidden = RecurrentState.from_bytes(stored.hidden_state) if stored.hidden_state else None
+                feature_state = (
+                    EntityFeatureState.from_bytes(stored.feature_state)
+                    if stored.feature_state
+                    else EntityFeatureState()
+                )
+            group = self._entity_rows(rows, entity)
+            stamps = group[self.spec.timestamp_column]
+            late = stamps <= watermark if watermark is not None else np.zeros(len(group), bool)
+            fresh = group[~np.asarray(late)]
+            outcome = EntityOutcome(entity, rows=len(group), late=int(np.sum(late)))
+            outcomes.append(outcome)
+            if fresh.empty:
+                continue
+            tick = time.perf_counter()
+            features, feature_state = build_features(fresh, self.spec, feature_state)
+            timings["features"] += time.perf_counter() - tick
+            faults.checkpoint("features")
+            u, y, dt = features.tensors()
+            tick = time.perf_counter()
+            scored = learner.score(u, y, hidden, dt)
+            timings["score"] += time.perf_counter() - tick
+            faults.checkpoint("scored")
+            tick = time.perf_counter()
+            update_index = learner.updates
+            update_metrics = learner.update(u, y, hidden, dt)
+            timings["update"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            outcome.features = features
+            outcome.metrics = _batch_metrics(scored, update_metrics)
+            outcome.metrics["update_index"] = float(update_index)
+            outcome.drift_stats = batch_drift_stats(
+                self._recent_raw(entity, features.raw), self.spec.sensors, reference
+            )
+            outcome.output_path = self._write_output(batch.id, features, scored)
+            timings["output"] += time.perf_counter() - tick
+            new_states[entity] = (
+                scored.state.to_bytes(),
+                feature_state.to_bytes(),
+                features.timestamps[-1].to_pydatetime(warn=False),
+            )
+        faults.checkpoint("updated")
+        for outcome in outcomes:
+            share = outcome.rows / max(sum(o.rows for o in outcomes), 1)
+            outcome.metrics.update({f"seconds_{k}": v * share for k, v in timings.items()})
+            outcome.metrics["seconds_validate"] = validate_s * share
+
+        tick = time.perf_counter()
+        checkpoint = save_checkpoint(learner, self.settings.paths.checkpoints, "live")
+        try:
+            result = self._commit(batch, outcomes, new_states, loaded, model_version, checkpoint)
+        except BaseException:
+            checkpoint.unlink(missing_ok=True)
+            raise
+        timings["commit"] = time.perf_counter() - tick
+        faults.checkpoint("committed")
+        result.timings.update(timings)
+        return result
+
+    def _commit(
+        self,
+        batch: Batch,
+        outcomes: list[EntityOutcome],
+        new_states: dict[str, tuple[bytes, bytes, datetime]],
+        loaded: dict[str, int],
+        model_version: int,
+        checkpoint: Path,
+    ) -> BatchResult:
+        received = sum(o.rows for o in outcomes)
+        late = sum(o.late for o in outcomes)
+        scored = received - late
+        status = "processed" if scored > 0 else "late"
+        try:
+            with self.db.session() as session:
+                model = session.get(ModelState, self.settings.pipeline)
+                if model.version != model_version:
+                    raise StaleModel("the live model changed")
+                previous_checkpoint = model.checkpoint_path
+                sequence = None
+                if status == "processed":
+                    model.checkpoint_path = str(checkpoint)
+                    model.batches_since_snapshot += 1
+                    sequence = (session.scalar(select(func.max(Batch.sequence))) or 0) + 1
+                for entity, (hidden, features, watermark) in new_states.items():
+                    state = session.get(EntityState, entity)
+                    if state.version != loaded[entity]:
+                        raise StaleModel(f"entity {entity} changed")
+                    state.hidden_state, state.feature_state, state.watermark = hidden, features, watermark
+                    state.batches += 1
+                stored = session.get(Batch, batch.id)
+                if stored.status != "pending":
+                    raise StaleModel(f"batch {batch.id} was finished by another run")
+                stored.status = status
+                stored.entity = ",".join(o.entity for o in outcomes)[:200]
+                stored.rows_received, stored.rows_scored, stored.rows_late = received, scored, late
+                stored.sequence = sequence
+                stored.processed_at = datetime.now(UTC)
+                with_features = [o for o in outcomes if o.features is not None]
+                if with_features:
+                    stored.first_ts = min(o.features.timestamps[0] for o in with_features).to_pydatetime(warn=False)
+                    stored.last_ts = max(o.features.timestamps[-1] for o in with_features).to_pydatetime(warn=False)
+                    stored.output_path = str(with_features[0].output_path)
+                for o in with_features:
+                    session.add(
+                        BatchSummary(
+                            batch_id=batch.id,
+                            entity=o.entity,
+                            sequence=sequence,
+                            rows=len(o.features),
+                            first_ts=o.features.timestamps[0].to_pydatetime(warn=False),
+                            last_ts=o.features.timestamps[-1].to_pydatetime(warn=False),
+                            metrics=json_safe(o.metrics),
+                            drift_stats=json_safe(o.drift_stats),
+                            features_path=str(o.output_path),
+                        )
+                    )
+                faults.checkpoint("in_commit")
+                session.flush()
+        except (StaleDataError, IntegrityError) as error:
+            raise StaleModel(str(error)) from error
+        if status == "processed":
+            self._model_version = model_version + 1
+            # Registered versions keep their own copy in MLflow; only the newest one is live.
+            if previous_checkpoint != str(checkpoint):
+                Path(previous_checkpoint).unlink(missing_ok=True)
+        else:
+            checkpoint.unlink(missing_ok=True)
+        self.ledger.finish_move(batch.id)
+        return BatchResult(
+            batch.id,
+            Path(batch.source_file).name,
+            status,
+            rows_received=received,
+            rows_scored=scored,
+            rows_late=late,
+            sequence=sequence,
+            entities=outcomes,
+        )
+
+    def _recent_raw(self, entity: str, current: np.ndarray) -> np.ndarray | None:
+        """Readings of the entity's last `window_batches` batches, this one included (None
+        until that many exist)."""
+        earlier = self.settings.drift.window_batches - 1
+        if earlier == 0:
+            return current
+        with self.db.session() as session:
+            paths = list(
+                session.scalars(
+                    select(BatchSummary.features_path)
+                    .where(BatchSummary.entity == entity)
+                    .order_by(BatchSummary.sequence.desc())
+                    .limit(earlier)
+                )
+            )
+        if len(paths) < earlier:
+            return None
+        columns = [f"raw_{s}" for s in self.spec.sensors]
+        frames = [pd.read_parquet(path, columns=columns).to_numpy(np.float64) for path in paths]
+        return np.concatenate([*frames[::-1], current])
+
+    # --- model state bookkeeping ----------------------------------------------------------
+    def update_model_state(self, change) -> None:
+        """Applies `change(model_state)` in a transaction, keeping the loaded learner current
+        when the change does not touch its checkpoint."""
+        with self.db.session() as session:
+            state = session.get(ModelState, self.settings.pipeline)
+            before, checkpoint = state.version, state.checkpoint_path
+            change(state)
+            session.flush()
+            after, same_checkpoint = state.version, state.checkpoint_path == checkpoint
+        if same_checkpoint and self._model_version == before:
+            self._model_version = after
+
+    # --- tracking -------------------------------------------------------------------------
+    def track_pending(self, started_at: datetime) -> int:
+        """Logs the metrics of committed batches not yet in MLflow (step = batch sequence).
+
+        A batch committed before this process started may have been logged by a run that died
+        before marking it; its step is looked up first so no step is logged twice.
+        """
+        state = self.model_state()
+        if state is None or state.online_run_id is None:
+            return 0
+        with self.db.session() as session:
+            batches = list(
+                session.scalars(
+                    select(Batch).where(Batch.status == "processed", Batch.tracked.is_(False)).order_by(Batch.sequence)
+                )
+            )
+            summaries = {
+                b.id: list(session.scalars(select(BatchSummary).where(BatchSummary.batch_id == b.id))) for b in batches
+            }
+        logged_before: set[int] | None = None
+        for batch in batches:
+            if batch.processed_at < started_at:
+                if logged_before is None:
+                    logged_before = self.tracker.logged_steps(state.online_run_id, "rows")
+                if batch.sequence in logged_before:
+                    self._mark_tracked(batch.id)
+                    continue
+            self.tracker.log_metrics(state.online_run_id, merge_metrics(summaries[batch.id]), step=batch.sequence)
+            self._mark_tracked(batch.id)
+        return len(batches)
+
+    def _mark_tracked(self, batch_id: int) -> None:
+        with self.db.session() as session:
+            session.get(Batch, batch_id).tracked = True
+
+    def snapshot_if_due(self) -> str | None:
+        """Registers the live model as a new version every `snapshot_every` batches."""
+        every = self.settings.tracking.snapshot_every
+        state = self.model_state()
+        if not every or state is None or state.batches_since_snapshot < every:
+            return None
+        version = self.tracker.register(state.online_run_id, Path(state.checkpoint_path), "snapshot")
+
+        def reset(model: ModelState) -> None:
+            model.batches_since_snapshot = 0
+
+        self.update_model_state(reset)
+        return version
+
+    def _write_output(self, batch_id: int, features: FeatureBatch, scored) -> Path:
+        """Scores, forecasts and the features of one entity's part of a batch, as Parquet."""
+        folder = self.settings.paths.output / "batches" / safe_name(features.entity)
+        folder.mkdir(parents=True, exist_ok=True)
+        frame = features.to_frame(self.spec)
+        frame["score"] = scored.scores[0].numpy()
+        for index, sensor in enumerate(self.spec.sensors):
+            frame[f"raw_{sensor}"] = features.raw[:, index]
+            frame[f"residual_{sensor}"] = scored.residuals[0, :, index].numpy()
+            for step in range(scored.forecast.shape[2]):
+                frame[f"forecast_h{step + 1}_{sensor}"] = scored.forecast[0, :, step, index].numpy()
+        if features.labels is not None:
+            present = [c for c in self.spec.label_columns]
+            for index, label in enumerate(present[: features.labels.shape[1]]):
+                frame[f"label_{label}"] = features.labels[:, index]
+        path = folder / f"batch-{batch_id:08d}.parquet"
+        frame.to_parquet(path, index=False)
+        return path
+
+
+def merge_metrics(summaries: list[BatchSummary]) -> dict[str, float]:
+    """One batch's metrics across its entities: rows and seconds add up, the rest is averaged
+    with the rows as weights."""
+    merged: dict[str, float] = {}
+    keys = {k for s in summaries for k, v in s.metrics.items() if v is not None}
+    for key in sorted(keys):
+        pairs = [(s.metrics[key], s.rows) for s in summaries if s.metrics.get(key) is not None]
+        if key == "rows" or key.startswith("seconds_"):
+            merged[key] = float(sum(v for v, _ in pairs))
+        else:
+            merged[key] = float(sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1))
+    merged["entities"] = float(len(summaries))
+    seconds = sum(v for k, v in merged.items() if k.startswith("seconds_"))
+    merged["rows_per_second"] = merged.get("rows", 0.0) / max(seconds, 1e-9)
+    return merged
+
+
+def json_safe(value):
+    """NaN and ±inf become None: JSON columns on Postgres refuse them."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _batch_metrics(scored, update_metrics: dict[str, float]) -> dict[str, float]:
+    scores = scored.scores[0].numpy()
+    finite = scores[np.isfinite(scores)]
+    residuals = scored.residuals[0].numpy()
+    observed = residuals[np.isfinite(residuals)]
+    metrics = {
+        "loss": update_metrics["loss"],
+        "replay_loss": update_metrics["replay_loss"],
+        "mae_before": float(np.abs(observed).mean()) if observed.size else float("nan"),
+        "rmse_before": float(np.sqrt((observed**2).mean())) if observed.size else float("nan"),
+        "rows": float(scores.size),
+    }
+    for q in (50, 95, 99):
+        metrics[f"score_p{q}"] = float(np.percentile(finite, q)) if finite.size else float("nan")
+    metrics["score_max"] = float(finite.max()) if finite.size else float("nan")
+    return metrics
+
+
+def batch_drift_stats(raw: np.ndarray | None, sensors: tuple[str, ...], reference: dict) -> dict:
+    """PSI and KS of each sensor's readings (rows, sensors) against the reference, and means;
+    empty until there are readings to compare."""
+    stats: dict[str, dict[str, float]] = {"psi": {}, "ks": {}, "mean": {}}
+    if raw is None:
+        return stats
+    references = reference.get("sensors", {})
+    for index, sensor in enumerate(sensors):
+        values = raw[:, index]
+        finite = values[np.isfinite(values)]
+        stats["mean"][sensor] = float(finite.mean()) if finite.size else float("nan")
+        if sensor in references:
+            summary = Reference.from_dict(references[sensor])
+            stats["psi"][sensor] = psi(summary, values)
+            stats["ks"][sensor] = ks_statistic(summary, values)
+    return stats

@@ -1,0 +1,295 @@
+"""One typed settings model for the whole pipeline, read from YAML with environment overrides.
+
+Precedence: environment variables (prefix LRU_ONLINE_, nested fields joined by "__", e.g.
+LRU_ONLINE_DRIFT__PSI_THRESHOLD=0.3) over the YAML file over the embedded defaults below.
+"{workdir}" in a URL or path is replaced by the work folder; relative folders live under it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot start the pipeline; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SensorSpec(_Section):
+    name: str
+    unit: str
+    min: float
+    max: float
+    source: str
+    max_null_fraction: float = Field(0.6, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> SensorSpec:
+        if not self.min < self.max:
+            raise ValueError(f"sensor {self.name!r}: min {self.min} must be below max {self.max}")
+        return self
+
+
+def _default_sensors() -> list[SensorSpec]:
+    return [
+        SensorSpec(name="temperature", unit="degC", min=-20, max=150, source="thermal"),
+        SensorSpec(name="vibration", unit="mm/s", min=0, max=50, source="vibration"),
+        SensorSpec(name="pressure", unit="bar", min=0, max=25, source="hydraulic"),
+        SensorSpec(name="flow", unit="l/min", min=0, max=600, source="hydraulic"),
+        SensorSpec(name="motor_current", unit="A", min=0, max=120, source="electrical"),
+    ]
+
+
+class LogSchema(_Section):
+    entity_column: str = "entity"
+    timestamp_column: str = "timestamp"
+    sensors: list[SensorSpec] = Field(default_factory=_default_sensors, min_length=1)
+    label_columns: list[str] = Field(default_factory=lambda: ["anomaly"])
+    # Timestamps later than now + this are refused as clock errors.
+    max_future_seconds: float = Field(3600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> LogSchema:
+        names = [s.name for s in self.sensors]
+        reserved = {self.entity_column, self.timestamp_column, *self.label_columns}
+        if len(set(names)) != len(names):
+            raise ValueError(f"sensor names must be unique, got {names}")
+        if reserved & set(names):
+            raise ValueError(f"sensor names {sorted(reserved & set(names))} clash with entity/timestamp/label columns")
+        return self
+
+    @property
+    def sensor_names(self) -> list[str]:
+        return [s.name for s in self.sensors]
+
+    @property
+    def sources(self) -> dict[str, list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for sensor in self.sensors:
+            grouped.setdefault(sensor.source, []).append(sensor.name)
+        return grouped
+
+
+class PathSettings(_Section):
+    landing: Path = Path("landing")
+    quarantine: Path = Path("quarantine")
+    archive: Path = Path("archive")
+    output: Path = Path("output")
+    checkpoints: Path = Path("checkpoints")
+
+
+class TrackingSettings(_Section):
+    tracking_uri: str = "sqlite:///{workdir}/mlflow.db"
+    artifact_location: str = "{workdir}/mlartifacts"
+    experiment: str = "lru-online"
+    model_name: str = "lru-online-fleet"
+    # Register a snapshot of the live model every this many processed batches (0: never).
+    snapshot_every: int = Field(50, ge=0)
+
+
+class ModelSettings(_Section):
+    d_model: int = Field(32, ge=1)
+    d_state: int = Field(32, ge=1)
+    n_layers: int = Field(2, ge=1)
+    horizon: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    r_min: float = Field(0.5, ge=0.0, lt=1.0)
+    r_max: float = Field(0.99, gt=0.0, le=1.0)
+    max_phase: float = Field(math.pi, gt=0.0)
+
+    @model_validator(mode="after")
+    def _ring(self) -> ModelSettings:
+        if not self.r_min < self.r_max:
+            raise ValueError(f"r_min {self.r_min} must be below r_max {self.r_max}")
+        return self
+
+
+class UpdateSettings(_Section):
+    learning_rate: float = Field(2e-3, ge=0.0)
+    window: int = Field(64, ge=1)
+    epochs: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0.0)
+    replay_capacity: int = Field(256, ge=0)
+    replay_batch: int = Field(4, ge=0)
+    ewc_weight: float = Field(0.0, ge=0.0)
+    seed: int = 0
+
+
+class FeatureSettings(_Section):
+    # Nominal sampling interval: Δt is measured in these units for the model's decay.
+    time_scale_seconds: float = Field(10.0, gt=0.0)
+
+
+class InitialTrainingSettings(_Section):
+    # The first valid batches in the landing folder that train a model when none exists.
+    batches: int = Field(18, ge=1)
+    epochs: int = Field(6, ge=1)
+
+
+class DriftSettings(_Section):
+    # What a detection does: call `retrain` in this process, emit a Prefect event for the
+    # retrain deployment's trigger, or only record it.
+    on_detect: Literal["retrain", "event", "record"] = "retrain"
+    # Far below river's default 0.002: per-event errors are autocorrelated (operating regimes
+    # last minutes), and ADWIN's bound assumes independent values.
+    adwin_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # ADWIN reads the per-event errors of this many of an entity's latest batches.
+    adwin_batches: int = Field(12, ge=1)
+    # A batch's forecast MAE above this multiple of the median MAE since the last reset.
+    error_ratio_threshold: float = Field(1.5, gt=1.0)
+    # PSI and KS compare an entity's last `window_batches` batches with the reference: one short
+    # batch holds only a regime or two, and would look drifted whenever the load changes.
+    window_batches: int = Field(4, ge=1)
+    # Limits for readings that switch between operating regimes; 0.25 / 0.2 are the textbook
+    # limits for stationary data.
+    psi_threshold: float = Field(1.0, gt=0.0)
+    ks_threshold: float = Field(0.45, gt=0.0, le=1.0)
+    # Consecutive batches a batch statistic must exceed its threshold before it fires.
+    consecutive: int = Field(2, ge=1)
+    cooldown_batches: int = Field(3, ge=0)
+    # Batches after a change within which a detection counts as timely (checked by tests).
+    max_delay_batches: int = Field(6, ge=1)
+    event_name: str = "lru-online.drift.detected"
+
+
+class RetrainSettings(_Section):
+    recent_batches: int = Field(8, ge=2)
+    holdout_batches: int = Field(1, ge=1)
+    epochs: int = Field(4, ge=1)
+    learning_rate: float = Field(3e-3, gt=0.0)
+    # The challenger must beat the champion's held-out MSE by this fraction to be promoted.
+    margin: float = Field(0.02, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _holdout(self) -> RetrainSettings:
+        if self.holdout_batches >= self.recent_batches:
+            raise ValueError("holdout_batches must be smaller than recent_batches")
+        return self
+
+
+class ScheduleSettings(_Section):
+    cron: str | None = None
+    interval_seconds: int | None = Field(300, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> ScheduleSettings:
+        if self.cron and self.interval_seconds:
+            raise ValueError("give either cron or interval_seconds, not both")
+        return self
+
+
+class PrefectSettings(_Section):
+    api_url: str | None = None
+    work_pool: str | None = None
+    deployment_prefix: str = "lru-online"
+
+
+class IngestSettings(_Section):
+    # A landing file must keep its size this long before it is read (still being written).
+    stable_seconds: float = Field(0.0, ge=0.0)
+    # Rows read per chunk from large files.
+    chunk_rows: int = Field(200_000, ge=1000)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LRU_ONLINE_", env_nested_delimiter="__", extra="forbid")
+
+    workdir: Path = Path("lru-online-work")
+    pipeline: str = "factory"
+    database_url: str = "sqlite:///{workdir}/lru_online.db"
+    paths: PathSettings = Field(default_factory=PathSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    log_schema: LogSchema = Field(default_factory=LogSchema)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    update: UpdateSettings = Field(default_factory=UpdateSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    initial_training: InitialTrainingSettings = Field(default_factory=InitialTrainingSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the YAML file, which arrives as init arguments.
+        return (env_settings, init_settings)
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError(f"pipeline name {value!r} may hold only letters, digits, '-', '_' and '.'")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        self.workdir = self.workdir.expanduser().resolve()
+        for name in PathSettings.model_fields:
+            path = getattr(self.paths, name).expanduser()
+            setattr(self.paths, name, path if path.is_absolute() else self.workdir / path)
+        self.database_url = self._fill(self.database_url)
+        self.tracking.tracking_uri = self._fill(self.tracking.tracking_uri)
+        self.tracking.artifact_location = self._fill(self.tracking.artifact_location)
+        return self
+
+    def _fill(self, value: str) -> str:
+        return value.replace("{workdir}", self.workdir.as_posix())
+
+    def ensure_folders(self) -> None:
+        for name in PathSettings.model_fields:
+            getattr(self.paths, name).mkdir(parents=True, exist_ok=True)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        lines.append(f"field '{field}': {item['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def load_settings(config: Path | str | None = None, workdir: Path | str | None = None, **overrides: Any) -> Settings:
+    """Reads a YAML config (or the embedded defaults), applies the environment and overrides.
+
+    Raises ConfigError naming the file and the offending field.
+    """
+    data: dict[str, Any] = {}
+    where = "embedded defaults"
+    if config is not None:
+        path = Path(config)
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"config {where}: cannot be read ({error.strerror})") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {where}: not valid YAML ({error})") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {where}: the top level must be a mapping of fields")
+        data = loaded or {}
+    if workdir is not None:
+        data["workdir"] = workdir
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as error:
+        raise ConfigError(f"config {where}: {_describe(error)}") from None

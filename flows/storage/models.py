@@ -1,0 +1,173 @@
+"""Tables of the pipeline's own database (SQLAlchemy 2 ORM). Alembic migrations create them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no offset of its own)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the pipeline stores UTC-aware times only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Batch(Base):
+    """The ledger: one row per distinct landed content (a second arrival is a no-op)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    source_file: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    entity: Mapped[str | None] = mapped_column(String(200), index=True)
+    # pending -> processed | quarantined | late (every row older than the entity's watermark)
+    status: Mapped[str] = mapped_column(String(20), index=True, default="pending")
+    kind: Mapped[str] = mapped_column(String(20), default="live")  # live | initial
+    rows_received: Mapped[int] = mapped_column(Integer, default=0)
+    rows_scored: Mapped[int] = mapped_column(Integer, default=0)
+    rows_quarantined: Mapped[int] = mapped_column(Integer, default=0)
+    rows_late: Mapped[int] = mapped_column(Integer, default=0)
+    reasons: Mapped[list | None] = mapped_column(JSON)
+    sample_rows: Mapped[list | None] = mapped_column(JSON)
+    first_ts: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_ts: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Order of processing across the pipeline: the MLflow step.
+    sequence: Mapped[int | None] = mapped_column(Integer, unique=True)
+    tracked: Mapped[bool] = mapped_column(Boolean, default=False)
+    stored_at: Mapped[str | None] = mapped_column(Text)  # archive or quarantine path
+    output_path: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Arrival(Base):
+    """Every file seen in the landing folder, duplicates included."""
+
+    __tablename__ = "arrivals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(20))  # new | duplicate
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"))
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class EntityState(Base):
+    """What one entity carries between batches. `version` is the optimistic lock."""
+
+    __tablename__ = "entity_state"
+
+    entity: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hidden_state: Mapped[bytes | None] = mapped_column(LargeBinary)
+    feature_state: Mapped[bytes | None] = mapped_column(LargeBinary)
+    watermark: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    model_version: Mapped[str | None] = mapped_column(String(50))
+    batches: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    __mapper_args__ = {"version_id_col": version}
+
+
+class ModelState(Base):
+    """The live fleet model of a pipeline: its checkpoint and its place in the registry."""
+
+    __tablename__ = "model_state"
+
+    pipeline: Mapped[str] = mapped_column(String(200), primary_key=True)
+    checkpoint_path: Mapped[str] = mapped_column(Text)
+    champion_version: Mapped[str | None] = mapped_column(String(50))
+    online_run_id: Mapped[str | None] = mapped_column(String(64))
+    # Drift reference (per-sensor bins and fractions, reference error) from training data.
+    reference: Mapped[dict | None] = mapped_column(JSON)
+    # Drift detectors only read batches after this sequence number (reset at each retrain).
+    drift_since_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    batches_since_snapshot: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    __mapper_args__ = {"version_id_col": version}
+
+
+class BatchSummary(Base):
+    """Per-batch figures for dashboards and for the drift detectors."""
+
+    __tablename__ = "batch_summaries"
+
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    entity: Mapped[str] = mapped_column(String(200), index=True)
+    sequence: Mapped[int] = mapped_column(Integer, index=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    first_ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    metrics: Mapped[dict] = mapped_column(JSON)  # loss, mae, rmse, score quantiles, latencies
+    drift_stats: Mapped[dict] = mapped_column(JSON)  # psi/ks per sensor, sensor means
+    features_path: Mapped[str] = mapped_column(Text)
+
+
+class DriftEvent(Base):
+    __tablename__ = "drift_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(200))
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"))
+    sequence: Mapped[int] = mapped_column(Integer)
+    entity: Mapped[str] = mapped_column(String(200))
+    detector: Mapped[str] = mapped_column(String(50))
+    feature: Mapped[str | None] = mapped_column(String(200))
+    value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    event_time: Mapped[datetime] = mapped_column(UTCDateTime())
+    detected_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    action: Mapped[str] = mapped_column(String(30))
+    report_uri: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict | None] = mapped_column(JSON)
+
+
+class RetrainDecision(Base):
+    __tablename__ = "retrain_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(200))
+    drift_event_id: Mapped[int | None] = mapped_column(ForeignKey("drift_events.id"))
+    trigger: Mapped[str] = mapped_column(String(30))
+    champion_version: Mapped[str | None] = mapped_column(String(50))
+    challenger_version: Mapped[str | None] = mapped_column(String(50))
+    champion_mse: Mapped[float | None] = mapped_column(Float)
+    challenger_mse: Mapped[float | None] = mapped_column(Float)
+    margin: Mapped[float] = mapped_column(Float)
+    promoted: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

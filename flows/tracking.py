@@ -1,0 +1,156 @@
+"""MLflow adapter: the experiment, the online run, metrics, registry versions and aliases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from flows.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+REGISTRY_MODEL_CODE = Path(__file__).resolve().parent / "registry_model.py"
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    # Registering prints progress bars and "Successfully registered" lines on every version.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+class Tracker:
+    def __init__(self, settings: Settings) -> None:
+        _quiet_mlflow()
+        import mlflow
+        from mlflow import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        self._mlflow = mlflow
+        self.settings = settings
+        self.uri = settings.tracking.tracking_uri
+        self.model_name = settings.tracking.model_name
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        experiment = self.client.get_experiment_by_name(settings.tracking.experiment)
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                settings.tracking.experiment,
+                artifact_location=_artifact_uri(settings.tracking.artifact_location),
+                tags={"lru-online.pipeline": settings.pipeline},
+            )
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    # --- runs -----------------------------------------------------------------------------
+    def start_run(self, name: str, kind: str, params: dict | None = None) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={"lru-online.kind": kind, "lru-online.pipeline": self.settings.pipeline},
+        )
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        rows = [Metric(key, float(value), stamp, step) for key, value in metrics.items() if value == value]
+        for start in range(0, len(rows), 500):
+            self.client.log_batch(run_id, metrics=rows[start : start + 500])
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> str:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+        return f"runs:/{run_id}/{artifact_path}"
+
+    # --- registry -------------------------------------------------------------------------
+    def register(self, run_id: str, checkpoint: Path, kind: str, description: str = "") -> str:
+        """Logs the checkpoint as a pyfunc model in `run_id` and registers a new version."""
+        with self._mlflow.start_run(run_id=run_id):
+            info = self._mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(REGISTRY_MODEL_CODE),
+                artifacts={"checkpoint": str(checkpoint)},
+                pip_requirements=["lru-online", "torch==2.13.0", "pandas"],
+                registered_model_name=self.model_name,
+                signature=self._signature(),
+                input_example=self._input_example(),
+                await_registration_for=60,
+            )
+        version = str(info.registered_model_version)
+        self.client.set_model_version_tag(self.model_name, version, "lru-online.kind", kind)
+        if description:
+            self.client.update_model_version(self.model_name, version, description=description)
+        return version
+
+    def _signature(self):
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        from flows.fleet import feature_spec
+
+        spec = feature_spec(self.settings)
+        inputs = Schema([ColSpec("double", name) for name in [*spec.input_names, "dt"]])
+        outputs = Schema(
+            [ColSpec("float", f"h{k + 1}_{s}") for k in range(self.settings.model.horizon) for s in spec.sensors]
+        )
+        return ModelSignature(inputs=inputs, outputs=outputs)
+
+    def _input_example(self):
+        import pandas as pd
+
+        from flows.fleet import feature_spec
+
+        spec = feature_spec(self.settings)
+        example = pd.DataFrame(0.0, index=range(4), columns=[*spec.input_names, "dt"])
+        example["dt"] = 1.0
+        return example
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.model_name, alias, version)
+
+    def alias_version(self, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.model_name, alias).version)
+        except MlflowException:
+            return None
+
+    def versions(self) -> list[dict]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name = '{self.model_name}'")
+        except MlflowException:
+            return []
+        return sorted(
+            ({"version": str(v.version), "kind": v.tags.get("lru-online.kind"), "run_id": v.run_id} for v in found),
+            key=lambda v: int(v["version"]),
+        )
+
+
+def _artifact_uri(location: str) -> str:
+    if "://" in location:
+        return location
+    path = Path(location).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()

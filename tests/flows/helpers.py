@@ -1,0 +1,47 @@
+"""Small simulated plants and their configuration files for the pipeline tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from flows.settings import Settings, load_settings
+from flows.simulator import GroundTruth, SimulationConfig, simulate
+
+SMALL = {
+    "initial_training": {"batches": 8, "epochs": 3},
+    "model": {"d_model": 16, "d_state": 16, "n_layers": 1},
+    "update": {"window": 32, "replay_capacity": 64, "replay_batch": 2},
+    "drift": {"window_batches": 4, "cooldown_batches": 2, "max_delay_batches": 5},
+    "retrain": {"recent_batches": 6, "holdout_batches": 1, "epochs": 2},
+}
+
+
+def small_config(workdir: Path, **overrides) -> tuple[Settings, str]:
+    """Writes `workdir/config.yaml` (small model, test overrides) and returns its settings and
+    path; flows and the CLI read the same file."""
+    data: dict = {"workdir": str(workdir), **{k: dict(v) for k, v in SMALL.items()}}
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    settings = load_settings(path)
+    settings.ensure_folders()
+    return settings, str(path)
+
+
+def small_plant(settings: Settings, **overrides) -> GroundTruth:
+    config = SimulationConfig(
+        entities=2,
+        batches=24,
+        rows_per_batch=200,
+        gradual_drift_start=9,
+        gradual_drift_batches=4,
+        abrupt_drift_batch=16,
+        broken_batches={"wrong_schema": 5, "nan_burst": 8, "out_of_range": 12, "unsorted_timestamps": 20},
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return simulate(settings.paths.landing, settings.workdir / "ground_truth.json", config, settings.log_schema)

@@ -1,0 +1,128 @@
+"""The whole pipeline on a simulated plant: real Prefect flow runs, SQLite, MLflow, GE."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+from sqlalchemy import select
+
+from flows.prefect_flows import continual_update
+from flows.status import balanced, pipeline_status
+from flows.storage.database import Database
+from flows.storage.models import Batch, DriftEvent, RetrainDecision
+from flows.tracking import CHAMPION, Tracker
+from tests.flows.helpers import small_config, small_plant
+
+
+@pytest.fixture(scope="module")
+def plant(tmp_path_factory, prefect_api):
+    settings, config = small_config(tmp_path_factory.mktemp("plant"))
+    truth = small_plant(settings)
+    continual_update(config=config)
+    return settings, truth, config
+
+
+def _batches(settings):
+    db = Database(settings.database_url)
+    with db.session() as session:
+        return list(session.scalars(select(Batch).order_by(Batch.id)))
+
+
+def test_every_landed_row_is_accounted_for(plant):
+    settings, truth, _ = plant
+    status = pipeline_status(settings)
+    assert status["rows"]["received"] == len(truth.files) * truth.rows_per_batch
+    assert balanced(status)
+    assert status["batches"]["pending"] == 0
+    assert status["batches"]["processed"] + status["batches"]["quarantined"] == len(truth.files)
+    assert not list(settings.paths.landing.iterdir())  # everything was filed away
+
+
+def test_broken_batches_are_quarantined_with_reasons(plant):
+    settings, truth, _ = plant
+    quarantined = {b.source_file.rsplit("/", 1)[-1]: b for b in _batches(settings) if b.status == "quarantined"}
+    assert set(quarantined) == {f["file"] for f in truth.broken_files}
+    expected_words = {
+        "wrong_schema": "missing column 'pressure'",
+        "nan_burst": "values missing",
+        "out_of_range": "outside the physical range",
+        "unsorted_timestamps": "timestamps go backwards",
+    }
+    for broken in truth.broken_files:
+        batch = quarantined[broken["file"]]
+        assert any(expected_words[broken["kind"]] in reason for reason in batch.reasons), batch.reasons
+        assert all(reason.startswith(broken["file"]) for reason in batch.reasons)
+        assert (settings.paths.quarantine / broken["file"]).exists()
+        assert batch.rows_quarantined == broken["rows"]
+
+
+def test_drift_is_detected_after_the_abrupt_change_within_the_delay(plant):
+    settings, truth, _ = plant
+    abrupt = next(d for d in truth.drifts if d["kind"] == "abrupt")
+    gradual = next(d for d in truth.drifts if d["kind"] == "gradual")
+    db = Database(settings.database_url)
+    with db.session() as session:
+        events = session.execute(select(DriftEvent.event_time, DriftEvent.detector)).all()
+    change = pd.Timestamp(abrupt["time"])
+    timely = [
+        e
+        for e in events
+        if change <= pd.Timestamp(e.event_time)
+        and _batch_index(settings, e.event_time) <= abrupt["batch"] + settings.drift.max_delay_batches
+    ]
+    assert timely, f"no detection within {settings.drift.max_delay_batches} batches of the abrupt drift: {events}"
+    # Nothing fires while the plant is unchanged.
+    assert all(pd.Timestamp(e.event_time) >= pd.Timestamp(gradual["time"]) for e in events)
+
+
+def _batch_index(settings, event_time) -> int:
+    for batch in _batches(settings):
+        if batch.last_ts is not None and batch.last_ts == event_time:
+            return int(batch.source_file.rsplit("batch-", 1)[1].split(".")[0])
+    raise AssertionError(f"no batch ends at {event_time}")
+
+
+def test_retraining_ran_and_the_champion_alias_marks_the_winner(plant):
+    settings, _, _ = plant
+    db = Database(settings.database_url)
+    with db.session() as session:
+        decisions = list(session.scalars(select(RetrainDecision).order_by(RetrainDecision.id)))
+    assert decisions, "drift fired but no retraining ran"
+    tracker = Tracker(settings)
+    promoted = [d for d in decisions if d.promoted]
+    initial = tracker.versions()[0]["version"]
+    expected = promoted[-1].challenger_version if promoted else initial
+    assert tracker.alias_version(CHAMPION) == expected
+    for decision in decisions:
+        assert decision.promoted == (decision.challenger_mse < decision.champion_mse * (1 - decision.margin))
+    kinds = [v["kind"] for v in tracker.versions()]
+    assert kinds[0] == "initial" and kinds.count("challenger") == len(decisions)
+
+
+def test_mlflow_holds_one_metric_step_per_processed_batch(plant):
+    settings, _, _ = plant
+    tracker = Tracker(settings)
+    db = Database(settings.database_url)
+    with db.session() as session:
+        from flows.storage.models import ModelState
+
+        run_id = session.get(ModelState, settings.pipeline).online_run_id
+        sequences = [b.sequence for b in session.scalars(select(Batch).where(Batch.status == "processed"))]
+    history = tracker.client.get_metric_history(run_id, "mae_before")
+    assert sorted(m.step for m in history) == sorted(sequences)
+
+
+def test_landing_the_same_file_again_processes_it_once(plant):
+    settings, _, _ = plant
+    archived = sorted(settings.paths.archive.glob("*_batch-*"))[:2]
+    shutil.copy(archived[0], settings.paths.landing / archived[0].name)  # same name, same bytes
+    shutil.copy(archived[1], settings.paths.landing / f"copy of {archived[1].name}")  # new name
+    before = pipeline_status(settings)
+    continual_update(config=plant[2])
+    after = pipeline_status(settings)
+    assert after["batches"]["processed"] == before["batches"]["processed"]
+    assert after["batches"]["duplicate"] == before["batches"]["duplicate"] + 2
+    assert after["rows"] == before["rows"]
+    assert not list(settings.paths.landing.iterdir())

@@ -1,0 +1,107 @@
+"""The pipeline database: migrations, optimistic locking, the ledger and entity leases."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from flows.ingest import LandedFile
+from flows.ledger import Ledger
+from flows.storage.database import Database, DatabaseError, masked
+from flows.storage.models import Base, EntityState
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(f"sqlite:///{tmp_path}/ledger.db")
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+def test_migrations_match_the_models_and_go_down_and_up(db):
+    with db.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    db.downgrade("base")
+    assert sa.inspect(db.engine).get_table_names() == ["alembic_version"]
+    db.migrate()
+    assert {"batches", "arrivals", "entity_state", "model_state", "drift_events"} <= set(
+        sa.inspect(db.engine).get_table_names()
+    )
+
+
+def test_two_writers_cannot_both_win(db):
+    with db.session() as session:
+        session.add(EntityState(entity="line-1", hidden_state=b"v1"))
+    first, second = Session(db.engine), Session(db.engine)
+    mine, theirs = first.get(EntityState, "line-1"), second.get(EntityState, "line-1")
+    mine.hidden_state = b"mine"
+    first.commit()
+    theirs.hidden_state = b"theirs"
+    with pytest.raises(StaleDataError):
+        second.commit()
+    second.rollback()
+    with db.session() as session:
+        assert session.get(EntityState, "line-1").hidden_state == b"mine"
+
+
+def test_times_come_back_in_utc(db):
+    moment = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    with db.session() as session:
+        session.add(EntityState(entity="e", watermark=moment + timedelta(hours=0)))
+    with db.session() as session:
+        assert session.get(EntityState, "e").watermark == moment
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"), db.session() as session:
+        session.add(EntityState(entity="f", watermark=datetime(2026, 3, 1)))
+
+
+def test_ledger_records_new_and_duplicate_arrivals(db, tmp_path):
+    ledger = Ledger(db, tmp_path / "archive", tmp_path / "quarantine")
+    original = tmp_path / "a.csv"
+    original.write_text("entity,timestamp\nx,1\n")
+    copy = tmp_path / "copy of a.csv"
+    copy.write_text(original.read_text())
+    new, batch_id = ledger.record(LandedFile(original, 10, 0.0))
+    again, same_id = ledger.record(LandedFile(original, 10, 0.0))
+    duplicate, dup_id = ledger.record(LandedFile(copy, 10, 0.0))
+    assert (new, again, duplicate) == ("new", "pending", "duplicate")
+    assert batch_id == same_id == dup_id
+    assert ledger.accounting()["batches"]["duplicate"] == 1
+    ledger.quarantine_batch(batch_id, ["a.csv: bad"], [{"row": 1}], rows=1)
+    report = ledger.accounting()
+    assert report["batches"]["quarantined"] == 1 and report["rows"] == {
+        "received": 1,
+        "scored": 0,
+        "quarantined": 1,
+        "late": 0,
+    }
+    assert report["quarantined_files"][0]["reasons"] == ["a.csv: bad"]
+    assert (tmp_path / "quarantine" / "a.csv").exists() and not original.exists()
+
+
+def test_entity_lease_is_exclusive_until_released_or_its_owner_dies(db, tmp_path):
+    ledger = Ledger(db, tmp_path / "archive", tmp_path / "quarantine")
+    assert ledger.acquire("line-1")
+    with db.session() as session:
+        session.get(EntityState, "line-1").lease_owner = "other-host:1:abcd"
+    assert not ledger.acquire("line-1")  # a live holder elsewhere
+    import socket
+
+    with db.session() as session:
+        session.get(EntityState, "line-1").lease_owner = f"{socket.gethostname()}:999999999:dead"
+    assert ledger.acquire("line-1")  # its process is gone
+    ledger.release("line-1")
+    with db.session() as session:
+        assert session.get(EntityState, "line-1").lease_owner is None
+
+
+def test_unreachable_database_is_refused_with_the_url_masked():
+    database = Database("postgresql+psycopg://user:secret@127.0.0.1:1/nowhere")
+    with pytest.raises(DatabaseError) as error:
+        database.migrate()
+    assert "cannot be reached" in str(error.value) and "secret" not in str(error.value) and "***" in str(error.value)
+    assert masked("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"

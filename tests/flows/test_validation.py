@@ -1,0 +1,125 @@
+"""Great Expectations validation of log batches, and reading files, with named failures."""
+
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.ingest import BatchReadError, discover, read_batch
+from flows.settings import LogSchema
+from flows.validation import BatchValidator
+
+SCHEMA = LogSchema()
+
+
+@pytest.fixture(scope="module")
+def validator():
+    return BatchValidator(SCHEMA)
+
+
+def _good(n: int = 30) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "entity": "line-1",
+            "timestamp": (pd.Timestamp("2026-01-01T00:00:00Z") + pd.to_timedelta(np.arange(n) * 10, unit="s")).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            ),
+            "temperature": rng.uniform(40, 60, n),
+            "vibration": rng.uniform(1, 5, n),
+            "pressure": rng.uniform(2, 9, n),
+            "flow": rng.uniform(100, 300, n),
+            "motor_current": rng.uniform(20, 60, n),
+            "anomaly": 0,
+        }
+    )
+    frame.loc[::3, "pressure"] = np.nan  # a source that reports every other time is fine
+    return frame
+
+
+def test_a_good_batch_passes_sorted_with_parsed_times(validator):
+    frame = _good()
+    outcome = validator.validate(frame, "good.csv")
+    assert outcome.success and outcome.reasons == []
+    assert str(outcome.frame["timestamp"].dt.tz) == "UTC"
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        (lambda f: f.drop(columns=["flow"]), "good.csv: missing column 'flow'"),
+        (
+            lambda f: f.assign(temperature=[np.nan] * 25 + [50.0] * 5),
+            "column 'temperature': 25 of 30 values missing",
+        ),
+        (
+            lambda f: f.assign(vibration=[99.0] + [2.0] * 29),
+            "column 'vibration': 1 of 30 values outside the physical range [0.0, 50.0] at rows 1",
+        ),
+        (
+            lambda f: f.assign(motor_current=[np.inf] + [30.0] * 29),
+            "column 'motor_current': 1 of 30 values outside",
+        ),
+        (
+            lambda f: f.iloc[[0, 2, 1, *range(3, 30)]].reset_index(drop=True),
+            "timestamps go backwards within an entity at rows 3",
+        ),
+        (lambda f: pd.concat([f, f.iloc[[4]]], ignore_index=True), "share an (entity, timestamp) pair"),
+        (
+            lambda f: f.assign(timestamp=["not a time"] + list(f.timestamp[1:])),
+            "column 'timestamp': 1 of 30 values unparseable or empty at rows 1",
+        ),
+        (
+            lambda f: f.assign(timestamp=list(f.timestamp[:-1]) + ["2099-01-01T00:00:00Z"]),
+            "timestamps in the future at rows 30",
+        ),
+        (lambda f: f.assign(flow=["12,5"] + [100.0] * 29), "column 'flow' is not numeric"),
+        (lambda f: f.assign(entity=[None] + ["line-1"] * 29), "column 'entity': 1 of 30 values empty"),
+    ],
+)
+def test_each_failure_names_file_column_and_rows(validator, breakage, expected):
+    outcome = validator.validate(breakage(_good()), "good.csv")
+    assert not outcome.success
+    assert any(expected in reason for reason in outcome.reasons), outcome.reasons
+    assert all(reason.startswith("good.csv: ") for reason in outcome.reasons)
+    assert outcome.sample_rows or "missing column" in expected
+
+
+def test_reading_files(tmp_path):
+    frame = _good()
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    frame.to_parquet(tmp_path / "b.parquet", index=False)
+    with gzip.open(tmp_path / "c.csv.gz", "wt") as handle:
+        frame.to_csv(handle, index=False)
+    for name in ("a.csv", "b.parquet", "c.csv.gz"):
+        assert len(read_batch(tmp_path / name, SCHEMA)) == 30
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("entity,timestamp\n")
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.parquet").write_bytes((tmp_path / "b.parquet").read_bytes()[:200])
+    for name, message in [
+        ("empty.csv", "empty.csv: the file is empty"),
+        ("header.csv", "header.csv: no data rows"),
+        ("binary.csv", "binary.csv: not UTF-8"),
+        ("notes.txt", "notes.txt: unsupported file type"),
+        ("broken.parquet", "broken.parquet: cannot be read as .parquet"),
+    ]:
+        with pytest.raises(BatchReadError, match=message.replace(".", r"\.")):
+            read_batch(tmp_path / name, SCHEMA)
+
+
+def test_discovery_skips_partial_files_and_refuses_escaping_links(tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "b.csv").write_text("x")
+    (landing / "a.csv").write_text("x")
+    (landing / "c.csv.part").write_text("x")
+    (landing / ".hidden.csv").write_text("x")
+    outside = tmp_path / "secret.csv"
+    outside.write_text("x")
+    (landing / "link.csv").symlink_to(outside)
+    ready, refused = discover(landing)
+    assert sorted(f.path.name for f in ready) == ["a.csv", "b.csv"]
+    assert len(refused) == 1 and "link.csv: symlink points outside the landing folder" in refused[0][1]
