@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,9 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     for suffix in SUPPORTED_SUFFIXES:
@@ -78,31 +83,80 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def read_batch(path: Path, schema: LogSchema) -> pd.DataFrame:
-    """Reads a CSV (optionally gzip) or Parquet log file; sensor columns come back numeric
-    where they parse, the entity column as strings, the timestamp column as given."""
+def _open_text(path: Path):
+    """A text handle on a CSV file, gzip-compressed or not (by content, not by name)."""
+    with path.open("rb") as probe:
+        compressed = probe.read(2) == GZIP_MAGIC
+    opener = gzip.open if compressed else open
+    # utf-8-sig drops a byte-order mark; newline="" lets the CSV parser see CR LF endings.
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+def _check_header(path: Path, schema: LogSchema) -> None:
+    name = path.name
+    with _open_text(path) as handle:
+        first = handle.readline()
+    if not first.strip():
+        raise BatchReadError(f"{name}: the file is empty (no header, no rows)")
+    header = next(csv.reader([first]))
+    columns = [c.strip() for c in header]
+    if len(columns) == 1 and any(sep in first for sep in (";", "\t", "|")):
+        found = next(sep for sep in (";", "\t", "|") if sep in first)
+        raise BatchReadError(f"{name}: header row holds one column split by {found!r}; the delimiter must be ','")
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise BatchReadError(f"{name}: header row repeats column(s) {repeated}")
+
+
+def iter_batch(path: Path, schema: LogSchema, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Reads a CSV (optionally gzip) or Parquet log file in chunks of at most `chunk_rows` rows.
+
+    Sensor columns come back numeric where they parse, the entity column as strings, the
+    timestamp column as written. Raises BatchReadError naming the file and the place.
+    """
     suffix = _suffix(path)
     name = path.name
     if suffix not in SUPPORTED_SUFFIXES:
         raise BatchReadError(
             f"{name}: unsupported file type {suffix or '(none)'}; expected one of {SUPPORTED_SUFFIXES}"
         )
+    produced = 0
     try:
         if suffix == ".parquet":
-            frame = pq.read_table(path).to_pandas()
+            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+                frame = record_batch.to_pandas()
+                produced += len(frame)
+                yield _tidy(frame, schema)
         else:
-            opener = gzip.open if suffix == ".csv.gz" else open
-            with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
-                frame = pd.read_csv(handle, dtype={schema.entity_column: str, schema.timestamp_column: str})
+            _check_header(path, schema)
+            with _open_text(path) as handle:
+                reader = pd.read_csv(
+                    handle,
+                    chunksize=chunk_rows,
+                    dtype={schema.entity_column: str, schema.timestamp_column: str},
+                )
+                for frame in reader:
+                    produced += len(frame)
+                    yield _tidy(frame, schema)
     except pd.errors.EmptyDataError:
         raise BatchReadError(f"{name}: the file is empty (no header, no rows)") from None
     except UnicodeDecodeError as error:
         raise BatchReadError(f"{name}: not UTF-8 text at byte {error.start} (a binary file?)") from None
     except pd.errors.ParserError as error:
         raise BatchReadError(f"{name}: malformed CSV: {str(error).strip()}") from None
-    except (pa.ArrowInvalid, OSError, EOFError, gzip.BadGzipFile) as error:
+    except (pa.ArrowInvalid, OSError, EOFError, gzip.BadGzipFile, csv.Error) as error:
         raise BatchReadError(f"{name}: cannot be read as {suffix}: {str(error).strip().splitlines()[0]}") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    if frame.empty:
+    if produced == 0:
         raise BatchReadError(f"{name}: no data rows (header only)")
+
+
+def _tidy(frame: pd.DataFrame, schema: LogSchema) -> pd.DataFrame:
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if schema.entity_column in frame:
+        frame[schema.entity_column] = frame[schema.entity_column].astype("string")
     return frame
+
+
+def read_batch(path: Path, schema: LogSchema) -> pd.DataFrame:
+    """A whole log file as one data frame (see `iter_batch`)."""
+    return pd.concat(list(iter_batch(path, schema, chunk_rows=1 << 30)), ignore_index=True)

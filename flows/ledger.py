@@ -157,8 +157,9 @@ class Ledger:
             batch.status = "quarantined"
             batch.reasons = reasons
             batch.sample_rows = samples
-            batch.rows_received = rows
-            batch.rows_quarantined = rows
+            # Parts committed before the failing one keep their counts; the rest is quarantined.
+            batch.rows_received += rows
+            batch.rows_quarantined += rows
             batch.processed_at = datetime.now(UTC)
         source = Path(batch.source_file)
         if not source.exists() and not source.is_symlink():

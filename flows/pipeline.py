@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from features import EntityFeatureState, FeatureBatch, build_features
 from flows import faults
 from flows.fleet import feature_spec, load_learner, save_checkpoint
-from flows.ingest import BatchReadError, discover, read_batch
+from flows.ingest import BatchReadError, discover, iter_batch
 from flows.ledger import DiscoveryResult, Ledger
 from flows.settings import Settings
 from flows.storage.database import Database
@@ -56,7 +57,7 @@ class EntityOutcome:
 class BatchResult:
     batch_id: int
     file: str
-    status: str  # processed | quarantined | late | skipped
+    status: str  # processed | quarantined | late | skipped (another run holds an entity)
     rows_received: int = 0
     rows_scored: int = 0
     rows_quarantined: int = 0
@@ -147,55 +148,97 @@ class Pipeline:
         return result
 
     # --- one batch ------------------------------------------------------------------------
+    def _chunks(self, batch: Batch) -> Iterator[pd.DataFrame]:
+        return iter_batch(Path(batch.source_file), self.settings.log_schema, self.settings.ingest.chunk_rows)
+
     def read_and_validate(self, batch: Batch) -> tuple[pd.DataFrame | None, BatchResult | None]:
-        """The validated rows, or the quarantine result when the file is unreadable or invalid."""
-        path = Path(batch.source_file)
+        """The validated rows of a file's first part, or the quarantine result when the file is
+        unreadable or invalid (used by initial training)."""
+        name = Path(batch.source_file).name
         try:
-            frame = read_batch(path, self.settings.log_schema)
+            frame = next(self._chunks(batch))
         except BatchReadError as error:
-            self.ledger.quarantine_batch(batch.id, [str(error)], [], rows=0)
-            return None, BatchResult(batch.id, path.name, "quarantined", reasons=[str(error)])
-        outcome = self.validator.validate(frame, path.name)
-        faults.checkpoint("validated")
+            return None, self._quarantine(batch.id, name, [str(error)], [], rows=0)
+        outcome = self.validator.validate(frame, name)
         if not outcome.success:
-            self.ledger.quarantine_batch(batch.id, outcome.reasons, outcome.sample_rows, rows=len(frame))
-            return None, BatchResult(
-                batch.id,
-                path.name,
-                "quarantined",
-                len(frame),
-                rows_quarantined=len(frame),
-                reasons=outcome.reasons,
-            )
+            return None, self._quarantine(batch.id, name, outcome.reasons, outcome.sample_rows, rows=len(frame))
         return outcome.frame, None
 
+    def _quarantine(self, batch_id: int, name: str, reasons: list[str], samples: list[dict], rows: int) -> BatchResult:
+        self.ledger.quarantine_batch(batch_id, reasons, samples, rows=rows)
+        return BatchResult(batch_id, name, "quarantined", rows, rows_quarantined=rows, reasons=reasons)
+
     def process(self, batch_id: int) -> BatchResult:
-        """Validates, scores and learns from one pending batch, then commits it."""
+        """Validates, scores and learns from one pending file, part by part, committing each part.
+
+        A file larger than `ingest.chunk_rows` rows is read and processed in parts, so memory
+        stays flat; after a crash the next run resumes after the last committed part. A part
+        that fails validation quarantines the file with every row not yet committed.
+        """
         batch = self.ledger.get(batch_id)
+        name = Path(batch.source_file).name if batch else "?"
         if batch is None or batch.status != "pending":
-            return BatchResult(batch_id, Path(batch.source_file).name if batch else "?", "skipped")
+            return BatchResult(batch_id, name, "skipped")
         started = time.perf_counter()
         faults.checkpoint("ledger")
-        rows, quarantined = self.read_and_validate(batch)
-        if quarantined is not None:
-            return quarantined
-        validate_s = time.perf_counter() - started
+        result = BatchResult(batch_id, name, "pending")
+        chunks = self._chunks(batch)
+        offset, part = 0, 0
+        try:
+            upcoming = next(chunks)
+            while upcoming is not None:
+                frame, upcoming = upcoming, next(chunks, None)
+                if part < batch.parts_done:  # committed by an earlier, interrupted run
+                    offset, part = offset + len(frame), part + 1
+                    continue
+                tick = time.perf_counter()
+                outcome = self.validator.validate(frame, name, row_offset=offset)
+                validate_s = time.perf_counter() - tick
+                faults.checkpoint("validated")
+                if not outcome.success:
+                    remaining = (
+                        len(frame) + (len(upcoming) if upcoming is not None else 0) + sum(len(c) for c in chunks)
+                    )
+                    return self._quarantine_rest(
+                        result, batch_id, name, outcome.reasons, outcome.sample_rows, remaining
+                    )
+                committed = self._process_part(batch, part, outcome.frame, upcoming is None, validate_s)
+                if committed is None:
+                    result.status = "skipped"  # another live run holds one of its entities
+                    return result
+                _accumulate(result, committed)
+                offset, part = offset + len(frame), part + 1
+        except BatchReadError as error:
+            return self._quarantine_rest(result, batch_id, name, [str(error)], [], rows=0)
+        result.timings["total"] = time.perf_counter() - started
+        return result
+
+    def _quarantine_rest(
+        self, result: BatchResult, batch_id: int, name: str, reasons: list[str], samples: list[dict], rows: int
+    ) -> BatchResult:
+        quarantined = self._quarantine(batch_id, name, reasons, samples, rows)
+        quarantined.rows_received += result.rows_received
+        quarantined.rows_scored, quarantined.rows_late = result.rows_scored, result.rows_late
+        quarantined.sequence, quarantined.entities = result.sequence, result.entities
+        return quarantined
+
+    def _process_part(
+        self, batch: Batch, part: int, rows: pd.DataFrame, last: bool, validate_s: float
+    ) -> BatchResult | None:
         entities = sorted(rows[self.spec.entity_column].astype(str).unique())
         held = [e for e in entities if self.ledger.acquire(e)]
         try:
             if len(held) < len(entities):
-                # Another live run is updating one of these entities; the batch waits for it.
-                return BatchResult(batch_id, Path(batch.source_file).name, "skipped")
+                return None
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
-                    result = self._learn_and_commit(batch, rows, entities, validate_s)
-                    result.timings["validate"] = validate_s
-                    result.timings["total"] = time.perf_counter() - started
-                    return result
+                    return self._learn_and_commit(batch, part, rows, entities, last, validate_s)
                 except StaleModel:
-                    log.info("batch %s: state moved on under us (attempt %d), redoing", batch_id, attempt + 1)
+                    log.info(
+                        "batch %s part %d: state moved on under us (attempt %d), redoing", batch.id, part, attempt + 1
+                    )
                     self.learner = None
-            raise RuntimeError(f"batch {batch_id}: gave up after {COMMIT_ATTEMPTS} conflicting commits")
+            raise RuntimeError(f"batch {batch.id}: gave up after {COMMIT_ATTEMPTS} conflicting commits")
         finally:
             for entity in held:
                 self.ledger.release(entity)
@@ -204,11 +247,11 @@ class Pipeline:
         return rows[rows[self.spec.entity_column].astype(str) == entity]
 
     def _learn_and_commit(
-        self, batch: Batch, rows: pd.DataFrame, entities: list[str], validate_s: float
+        self, batch: Batch, part: int, rows: pd.DataFrame, entities: list[str], last: bool, validate_s: float
     ) -> BatchResult:
         learner = self.load_live_model()
         model_version = self._model_version
-        timings = {"features": 0.0, "score": 0.0, "update": 0.0, "output": 0.0}
+        timings = {"validate": validate_s, "features": 0.0, "score": 0.0, "update": 0.0, "output": 0.0}
         loaded: dict[str, int] = {}
         outcomes: list[EntityOutcome] = []
         new_states: dict[str, tuple[bytes, bytes, datetime]] = {}
@@ -252,7 +295,7 @@ class Pipeline:
             outcome.drift_stats = batch_drift_stats(
                 self._recent_raw(entity, features.raw), self.spec.sensors, reference
             )
-            outcome.output_path = self._write_output(batch.id, features, scored)
+            outcome.output_path = self._write_output(batch.id, part, features, scored)
             timings["output"] += time.perf_counter() - tick
             new_states[entity] = (
                 scored.state.to_bytes(),
@@ -263,12 +306,11 @@ class Pipeline:
         for outcome in outcomes:
             share = outcome.rows / max(sum(o.rows for o in outcomes), 1)
             outcome.metrics.update({f"seconds_{k}": v * share for k, v in timings.items()})
-            outcome.metrics["seconds_validate"] = validate_s * share
 
         tick = time.perf_counter()
         checkpoint = save_checkpoint(learner, self.settings.paths.checkpoints, "live")
         try:
-            result = self._commit(batch, outcomes, new_states, loaded, model_version, checkpoint)
+            result = self._commit(batch, part, last, outcomes, new_states, loaded, model_version, checkpoint)
         except BaseException:
             checkpoint.unlink(missing_ok=True)
             raise
@@ -280,16 +322,19 @@ class Pipeline:
     def _commit(
         self,
         batch: Batch,
+        part: int,
+        last: bool,
         outcomes: list[EntityOutcome],
         new_states: dict[str, tuple[bytes, bytes, datetime]],
         loaded: dict[str, int],
         model_version: int,
         checkpoint: Path,
     ) -> BatchResult:
+        """One transaction: entity states, the live checkpoint, the ledger and the summaries."""
         received = sum(o.rows for o in outcomes)
         late = sum(o.late for o in outcomes)
         scored = received - late
-        status = "processed" if scored > 0 else "late"
+        with_features = [o for o in outcomes if o.features is not None]
         try:
             with self.db.session() as session:
                 model = session.get(ModelState, self.settings.pipeline)
@@ -297,10 +342,10 @@ class Pipeline:
                     raise StaleModel("the live model changed")
                 previous_checkpoint = model.checkpoint_path
                 sequence = None
-                if status == "processed":
+                if with_features:
                     model.checkpoint_path = str(checkpoint)
                     model.batches_since_snapshot += 1
-                    sequence = (session.scalar(select(func.max(Batch.sequence))) or 0) + 1
+                    sequence = (session.scalar(select(func.max(BatchSummary.sequence))) or 0) + 1
                 for entity, (hidden, features, watermark) in new_states.items():
                     state = session.get(EntityState, entity)
                     if state.version != loaded[entity]:
@@ -308,22 +353,29 @@ class Pipeline:
                     state.hidden_state, state.feature_state, state.watermark = hidden, features, watermark
                     state.batches += 1
                 stored = session.get(Batch, batch.id)
-                if stored.status != "pending":
-                    raise StaleModel(f"batch {batch.id} was finished by another run")
-                stored.status = status
-                stored.entity = ",".join(o.entity for o in outcomes)[:200]
-                stored.rows_received, stored.rows_scored, stored.rows_late = received, scored, late
-                stored.sequence = sequence
-                stored.processed_at = datetime.now(UTC)
-                with_features = [o for o in outcomes if o.features is not None]
+                if stored.status != "pending" or stored.parts_done != part:
+                    raise StaleModel(f"batch {batch.id} part {part} was committed by another run")
+                stored.parts_done = part + 1
+                stored.entity = ",".join(
+                    sorted({*(stored.entity or "").split(","), *(o.entity for o in outcomes)} - {""})
+                )[:200]
+                stored.rows_received += received
+                stored.rows_scored += scored
+                stored.rows_late += late
                 if with_features:
-                    stored.first_ts = min(o.features.timestamps[0] for o in with_features).to_pydatetime(warn=False)
-                    stored.last_ts = max(o.features.timestamps[-1] for o in with_features).to_pydatetime(warn=False)
-                    stored.output_path = str(with_features[0].output_path)
+                    first = min(o.features.timestamps[0] for o in with_features).to_pydatetime(warn=False)
+                    final = max(o.features.timestamps[-1] for o in with_features).to_pydatetime(warn=False)
+                    stored.first_ts = min(stored.first_ts, first) if stored.first_ts else first
+                    stored.last_ts = max(stored.last_ts, final) if stored.last_ts else final
+                    stored.output_path = str(with_features[-1].output_path)
+                if last:
+                    stored.status = "processed" if stored.rows_scored > 0 else "late"
+                    stored.processed_at = datetime.now(UTC)
                 for o in with_features:
                     session.add(
                         BatchSummary(
                             batch_id=batch.id,
+                            part=part,
                             entity=o.entity,
                             sequence=sequence,
                             rows=len(o.features),
@@ -336,16 +388,18 @@ class Pipeline:
                     )
                 faults.checkpoint("in_commit")
                 session.flush()
+                status = stored.status
         except (StaleDataError, IntegrityError) as error:
             raise StaleModel(str(error)) from error
-        if status == "processed":
+        if with_features:
             self._model_version = model_version + 1
             # Registered versions keep their own copy in MLflow; only the newest one is live.
             if previous_checkpoint != str(checkpoint):
                 Path(previous_checkpoint).unlink(missing_ok=True)
         else:
             checkpoint.unlink(missing_ok=True)
-        self.ledger.finish_move(batch.id)
+        if last:
+            self.ledger.finish_move(batch.id)
         return BatchResult(
             batch.id,
             Path(batch.source_file).name,
@@ -393,38 +447,39 @@ class Pipeline:
 
     # --- tracking -------------------------------------------------------------------------
     def track_pending(self, started_at: datetime) -> int:
-        """Logs the metrics of committed batches not yet in MLflow (step = batch sequence).
+        """Logs the metrics of committed batch parts not yet in MLflow (step = sequence).
 
-        A batch committed before this process started may have been logged by a run that died
+        A part committed before this process started may have been logged by a run that died
         before marking it; its step is looked up first so no step is logged twice.
         """
         state = self.model_state()
         if state is None or state.online_run_id is None:
             return 0
         with self.db.session() as session:
-            batches = list(
+            untracked = list(
                 session.scalars(
-                    select(Batch).where(Batch.status == "processed", Batch.tracked.is_(False)).order_by(Batch.sequence)
+                    select(BatchSummary).where(BatchSummary.tracked.is_(False)).order_by(BatchSummary.sequence)
                 )
             )
-            summaries = {
-                b.id: list(session.scalars(select(BatchSummary).where(BatchSummary.batch_id == b.id))) for b in batches
-            }
+        by_sequence: dict[int, list[BatchSummary]] = {}
+        for summary in untracked:
+            by_sequence.setdefault(summary.sequence, []).append(summary)
         logged_before: set[int] | None = None
-        for batch in batches:
-            if batch.processed_at < started_at:
+        for sequence, summaries in by_sequence.items():
+            if min(s.committed_at for s in summaries) < started_at:
                 if logged_before is None:
                     logged_before = self.tracker.logged_steps(state.online_run_id, "rows")
-                if batch.sequence in logged_before:
-                    self._mark_tracked(batch.id)
+                if sequence in logged_before:
+                    self._mark_tracked(summaries)
                     continue
-            self.tracker.log_metrics(state.online_run_id, merge_metrics(summaries[batch.id]), step=batch.sequence)
-            self._mark_tracked(batch.id)
-        return len(batches)
+            self.tracker.log_metrics(state.online_run_id, merge_metrics(summaries), step=sequence)
+            self._mark_tracked(summaries)
+        return len(by_sequence)
 
-    def _mark_tracked(self, batch_id: int) -> None:
+    def _mark_tracked(self, summaries: list[BatchSummary]) -> None:
         with self.db.session() as session:
-            session.get(Batch, batch_id).tracked = True
+            for summary in summaries:
+                session.get(BatchSummary, summary.id).tracked = True
 
     def snapshot_if_due(self) -> str | None:
         """Registers the live model as a new version every `snapshot_every` batches."""
@@ -440,7 +495,7 @@ class Pipeline:
         self.update_model_state(reset)
         return version
 
-    def _write_output(self, batch_id: int, features: FeatureBatch, scored) -> Path:
+    def _write_output(self, batch_id: int, part: int, features: FeatureBatch, scored) -> Path:
         """Scores, forecasts and the features of one entity's part of a batch, as Parquet."""
         folder = self.settings.paths.output / "batches" / safe_name(features.entity)
         folder.mkdir(parents=True, exist_ok=True)
@@ -455,9 +510,20 @@ class Pipeline:
             present = [c for c in self.spec.label_columns]
             for index, label in enumerate(present[: features.labels.shape[1]]):
                 frame[f"label_{label}"] = features.labels[:, index]
-        path = folder / f"batch-{batch_id:08d}.parquet"
+        path = folder / f"batch-{batch_id:08d}-part-{part:04d}.parquet"
         frame.to_parquet(path, index=False)
         return path
+
+
+def _accumulate(total: BatchResult, part: BatchResult) -> None:
+    total.status = part.status
+    total.rows_received += part.rows_received
+    total.rows_scored += part.rows_scored
+    total.rows_late += part.rows_late
+    if part.sequence is not None:
+        total.sequence, total.entities = part.sequence, part.entities
+    for key, value in part.timings.items():
+        total.timings[key] = total.timings.get(key, 0.0) + value
 
 
 def merge_metrics(summaries: list[BatchSummary]) -> dict[str, float]:
@@ -472,6 +538,12 @@ def merge_metrics(summaries: list[BatchSummary]) -> dict[str, float]:
         else:
             merged[key] = float(sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1))
     merged["entities"] = float(len(summaries))
+    for statistic in ("psi", "ks"):
+        for summary in summaries:
+            for sensor, value in (summary.drift_stats.get(statistic) or {}).items():
+                if value is not None:
+                    key = f"drift_{statistic}_{sensor}"
+                    merged[key] = max(merged.get(key, 0.0), float(value))
     seconds = sum(v for k, v in merged.items() if k.startswith("seconds_"))
     merged["rows_per_second"] = merged.get("rows", 0.0) / max(seconds, 1e-9)
     return merged

@@ -111,7 +111,9 @@ class BatchValidator:
             prepared[ORDER_COLUMN] = True
         return prepared
 
-    def validate(self, frame: pd.DataFrame, file_name: str) -> ValidationOutcome:
+    def validate(self, frame: pd.DataFrame, file_name: str, row_offset: int = 0) -> ValidationOutcome:
+        """Validates one part of a file; `row_offset` is the number of data rows before it, so
+        reasons name rows as they are numbered in the file."""
         prepared = self._prepared(frame)
         definition = self._current_definition()
         # A pass/fail run costs about half of a detailed one; details only for failures.
@@ -132,18 +134,18 @@ class BatchValidator:
             if item.success or (not is_existence and missing & set(columns)):
                 # Expectations on a missing column fail too; the missing column says it all.
                 continue
-            reason, rows = self._explain(item, prepared, file_name)
+            reason, rows = self._explain(item, prepared, file_name, row_offset)
             reasons.append(reason)
             bad_rows.update(rows[:SAMPLE_ROWS])
         if reasons:
-            samples = [_row_dict(frame, i) for i in sorted(bad_rows)[:SAMPLE_ROWS]]
+            samples = [_row_dict(frame, i, row_offset) for i in sorted(bad_rows)[:SAMPLE_ROWS]]
             return ValidationOutcome(False, reasons, samples)
         ordered = prepared.drop(columns=[ORDER_COLUMN]).sort_values(
             [self.schema.entity_column, self.schema.timestamp_column], kind="stable"
         )
         return ValidationOutcome(True, frame=ordered.reset_index(drop=True))
 
-    def _explain(self, item, frame: pd.DataFrame, file_name: str) -> tuple[str, list[int]]:
+    def _explain(self, item, frame: pd.DataFrame, file_name: str, row_offset: int) -> tuple[str, list[int]]:
         config = item.expectation_config
         kind = config.type
         column = config.kwargs.get("column")
@@ -151,14 +153,14 @@ class BatchValidator:
         rows = [int(i) for i in detail.get("unexpected_index_list") or [] if isinstance(i, int | np.integer)]
         count = detail.get("unexpected_count")
         total = len(frame)
-        where = f"rows {_rows(rows)}" if rows else ""
+        where = f"rows {_rows(rows, row_offset)}" if rows else ""
         if kind == "expect_column_to_exist":
             return f"{file_name}: missing column '{column}'", []
         if kind == "expect_column_values_to_be_in_type_list":
             bad = _non_numeric_rows(frame[column])
             return (
                 f"{file_name}: column '{column}' is not numeric (type {detail.get('observed_value')}); "
-                f"non-numeric values at rows {_rows(bad)}",
+                f"non-numeric values at rows {_rows(bad, row_offset)}",
                 bad,
             )
         if kind == "expect_column_values_to_not_be_null":
@@ -202,9 +204,9 @@ class BatchValidator:
         return f"{file_name}: {kind} failed on column '{column}'" + (f": {message}" if message else ""), rows
 
 
-def _rows(indices: list[int], limit: int = 8) -> str:
-    """1-based data-row numbers, as a reader counts them below the header."""
-    shown = ", ".join(str(i + 1) for i in indices[:limit])
+def _rows(indices: list[int], offset: int = 0, limit: int = 8) -> str:
+    """1-based data-row numbers of the file, as a reader counts them below the header."""
+    shown = ", ".join(str(offset + i + 1) for i in indices[:limit])
     return shown + (f" and {len(indices) - limit} more" if len(indices) > limit else "")
 
 
@@ -213,6 +215,6 @@ def _non_numeric_rows(values: pd.Series) -> list[int]:
     return [int(i) for i in np.flatnonzero(values.notna().to_numpy() & coerced.isna().to_numpy())]
 
 
-def _row_dict(frame: pd.DataFrame, index: int) -> dict:
+def _row_dict(frame: pd.DataFrame, index: int, offset: int) -> dict:
     row = frame.iloc[index]
-    return {"row": index + 1, **{str(k): (None if pd.isna(v) else str(v)) for k, v in row.items()}}
+    return {"row": offset + index + 1, **{str(k): (None if pd.isna(v) else str(v)) for k, v in row.items()}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -58,9 +58,9 @@ class Batch(Base):
     sample_rows: Mapped[list | None] = mapped_column(JSON)
     first_ts: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_ts: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # Order of processing across the pipeline: the MLflow step.
-    sequence: Mapped[int | None] = mapped_column(Integer, unique=True)
-    tracked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A large file is processed in parts of `ingest.chunk_rows` rows, each committed on its own;
+    # a rerun after a crash resumes after the last committed part.
+    parts_done: Mapped[int] = mapped_column(Integer, default=0)
     stored_at: Mapped[str | None] = mapped_column(Text)  # archive or quarantine path
     output_path: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -121,12 +121,16 @@ class ModelState(Base):
 
 
 class BatchSummary(Base):
-    """Per-batch figures for dashboards and for the drift detectors."""
+    """Per-entity figures of each committed batch part, for MLflow and the drift detectors."""
 
     __tablename__ = "batch_summaries"
+    __table_args__ = (UniqueConstraint("sequence", "entity"),)
 
-    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), index=True)
+    part: Mapped[int] = mapped_column(Integer, default=0)
     entity: Mapped[str] = mapped_column(String(200), index=True)
+    # Order of commits across the pipeline: the MLflow step.
     sequence: Mapped[int] = mapped_column(Integer, index=True)
     rows: Mapped[int] = mapped_column(Integer)
     first_ts: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -134,6 +138,8 @@ class BatchSummary(Base):
     metrics: Mapped[dict] = mapped_column(JSON)  # loss, mae, rmse, score quantiles, latencies
     drift_stats: Mapped[dict] = mapped_column(JSON)  # psi/ks per sensor, sensor means
     features_path: Mapped[str] = mapped_column(Text)
+    tracked: Mapped[bool] = mapped_column(Boolean, default=False)
+    committed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class DriftEvent(Base):

@@ -14,7 +14,7 @@ from flows.fleet import feature_spec
 from flows.ingest import read_batch
 from flows.prefect_flows import continual_update
 from flows.storage.database import Database
-from flows.storage.models import Batch, EntityState, ModelState
+from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
 from flows.validation import parse_timestamps
 from lru_online import OnlineLearner, RecurrentState
 from tests.flows.helpers import small_config, small_plant
@@ -33,11 +33,12 @@ def test_batches_one_by_one_equal_one_pass(tmp_path, prefect_api):
 
     db = Database(settings.database_url)
     with db.session() as session:
-        batches = list(session.scalars(select(Batch).where(Batch.status == "processed").order_by(Batch.sequence)))
+        summaries = list(session.scalars(select(BatchSummary).order_by(BatchSummary.sequence)))
+        batches = [session.get(Batch, s.batch_id) for s in summaries]
         entity = session.get(EntityState, "line-1")
         checkpoint = session.get(ModelState, settings.pipeline).checkpoint_path
-    assert len(batches) == 6
-    streamed_scores = np.concatenate([pd.read_parquet(b.output_path)["score"].to_numpy() for b in batches])
+    assert len(batches) == 6 and all(b.status == "processed" for b in batches)
+    streamed_scores = np.concatenate([pd.read_parquet(s.features_path)["score"].to_numpy() for s in summaries])
     streamed_state = RecurrentState.from_bytes(entity.hidden_state)
 
     # One pass over the concatenated rows, from fresh feature and model states.

@@ -55,7 +55,7 @@ def _snapshot(settings):
     db = Database(settings.database_url)
     with db.session() as session:
         ledger = {
-            Path(b.source_file).name: (b.status, b.rows_scored, b.sequence)
+            Path(b.source_file).name: (b.status, b.rows_scored, b.parts_done)
             for b in session.scalars(select(Batch).order_by(Batch.id))
         }
         states = {

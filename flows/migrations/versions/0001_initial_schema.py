@@ -32,15 +32,13 @@ def upgrade() -> None:
         sa.Column("sample_rows", sa.JSON(), nullable=True),
         sa.Column("first_ts", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_ts", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("sequence", sa.Integer(), nullable=True),
-        sa.Column("tracked", sa.Boolean(), nullable=False),
+        sa.Column("parts_done", sa.Integer(), nullable=False),
         sa.Column("stored_at", sa.Text(), nullable=True),
         sa.Column("output_path", sa.Text(), nullable=True),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("content_hash"),
-        sa.UniqueConstraint("sequence"),
     )
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_batches_entity"), ["entity"], unique=False)
@@ -93,7 +91,9 @@ def upgrade() -> None:
 
     op.create_table(
         "batch_summaries",
+        sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("batch_id", sa.Integer(), nullable=False),
+        sa.Column("part", sa.Integer(), nullable=False),
         sa.Column("entity", sa.String(length=200), nullable=False),
         sa.Column("sequence", sa.Integer(), nullable=False),
         sa.Column("rows", sa.Integer(), nullable=False),
@@ -102,13 +102,17 @@ def upgrade() -> None:
         sa.Column("metrics", sa.JSON(), nullable=False),
         sa.Column("drift_stats", sa.JSON(), nullable=False),
         sa.Column("features_path", sa.Text(), nullable=False),
+        sa.Column("tracked", sa.Boolean(), nullable=False),
+        sa.Column("committed_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["batch_id"],
             ["batches.id"],
         ),
-        sa.PrimaryKeyConstraint("batch_id"),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("sequence", "entity"),
     )
     with op.batch_alter_table("batch_summaries", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_batch_summaries_batch_id"), ["batch_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_batch_summaries_entity"), ["entity"], unique=False)
         batch_op.create_index(batch_op.f("ix_batch_summaries_sequence"), ["sequence"], unique=False)
 
@@ -163,6 +167,7 @@ def downgrade() -> None:
     with op.batch_alter_table("batch_summaries", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_batch_summaries_sequence"))
         batch_op.drop_index(batch_op.f("ix_batch_summaries_entity"))
+        batch_op.drop_index(batch_op.f("ix_batch_summaries_batch_id"))
 
     op.drop_table("batch_summaries")
     with op.batch_alter_table("arrivals", schema=None) as batch_op:
