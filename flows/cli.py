@@ -11,6 +11,10 @@ from typing import Annotated
 
 import typer
 
+from flows.secrets import install_log_masking, mask_secrets
+
+install_log_masking()
+
 # A fresh ephemeral Prefect API migrates its database first; 20 s (Prefect's default wait) is
 # not always enough on a 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -40,7 +44,7 @@ def _settings(config: Path | None, workdir: Path | None):
         settings.ensure_folders()
         return settings
     except (ConfigError, DatabaseError) as error:
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(f"error: {mask_secrets(str(error))}", err=True)
         raise typer.Exit(2) from None
 
 

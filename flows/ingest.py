@@ -125,6 +125,8 @@ def iter_batch(path: Path, schema: LogSchema, chunk_rows: int) -> Iterator[pd.Da
         if suffix == ".parquet":
             for record_batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
                 frame = record_batch.to_pandas()
+                if frame.empty:
+                    continue
                 produced += len(frame)
                 yield _tidy(frame, schema)
         else:
@@ -136,6 +138,8 @@ def iter_batch(path: Path, schema: LogSchema, chunk_rows: int) -> Iterator[pd.Da
                     dtype={schema.entity_column: str, schema.timestamp_column: str},
                 )
                 for frame in reader:
+                    if frame.empty:
+                        continue
                     produced += len(frame)
                     yield _tidy(frame, schema)
     except pd.errors.EmptyDataError:

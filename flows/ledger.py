@@ -12,10 +12,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from flows.ingest import LandedFile, content_hash
 from flows.storage.database import Database
-from flows.storage.models import Arrival, Batch, DriftEvent, EntityState
+from flows.storage.models import Arrival, Batch, DriftEvent, Lease
 
 LEASE_SECONDS = 600
 
@@ -74,6 +75,12 @@ class Ledger:
         """
         digest = content_hash(landed.path)
         path = str(landed.path.resolve())
+        try:
+            return self._record(landed, digest, path)
+        except IntegrityError:
+            return self._record(landed, digest, path)  # a concurrent run recorded it first
+
+    def _record(self, landed: LandedFile, digest: str, path: str) -> tuple[str, int]:
         with self.db.session() as session:
             batch = session.scalar(select(Batch).where(Batch.content_hash == digest))
             if batch is None:
@@ -169,32 +176,30 @@ class Ledger:
             session.get(Batch, batch_id).stored_at = str(stored)
         return stored
 
-    # --- entity leases --------------------------------------------------------------------
-    def acquire(self, entity: str) -> bool:
-        """Claims an entity for this process; False if another live run holds it."""
+    # --- leases ---------------------------------------------------------------------------
+    def acquire(self, name: str, seconds: float = LEASE_SECONDS) -> bool:
+        """Takes or renews the lease `name` for this process; False while another live process
+        holds it."""
         now = datetime.now(UTC)
         me = owner_id()
-        with self.db.session() as session:
-            state = session.get(EntityState, entity, with_for_update=True)
-            if state is None:
-                session.add(
-                    EntityState(entity=entity, lease_owner=me, lease_expires=now + timedelta(seconds=LEASE_SECONDS))
-                )
+        try:
+            with self.db.session() as session:
+                lease = session.get(Lease, name, with_for_update=True)
+                if lease is None:
+                    session.add(Lease(name=name, owner=me, expires=now + timedelta(seconds=seconds)))
+                    return True
+                if lease.owner != me and lease.expires > now and not _owner_is_dead(lease.owner):
+                    return False
+                lease.owner, lease.expires = me, now + timedelta(seconds=seconds)
                 return True
-            holder = state.lease_owner
-            free = holder is None or holder == me or state.lease_expires is None or state.lease_expires < now
-            if not free and not _owner_is_dead(holder):
-                return False
-            state.lease_owner = me
-            state.lease_expires = now + timedelta(seconds=LEASE_SECONDS)
-            return True
+        except IntegrityError:
+            return False  # another process created it first
 
-    def release(self, entity: str) -> None:
+    def release(self, name: str) -> None:
         with self.db.session() as session:
-            state = session.get(EntityState, entity)
-            if state is not None and state.lease_owner == owner_id():
-                state.lease_owner = None
-                state.lease_expires = None
+            lease = session.get(Lease, name)
+            if lease is not None and lease.owner == owner_id():
+                session.delete(lease)
 
     # --- accounting -----------------------------------------------------------------------
     def accounting(self) -> dict:

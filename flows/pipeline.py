@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import re
 import time
 from collections.abc import Iterator
@@ -36,6 +37,10 @@ from lru_online.drift import Reference, ks_statistic, psi
 
 log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 3
+
+
+class CheckpointRefused(RuntimeError):
+    """A checkpoint that would need pickle code execution to load."""
 
 
 class StaleModel(RuntimeError):
@@ -122,6 +127,11 @@ class Pipeline:
             except FileNotFoundError:
                 # A concurrent run committed a newer checkpoint and removed this one.
                 raise StaleModel(f"checkpoint {state.checkpoint_path} was replaced") from None
+            except pickle.UnpicklingError as error:
+                raise CheckpointRefused(
+                    f"checkpoint {state.checkpoint_path} holds more than tensors and plain data; "
+                    f"refused to load it: {str(error).splitlines()[0]}"
+                ) from None
             self._model_version = state.version
         return self.learner
 
@@ -226,7 +236,7 @@ class Pipeline:
         self, batch: Batch, part: int, rows: pd.DataFrame, last: bool, validate_s: float
     ) -> BatchResult | None:
         entities = sorted(rows[self.spec.entity_column].astype(str).unique())
-        held = [e for e in entities if self.ledger.acquire(e)]
+        held = [e for e in entities if self.ledger.acquire(f"entity:{e}")]
         try:
             if len(held) < len(entities):
                 return None
@@ -241,7 +251,7 @@ class Pipeline:
             raise RuntimeError(f"batch {batch.id}: gave up after {COMMIT_ATTEMPTS} conflicting commits")
         finally:
             for entity in held:
-                self.ledger.release(entity)
+                self.ledger.release(f"entity:{entity}")
 
     def _entity_rows(self, rows: pd.DataFrame, entity: str) -> pd.DataFrame:
         return rows[rows[self.spec.entity_column].astype(str) == entity]
@@ -259,6 +269,10 @@ class Pipeline:
         for entity in entities:
             with self.db.session() as session:
                 stored = session.get(EntityState, entity)
+                if stored is None:  # an entity's first batch
+                    stored = EntityState(entity=entity)
+                    session.add(stored)
+                    session.flush()
                 loaded[entity] = stored.version
                 watermark = stored.watermark
                 hidden = RecurrentState.from_bytes(stored.hidden_state) if stored.hidden_state else None

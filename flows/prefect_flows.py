@@ -21,10 +21,12 @@ from flows.ingest import SUPPORTED_SUFFIXES, read_batch
 from flows.initial_training import train_initial
 from flows.pipeline import BatchResult, Pipeline
 from flows.retraining import retrain
+from flows.secrets import install_log_masking
 from flows.settings import load_settings
 from flows.storage.models import ModelState
 
 RESOURCE_PREFIX = "lru-online.pipeline."
+install_log_masking()
 
 
 def drift_resource(pipeline_name: str) -> str:
@@ -122,6 +124,12 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
     pipeline = Pipeline(settings)
     started = datetime.now(UTC)
     counts = {"processed": 0, "quarantined": 0, "late": 0, "skipped": 0, "drift_events": 0, "retrains": 0}
+    run_lease = f"pipeline:{settings.pipeline}"
+    # One run works through the landing folder at a time, in order; a second one leaves at once.
+    if not pipeline.ledger.acquire(run_lease):
+        logger.info("another run of pipeline %r is working; nothing to do", settings.pipeline)
+        pipeline.close()
+        return {"run": {**counts, "busy": 1}, **pipeline.ledger.accounting()}
     try:
         track_batches(pipeline, started)  # metrics a crashed run committed but never logged
         discovery = discover_landing(pipeline)
@@ -131,6 +139,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
             logger.info("no valid batch to train an initial model on yet")
         pending = pipeline.ledger.pending() if pipeline.model_state() is not None else []
         for batch_id in pending[:max_batches] if max_batches else pending:
+            pipeline.ledger.acquire(run_lease)  # renew
             result = process_batch(pipeline, batch_id)
             counts[result.status] = counts.get(result.status, 0) + 1
             if result.status == "quarantined":
@@ -149,6 +158,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
                 emit_drift_event(settings.pipeline, settings.drift.event_name, event_ids, result.sequence)
         return {"run": counts, **pipeline.ledger.accounting()}
     finally:
+        pipeline.ledger.release(run_lease)
         pipeline.close()
 
 

@@ -20,6 +20,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 # Helper column: False where a timestamp is earlier than the one before it in the same entity.
 ORDER_COLUMN = "__timestamp_in_order"
+# Helper column: whether a text timestamp names its time zone like the majority of the batch.
+ZONE_COLUMN = "__timestamp_zone_consistent"
+_ZONED = r"(?:Z|[+-]\d{2}:?\d{2})$"
 NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "float16", "float32", "float64", "Int64", "Float64"]
 SAMPLE_ROWS = 5
 
@@ -86,6 +89,7 @@ class BatchValidator:
                 column=ts, max_value=(now + pd.Timedelta(seconds=schema.max_future_seconds)).isoformat()
             ),
             ex.ExpectColumnValuesToBeInSet(column=ORDER_COLUMN, value_set=[True]),
+            ex.ExpectColumnValuesToBeInSet(column=ZONE_COLUMN, value_set=[True]),
             ex.ExpectCompoundColumnsToBeUnique(column_list=[entity, ts]),
         ]
         for sensor in schema.sensors:
@@ -101,8 +105,15 @@ class BatchValidator:
     def _prepared(self, frame: pd.DataFrame) -> pd.DataFrame:
         schema = self.schema
         prepared = frame.copy()
+        prepared[ZONE_COLUMN] = True
         if schema.timestamp_column in prepared:
-            prepared[schema.timestamp_column] = parse_timestamps(prepared[schema.timestamp_column])
+            raw = prepared[schema.timestamp_column]
+            if not pd.api.types.is_datetime64_any_dtype(raw):
+                # Naive times are taken as UTC, but naive and zoned times in one batch mean
+                # two clocks were mixed: the minority is flagged.
+                zoned = raw.astype("string").str.strip().str.contains(_ZONED, regex=True).fillna(True)
+                prepared[ZONE_COLUMN] = zoned == (zoned.mean() >= 0.5)
+            prepared[schema.timestamp_column] = parse_timestamps(raw)
         if schema.entity_column in prepared and schema.timestamp_column in prepared:
             previous = prepared.groupby(schema.entity_column, sort=False)[schema.timestamp_column].shift()
             current = prepared[schema.timestamp_column]
@@ -140,7 +151,7 @@ class BatchValidator:
         if reasons:
             samples = [_row_dict(frame, i, row_offset) for i in sorted(bad_rows)[:SAMPLE_ROWS]]
             return ValidationOutcome(False, reasons, samples)
-        ordered = prepared.drop(columns=[ORDER_COLUMN]).sort_values(
+        ordered = prepared.drop(columns=[ORDER_COLUMN, ZONE_COLUMN]).sort_values(
             [self.schema.entity_column, self.schema.timestamp_column], kind="stable"
         )
         return ValidationOutcome(True, frame=ordered.reset_index(drop=True))
@@ -190,6 +201,12 @@ class BatchValidator:
             return (
                 f"{file_name}: column '{self.schema.timestamp_column}': timestamps go backwards within an "
                 f"entity at {where}",
+                rows,
+            )
+        if kind == "expect_column_values_to_be_in_set" and column == ZONE_COLUMN:
+            return (
+                f"{file_name}: column '{self.schema.timestamp_column}': {count} timestamps differ from the rest in "
+                f"carrying a time zone (mixed naive and zoned times) at {where}",
                 rows,
             )
         if kind == "expect_compound_columns_to_be_unique":

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
+from flows.secrets import mask_secrets
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATION_ATTEMPTS = 5
+MIGRATION_LOCK_KEY = 7_140_727
 
 
 class DatabaseError(RuntimeError):
@@ -25,7 +30,7 @@ def masked(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
-        return "<unparseable database URL>"
+        return mask_secrets(url)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -71,16 +76,31 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self, revision: str = "head") -> None:
-        """Brings the schema to `revision` (idempotent); refuses an unreachable database."""
+        """Brings the schema to `revision` (idempotent); refuses an unreachable database.
+
+        Two processes starting on a fresh database at once both see it empty; on Postgres an
+        advisory lock serialises them, on SQLite the loser's "already exists" is retried after
+        the winner has committed, when there is nothing left to do.
+        """
         try:
-            with self.engine.begin() as connection:
-                config = alembic_config(self.url)
-                config.attributes["connection"] = connection
-                command.upgrade(config, revision)
+            with self.engine.connect():
+                pass
         except OperationalError as error:
-            raise DatabaseError(
-                f"database_url {masked(self.url)!r} cannot be reached: {str(error.orig).strip().splitlines()[0]}"
-            ) from None
+            detail = mask_secrets(str(error.orig).strip().splitlines()[0])
+            raise DatabaseError(f"database_url {masked(self.url)!r} cannot be reached: {detail}") from None
+        for attempt in range(MIGRATION_ATTEMPTS):
+            try:
+                with self.engine.begin() as connection:
+                    if connection.dialect.name == "postgresql":
+                        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                    config = alembic_config(self.url)
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, revision)
+                return
+            except (OperationalError, ProgrammingError) as error:
+                if "already exists" not in str(error) or attempt == MIGRATION_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
     def downgrade(self, revision: str) -> None:
         with self.engine.begin() as connection:

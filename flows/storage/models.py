@@ -92,12 +92,21 @@ class EntityState(Base):
     watermark: Mapped[datetime | None] = mapped_column(UTCDateTime())
     model_version: Mapped[str | None] = mapped_column(String(50))
     batches: Mapped[int] = mapped_column(Integer, default=0)
-    lease_owner: Mapped[str | None] = mapped_column(String(200))
-    lease_expires: Mapped[datetime | None] = mapped_column(UTCDateTime())
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     __mapper_args__ = {"version_id_col": version}
+
+
+class Lease(Base):
+    """Who may work on something right now: an entity ("entity:<id>") or a whole pipeline run
+    ("pipeline:<name>"). A lease lapses at `expires` or when its holder's process is gone."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    expires: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class ModelState(Base):

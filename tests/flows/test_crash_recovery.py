@@ -1,4 +1,6 @@
-"""A process killed between the model update and the commit leaves no trace; a rerun completes."""
+"""A process SIGKILLed at any stage of a batch leaves nothing half-done: a rerun counts every
+row exactly once, ends in the same states as a run that was never interrupted, and MLflow
+holds each batch's step once."""
 
 from __future__ import annotations
 
@@ -9,32 +11,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
+from flows import faults
 from flows.prefect_flows import continual_update
 from flows.status import balanced, pipeline_status
 from flows.storage.database import Database
-from flows.storage.models import Batch, EntityState
+from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
+from flows.tracking import Tracker
 from tests.flows.helpers import small_config, small_plant
 
 
+# Files of 1,100 rows are read in parts of 1,000, so kills land between and inside parts too.
 def _plant(workdir: Path):
     settings, config = small_config(
-        workdir, initial_training={"batches": 2, "epochs": 1}, drift={"on_detect": "record"}
+        workdir,
+        initial_training={"batches": 2, "epochs": 1},
+        drift={"on_detect": "record"},
+        ingest={"chunk_rows": 1000},
     )
-    small_plant(settings, entities=2, batches=5, rows_per_batch=80, broken_batches={})
+    small_plant(settings, entities=2, batches=3, rows_per_batch=1100, broken_batches={"out_of_range": 2})
     return settings, config
 
 
-def _cli(config: str, workdir: Path, **env) -> tuple[int, str]:
-    """Runs `lru-online run` in its own process group; returns its exit code and output.
-
-    It talks to the session's Prefect API; anything it started is killed with its group.
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **env}
-    log = workdir / f"cli-{len(list(workdir.glob('cli-*.log')))}.log"
+def _cli(config: str, workdir: Path, api_url: str, **env) -> tuple[int, str]:
+    """`lru-online run` in its own process group, against the session's Prefect API."""
+    environment = {**os.environ, "PREFECT_API_URL": api_url, **env}
+    log = workdir / "crash-run.log"
     with log.open("w") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows", "run", "--config", config],
@@ -51,44 +55,59 @@ def _cli(config: str, workdir: Path, **env) -> tuple[int, str]:
     return code, log.read_text()[-3000:]
 
 
-def _snapshot(settings):
+def _snapshot(settings) -> tuple[dict, dict, list[int], str]:
     db = Database(settings.database_url)
     with db.session() as session:
         ledger = {
-            Path(b.source_file).name: (b.status, b.rows_scored, b.parts_done)
-            for b in session.scalars(select(Batch).order_by(Batch.id))
+            Path(b.source_file).name: (b.status, b.rows_received, b.rows_scored, b.rows_quarantined, b.parts_done)
+            for b in session.scalars(select(Batch))
         }
         states = {
-            s.entity: (s.hidden_state, s.feature_state, s.watermark, s.batches)
-            for s in session.scalars(select(EntityState))
+            s.entity: (s.hidden_state, s.feature_state, s.watermark) for s in session.scalars(select(EntityState))
         }
+        sequences = sorted(set(session.scalars(select(BatchSummary.sequence))))
+        run_id = session.get(ModelState, settings.pipeline).online_run_id
     db.dispose()
-    return ledger, states
+    return ledger, states, sequences, run_id
 
 
-def test_kill_before_commit_then_rerun(tmp_path, prefect_api):
-    (killed, killed_config), (reference, reference_config) = (
-        _plant(tmp_path / "killed"),
-        _plant(tmp_path / "reference"),
-    )
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prefect_api):
+    settings, config = _plant(tmp_path_factory.mktemp("uninterrupted"))
+    continual_update(config=config)
+    return _snapshot(settings)
 
-    # Three batches commit; the fourth dies after its model update, before its commit.
-    code, output = _cli(killed_config, killed.workdir, LRU_ONLINE_KILL_AT="updated", LRU_ONLINE_KILL_AFTER="3")
-    assert code == -signal.SIGKILL, output
-    continual_update(config=reference_config, max_batches=3)
 
-    ledger_killed, states_killed = _snapshot(killed)
-    ledger_reference, states_reference = _snapshot(reference)
-    assert ledger_killed == ledger_reference  # the fourth batch is still pending, as if never started
-    assert states_killed == states_reference
-    assert len(list(killed.paths.checkpoints.glob("live-*.pt"))) == 1  # no orphan checkpoint in use
+def test_killed_at_every_stage_in_turn_then_rerun(tmp_path, reference):
+    """One work folder, one `lru-online run` per stage, each SIGKILLed at that stage after the
+    previous run's progress; after every kill nothing is counted twice and MLflow holds no
+    step twice; a final rerun ends exactly where an uninterrupted run ends."""
+    from prefect.settings import PREFECT_API_URL
 
-    code, output = _cli(killed_config, killed.workdir)
-    assert code == 0, output
-    continual_update(config=reference_config)
-    ledger_killed, states_killed = _snapshot(killed)
-    ledger_reference, states_reference = _snapshot(reference)
-    assert ledger_killed == ledger_reference
-    assert all(status == "processed" for status, _, _ in ledger_killed.values())
-    assert states_killed == states_reference
-    assert balanced(pipeline_status(killed))
+    settings, config = _plant(tmp_path / "killed")
+    for stage in faults.STAGES:
+        # The stage passes once (something gets done), then the process dies there.
+        code, output = _cli(
+            config, settings.workdir, PREFECT_API_URL.value(), LRU_ONLINE_KILL_AT=stage, LRU_ONLINE_KILL_AFTER="1"
+        )
+        assert code == -signal.SIGKILL, f"{stage}: {output}"
+        ledger, _, sequences, run_id = _snapshot(settings)
+        expected_ledger = reference[0]
+        assert any(entry[0] == "pending" for entry in ledger.values()), f"{stage}: the run finished before the kill"
+        for name, entry in ledger.items():
+            if entry[0] != "pending":
+                assert entry == expected_ledger[name], f"{stage}: {name} finished differently"
+            else:
+                assert entry[1] <= expected_ledger[name][1] and entry[4] <= expected_ledger[name][4], stage
+        steps = [m.step for m in Tracker(settings).client.get_metric_history(run_id, "rows")]
+        assert len(steps) == len(set(steps)) and set(steps) <= set(sequences), f"{stage}: MLflow steps {steps}"
+
+    continual_update(config=config)
+    ledger, states, sequences, run_id = _snapshot(settings)
+    expected_ledger, expected_states, expected_sequences, _ = reference
+    assert ledger == expected_ledger  # every row counted exactly once, in the same place
+    assert states == expected_states  # hidden and feature state as if never interrupted
+    assert sequences == expected_sequences
+    assert balanced(pipeline_status(settings))
+    steps = [m.step for m in Tracker(settings).client.get_metric_history(run_id, "rows")]
+    assert sorted(steps) == sequences  # no batch part logged twice, none missing

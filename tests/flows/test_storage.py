@@ -12,7 +12,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from flows.ingest import LandedFile
 from flows.ledger import Ledger
 from flows.storage.database import Database, DatabaseError, masked
-from flows.storage.models import Base, EntityState
+from flows.storage.models import Base, EntityState, Lease
 
 
 @pytest.fixture
@@ -83,20 +83,24 @@ def test_ledger_records_new_and_duplicate_arrivals(db, tmp_path):
     assert (tmp_path / "quarantine" / "a.csv").exists() and not original.exists()
 
 
-def test_entity_lease_is_exclusive_until_released_or_its_owner_dies(db, tmp_path):
-    ledger = Ledger(db, tmp_path / "archive", tmp_path / "quarantine")
-    assert ledger.acquire("line-1")
-    with db.session() as session:
-        session.get(EntityState, "line-1").lease_owner = "other-host:1:abcd"
-    assert not ledger.acquire("line-1")  # a live holder elsewhere
+def test_lease_is_exclusive_until_released_expired_or_its_owner_dies(db, tmp_path):
     import socket
 
+    ledger = Ledger(db, tmp_path / "archive", tmp_path / "quarantine")
+    assert ledger.acquire("entity:line-1") and ledger.acquire("entity:line-1")  # renewing is fine
     with db.session() as session:
-        session.get(EntityState, "line-1").lease_owner = f"{socket.gethostname()}:999999999:dead"
-    assert ledger.acquire("line-1")  # its process is gone
-    ledger.release("line-1")
+        session.get(Lease, "entity:line-1").owner = "other-host:1:abcd"
+    assert not ledger.acquire("entity:line-1")  # a live holder elsewhere
     with db.session() as session:
-        assert session.get(EntityState, "line-1").lease_owner is None
+        session.get(Lease, "entity:line-1").owner = f"{socket.gethostname()}:999999999:dead"
+    assert ledger.acquire("entity:line-1")  # its process is gone
+    with db.session() as session:
+        lease = session.get(Lease, "entity:line-1")
+        lease.owner, lease.expires = "other-host:1:abcd", datetime.now(UTC) - timedelta(seconds=1)
+    assert ledger.acquire("entity:line-1")  # expired
+    ledger.release("entity:line-1")
+    with db.session() as session:
+        assert session.get(Lease, "entity:line-1") is None
 
 
 def test_unreachable_database_is_refused_with_the_url_masked():

@@ -1,4 +1,4 @@
-"""Initial schema: ledger, arrivals, entity and model state, summaries, drift, retraining.
+"""Initial schema: ledger, arrivals, leases, entity and model state, summaries, drift, retraining.
 
 Revision ID: 0001
 Revises:
@@ -52,11 +52,16 @@ def upgrade() -> None:
         sa.Column("watermark", sa.DateTime(timezone=True), nullable=True),
         sa.Column("model_version", sa.String(length=50), nullable=True),
         sa.Column("batches", sa.Integer(), nullable=False),
-        sa.Column("lease_owner", sa.String(length=200), nullable=True),
-        sa.Column("lease_expires", sa.DateTime(timezone=True), nullable=True),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("entity"),
+    )
+    op.create_table(
+        "leases",
+        sa.Column("name", sa.String(length=300), nullable=False),
+        sa.Column("owner", sa.String(length=200), nullable=False),
+        sa.Column("expires", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
     )
     op.create_table(
         "model_state",
@@ -175,6 +180,7 @@ def downgrade() -> None:
 
     op.drop_table("arrivals")
     op.drop_table("model_state")
+    op.drop_table("leases")
     op.drop_table("entity_state")
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_batches_status"))
