@@ -38,6 +38,9 @@ def _settings(config: Path | None, workdir: Path | None):
 
     try:
         settings = load_settings(config, workdir)
+        if settings.prefect.api_url:
+            # Flows started from here report to the configured server instead of a local API.
+            os.environ["PREFECT_API_URL"] = settings.prefect.api_url
         from flows.storage.database import Database
 
         Database(settings.database_url).migrate()
@@ -119,10 +122,18 @@ def retrain(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
 
 @app.command()
 def serve(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
-    """Serves continual_update on its schedule and retrain on the drift event (needs a Prefect server)."""
-    settings = _settings(config, workdir)
-    from flows.deployments import serve_deployments
+    """Deploys continual_update on its schedule and retrain on the drift event.
 
+    With `prefect.work_pool` set they register on the server's work pool and its workers run
+    them; otherwise this process serves them until stopped.
+    """
+    settings = _settings(config, workdir)
+    from flows.deployments import deploy_to_work_pool, serve_deployments
+
+    if settings.prefect.work_pool:
+        for flow_name, deployment_id in deploy_to_work_pool(settings, _config_arg(config)).items():
+            typer.echo(f"{flow_name}: deployment {deployment_id} on work pool {settings.prefect.work_pool}")
+        return
     serve_deployments(settings, _config_arg(config))
 
 
@@ -206,6 +217,44 @@ def demo(
     typer.echo(f"quarantined files: {[q['file'] for q in report['quarantined_files']]}")
     typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s")
     typer.echo(f"open the model registry: lru-online ui --workdir {workdir}  (then http://127.0.0.1:5000)")
+
+
+infra_app = typer.Typer(help="The real services of the servers profile on this machine (127.0.0.1).")
+app.add_typer(infra_app, name="infra")
+InfraDirOption = Annotated[Path, typer.Option("--dir", help="Folder for the services' data, logs and pid files.")]
+
+
+@infra_app.command("up")
+def infra_up(
+    folder: InfraDirOption = Path(".infra"),
+    only: Annotated[list[str] | None, typer.Option(help="Start only this service (repeatable).")] = None,
+) -> None:
+    """Starts Postgres, the S3 store, MLflow, the Prefect server and worker, Dask; waits until ready."""
+    from infra import services
+
+    try:
+        typer.echo(json.dumps(services.up(folder, only), indent=2))
+    except services.ServiceError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@infra_app.command("down")
+def infra_down(folder: InfraDirOption = Path(".infra")) -> None:
+    """Stops every service started with `infra up` in this folder."""
+    from infra import services
+
+    services.down(folder)
+
+
+@infra_app.command("status")
+def infra_status(folder: InfraDirOption = Path(".infra")) -> None:
+    """Whether each service answers; exits 1 when one does not."""
+    from infra import services
+
+    report = services.status(folder)
+    typer.echo(json.dumps(report, indent=2))
+    raise typer.Exit(0 if all(state == "up" for state in report.values()) else 1)
 
 
 @app.command()

@@ -1,26 +1,34 @@
-"""Deployments: continual_update on its schedule, retrain on the drift event."""
+"""Deployments: continual_update on its schedule, retrain on the drift event.
+
+Without a work pool, `lru-online serve` runs them itself (`prefect.serve`). With
+`prefect.work_pool` set they register on the server's pool instead, loaded from this source tree,
+and the pool's workers run them; the drift trigger is then an automation on the server.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from uuid import UUID
+
 from flows.settings import Settings
 
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINTS = {
+    "continual-update": "flows/prefect_flows.py:continual_update",
+    "retrain": "flows/prefect_flows.py:retrain_flow",
+}
 
-def build_deployments(settings: Settings, config: str | None) -> list:
+
+def deployment_specs(settings: Settings, config: str | None) -> dict[str, dict]:
+    """Keyword arguments of `to_deployment` / `deploy` for each flow, by flow name."""
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-    from flows.prefect_flows import continual_update, drift_resource, retrain_flow
+    from flows.prefect_flows import drift_resource
 
     prefix = settings.prefect.deployment_prefix
     base = {"config": config, "workdir": str(settings.workdir)}
     schedule = (
         {"cron": settings.schedule.cron} if settings.schedule.cron else {"interval": settings.schedule.interval_seconds}
-    )
-    update = continual_update.to_deployment(
-        name=f"{prefix}-continual-update",
-        parameters=base,
-        tags=["lru-online", settings.pipeline],
-        description="Validate, score and learn from new landing files.",
-        **schedule,
     )
     trigger = DeploymentEventTrigger(
         name=f"{prefix}-drift",
@@ -32,17 +40,55 @@ def build_deployments(settings: Settings, config: str | None) -> list:
             "drift_event_id": {"__prefect_kind": "jinja", "template": "{{ event.payload.drift_event_id }}"},
         },
     )
-    retrain = retrain_flow.to_deployment(
-        name=f"{prefix}-retrain",
-        parameters={**base, "trigger": "manual"},
-        triggers=[trigger],
-        tags=["lru-online", settings.pipeline],
-        description="Train a challenger on the recent window; promote it if it wins.",
-    )
-    return [update, retrain]
+    tags = ["lru-online", settings.pipeline]
+    return {
+        "continual-update": {
+            "name": f"{prefix}-continual-update",
+            "parameters": base,
+            "tags": tags,
+            "description": "Validate, score and learn from new landing files.",
+            **schedule,
+        },
+        "retrain": {
+            "name": f"{prefix}-retrain",
+            "parameters": {**base, "trigger": "manual"},
+            "triggers": [trigger],
+            # The trigger's template renders drift_event_id as text; the flow's own parameter
+            # validation turns it back into an int, so the server must not refuse it first.
+            "enforce_parameter_schema": False,
+            "tags": tags,
+            "description": "Train a challenger on the recent window; promote it if it wins.",
+        },
+    }
+
+
+def build_deployments(settings: Settings, config: str | None) -> list:
+    """The deployments that `prefect.serve` runs in this process."""
+    from flows.prefect_flows import continual_update, retrain_flow
+
+    specs = deployment_specs(settings, config)
+    return [
+        continual_update.to_deployment(**specs["continual-update"]),
+        retrain_flow.to_deployment(**specs["retrain"]),
+    ]
 
 
 def serve_deployments(settings: Settings, config: str | None) -> None:
     from prefect import serve
 
     serve(*build_deployments(settings, config))
+
+
+def deploy_to_work_pool(settings: Settings, config: str | None) -> dict[str, UUID]:
+    """Registers both deployments on `prefect.work_pool`; returns their ids by flow name."""
+    from prefect import Flow
+
+    if not settings.prefect.work_pool:
+        raise ValueError("prefect.work_pool is not set: no work pool to deploy to")
+    ids = {}
+    for flow_name, spec in deployment_specs(settings, config).items():
+        flow = Flow.from_source(source=str(SOURCE_ROOT), entrypoint=ENTRYPOINTS[flow_name])
+        ids[flow_name] = flow.deploy(
+            work_pool_name=settings.prefect.work_pool, build=False, push=False, print_next_steps=False, **spec
+        )
+    return ids

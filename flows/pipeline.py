@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,9 @@ from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
 from lru_online import OnlineLearner, RecurrentState
 from lru_online.drift import Reference, ks_statistic, psi
+
+if TYPE_CHECKING:
+    from flows.file_checks import FileCheck
 
 log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 3
@@ -178,7 +182,7 @@ class Pipeline:
         self.ledger.quarantine_batch(batch_id, reasons, samples, rows=rows)
         return BatchResult(batch_id, name, "quarantined", rows, rows_quarantined=rows, reasons=reasons)
 
-    def process(self, batch_id: int) -> BatchResult:
+    def process(self, batch_id: int, check: FileCheck | None = None) -> BatchResult:
         """Validates, scores and learns from one pending file, part by part, committing each part.
 
         A file larger than `ingest.chunk_rows` rows is read and processed in parts, so memory
@@ -191,6 +195,8 @@ class Pipeline:
             return BatchResult(batch_id, name, "skipped")
         started = time.perf_counter()
         faults.checkpoint("ledger")
+        if check is not None and check.decided:
+            return self._process_checked(batch, check, started)
         result = BatchResult(batch_id, name, "pending")
         chunks = self._chunks(batch)
         offset, part = 0, 0
@@ -220,6 +226,20 @@ class Pipeline:
                 offset, part = offset + len(frame), part + 1
         except BatchReadError as error:
             return self._quarantine_rest(result, batch_id, name, [str(error)], [], rows=0)
+        result.timings["total"] = time.perf_counter() - started
+        return result
+
+    def _process_checked(self, batch: Batch, check: FileCheck, started: float) -> BatchResult:
+        """A one-part file validated ahead of time."""
+        name = Path(batch.source_file).name
+        faults.checkpoint("validated")
+        if check.read_error:
+            return self._quarantine(batch.id, name, [check.read_error], [], rows=0)
+        if not check.outcome.success:
+            return self._quarantine(batch.id, name, check.outcome.reasons, check.outcome.sample_rows, check.rows)
+        result = self._process_part(batch, 0, check.outcome.frame, True, 0.0)
+        if result is None:
+            return BatchResult(batch.id, name, "skipped")
         result.timings["total"] = time.perf_counter() - started
         return result
 

@@ -17,6 +17,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.drift_watch import DriftWatch, report_to_mlflow
+from flows.file_checks import FileCheck, checked_ahead
 from flows.ingest import SUPPORTED_SUFFIXES, read_batch
 from flows.initial_training import train_initial
 from flows.pipeline import BatchResult, Pipeline
@@ -44,9 +45,9 @@ def initial_training(pipeline: Pipeline) -> str | None:
 
 
 @task(name="process-batch", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def process_batch(pipeline: Pipeline, batch_id: int) -> BatchResult:
+def process_batch(pipeline: Pipeline, batch_id: int, check: FileCheck | None = None) -> BatchResult:
     try:
-        return pipeline.process(batch_id)
+        return pipeline.process(batch_id, check)
     except Exception:
         pipeline.learner = None  # a retry starts again from the committed model
         raise
@@ -138,28 +139,36 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
         if pipeline.model_state() is None and initial_training(pipeline) is None:
             logger.info("no valid batch to train an initial model on yet")
         pending = pipeline.ledger.pending() if pipeline.model_state() is not None else []
-        for batch_id in pending[:max_batches] if max_batches else pending:
-            pipeline.ledger.acquire(run_lease)  # renew
-            result = process_batch(pipeline, batch_id)
-            counts[result.status] = counts.get(result.status, 0) + 1
-            if result.status == "quarantined":
-                logger.warning("quarantined %s: %s", result.file, "; ".join(result.reasons)[:500])
-            if result.status != "processed":
-                continue
-            track_batches(pipeline, started)
-            event_ids = watch_drift(pipeline, result)
-            if not event_ids:
-                continue
-            counts["drift_events"] += len(event_ids)
-            if settings.drift.on_detect == "retrain":
-                retrain_flow(config=config, workdir=str(settings.workdir), trigger="drift", drift_event_id=event_ids[0])
-                counts["retrains"] += 1
-            elif settings.drift.on_detect == "event":
-                emit_drift_event(settings.pipeline, settings.drift.event_name, event_ids, result.sequence)
+        pending = pending[:max_batches] if max_batches else pending
+        files = [(batch_id, Path(pipeline.ledger.get(batch_id).source_file)) for batch_id in pending]
+        with checked_ahead(settings, files) as checked:
+            for batch_id, check in checked:
+                pipeline.ledger.acquire(run_lease)  # renew
+                result = process_batch(pipeline, batch_id, check)
+                counts[result.status] = counts.get(result.status, 0) + 1
+                if result.status == "quarantined":
+                    logger.warning("quarantined %s: %s", result.file, "; ".join(result.reasons)[:500])
+                if result.status == "processed":
+                    _after_commit(pipeline, result, counts, config, started)
         return {"run": counts, **pipeline.ledger.accounting()}
     finally:
         pipeline.ledger.release(run_lease)
         pipeline.close()
+
+
+def _after_commit(pipeline: Pipeline, result: BatchResult, counts: dict, config: str | None, started: datetime) -> None:
+    """Tracking and drift for a committed batch; drift retrains or emits the event as configured."""
+    settings = pipeline.settings
+    track_batches(pipeline, started)
+    event_ids = watch_drift(pipeline, result)
+    if not event_ids:
+        return
+    counts["drift_events"] += len(event_ids)
+    if settings.drift.on_detect == "retrain":
+        retrain_flow(config=config, workdir=str(settings.workdir), trigger="drift", drift_event_id=event_ids[0])
+        counts["retrains"] += 1
+    elif settings.drift.on_detect == "event":
+        emit_drift_event(settings.pipeline, settings.drift.event_name, event_ids, result.sequence)
 
 
 @flow(name="retrain")

@@ -89,7 +89,9 @@ class PathSettings(_Section):
 
 class TrackingSettings(_Section):
     tracking_uri: str = "sqlite:///{workdir}/mlflow.db"
-    artifact_location: str = "{workdir}/mlartifacts"
+    # Where a new experiment keeps its artifacts; null lets an MLflow server decide (it proxies
+    # them to its own artifact store, e.g. S3).
+    artifact_location: str | None = "{workdir}/mlartifacts"
     experiment: str = "lru-online"
     model_name: str = "lru-online-fleet"
     # Register a snapshot of the live model every this many processed batches (0: never).
@@ -188,9 +190,13 @@ class ScheduleSettings(_Section):
 
 
 class PrefectSettings(_Section):
+    # Null: Prefect's own setting (PREFECT_API_URL), or a local API started on demand.
     api_url: str | None = None
+    # Deployments register on this work pool; null: `lru-online serve` serves them itself.
     work_pool: str | None = None
     deployment_prefix: str = "lru-online"
+    # A Dask scheduler: batch files are read and validated on its workers, in parallel.
+    dask_address: str | None = None
 
 
 class IngestSettings(_Section):
@@ -246,7 +252,8 @@ class Settings(BaseSettings):
             setattr(self.paths, name, path if path.is_absolute() else self.workdir / path)
         self.database_url = self._fill(self.database_url)
         self.tracking.tracking_uri = self._fill(self.tracking.tracking_uri)
-        self.tracking.artifact_location = self._fill(self.tracking.artifact_location)
+        if self.tracking.artifact_location is not None:
+            self.tracking.artifact_location = self._fill(self.tracking.artifact_location)
         return self
 
     def _fill(self, value: str) -> str:

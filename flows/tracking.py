@@ -37,15 +37,23 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.experiment_id = self._experiment(settings)
+
+    def _experiment(self, settings: Settings) -> str:
+        from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(settings.tracking.experiment)
-        if experiment is None:
-            self.experiment_id = self.client.create_experiment(
+        if experiment is not None:
+            return experiment.experiment_id
+        location = settings.tracking.artifact_location
+        try:
+            return self.client.create_experiment(
                 settings.tracking.experiment,
-                artifact_location=_artifact_uri(settings.tracking.artifact_location),
+                artifact_location=_artifact_uri(location) if location else None,
                 tags={"lru-online.pipeline": settings.pipeline},
             )
-        else:
-            self.experiment_id = experiment.experiment_id
+        except MlflowException:  # a concurrent run created it first
+            return self.client.get_experiment_by_name(settings.tracking.experiment).experiment_id
 
     # --- runs -----------------------------------------------------------------------------
     def start_run(self, name: str, kind: str, params: dict | None = None) -> str:

@@ -235,3 +235,15 @@ def _non_numeric_rows(values: pd.Series) -> list[int]:
 def _row_dict(frame: pd.DataFrame, index: int, offset: int) -> dict:
     row = frame.iloc[index]
     return {"row": offset + index + 1, **{str(k): (None if pd.isna(v) else str(v)) for k, v in row.items()}}
+
+
+_validators: dict[str, BatchValidator] = {}
+
+
+def validator_for(schema: LogSchema) -> BatchValidator:
+    """One validator per schema and process: building the GE context takes seconds, so a Dask
+    worker builds it once and reuses it for every file it checks."""
+    key = schema.model_dump_json()
+    if key not in _validators:
+        _validators[key] = BatchValidator(schema)
+    return _validators[key]

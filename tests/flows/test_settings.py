@@ -70,3 +70,25 @@ def test_schema_views():
     schema = Settings().log_schema
     assert schema.sensor_names[:2] == ["temperature", "vibration"]
     assert schema.sources["hydraulic"] == ["pressure", "flow"]
+
+
+def _differences(left, right, prefix: str = "") -> set[str]:
+    if isinstance(left, dict) and isinstance(right, dict):
+        found = set()
+        for key in left.keys() | right.keys():
+            found |= _differences(left.get(key), right.get(key), f"{prefix}{key}.")
+        return found
+    return set() if left == right else {prefix.rstrip(".")}
+
+
+def test_servers_profile_differs_only_in_where_the_services_are(tmp_path):
+    embedded = load_settings(CONFIGS / "embedded.yaml", workdir=tmp_path).model_dump(mode="json")
+    servers = load_settings(CONFIGS / "servers.yaml", workdir=tmp_path).model_dump(mode="json")
+    assert _differences(embedded, servers) == {
+        "database_url",
+        "tracking.tracking_uri",
+        "tracking.artifact_location",
+        "prefect.api_url",
+        "prefect.work_pool",
+        "prefect.dask_address",
+    }

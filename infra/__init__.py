@@ -1,0 +1,1 @@
+"""Real services for the `servers` profile, started on this machine (see services.py)."""
