@@ -9,6 +9,7 @@ makes a run on servers end in exactly the state of an embedded run.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.ingest import BatchReadError, iter_batch
 from flows.settings import LogSchema, Settings
 from flows.validation import ValidationOutcome, validator_for
+
+logger = logging.getLogger(__name__)
 
 # Files checked ahead of the one being processed: enough to keep two workers busy while the
 # driver updates the model, few enough that their frames stay small in the driver's memory.
@@ -75,7 +78,9 @@ def checked_ahead(
         yield _in_order(runner, settings, files)
 
 
-def _in_order(runner, settings: Settings, files: list[tuple[int, Path]]) -> Iterator[tuple[int, FileCheck]]:
+def _in_order(
+    runner, settings: Settings, files: list[tuple[int, Path]]
+) -> Iterator[tuple[int, FileCheck | None]]:
     waiting: deque = deque()
     queue = iter(files)
 
@@ -90,4 +95,9 @@ def _in_order(runner, settings: Settings, files: list[tuple[int, Path]]) -> Iter
     while waiting:
         batch_id, future = waiting.popleft()
         submit_next()
-        yield batch_id, future.result()
+        try:
+            check = future.result()
+        except Exception as error:  # a lost worker, say: the driver checks the file itself
+            logger.warning("checking batch %s on Dask failed (%s); validating it in the driver", batch_id, error)
+            check = None
+        yield batch_id, check

@@ -9,6 +9,7 @@ entity; no (entity, timestamp) pair repeats. A failure names the file, the colum
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -237,13 +238,17 @@ def _row_dict(frame: pd.DataFrame, index: int, offset: int) -> dict:
     return {"row": offset + index + 1, **{str(k): (None if pd.isna(v) else str(v)) for k, v in row.items()}}
 
 
-_validators: dict[str, BatchValidator] = {}
+_validators = threading.local()
 
 
 def validator_for(schema: LogSchema) -> BatchValidator:
-    """One validator per schema and process: building the GE context takes seconds, so a Dask
-    worker builds it once and reuses it for every file it checks."""
+    """One validator per schema and thread: building the GE context takes seconds, so a Dask
+    worker builds it once and reuses it for every file it checks. Not shared across threads:
+    two validations running at once on one GE context mix up their results."""
     key = schema.model_dump_json()
-    if key not in _validators:
-        _validators[key] = BatchValidator(schema)
-    return _validators[key]
+    cache = getattr(_validators, "by_schema", None)
+    if cache is None:
+        cache = _validators.by_schema = {}
+    if key not in cache:
+        cache[key] = BatchValidator(schema)
+    return cache[key]
