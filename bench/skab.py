@@ -1,0 +1,405 @@
+"""Online anomaly detection on SKAB-format files, scored as the SKAB leaderboard scores it.
+
+    python bench/skab.py --data DIR --out DIR [--protocol strict|continual] [--methods t2,hst,river-ar,lru]
+                         [--json FILE]
+
+`--data` is walked for SKAB files (`;`-separated, `datetime` first, `anomaly` and `changepoint`
+labels last); a file named `anomaly-free.csv` is extra normal data, never scored.
+
+- strict (the leaderboard's protocol): per file, a fresh detector fits on the first 400 rows and
+  sets its threshold there; rows 400 to the end are scored in order, and a detector may keep
+  learning from a row after scoring it (test-then-train), never from labels.
+- continual (the factory's case): one detector streams through the files in time order (the
+  anomaly-free file first), adapting on each file's first 400 rows, which also reset its
+  threshold, then scoring the rest; the LRU carries its state from file to file.
+
+Methods: `t2` — Hotelling's T² control chart on the training part (the harness's yardstick: on
+the 16 valve1 files it must score the leaderboard's F1 0.65); `hst` — river's HalfSpaceTrees on
+min-max-scaled inputs, threshold a quantile of its training scores; `river-ar` — a river linear
+model forecasting every sensor from the previous row, its standardised residual against an
+online quantile; `lru` — the lru_online forecaster and online learner of the pipeline.
+
+Predictions go to `--out/METHOD/` in the exchange format of the SKAB README; one table prints
+F1, FAR %, MAR %, NAB (standard, LowFP, LowFN), missed changepoints, false positives and rows per
+second per method, with the leaderboard's rows for valve1 beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lru_online.anomaly_metrics import (  # noqa: E402
+    NabScore,
+    OutlierCounts,
+    changepoints_from_outliers,
+    match_changepoints,
+    write_predictions,
+)
+
+TRAIN_ROWS = 400
+LABELS = ("anomaly", "changepoint")
+NAB_WINDOW = pd.Timedelta("60s")
+# The leaderboard's methods re-scored on the 16 valve1 files (from the data's README).
+PUBLISHED_VALVE1 = {
+    "MSET": (0.78, 38.53, 14.98, 15.49, 11.13, 19.32, 46, 41),
+    "T-squared+Q (PCA)": (0.76, 23.89, 26.09, 23.98, 9.52, 31.33, 34, 156),
+    "Conv-AE": (0.75, 14.40, 31.84, 20.90, 18.88, 24.52, 43, 12),
+    "LSTM-AE": (0.70, 25.37, 34.76, 24.48, 21.24, 26.90, 43, 32),
+    "T-squared": (0.65, 19.94, 44.05, 22.40, 13.45, 27.63, 39, 94),
+}
+
+
+@dataclass
+class SkabFile:
+    relative: str
+    frame: pd.DataFrame  # sensors only, indexed by datetime
+    anomaly: np.ndarray | None
+    changepoint: np.ndarray | None
+
+    @property
+    def sensors(self) -> np.ndarray:
+        return self.frame.to_numpy(dtype=float)
+
+
+def load_folder(folder: Path) -> tuple[list[SkabFile], SkabFile | None]:
+    """Every SKAB file under `folder`, in time order; the anomaly-free file apart."""
+    found, normal = [], None
+    for path in sorted(folder.rglob("*.csv")):
+        frame = pd.read_csv(path, sep=";", index_col="datetime", parse_dates=True)
+        labels = {name: frame.pop(name).to_numpy(dtype=int) if name in frame else None for name in LABELS}
+        item = SkabFile(path.relative_to(folder).as_posix(), frame, labels["anomaly"], labels["changepoint"])
+        if path.name == "anomaly-free.csv":
+            normal = item
+        elif item.anomaly is None or item.changepoint is None:
+            raise SystemExit(f"{path}: no 'anomaly' and 'changepoint' columns; not a SKAB experiment file")
+        else:
+            found.append(item)
+    if not found:
+        raise SystemExit(f"no SKAB files under {folder}")
+    found.sort(key=lambda f: f.frame.index[0])
+    return found, normal
+
+
+# --- detectors ----------------------------------------------------------------------------
+class HotellingT2:
+    """T² of each row against the training part's mean and covariance, median of 5 rows, alarm
+    above twice the F-distribution's 99.9 % control limit."""
+
+    name = "t2"
+
+    def __init__(self, p_value: float = 0.999, ucl_factor: float = 2.0, median_rows: int = 5) -> None:
+        self.p_value, self.ucl_factor, self.median_rows = p_value, ucl_factor, median_rows
+
+    def adapt(self, rows: np.ndarray) -> None:
+        self.mean, scale = rows.mean(axis=0), rows.std(axis=0)
+        self.varying = scale > 0
+        self.scale = np.where(self.varying, scale, 1.0)
+        z = self._standard(rows)
+        self.inverse = np.linalg.pinv(np.cov(z.T))
+        m, n = z.shape[1], len(z)
+        self.limit = self.ucl_factor * m * (n - 1) * (n + 1) / (n * (n - m)) * stats.f.ppf(self.p_value, m, n - m)
+
+    def _standard(self, rows: np.ndarray) -> np.ndarray:
+        return ((rows - self.mean) / self.scale)[:, self.varying]
+
+    def detect(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = self._standard(rows)
+        t2 = np.einsum("ij,jk,ik->i", z, self.inverse, z)
+        smoothed = pd.Series(t2).rolling(self.median_rows, min_periods=1).median().to_numpy()
+        return (smoothed > self.limit).astype(int), t2
+
+
+class RiverHalfSpaceTrees:
+    """HalfSpaceTrees on inputs min-max scaled by the training part; test-then-train."""
+
+    name = "hst"
+
+    def __init__(self, quantile: float = 0.9, seed: int = 0) -> None:
+        from river import anomaly
+
+        self.model = anomaly.HalfSpaceTrees(n_trees=25, height=10, window_size=200, seed=seed)
+        self.quantile = quantile
+
+    def _x(self, row: np.ndarray) -> dict[str, float]:
+        scaled = np.clip((row - self.low) / self.span, -0.5, 1.5)
+        return {str(i): float(v) for i, v in enumerate(scaled)}
+
+    def adapt(self, rows: np.ndarray) -> None:
+        self.low = rows.min(axis=0)
+        self.span = np.where(rows.max(axis=0) > self.low, rows.max(axis=0) - self.low, 1.0)
+        scores = []
+        for row in rows:
+            x = self._x(row)
+            scores.append(self.model.score_one(x))
+            self.model.learn_one(x)
+        # The first window trains the trees' mass profile; its scores say nothing yet.
+        self.limit = float(np.quantile(scores[len(scores) // 2 :], self.quantile))
+
+    def detect(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.empty(len(rows))
+        for i, row in enumerate(rows):
+            x = self._x(row)
+            scores[i] = self.model.score_one(x)
+            self.model.learn_one(x)
+        return (scores > self.limit).astype(int), scores
+
+
+class RiverAutoregression:
+    """A river linear model per sensor forecasting it from the previous row; the score is the
+    mean squared residual standardised by the training residuals, against an online quantile."""
+
+    name = "river-ar"
+
+    def __init__(self, quantile: float = 0.9, median_rows: int = 5) -> None:
+        self.models: list | None = None
+        self.quantile, self.median_rows = quantile, median_rows
+        self.previous: np.ndarray | None = None
+
+    def _step(self, row: np.ndarray, learn: bool) -> float:
+        from river import linear_model, optim, preprocessing
+
+        if self.models is None:
+            self.models = [
+                preprocessing.StandardScaler() | linear_model.LinearRegression(optimizer=optim.SGD(0.01))
+                for _ in row
+            ]
+        if self.previous is None:
+            self.previous = row
+            return 0.0
+        x = {str(i): float(v) for i, v in enumerate(self.previous)}
+        residuals = np.array([row[i] - m.predict_one(x) for i, m in enumerate(self.models)])
+        if learn:
+            for i, m in enumerate(self.models):
+                m.learn_one(x, float(row[i]))
+        self.previous = row
+        return float(np.mean((residuals / self.residual_scale) ** 2)) if hasattr(self, "residual_scale") else 0.0
+
+    def adapt(self, rows: np.ndarray) -> None:
+        from river import stats as river_stats
+
+        residual_rows = []
+        for row in rows:
+            self._step(row, learn=True)
+        # Residual scale from a second pass over the training part, once the model has learned.
+        self.previous = rows[0]
+        for row in rows[1:]:
+            x = {str(i): float(v) for i, v in enumerate(self.previous)}
+            residual_rows.append([row[i] - m.predict_one(x) for i, m in enumerate(self.models)])
+            self.previous = row
+        spread = np.std(np.array(residual_rows), axis=0)
+        self.residual_scale = np.where(spread > 0, spread, 1.0)
+        self.limit = river_stats.Quantile(self.quantile)
+        scores = pd.Series([self._score(r) for r in residual_rows])
+        for score in scores.rolling(self.median_rows, min_periods=1).median():
+            self.limit.update(score)
+
+    def _score(self, residual_row: list[float]) -> float:
+        return float(np.mean((np.asarray(residual_row) / self.residual_scale) ** 2))
+
+    def detect(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raw = np.array([self._step(row, learn=True) for row in rows])
+        smoothed = pd.Series(raw).rolling(self.median_rows, min_periods=1).median().to_numpy()
+        alarms = np.empty(len(rows), dtype=int)
+        for i, score in enumerate(smoothed):
+            alarms[i] = int(score > self.limit.get())
+            if not alarms[i]:  # the threshold keeps learning from rows it takes as normal
+                self.limit.update(score)
+        return alarms, raw
+
+
+@dataclass
+class LruDetectorConfig:
+    """Set on the valve1 files (configs/skab.yaml holds the values used)."""
+
+    d_model: int = 2  # a narrow model cannot copy an unseen combination of sensors
+    d_state: int = 16
+    learning_rate: float = 3e-3
+    window: int = 100
+    fit_epochs: int = 30  # on a fresh model's first training part
+    adapt_epochs: int = 5  # on each later training part (continual protocol)
+    quantile: float = 0.99
+    threshold_factor: float = 1.5
+    median_rows: int = 30
+    chunk_rows: int = 10  # rows scored together before the test-then-train update
+    online_learning_rate: float = 3e-3
+    seed: int = 0
+
+
+class LruForecastResidual:
+    """The lru_online forecaster and online learner: a one-step forecast of every sensor from a
+    narrow model, trained on normal rows; the score is the mean squared residual standardised by
+    the training residuals, median-smoothed, against a quantile of the training scores. The
+    hidden state is carried through every row; after scoring a chunk the learner updates on it
+    when it raised no alarm (test-then-train, no labels)."""
+
+    name = "lru"
+
+    def __init__(self, config: LruDetectorConfig | None = None) -> None:
+        self.config = config or LruDetectorConfig(**load_config().get("lru", {}))
+        self.learner = None
+        self.state = None
+
+    def _tensor(self, rows: np.ndarray):
+        import torch
+
+        return torch.tensor((rows - self.mean) / self.scale, dtype=torch.float32)[None]
+
+    def adapt(self, rows: np.ndarray) -> None:
+        import torch
+
+        from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
+
+        c = self.config
+        self.mean, scale = rows.mean(axis=0), rows.std(axis=0)
+        self.scale = np.where(scale > 0, scale, 1.0)
+        epochs = c.adapt_epochs
+        if self.learner is None:
+            torch.manual_seed(c.seed)
+            n = rows.shape[1]
+            model = LRUForecaster(ModelConfig(n_inputs=n, n_targets=n, d_model=c.d_model, d_state=c.d_state))
+            self.learner = OnlineLearner(
+                model, LearnerConfig(learning_rate=c.learning_rate, window=c.window, replay_weight=0.0, seed=c.seed)
+            )
+            epochs = c.fit_epochs
+        self._set_learning_rate(c.learning_rate)
+        z = self._tensor(rows)
+        for _ in range(epochs):
+            self.learner.update(z, z, self.state)
+        scored = self.learner.score(z, z, self.state)
+        residuals = scored.residuals[0].numpy()[1:]
+        spread = residuals.std(axis=0)
+        self.residual_scale = np.where(spread > 0, spread, 1.0)
+        smoothed = self._smooth(np.mean((residuals / self.residual_scale) ** 2, axis=1))
+        self.limit = c.threshold_factor * float(np.quantile(smoothed[c.median_rows :], c.quantile))
+        self.state = scored.state
+
+    def _set_learning_rate(self, value: float) -> None:
+        for group in self.learner.optimizer.param_groups:
+            group["lr"] = value
+
+    def _smooth(self, scores) -> np.ndarray:
+        return pd.Series(scores).rolling(self.config.median_rows, min_periods=1).median().to_numpy()
+
+    def detect(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
+        z = self._tensor(rows)
+        raw: list[float] = []
+        alarms = np.zeros(len(rows), dtype=int)
+        for lo in range(0, len(rows), c.chunk_rows):
+            chunk = z[:, lo : lo + c.chunk_rows]
+            scored = self.learner.score(chunk, chunk, self.state)
+            residuals = np.nan_to_num(scored.residuals[0].numpy())
+            raw.extend(np.mean((residuals / self.residual_scale) ** 2, axis=1))
+            # Causal: the median at row t looks back only.
+            alarms[lo : lo + c.chunk_rows] = self._smooth(raw)[lo:] > self.limit
+            if c.online_learning_rate > 0 and not alarms[lo : lo + c.chunk_rows].any():
+                self._set_learning_rate(c.online_learning_rate)
+                self.learner.update(chunk, chunk, self.state)
+            self.state = scored.state
+        return alarms, np.asarray(raw)
+
+
+def load_config(path: Path = ROOT / "configs" / "skab.yaml") -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+METHODS = {"t2": HotellingT2, "hst": RiverHalfSpaceTrees, "river-ar": RiverAutoregression, "lru": LruForecastResidual}
+
+
+# --- protocols ----------------------------------------------------------------------------
+@dataclass
+class MethodResult:
+    counts: OutlierCounts
+    nab: NabScore
+    rows: int
+    seconds: float
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "f1": round(self.counts.f1, 3),
+            "far_percent": round(self.counts.far_percent, 2),
+            "mar_percent": round(self.counts.mar_percent, 2),
+            "nab_standard": round(self.nab.score("standard"), 2),
+            "nab_low_fp": round(self.nab.score("low_fp"), 2),
+            "nab_low_fn": round(self.nab.score("low_fn"), 2),
+            "missed_changepoints": self.nab.missed,
+            "false_positives": self.nab.false_positives,
+            "rows_per_second": round(self.rows / self.seconds, 1) if self.seconds else 0.0,
+        }
+
+
+def run_method(name: str, files: list[SkabFile], normal: SkabFile | None, protocol: str, out: Path) -> MethodResult:
+    counts, nab, rows, seconds = OutlierCounts(), NabScore(), 0, 0.0
+    detector = METHODS[name]()
+    if protocol == "continual" and normal is not None:
+        started = time.perf_counter()
+        detector.adapt(normal.sensors)
+        seconds += time.perf_counter() - started
+    for item in files:
+        if protocol == "strict":
+            detector = METHODS[name]()
+        values = item.sensors
+        started = time.perf_counter()
+        detector.adapt(values[:TRAIN_ROWS])
+        alarms, scores = detector.detect(values[TRAIN_ROWS:])
+        seconds += time.perf_counter() - started
+        rows += len(values)
+        test_index = item.frame.index[TRAIN_ROWS:]
+        predicted_changepoints = changepoints_from_outliers(alarms)
+        counts.add(item.anomaly[TRAIN_ROWS:], alarms)
+        nab.add(match_changepoints(test_index, item.changepoint[TRAIN_ROWS:], predicted_changepoints, NAB_WINDOW))
+        write_predictions(out / name, item.relative, test_index, alarms, predicted_changepoints, scores)
+    return MethodResult(counts, nab, rows, seconds)
+
+
+COLUMNS = ("f1", "far_percent", "mar_percent", "nab_standard", "nab_low_fp", "nab_low_fn",
+           "missed_changepoints", "false_positives", "rows_per_second")
+HEADER = ("method", "F1", "FAR %", "MAR %", "NAB std", "LowFP", "LowFN", "missed", "FPs", "rows/s")
+
+
+def print_table(results: dict[str, dict], published: bool) -> None:
+    print(f"{HEADER[0]:<22}" + "".join(f"{h:>9}" for h in HEADER[1:]))
+    for name, figures in results.items():
+        print(f"{name:<22}" + "".join(f"{figures[c]:>9}" for c in COLUMNS))
+    if published:
+        print("published (leaderboard predictions re-scored, valve1):")
+        for name, row in PUBLISHED_VALVE1.items():
+            print(f"  {name:<20}" + "".join(f"{v:>9}" for v in row) + f"{'':>9}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--protocol", choices=("strict", "continual"), default="strict")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    files, normal = load_folder(args.data)
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
+    print(f"{len(files)} files, {sum(len(f.frame) for f in files)} rows, protocol {args.protocol}")
+    results = {name: run_method(name, files, normal, args.protocol, args.out).figures() for name in names}
+    print_table(results, published=all(f.relative.startswith("valve1/") for f in files))
+    if args.json:
+        args.json.write_text(json.dumps({"protocol": args.protocol, "files": len(files), "methods": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

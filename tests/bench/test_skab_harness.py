@@ -1,0 +1,44 @@
+"""The SKAB harness against the leaderboard: its T² control chart, scored by our metric code,
+must give the published T-squared row on the valve1 files, and the exchange files must hold
+every test row."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data" / "skab"
+
+pytestmark = pytest.mark.skipif(not (DATA / "valve1").is_dir(), reason=f"SKAB data not at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def skab():
+    spec = importlib.util.spec_from_file_location("skab_bench", ROOT / "bench" / "skab.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_t2_reproduces_the_published_valve1_row(skab, tmp_path):
+    files, normal = skab.load_folder(DATA)
+    assert len(files) == 16 and normal is not None
+    figures = skab.run_method("t2", files, normal, "strict", tmp_path).figures()
+    f1, far, mar, nab_std, nab_low_fp, nab_low_fn, missed, false_positives = skab.PUBLISHED_VALVE1["T-squared"]
+    assert figures["f1"] == pytest.approx(f1, abs=0.03)
+    assert (figures["far_percent"], figures["mar_percent"]) == pytest.approx((far, mar), abs=0.01)
+    assert (figures["nab_standard"], figures["nab_low_fp"], figures["nab_low_fn"]) == pytest.approx(
+        (nab_std, nab_low_fp, nab_low_fn), abs=0.01
+    )
+    assert (figures["missed_changepoints"], figures["false_positives"]) == (missed, false_positives)
+    written = pd.read_csv(tmp_path / "t2" / "valve1__0.csv")
+    first = next(f for f in files if f.relative == "valve1/0.csv")
+    assert len(written) == len(first.frame) - skab.TRAIN_ROWS
+    assert list(written.columns) == ["datetime", "anomaly", "changepoint", "score"]
+    assert written["datetime"].iloc[0] == first.frame.index[skab.TRAIN_ROWS].strftime("%Y-%m-%d %H:%M:%S")
