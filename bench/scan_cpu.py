@@ -23,7 +23,10 @@ from lru_online import available_backends, scan
 
 
 def measure(fn, repeats: int) -> float:
-    fn()  # warm-up: thread pool, allocator, first-touch
+    # Warm-up: thread pool, and the allocator and page tables settling for buffers this size
+    # (the first few calls of a shape pay extra page faults that a long-running update does not).
+    for _ in range(3):
+        fn()
     times = []
     for _ in range(repeats):
         gc.collect()
