@@ -138,13 +138,21 @@ class BatchValidator:
             )
         missing = {c for c in [self.schema.entity_column, self.schema.timestamp_column, *self.schema.sensor_names]}
         missing -= set(prepared.columns)
+        # A text column fails its range check too, without counts; its type failure says it all.
+        not_numeric = {
+            item.expectation_config.kwargs.get("column")
+            for item in result.results
+            if not item.success and item.expectation_config.type == "expect_column_values_to_be_in_type_list"
+        }
         reasons, bad_rows = [], set()
         for item in result.results:
             column = item.expectation_config.kwargs.get("column")
             columns = item.expectation_config.kwargs.get("column_list") or [column]
-            is_existence = item.expectation_config.type == "expect_column_to_exist"
-            if item.success or (not is_existence and missing & set(columns)):
+            kind = item.expectation_config.type
+            if item.success or (kind != "expect_column_to_exist" and missing & set(columns)):
                 # Expectations on a missing column fail too; the missing column says it all.
+                continue
+            if kind == "expect_column_values_to_be_between" and column in not_numeric:
                 continue
             reason, rows = self._explain(item, prepared, file_name, row_offset)
             reasons.append(reason)

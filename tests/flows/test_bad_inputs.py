@@ -243,7 +243,7 @@ def test_each_bad_input_ends_in_its_place(landed, case):
     batch = ledger[case.file]
     assert batch.status == case.ends, batch.reasons
     if case.ends == "quarantined":
-        assert case.reason and any(case.reason in r for r in batch.reasons), batch.reasons
+        assert case.reason and case.reason in batch.reasons[0], batch.reasons  # the first reason says it
         assert all("\n" not in r and r.startswith(case.file) for r in batch.reasons)
         assert (settings.paths.quarantine / case.file).exists()
         assert batch.rows_received == batch.rows_quarantined
