@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -80,26 +79,9 @@ def simulate_plant(folder: Path, entities: int, batches: int, rows: int) -> list
 
 
 def write_config(profile: str, workdir: Path, extra: dict) -> Path:
-    data = yaml.safe_load((ROOT / "configs" / f"{profile}.yaml").read_text())
-    for key, value in {**OVERRIDES, **extra}.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    data["workdir"] = str(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    from flows.settings import derive_config
 
-
-def fresh_database() -> str:
-    import psycopg
-
-    from infra import services
-
-    name = f"lru_bench_{uuid.uuid4().hex[:8]}"
-    admin = services.urls()["database_url"].replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return services.urls()["database_url"].rsplit("/", 1)[0] + f"/{name}"
+    return derive_config(ROOT / "configs" / f"{profile}.yaml", workdir, {**OVERRIDES, **extra})
 
 
 def run_driver(config: Path) -> dict:
@@ -197,7 +179,7 @@ def main() -> None:
                 "servers",
                 root / f"servers-{workers}",
                 {
-                    "database_url": fresh_database(),
+                    "database_url": services.create_database("lru_bench"),
                     "pipeline": name,
                     "tracking": {**OVERRIDES["tracking"], "experiment": name, "model_name": name},
                     "prefect": {"dask_address": cluster.scheduler_address},

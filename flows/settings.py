@@ -300,3 +300,16 @@ def load_settings(config: Path | str | None = None, workdir: Path | str | None =
         return Settings(**data)
     except ValidationError as error:
         raise ConfigError(f"config {where}: {_describe(error)}") from None
+
+
+def derive_config(profile: Path, workdir: Path, overrides: dict[str, Any]) -> Path:
+    """Writes workdir/config.yaml: the profile's YAML with `overrides` merged in one level deep
+    (a dict replaces the fields it names within its section) and `workdir` set; returns its path."""
+    data = yaml.safe_load(Path(profile).read_text()) or {}
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    data["workdir"] = str(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -319,6 +319,19 @@ def services(root: Path) -> list:
     ]
 
 
+def create_database(prefix: str) -> str:
+    """A new, empty database on the local Postgres (fresh state for a test or bench run); its URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = urls()["database_url"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return urls()["database_url"].rsplit("/", 1)[0] + f"/{name}"
+
+
 def _dask_workers() -> int:
     try:
         from distributed import Client

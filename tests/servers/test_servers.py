@@ -20,15 +20,15 @@ import sqlalchemy as sa
 import torch
 from sqlalchemy import select
 
-from flows.settings import load_settings
+from flows.settings import derive_config, load_settings
 from flows.storage.database import Database
 from flows.storage.models import Base, DriftEvent, EntityState, RetrainDecision
 from infra import services
 from lru_online import codec
 from tests.flows.helpers import SMALL
-from tests.servers.conftest import fresh_database, profile_config
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # The demo's sequence scaled down: two lines, a gradual and an abrupt drift, four broken files.
 SIMULATION = ["--entities", "2", "--batches", "16", "--rows", "120", "--seed", "11"]
@@ -55,16 +55,18 @@ def runs(infra, tmp_path_factory):
     """The same simulated plant through both profiles, side by side."""
     root = tmp_path_factory.mktemp("profiles")
     name = f"servers-{uuid.uuid4().hex[:8]}"
-    embedded = profile_config("embedded", root / "embedded", SMALL)
+    embedded = derive_config(CONFIGS / "embedded.yaml", root / "embedded", SMALL)
     # A fresh database and experiment for this run; everything else is configs/servers.yaml.
-    servers = profile_config(
-        "servers",
+    servers = derive_config(
+        CONFIGS / "servers.yaml",
         root / "servers",
-        SMALL,
-        database_url=fresh_database(),
-        pipeline=name,
-        tracking={"experiment": name, "model_name": name},
-        prefect={"deployment_prefix": name},
+        {
+            **SMALL,
+            "database_url": services.create_database("lru_test"),
+            "pipeline": name,
+            "tracking": {"experiment": name, "model_name": name},
+            "prefect": {"deployment_prefix": name},
+        },
     )
     for config in (embedded, servers):
         _finish(_cli("simulate", "-c", str(config), *SIMULATION), "simulate")
@@ -193,7 +195,7 @@ def test_artifacts_land_in_the_s3_bucket(runs):
 
 
 def test_alembic_upgrade_and_downgrade_on_postgres(infra):
-    db = Database(fresh_database())
+    db = Database(services.create_database("lru_test"))
     try:
         db.migrate()
         tables = set(sa.inspect(db.engine).get_table_names())
