@@ -107,6 +107,10 @@ class Process:
         try:
             pid = int(self.pid_file(root).read_text())
             os.kill(pid, 0)
+            # An exited service nobody reaped (no init in a container) is a zombie: not running.
+            stat = Path(f"/proc/{pid}/stat")
+            if stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+                return None
             return pid
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             return None
@@ -131,13 +135,16 @@ class Process:
     def down(self, root: Path) -> None:
         pid = self.pid(root)
         if pid:
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(40):
-                if self.pid(root) is None:
-                    break
-                time.sleep(0.25)
-            else:
-                os.killpg(pid, signal.SIGKILL)
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                for _ in range(40):
+                    if self.pid(root) is None:
+                        break
+                    time.sleep(0.25)
+                else:
+                    os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # the whole group is already gone
+                pass
         self.pid_file(root).unlink(missing_ok=True)
 
     def status(self, root: Path) -> str:
