@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-work
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint postgres
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,13 @@ $(VENV)/.installed: pyproject.toml setup.py
 demo: setup
 	$(BIN)/lru-online demo --workdir $(DEMO_DIR)
 
-test: setup
+# The tests marked `servers` start PostgreSQL from its binaries (Debian package, no service).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		{ SUDO=$$( [ "$$(id -u)" -ne 0 ] && echo sudo ); \
+		  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
+test: setup postgres
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
