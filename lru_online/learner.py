@@ -164,6 +164,27 @@ class OnlineLearner:
         `updates` counts the calls; this one has index `updates` until it returns.
         """
         future, mask = forecast_targets(targets, self.model.config.horizon)
+        return self.update_forecasts(inputs, future, mask, state, dt)
+
+    def update_forecasts(
+        self,
+        inputs: torch.Tensor,
+        future: torch.Tensor,
+        mask: torch.Tensor,
+        state: RecurrentState | None = None,
+        dt: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """Learns from explicit forecast targets, for targets that do not simply follow `inputs`
+        in the same batch: values that arrive later than the inputs, or only in part.
+
+        future (B, T, horizon, n_targets): what the forecast made at each event is judged on;
+        mask (same shape, bool): which of those values may be learned from.
+        """
+        expected = (*inputs.shape[:2], self.model.config.horizon, self.model.config.n_targets)
+        if tuple(future.shape) != expected or tuple(mask.shape) != expected:
+            raise ValueError(f"future and mask must be {expected}, got {tuple(future.shape)} and {tuple(mask.shape)}")
+        mask = mask & torch.isfinite(future)
+        future = torch.nan_to_num(future, nan=0.0, posinf=0.0, neginf=0.0)
         start_state = (state or self.model.initial_state(inputs.shape[0], inputs.device)).detach()
         self.model.train()
         losses, replay_losses, penalties = [], [], []
@@ -225,9 +246,22 @@ class OnlineLearner:
         dt: torch.Tensor | None = None,
     ) -> None:
         """EWC: estimates how much each weight matters on this batch and anchors the weights."""
+        future, mask = forecast_targets(targets, self.model.config.horizon)
+        self.consolidate_forecasts(inputs, future, mask, state, dt)
+
+    def consolidate_forecasts(
+        self,
+        inputs: torch.Tensor,
+        future: torch.Tensor,
+        mask: torch.Tensor,
+        state: RecurrentState | None = None,
+        dt: torch.Tensor | None = None,
+    ) -> None:
+        """`consolidate` with explicit forecast targets, as in `update_forecasts`."""
         if self.config.ewc_weight <= 0:
             return
-        future, mask = forecast_targets(targets, self.model.config.horizon)
+        mask = mask & torch.isfinite(future)
+        future = torch.nan_to_num(future, nan=0.0, posinf=0.0, neginf=0.0)
         start = (state or self.model.initial_state(inputs.shape[0], inputs.device)).detach()
         windows = self._windows(inputs.shape[1])
         states = [start]

@@ -121,3 +121,28 @@ def test_malicious_checkpoint_is_refused(tmp_path):
     torch.save({"model": _Exploit()}, path)
     with pytest.raises(pickle.UnpicklingError):
         OnlineLearner.load_checkpoint(path)
+
+
+def test_update_forecasts_with_derived_targets_matches_update():
+    x = _pattern("A", 96, 0)
+    by_sequence, explicit = _learner(seed=3), _learner(seed=3)
+    by_sequence.update(x, x)
+    future, mask = forecast_targets(x, horizon=1)
+    explicit.update_forecasts(x, future, mask)
+    for a, b in zip(by_sequence.model.parameters(), explicit.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_update_forecasts_never_learns_from_masked_targets():
+    x = _pattern("A", 64, 0)
+    future, mask = forecast_targets(x, horizon=1)
+    mask[:, 40:] = False
+    poisoned = future.clone()
+    poisoned[:, 40:] = 1e6  # values a delayed target has not delivered yet
+    clean_learner, poisoned_learner = _learner(seed=4), _learner(seed=4)
+    clean_learner.update_forecasts(x, future, mask)
+    poisoned_learner.update_forecasts(x, poisoned, mask)
+    for a, b in zip(clean_learner.model.parameters(), poisoned_learner.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="future and mask must be"):
+        poisoned_learner.update_forecasts(x, future[:, :10], mask[:, :10])
