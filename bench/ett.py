@@ -1,0 +1,639 @@
+"""Online forecasting on an ETT file (ETTh1, ETTh2, …) under the published online protocol.
+
+    python bench/ett.py --data FILE --protocol fsnet|delayed [--horizons 1,24,48] --out DIR
+                        [--methods lru,linear,persistence,snarimax] [--json FILE] [--plots DIR]
+
+Rows [0, 2880) train, [2880, 3600) validate (early stopping), then the stream [3600, 14400) runs
+one step at a time: at step s every method forecasts rows s … s+H-1 from the rows before s, is
+scored, then learns (test-then-train). Every column is standardised with the mean and std of the
+training rows; errors are on standardised values.
+
+- fsnet: the FSNet/OneNet protocol — right after forecasting window s a method may learn from
+  its whole H-step target, rows up to s+H-1, before most of them have happened.
+- delayed: the honest one — after forecasting window s only row s has arrived, so a method learns
+  from the window whose whole target has just been observed, the one starting at s-H+1.
+
+The driver enforces the protocol: a method is handed the series cut at the last row it may see,
+for forecasting and for learning alike.
+
+Methods: `lru` — the lru_online forecaster and online learner of the pipeline, carrying its
+state through the whole series; `linear` — NLinear on the last 60 rows, updated by SGD every
+step; `persistence` — the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone (reported
+on `OT`); `lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC, for the
+forgetting comparison (not run by default).
+
+Forgetting (backward transfer): after the stream, each learning method is frozen and re-scores
+the first fifth of the online windows; the table gives the MSE it had there while streaming and
+the MSE of the frozen final model (lower frozen = it kept or improved what it knew).
+
+Writes `--out/METHOD/h{H}.npz` (`pred`, `true` (n, H, 7), `start` (n,), `mean`, `std` (7,)),
+prints one table, `--json` the same figures, `--plots` forecast and cumulative-error charts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TRAIN_END, VALID_END, STREAM_END = 2880, 3600, 14400
+LOOKBACK = 60
+TARGET_COLUMN = "OT"
+# Cumulative MSE on ETTh2 at H = 1 / 24 / 48 (ett/README.md; FSNet and OneNet papers).
+PUBLISHED_ETTH2 = {
+    "FSNet": {1: 0.466, 24: 0.687, 48: 0.846},
+    "OneNet": {1: 0.380, 24: 0.532, 48: 0.609},
+}
+
+
+# --- data and protocol ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Series:
+    values: np.ndarray  # (rows, columns), standardised
+    columns: tuple[str, ...]
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def load_series(path: Path) -> Series:
+    frame = pd.read_csv(path)
+    if "date" in frame:
+        frame = frame.drop(columns="date")
+    if TARGET_COLUMN not in frame:
+        raise SystemExit(f"{path}: no '{TARGET_COLUMN}' column; not an ETT file")
+    non_numeric = [c for c in frame if not pd.api.types.is_numeric_dtype(frame[c])]
+    if non_numeric:
+        raise SystemExit(f"{path}: columns {non_numeric} are not numeric")
+    if len(frame) < STREAM_END:
+        raise SystemExit(f"{path}: {len(frame)} rows, the online protocol needs {STREAM_END}")
+    raw = frame.to_numpy(dtype=np.float64)[:STREAM_END]
+    if not np.isfinite(raw).all():
+        row = int(np.argwhere(~np.isfinite(raw))[0, 0])
+        raise SystemExit(f"{path}: row {row + 2} (line) holds a missing or non-finite value")
+    mean, std = raw[:TRAIN_END].mean(axis=0), raw[:TRAIN_END].std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return Series(((raw - mean) / std).astype(np.float32), tuple(frame.columns), mean, std)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str  # fsnet | delayed
+    horizon: int
+
+    def __post_init__(self) -> None:
+        if self.name not in ("fsnet", "delayed"):
+            raise ValueError(f"protocol must be fsnet or delayed, got {self.name!r}")
+        if not 1 <= self.horizon <= STREAM_END - VALID_END:
+            raise ValueError(f"horizon must be in [1, {STREAM_END - VALID_END}], got {self.horizon}")
+
+    def starts(self) -> range:
+        """Row of each online window's first target step: 3600, 3601, …, 14400 - H."""
+        return range(VALID_END, STREAM_END - self.horizon + 1)
+
+    def visible_after_forecast(self, start: int) -> int:
+        """How many rows a method may learn from once it has forecast the window at `start`."""
+        return start + self.horizon if self.name == "fsnet" else start + 1
+
+    def window_to_learn(self, start: int) -> int:
+        """The window whose whole target has become learnable after forecasting `start`."""
+        return self.visible_after_forecast(start) - self.horizon
+
+
+class Method:
+    """A forecaster under the online protocol. `history` is always the series cut at the last
+    row the method may see; windows are named by the row of their first target step."""
+
+    name = "method"
+    learns = False
+
+    def fit(self, series: np.ndarray, horizon: int) -> None:
+        """Rows [0, 3600): train on [0, 2880), validate on [2880, 3600)."""
+
+    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
+        """Rows len(history) … len(history)+H-1, shape (H, columns)."""
+        raise NotImplementedError
+
+    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
+        """Learn the window starting at `window`; its target lies inside `history`."""
+
+    def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
+        """Frozen forecasts of the given windows, (len(starts), H, columns)."""
+        return np.stack([self.forecast(series[:s], horizon) for s in starts])
+
+
+@dataclass
+class StreamResult:
+    pred: np.ndarray
+    true: np.ndarray
+    start: np.ndarray
+    seconds: float
+    frozen_first_fifth: np.ndarray | None = None
+
+
+def true_windows(series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
+    return np.stack([series[s : s + horizon] for s in starts])
+
+
+def run_stream(method: Method, series: np.ndarray, protocol: Protocol, forgetting: bool = True) -> StreamResult:
+    horizon, starts = protocol.horizon, protocol.starts()
+    method.fit(series[:VALID_END], horizon)
+    pred = np.empty((len(starts), horizon, series.shape[1]), dtype=np.float32)
+    started = time.perf_counter()
+    for i, start in enumerate(starts):
+        pred[i] = method.forecast(series[:start], horizon)
+        if method.learns:
+            method.learn(series[: protocol.visible_after_forecast(start)], protocol.window_to_learn(start), horizon)
+    seconds = time.perf_counter() - started
+    frozen = None
+    if forgetting and method.learns:
+        frozen = method.rescore(series, first_fifth(starts), horizon)
+    return StreamResult(pred, true_windows(series, starts, horizon), np.asarray(starts), seconds, frozen)
+
+
+def first_fifth(starts: range) -> range:
+    return starts[: len(starts) // 5]
+
+
+# --- methods --------------------------------------------------------------------------------
+class Persistence(Method):
+    name = "persistence"
+
+    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
+        return np.repeat(history[-1:], horizon, axis=0)
+
+
+@dataclass
+class LinearConfig:
+    lookback: int = LOOKBACK
+    fit_epochs: int = 30
+    fit_learning_rate: float = 1e-3
+    online_learning_rate: float = 1e-3
+    seed: int = 0
+
+
+class OnlineNLinear(Method):
+    """NLinear (Zeng et al. 2023): one linear map from the last `lookback` rows to the next H,
+    shared by every column, on values minus the last row; SGD on each newly learnable window."""
+
+    name = "linear"
+    learns = True
+
+    def __init__(self, config: LinearConfig | None = None) -> None:
+        self.config = config or LinearConfig(**load_config().get("linear", {}))
+
+    def _inputs(self, series: np.ndarray, starts) -> tuple:
+        import torch
+
+        lookback = self.config.lookback
+        windows = np.stack([series[s - lookback : s] for s in starts])  # (n, lookback, C)
+        return torch.from_numpy(windows).transpose(1, 2)  # (n, C, lookback)
+
+    def _predict(self, inputs):
+        last = inputs[..., -1:]
+        return (self.linear(inputs - last) + last).transpose(-1, -2)  # (n, H, C)
+
+    def fit(self, series: np.ndarray, horizon: int) -> None:
+        import torch
+
+        torch.manual_seed(self.config.seed)
+        c = self.config
+        self.linear = torch.nn.Linear(c.lookback, horizon)
+        train = range(c.lookback, TRAIN_END - horizon + 1)
+        valid = range(TRAIN_END, VALID_END - horizon + 1)
+        x_train, y_train = self._inputs(series, train), torch.from_numpy(true_windows(series, train, horizon))
+        x_valid, y_valid = self._inputs(series, valid), torch.from_numpy(true_windows(series, valid, horizon))
+        optimizer = torch.optim.Adam(self.linear.parameters(), lr=c.fit_learning_rate)
+        generator = torch.Generator().manual_seed(c.seed)
+        best = (math.inf, None)
+        for _ in range(c.fit_epochs):
+            for batch in torch.randperm(len(train), generator=generator).split(32):
+                loss = torch.nn.functional.mse_loss(self._predict(x_train[batch]), y_train[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                valid_loss = float(torch.nn.functional.mse_loss(self._predict(x_valid), y_valid))
+            if valid_loss < best[0]:
+                best = (valid_loss, {k: v.clone() for k, v in self.linear.state_dict().items()})
+        self.linear.load_state_dict(best[1])
+        self.optimizer = torch.optim.SGD(self.linear.parameters(), lr=c.online_learning_rate)
+
+    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self._predict(self._inputs(history, [len(history)]))[0].numpy()
+
+    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
+        import torch
+
+        target = torch.from_numpy(history[window : window + horizon])[None]
+        loss = torch.nn.functional.mse_loss(self._predict(self._inputs(history, [window])), target)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+
+@dataclass
+class SnarimaxConfig:
+    p: int = 2
+    d: int = 0
+    q: int = 0
+    m: int = 24
+    sp: int = 1
+    sd: int = 1
+    sq: int = 0
+    learning_rate: float = 0.001
+
+
+class RiverSnarimax(Method):
+    """river's SNARIMAX on the target column alone, learning each value once it has arrived
+    (under both protocols: an ARIMA cannot learn a value before the ones that precede it)."""
+
+    name = "snarimax"
+
+    def __init__(self, target: int, config: SnarimaxConfig | None = None) -> None:
+        self.config = config or SnarimaxConfig(**load_config().get("snarimax", {}))
+        self.target = target
+
+    def fit(self, series: np.ndarray, horizon: int) -> None:
+        from river import linear_model, optim, time_series
+
+        c = self.config
+        self.model = time_series.SNARIMAX(
+            p=c.p,
+            d=c.d,
+            q=c.q,
+            m=c.m,
+            sp=c.sp,
+            sd=c.sd,
+            sq=c.sq,
+            regressor=linear_model.LinearRegression(optimizer=optim.SGD(c.learning_rate), intercept_lr=0.0),
+        )
+        self.seen = 0
+
+    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
+        for value in history[self.seen :, self.target]:
+            self.model.learn_one(float(value))
+        self.seen = len(history)
+        out = np.full((horizon, history.shape[1]), np.nan, dtype=np.float32)
+        out[:, self.target] = self.model.forecast(horizon=horizon)
+        return out
+
+
+@dataclass
+class LruConfig:
+    """Set on ETTh1 (configs/ett.yaml holds the values used)."""
+
+    d_model: int = 64
+    d_state: int = 64
+    n_layers: int = 2
+    r_min: float = 0.5  # eigenvalue moduli at initialisation: how long the state remembers
+    r_max: float = 0.99
+    window: int = 48  # rows of truncated BPTT behind each learned window
+    fit_learning_rate: float = 1e-3
+    fit_epochs: int = 20
+    online_learning_rate: float = 1e-4
+    grad_clip: float | None = 1.0
+    dropout: float = 0.0
+    inputs: str = "levels"  # levels | changes | both
+    channel_independent: bool = False
+    newest_events: int = 1  # events of the BPTT window that carry loss at each online step
+    replay_batch: int = 0
+    replay_capacity: int = 512
+    ewc_weight: float = 0.0
+    ewc_every: int = 720  # online steps between EWC consolidations
+    seed: int = 0
+    variants: dict = field(default_factory=dict)
+
+
+class LruForecaster(Method):
+    """The lru_online forecaster and online learner: at each event it forecasts the next H rows;
+    the state is carried through every row of the series. Online, each step backpropagates the
+    newly learnable window's loss through the `window` rows before it, starting from the carried
+    state there; replay and EWC are the learner's own."""
+
+    name = "lru"
+    learns = True
+
+    def __init__(self, config: LruConfig | None = None, name: str = "lru") -> None:
+        self.name = name
+        base = config or LruConfig(**load_config().get("lru", {}))
+        self.config = replace(base, **base.variants.get(name, {})) if name != "lru" else base
+
+    def fit(self, series: np.ndarray, horizon: int) -> None:
+        import torch
+
+        from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
+
+        c = self.config
+        torch.manual_seed(c.seed)
+        columns = series.shape[1]
+        features = 2 if c.inputs == "both" else 1
+        model = LRUForecaster(
+            ModelConfig(
+                n_inputs=features if c.channel_independent else features * columns,
+                n_targets=1 if c.channel_independent else columns,
+                d_model=c.d_model,
+                d_state=c.d_state,
+                n_layers=c.n_layers,
+                horizon=horizon,
+                r_min=c.r_min,
+                r_max=c.r_max,
+                dropout=c.dropout,
+            )
+        )
+        self.learner = OnlineLearner(
+            model,
+            LearnerConfig(
+                learning_rate=c.fit_learning_rate,
+                window=c.window,
+                replay_batch=c.replay_batch,
+                replay_capacity=c.replay_capacity,
+                replay_weight=1.0 if c.replay_batch else 0.0,
+                ewc_weight=c.ewc_weight,
+                grad_clip=c.grad_clip,
+                seed=c.seed,
+            ),
+        )
+        train = self._inputs(series, 0, TRAIN_END)
+        future, mask = self._targets(series[:TRAIN_END], 0, TRAIN_END, horizon)
+        valid = range(TRAIN_END, VALID_END - horizon + 1)
+        best = (math.inf, None)
+        for _ in range(c.fit_epochs):
+            self.learner.update_forecasts(train, future, mask)
+            error = float(np.mean((self._frozen(series, valid, horizon) - true_windows(series, valid, horizon)) ** 2))
+            if error < best[0]:
+                best = (error, {k: v.clone() for k, v in model.state_dict().items()})
+        model.load_state_dict(best[1])
+        # The fit's reservoir holds training windows only; the online phase starts with it.
+        for group in self.learner.optimizer.param_groups:
+            group["lr"] = c.online_learning_rate
+        if c.ewc_weight > 0:
+            self.learner.consolidate_forecasts(train, future, mask)
+        self.states: deque = deque(maxlen=c.window + horizon + 2)  # (rows consumed, state)
+        self.state = None
+        self.consumed = 0
+        self.online_steps = 0
+
+    # Layout: one sequence of all columns, or (channel_independent) each column its own sequence
+    # in the batch, sharing the weights, as PatchTST and NLinear treat multivariate series.
+    def _inputs(self, history: np.ndarray, first: int, end: int):
+        """Model inputs for rows [first, end): the rows, their changes from the row before (which
+        stay in range when the levels drift away from the training months), or both."""
+        import torch
+
+        rows = history[first:end]
+        before = history[first - 1 : end - 1] if first > 0 else np.concatenate([history[:1], history[: end - 1]])
+        parts = {"levels": [rows], "changes": [rows - before], "both": [rows, rows - before]}[self.config.inputs]
+        stacked = np.stack(parts, axis=-1)  # (T, columns, features)
+        if self.config.channel_independent:
+            return torch.from_numpy(np.ascontiguousarray(stacked.transpose(1, 0, 2)))
+        return torch.from_numpy(np.ascontiguousarray(stacked.reshape(len(rows), -1)))[None]
+
+    def _targets(self, history: np.ndarray, first: int, end: int, horizon: int):
+        future, mask = change_targets(history, first, end, horizon)  # (1, T, H, columns)
+        if self.config.channel_independent:
+            return future.permute(3, 1, 2, 0).contiguous(), mask.permute(3, 1, 2, 0).contiguous()
+        return future, mask
+
+    def _rows(self, forecast) -> np.ndarray:
+        """Model forecasts (B, …, H, n) as (…, H, columns)."""
+        if self.config.channel_independent:
+            return np.moveaxis(forecast[..., 0].numpy(), 0, -1)
+        return forecast[0].numpy()
+
+    def _frozen(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
+        """Forecasts of the given windows by the current weights, state from row 0."""
+        import torch
+
+        end = starts[-1]
+        inputs = self._inputs(series, 0, end)
+        scored = self.learner.score(inputs, torch.zeros((*inputs.shape[:2], self.learner.model.config.n_targets)))
+        events = np.asarray(starts) - 1  # event t forecasts rows t+1 …, as changes from row t
+        return self._rows(scored.forecast)[events] + series[events][:, None]
+
+    def _advance(self, history: np.ndarray) -> None:
+        """Carries the state through the rows not yet consumed, keeping recent states by row."""
+        keep = self.states.maxlen
+        bulk_end = len(history) - keep
+        if bulk_end > self.consumed:
+            self.state = self.learner.model(self._inputs(history, self.consumed, bulk_end), self.state)[1]
+            self.consumed = bulk_end
+        while self.consumed < len(history):
+            self.states.append((self.consumed, self.state))
+            self.state = self.learner.model(self._inputs(history, self.consumed, self.consumed + 1), self.state)[1]
+            self.consumed += 1
+
+    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            self._advance(history)
+        return history[-1] + self._rows(self.state.last_forecast)
+
+    def _state_before(self, row: int):
+        for consumed, state in self.states:
+            if consumed == row:
+                return state
+        return None
+
+    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
+        c = self.config
+        first = window - c.window  # BPTT over the rows [first, window): event window-1 forecasts `window`
+        state = self._state_before(first)
+        if first < 0 or state is None:
+            return
+        future, mask = self._targets(history, first, window, horizon)
+        mask[:, : c.window - c.newest_events] = False
+        self.learner.update_forecasts(self._inputs(history, first, window), future, mask, state)
+        self.online_steps += 1
+        if c.ewc_weight > 0 and self.online_steps % c.ewc_every == 0:
+            # From a zero state: the states kept reach back one window only, and the recurrence
+            # forgets its start within a few hundred rows.
+            recent = history[-c.ewc_every :]
+            future, mask = self._targets(recent, 0, len(recent), horizon)
+            self.learner.consolidate_forecasts(self._inputs(recent, 0, len(recent)), future, mask)
+
+    def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
+        return self._frozen(series, starts, horizon)
+
+
+def change_targets(history: np.ndarray, first: int, end: int, horizon: int):
+    """What the forecaster learns at events [first, end): the next H rows minus the event's own
+    row (as NLinear subtracts the last value: the model learns changes, not levels), and a mask
+    that is false where a target row lies beyond `history`."""
+    import torch
+
+    events = np.arange(first, end)
+    rows = events[:, None] + 1 + np.arange(horizon)[None]  # (T, H)
+    inside = rows < len(history)
+    values = history[np.minimum(rows, len(history) - 1)] - history[events][:, None]
+    mask = np.broadcast_to(inside[..., None], values.shape)
+    return torch.from_numpy(np.where(mask, values, 0.0).astype(np.float32))[None], torch.from_numpy(mask.copy())[None]
+
+
+def load_config(path: Path = ROOT / "configs" / "ett.yaml") -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+# Each builds a fresh method, given the index of the target column.
+METHODS: dict[str, Callable[[int], Method]] = {
+    "lru": lambda target: LruForecaster(),
+    "linear": lambda target: OnlineNLinear(),
+    "persistence": lambda target: Persistence(),
+    "snarimax": RiverSnarimax,
+    "lru-replay": lambda target: LruForecaster(name="lru-replay"),
+    "lru-ewc": lambda target: LruForecaster(name="lru-ewc"),
+}
+DEFAULT_METHODS = "lru,linear,persistence,snarimax"
+
+
+# --- figures --------------------------------------------------------------------------------
+def figures(result: StreamResult, target: int) -> dict[str, float]:
+    error = result.pred - result.true
+    out = {
+        "mse": float(np.mean(error**2)),
+        "mae": float(np.mean(np.abs(error))),
+        "ot_mse": float(np.mean(error[..., target] ** 2)),
+        "ot_mae": float(np.mean(np.abs(error[..., target]))),
+        "ms_per_step": 1000 * result.seconds / len(result.start),
+    }
+    if result.frozen_first_fifth is not None:
+        fifth = len(result.frozen_first_fifth)
+        out["first_fifth_streaming_mse"] = float(np.mean(error[:fifth] ** 2))
+        out["first_fifth_frozen_mse"] = float(np.mean((result.frozen_first_fifth - result.true[:fifth]) ** 2))
+    return out
+
+
+def print_table(results: dict[str, dict[int, dict]], horizons: list[int], etth2: bool) -> None:
+    header = ("method", "H", "MSE", "MAE", "÷persist", "OT MSE", "OT MAE", "ms/step", "fifth:stream", "fifth:frozen")
+    print(f"{header[0]:<14}{header[1]:>4}" + "".join(f"{h:>13}" for h in header[2:]))
+    for horizon in horizons:
+        persistence = results.get("persistence", {}).get(horizon, {}).get("mse")
+        for name, by_horizon in results.items():
+            f = by_horizon[horizon]
+            ratio = f["mse"] / persistence if persistence and not math.isnan(f["mse"]) else math.nan
+            cells = (
+                f["mse"],
+                f["mae"],
+                ratio,
+                f["ot_mse"],
+                f["ot_mae"],
+                f["ms_per_step"],
+                f.get("first_fifth_streaming_mse", math.nan),
+                f.get("first_fifth_frozen_mse", math.nan),
+            )
+            print(f"{name:<14}{horizon:>4}" + "".join(f"{v:>13.3f}" for v in cells))
+        if etth2:
+            for name, row in PUBLISHED_ETTH2.items():
+                if horizon in row:
+                    print(f"  {name + ' (paper)':<12}{horizon:>4}{row[horizon]:>13.3f}")
+
+
+def save_plots(folder: Path, results: dict[str, dict[int, StreamResult]], columns: tuple[str, ...], label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = columns.index(TARGET_COLUMN)
+    horizons = sorted(next(iter(results.values())))
+    for horizon in horizons:
+        fig, (stretch, cumulative) = plt.subplots(2, 1, figsize=(11, 7))
+        any_result = next(iter(results.values()))[horizon]
+        span = slice(0, 24 * 14)  # two weeks from the start of the stream
+        stretch.plot(any_result.start[span], any_result.true[span, -1, target], color="black", label="truth")
+        for name, by_horizon in results.items():
+            r = by_horizon[horizon]
+            stretch.plot(r.start[span], r.pred[span, -1, target], label=name, linewidth=1)
+            squared = (
+                np.mean((r.pred - r.true) ** 2, axis=(1, 2))
+                if name != "snarimax"
+                else np.mean((r.pred[..., target] - r.true[..., target]) ** 2, axis=1)
+            )
+            cumulative.plot(r.start, np.cumsum(squared) / np.arange(1, len(squared) + 1), label=name)
+        stretch.set_title(f"{label}: {TARGET_COLUMN}, the forecast {horizon} step(s) ahead (standardised)")
+        stretch.set_xlabel("row of the forecast window's first target step")
+        cumulative.set_title("cumulative MSE over the stream (snarimax: OT only)")
+        cumulative.set_xlabel("row")
+        cumulative.set_yscale("log")
+        for axis in (stretch, cumulative):
+            axis.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / f"h{horizon}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--protocol", choices=("fsnet", "delayed"), required=True)
+    parser.add_argument("--horizons", default="1,24,48")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plots", type=Path, default=None)
+    args = parser.parse_args()
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
+    horizons = [int(h) for h in args.horizons.split(",")]
+    series = load_series(args.data)
+    target = series.columns.index(TARGET_COLUMN)
+    print(
+        f"{args.data.name}: {len(series.values)} rows used, columns {', '.join(series.columns)}, "
+        f"protocol {args.protocol}, horizons {horizons}"
+    )
+    streams: dict[str, dict[int, StreamResult]] = {}
+    results: dict[str, dict[int, dict]] = {}
+    for name in names:
+        for horizon in horizons:
+            method = METHODS[name](target)
+            result = run_stream(method, series.values, Protocol(args.protocol, horizon))
+            streams.setdefault(name, {})[horizon] = result
+            results.setdefault(name, {})[horizon] = figures(result, target)
+            folder = args.out / name
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(
+                folder / f"h{horizon}.npz",
+                pred=result.pred,
+                true=result.true,
+                start=result.start,
+                mean=series.mean,
+                std=series.std,
+            )
+    print_table(results, horizons, etth2="etth2" in args.data.name.lower())
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "data": args.data.name,
+                    "protocol": args.protocol,
+                    "methods": {name: {str(h): f for h, f in by_h.items()} for name, by_h in results.items()},
+                },
+                indent=2,
+            )
+        )
+    if args.plots:
+        save_plots(args.plots, streams, series.columns, f"{args.data.name}, {args.protocol}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The ETT online protocols of bench/ett.py: split borders, standardisation, what a method may
+see when it forecasts and when it learns, and the exchange files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ett():
+    spec = importlib.util.spec_from_file_location("ett_bench", ROOT / "bench" / "ett.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+
+
+def _write_ett(path: Path, rows: int = 14_500, seed: int = 0) -> pd.DataFrame:
+    hours = np.arange(rows)
+    noise = np.random.default_rng(seed).normal(size=(rows, len(COLUMNS)))
+    values = 10 + 3 * np.sin(2 * np.pi * hours / 24)[:, None] + 0.01 * hours[:, None] + noise
+    frame = pd.DataFrame(values, columns=COLUMNS)
+    frame.insert(0, "date", pd.date_range("2016-07-01", periods=rows, freq="h").astype(str))
+    frame.to_csv(path, index=False)
+    return frame
+
+
+@pytest.mark.parametrize("horizon", [1, 24, 48])
+def test_stream_windows_start_at_3600_and_end_with_the_first_14400_rows(ett, horizon):
+    starts = ett.Protocol("fsnet", horizon).starts()
+    assert len(starts) == 10_801 - horizon
+    assert (starts[0], starts[-1]) == (3600, 14_400 - horizon)
+    assert starts[-1] + horizon - 1 == 14_399  # the last target row is the last row used
+    assert starts == ett.Protocol("delayed", horizon).starts()
+
+
+def test_standardised_on_the_training_rows_only(ett, tmp_path):
+    frame = _write_ett(tmp_path / "ETTh1.csv")
+    series = ett.load_series(tmp_path / "ETTh1.csv")
+    raw = frame[COLUMNS].to_numpy()
+    assert series.values.shape == (14_400, 7) and series.columns == tuple(COLUMNS)
+    np.testing.assert_allclose(series.mean, raw[:2880].mean(axis=0))
+    np.testing.assert_allclose(series.std, raw[:2880].std(axis=0))
+    np.testing.assert_allclose(series.values[:2880].mean(axis=0), 0.0, atol=1e-5)
+    # The trend makes the later rows' mean differ: the statistics did not see them.
+    assert (np.abs(series.values[3600:].mean(axis=0)) > 1.0).all()
+
+
+def test_bad_files_are_named_with_the_row(ett, tmp_path):
+    frame = _write_ett(tmp_path / "short.csv", rows=5000)
+    with pytest.raises(SystemExit, match="short.csv: 5000 rows"):
+        ett.load_series(tmp_path / "short.csv")
+    frame = _write_ett(tmp_path / "gap.csv")
+    frame.loc[100, "MULL"] = np.nan
+    frame.to_csv(tmp_path / "gap.csv", index=False)
+    with pytest.raises(SystemExit, match=r"gap.csv: row 102 \(line\)"):
+        ett.load_series(tmp_path / "gap.csv")
+
+
+class Recorder:
+    """A method that records how much of the series it was handed at each call."""
+
+    name = "recorder"
+    learns = True
+
+    def __init__(self, horizon: int) -> None:
+        self.horizon = horizon
+        self.forecast_lengths: list[int] = []
+        self.learned: list[tuple[int, int, int]] = []  # (rows handed, window, last forecast start)
+
+    def fit(self, series, horizon):
+        assert len(series) == 3600
+
+    def forecast(self, history, horizon):
+        self.forecast_lengths.append(len(history))
+        return np.zeros((horizon, history.shape[1]), dtype=np.float32)
+
+    def learn(self, history, window, horizon):
+        self.learned.append((len(history), window, self.forecast_lengths[-1]))
+
+    def rescore(self, series, starts, horizon):
+        return np.zeros((len(starts), horizon, series.shape[1]), dtype=np.float32)
+
+
+@pytest.mark.parametrize("horizon", [1, 5, 24])
+def test_delayed_never_hands_a_target_to_learning_before_it_is_observed(ett, horizon):
+    series = np.random.default_rng(1).normal(size=(14_400, 7)).astype(np.float32)
+    recorder = Recorder(horizon)
+    result = ett.run_stream(recorder, series, ett.Protocol("delayed", horizon))
+    assert recorder.forecast_lengths == list(ett.Protocol("delayed", horizon).starts())
+    for handed, window, forecast_start in recorder.learned:
+        # After forecasting from rows < s, row s is the only new observation.
+        assert handed == forecast_start + 1
+        assert window + horizon <= handed  # the whole target lies in what was handed
+        assert window == forecast_start - horizon + 1  # the newest window fully observed
+    np.testing.assert_array_equal(result.true[:, 0], series[3600 : 14_401 - horizon])
+
+
+@pytest.mark.parametrize("horizon", [1, 24])
+def test_fsnet_hands_the_whole_target_right_after_the_forecast(ett, horizon):
+    series = np.random.default_rng(2).normal(size=(14_400, 7)).astype(np.float32)
+    recorder = Recorder(horizon)
+    ett.run_stream(recorder, series, ett.Protocol("fsnet", horizon))
+    assert all((handed, window) == (start + horizon, start) for handed, window, start in recorder.learned)
+
+
+def test_change_targets_mask_rows_not_handed(ett):
+    history = np.arange(20, dtype=np.float32).reshape(10, 2) ** 2
+    future, mask = ett.change_targets(history, 6, 9, horizon=3)
+    assert future.shape == mask.shape == (1, 3, 3, 2)
+    # event 6 forecasts rows 7, 8, 9 as changes from row 6
+    np.testing.assert_array_equal(future[0, 0].numpy(), history[7:10] - history[6])
+    assert mask[0, 0].all()
+    assert mask[0, 2].tolist() == [[True, True], [False, False], [False, False]]  # rows 10, 11 unseen
+    assert (future[0, 2, 1:] == 0).all()
+
+
+def test_lru_under_delayed_learns_only_from_what_it_was_handed(ett, tmp_path):
+    """The LRU method, end to end on a short protocol stretch, sees no row beyond what the
+    driver hands it: its forecasts are the same whatever the unseen rows hold."""
+    series = np.random.default_rng(3).normal(size=(14_400, 7)).astype(np.float32)
+    config = ett.LruConfig(d_model=8, d_state=8, n_layers=1, window=8, fit_epochs=1, inputs="both")
+    protocol = ett.Protocol("delayed", 4)
+
+    def stream(data):
+        method = ett.LruForecaster(config)
+        method.fit(data[:3600], protocol.horizon)
+        out = []
+        for start in protocol.starts()[:40]:
+            out.append(method.forecast(data[:start], protocol.horizon))
+            method.learn(data[: protocol.visible_after_forecast(start)], protocol.window_to_learn(start), 4)
+        weights = np.concatenate([p.detach().numpy().ravel() for p in method.learner.model.parameters()])
+        return np.stack(out), weights
+
+    forecasts, weights = stream(series)
+    unseen = series.copy()
+    unseen[3600 + 40 :] += 100.0  # rows after the last one this stretch observes
+    for got, expected in zip(stream(unseen), (forecasts, weights), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    last_observed = series.copy()
+    last_observed[3600 + 39] += 100.0  # arrives after the last forecast, in time for the last update
+    changed_forecasts, changed_weights = stream(last_observed)
+    np.testing.assert_array_equal(changed_forecasts, forecasts)
+    assert not np.array_equal(changed_weights, weights)
+
+
+def test_bench_writes_exchange_files_and_figures(ett, tmp_path, monkeypatch):
+    raw = _write_ett(tmp_path / "ETTh1.csv")[COLUMNS].to_numpy()
+    out, figures = tmp_path / "out", tmp_path / "figures.json"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "ett.py",
+            "--data",
+            str(tmp_path / "ETTh1.csv"),
+            "--protocol",
+            "fsnet",
+            "--horizons",
+            "1,3",
+            "--out",
+            str(out),
+            "--methods",
+            "persistence",
+            "--json",
+            str(figures),
+        ],
+    )
+    ett.main()
+    saved = np.load(out / "persistence" / "h3.npz")
+    assert saved["pred"].shape == saved["true"].shape == (10_798, 3, 7)
+    assert (saved["start"][0], saved["start"][-1]) == (3600, 14_397)
+    assert saved["mean"].shape == saved["std"].shape == (7,)
+    # persistence repeats row start-1: every step of its first forecast is row 3599, standardised
+    row_3599 = (raw[3599] - raw[:2880].mean(axis=0)) / raw[:2880].std(axis=0)
+    np.testing.assert_allclose(saved["pred"][0], np.tile(row_3599, (3, 1)), rtol=1e-5)
+    np.testing.assert_allclose(saved["true"][-1, -1], (raw[14_399] - saved["mean"]) / saved["std"], rtol=1e-5)
+    reported = json.loads(figures.read_text())["methods"]["persistence"]["3"]
+    error = saved["pred"] - saved["true"]
+    assert reported["mse"] == pytest.approx(float(np.mean(error**2)), rel=1e-6)
