@@ -1,7 +1,7 @@
 """Online anomaly detection on SKAB-format files, scored as the SKAB leaderboard scores it.
 
     python bench/skab.py --data DIR --out DIR [--protocol strict|continual] [--methods t2,hst,river-ar,lru]
-                         [--json FILE]
+                         [--json FILE] [--plots DIR]
 
 `--data` is walked for SKAB files (`;`-separated, `datetime` first, `anomaly` and `changepoint`
 labels last); a file named `anomaly-free.csv` is extra normal data, never scored.
@@ -17,11 +17,16 @@ Methods: `t2` — Hotelling's T² control chart on the training part (the harnes
 the 16 valve1 files it must score the leaderboard's F1 0.65); `hst` — river's HalfSpaceTrees on
 min-max-scaled inputs, threshold a quantile of its training scores; `river-ar` — a river linear
 model forecasting every sensor from the previous row, its standardised residual against an
-online quantile; `lru` — the lru_online forecaster and online learner of the pipeline.
+online quantile; `lru` — the lru_online forecaster and online learner of the pipeline;
+`lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC (not run by default).
 
 Predictions go to `--out/METHOD/` in the exchange format of the SKAB README; one table prints
 F1, FAR %, MAR %, NAB (standard, LowFP, LowFN), missed changepoints, false positives and rows per
-second per method, with the leaderboard's rows for valve1 beside them.
+second per method, with the leaderboard's rows for valve1 beside them. Under `continual`, the
+lru methods also report backward transfer: after the stream, frozen, they re-score the first
+fifth of the files; FAR on those files' normal rows then, against the FAR while streaming.
+`--plots DIR`: the first three files (sensors, scores, thresholds, true and predicted anomalies)
+and a summary chart of every method.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +98,16 @@ def load_folder(folder: Path) -> tuple[list[SkabFile], SkabFile | None]:
 
 
 # --- detectors ----------------------------------------------------------------------------
+@dataclass
+class Detection:
+    """One file's test rows as a detector saw them."""
+
+    alarms: np.ndarray  # 0/1 per row
+    scores: np.ndarray  # the anomaly score written to the exchange file
+    compared: np.ndarray  # what is held against the threshold (the score, or its median)
+    threshold: np.ndarray  # per row: some thresholds keep learning
+
+
 class HotellingT2:
     """T² of each row against the training part's mean and covariance, median of 5 rows, alarm
     above twice the F-distribution's 99.9 % control limit."""
@@ -114,11 +129,11 @@ class HotellingT2:
     def _standard(self, rows: np.ndarray) -> np.ndarray:
         return ((rows - self.mean) / self.scale)[:, self.varying]
 
-    def detect(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def detect(self, rows: np.ndarray) -> Detection:
         z = self._standard(rows)
         t2 = np.einsum("ij,jk,ik->i", z, self.inverse, z)
         smoothed = pd.Series(t2).rolling(self.median_rows, min_periods=1).median().to_numpy()
-        return (smoothed > self.limit).astype(int), t2
+        return Detection((smoothed > self.limit).astype(int), t2, smoothed, np.full(len(rows), self.limit))
 
 
 class RiverHalfSpaceTrees:
@@ -147,13 +162,13 @@ class RiverHalfSpaceTrees:
         # The first window trains the trees' mass profile; its scores say nothing yet.
         self.limit = float(np.quantile(scores[len(scores) // 2 :], self.quantile))
 
-    def detect(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def detect(self, rows: np.ndarray) -> Detection:
         scores = np.empty(len(rows))
         for i, row in enumerate(rows):
             x = self._x(row)
             scores[i] = self.model.score_one(x)
             self.model.learn_one(x)
-        return (scores > self.limit).astype(int), scores
+        return Detection((scores > self.limit).astype(int), scores, scores, np.full(len(rows), self.limit))
 
 
 class RiverAutoregression:
@@ -172,8 +187,7 @@ class RiverAutoregression:
 
         if self.models is None:
             self.models = [
-                preprocessing.StandardScaler() | linear_model.LinearRegression(optimizer=optim.SGD(0.01))
-                for _ in row
+                preprocessing.StandardScaler() | linear_model.LinearRegression(optimizer=optim.SGD(0.01)) for _ in row
             ]
         if self.previous is None:
             self.previous = row
@@ -208,15 +222,16 @@ class RiverAutoregression:
     def _score(self, residual_row: list[float]) -> float:
         return float(np.mean((np.asarray(residual_row) / self.residual_scale) ** 2))
 
-    def detect(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def detect(self, rows: np.ndarray) -> Detection:
         raw = np.array([self._step(row, learn=True) for row in rows])
         smoothed = pd.Series(raw).rolling(self.median_rows, min_periods=1).median().to_numpy()
-        alarms = np.empty(len(rows), dtype=int)
+        alarms, thresholds = np.empty(len(rows), dtype=int), np.empty(len(rows))
         for i, score in enumerate(smoothed):
-            alarms[i] = int(score > self.limit.get())
+            thresholds[i] = self.limit.get()
+            alarms[i] = int(score > thresholds[i])
             if not alarms[i]:  # the threshold keeps learning from rows it takes as normal
                 self.limit.update(score)
-        return alarms, raw
+        return Detection(alarms, raw, smoothed, thresholds)
 
 
 @dataclass
@@ -234,7 +249,10 @@ class LruDetectorConfig:
     median_rows: int = 30
     chunk_rows: int = 10  # rows scored together before the test-then-train update
     online_learning_rate: float = 3e-3
+    replay_batch: int = 0  # replayed windows mixed into every update
+    ewc_weight: float = 0.0  # consolidated on each file's training part
     seed: int = 0
+    variants: dict = field(default_factory=dict)  # name → overrides (lru-replay, lru-ewc)
 
 
 class LruForecastResidual:
@@ -246,10 +264,13 @@ class LruForecastResidual:
 
     name = "lru"
 
-    def __init__(self, config: LruDetectorConfig | None = None) -> None:
-        self.config = config or LruDetectorConfig(**load_config().get("lru", {}))
+    def __init__(self, config: LruDetectorConfig | None = None, name: str = "lru") -> None:
+        self.name = name
+        base = config or LruDetectorConfig(**load_config().get("lru", {}))
+        self.config = replace(base, **base.variants.get(name, {})) if name != "lru" else base
         self.learner = None
         self.state = None
+        self.frozen = False  # re-scoring after the stream: weights stay as they are
 
     def _tensor(self, rows: np.ndarray):
         import torch
@@ -270,13 +291,23 @@ class LruForecastResidual:
             n = rows.shape[1]
             model = LRUForecaster(ModelConfig(n_inputs=n, n_targets=n, d_model=c.d_model, d_state=c.d_state))
             self.learner = OnlineLearner(
-                model, LearnerConfig(learning_rate=c.learning_rate, window=c.window, replay_weight=0.0, seed=c.seed)
+                model,
+                LearnerConfig(
+                    learning_rate=c.learning_rate,
+                    window=c.window,
+                    replay_batch=c.replay_batch,
+                    replay_weight=1.0 if c.replay_batch else 0.0,
+                    ewc_weight=c.ewc_weight,
+                    seed=c.seed,
+                ),
             )
             epochs = c.fit_epochs
         self._set_learning_rate(c.learning_rate)
         z = self._tensor(rows)
-        for _ in range(epochs):
-            self.learner.update(z, z, self.state)
+        if not self.frozen:
+            for _ in range(epochs):
+                self.learner.update(z, z, self.state)
+            self.learner.consolidate(z, z, self.state)  # a no-op unless ewc_weight > 0
         scored = self.learner.score(z, z, self.state)
         residuals = scored.residuals[0].numpy()[1:]
         spread = residuals.std(axis=0)
@@ -292,7 +323,7 @@ class LruForecastResidual:
     def _smooth(self, scores) -> np.ndarray:
         return pd.Series(scores).rolling(self.config.median_rows, min_periods=1).median().to_numpy()
 
-    def detect(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def detect(self, rows: np.ndarray) -> Detection:
         c = self.config
         z = self._tensor(rows)
         raw: list[float] = []
@@ -304,11 +335,11 @@ class LruForecastResidual:
             raw.extend(np.mean((residuals / self.residual_scale) ** 2, axis=1))
             # Causal: the median at row t looks back only.
             alarms[lo : lo + c.chunk_rows] = self._smooth(raw)[lo:] > self.limit
-            if c.online_learning_rate > 0 and not alarms[lo : lo + c.chunk_rows].any():
+            if not self.frozen and c.online_learning_rate > 0 and not alarms[lo : lo + c.chunk_rows].any():
                 self._set_learning_rate(c.online_learning_rate)
                 self.learner.update(chunk, chunk, self.state)
             self.state = scored.state
-        return alarms, np.asarray(raw)
+        return Detection(alarms, np.asarray(raw), self._smooth(raw), np.full(len(rows), self.limit))
 
 
 def load_config(path: Path = ROOT / "configs" / "skab.yaml") -> dict:
@@ -317,7 +348,16 @@ def load_config(path: Path = ROOT / "configs" / "skab.yaml") -> dict:
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
-METHODS = {"t2": HotellingT2, "hst": RiverHalfSpaceTrees, "river-ar": RiverAutoregression, "lru": LruForecastResidual}
+METHODS = {
+    "t2": HotellingT2,
+    "hst": RiverHalfSpaceTrees,
+    "river-ar": RiverAutoregression,
+    "lru": LruForecastResidual,
+    # The lru with replay or EWC: the forgetting comparison of the continual protocol.
+    "lru-replay": lambda: LruForecastResidual(name="lru-replay"),
+    "lru-ewc": lambda: LruForecastResidual(name="lru-ewc"),
+}
+DEFAULT_METHODS = "t2,hst,river-ar,lru"
 
 
 # --- protocols ----------------------------------------------------------------------------
@@ -327,9 +367,11 @@ class MethodResult:
     nab: NabScore
     rows: int
     seconds: float
+    detections: list[Detection]  # per file, in the order of the files
+    forgetting: dict[str, float] | None = None
 
     def figures(self) -> dict[str, float]:
-        return {
+        figures = {
             "f1": round(self.counts.f1, 3),
             "far_percent": round(self.counts.far_percent, 2),
             "mar_percent": round(self.counts.mar_percent, 2),
@@ -340,10 +382,35 @@ class MethodResult:
             "false_positives": self.nab.false_positives,
             "rows_per_second": round(self.rows / self.seconds, 1) if self.seconds else 0.0,
         }
+        return figures | (self.forgetting or {})
+
+
+def false_alarm_percent(files: list[SkabFile], detections: list[Detection]) -> float:
+    """FAR over the normal test rows of the given files."""
+    normal = np.concatenate([f.anomaly[TRAIN_ROWS:] == 0 for f in files])
+    alarms = np.concatenate([d.alarms for d in detections])
+    return round(100.0 * float(alarms[normal].mean()), 2) if normal.any() else float("nan")
+
+
+def backward_transfer(detector, files: list[SkabFile], streamed: list[Detection]) -> dict[str, float]:
+    """After the stream, the frozen detector re-scores the first fifth of the files (its threshold
+    set again on each file's training part, its weights untouched); FAR on their normal rows,
+    against the FAR it had there while streaming."""
+    first = files[: max(1, len(files) // 5)]
+    detector.frozen = True
+    again = []
+    for item in first:
+        detector.adapt(item.sensors[:TRAIN_ROWS])
+        again.append(detector.detect(item.sensors[TRAIN_ROWS:]))
+    return {
+        "first_fifth_files": len(first),
+        "first_fifth_far_streaming": false_alarm_percent(first, streamed[: len(first)]),
+        "first_fifth_far_frozen_after": false_alarm_percent(first, again),
+    }
 
 
 def run_method(name: str, files: list[SkabFile], normal: SkabFile | None, protocol: str, out: Path) -> MethodResult:
-    counts, nab, rows, seconds = OutlierCounts(), NabScore(), 0, 0.0
+    counts, nab, rows, seconds, detections = OutlierCounts(), NabScore(), 0, 0.0, []
     detector = METHODS[name]()
     if protocol == "continual" and normal is not None:
         started = time.perf_counter()
@@ -355,19 +422,34 @@ def run_method(name: str, files: list[SkabFile], normal: SkabFile | None, protoc
         values = item.sensors
         started = time.perf_counter()
         detector.adapt(values[:TRAIN_ROWS])
-        alarms, scores = detector.detect(values[TRAIN_ROWS:])
+        detection = detector.detect(values[TRAIN_ROWS:])
         seconds += time.perf_counter() - started
         rows += len(values)
+        detections.append(detection)
         test_index = item.frame.index[TRAIN_ROWS:]
-        predicted_changepoints = changepoints_from_outliers(alarms)
-        counts.add(item.anomaly[TRAIN_ROWS:], alarms)
+        predicted_changepoints = changepoints_from_outliers(detection.alarms)
+        counts.add(item.anomaly[TRAIN_ROWS:], detection.alarms)
         nab.add(match_changepoints(test_index, item.changepoint[TRAIN_ROWS:], predicted_changepoints, NAB_WINDOW))
-        write_predictions(out / name, item.relative, test_index, alarms, predicted_changepoints, scores)
-    return MethodResult(counts, nab, rows, seconds)
+        write_predictions(
+            out / name, item.relative, test_index, detection.alarms, predicted_changepoints, detection.scores
+        )
+    result = MethodResult(counts, nab, rows, seconds, detections)
+    if protocol == "continual" and hasattr(detector, "frozen"):
+        result.forgetting = backward_transfer(detector, files, detections)
+    return result
 
 
-COLUMNS = ("f1", "far_percent", "mar_percent", "nab_standard", "nab_low_fp", "nab_low_fn",
-           "missed_changepoints", "false_positives", "rows_per_second")
+COLUMNS = (
+    "f1",
+    "far_percent",
+    "mar_percent",
+    "nab_standard",
+    "nab_low_fp",
+    "nab_low_fn",
+    "missed_changepoints",
+    "false_positives",
+    "rows_per_second",
+)
 HEADER = ("method", "F1", "FAR %", "MAR %", "NAB std", "LowFP", "LowFN", "missed", "FPs", "rows/s")
 
 
@@ -379,6 +461,64 @@ def print_table(results: dict[str, dict], published: bool) -> None:
         print("published (leaderboard predictions re-scored, valve1):")
         for name, row in PUBLISHED_VALVE1.items():
             print(f"  {name:<20}" + "".join(f"{v:>9}" for v in row) + f"{'':>9}")
+    forgetting = {name: f for name, f in results.items() if "first_fifth_far_streaming" in f}
+    if forgetting:
+        print("backward transfer: FAR % on the normal test rows of the first fifth of the files")
+        print(f"{'method':<22}{'files':>9}{'streaming':>11}{'frozen after':>14}")
+        for name, f in forgetting.items():
+            print(
+                f"{name:<22}{f['first_fifth_files']:>9}{f['first_fifth_far_streaming']:>11}"
+                f"{f['first_fifth_far_frozen_after']:>14}"
+            )
+
+
+def save_plots(folder: Path, files: list[SkabFile], results: dict[str, MethodResult], title: str) -> None:
+    """Per file (the first three): sensors, each method's score against its threshold, the true
+    anomaly spans and the predicted ones; and one chart of every method's F1, FAR and MAR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, item in enumerate(files[:3]):
+        index = item.frame.index[TRAIN_ROWS:]
+        fig, axes = plt.subplots(1 + len(results), 1, figsize=(12, 2.2 * (1 + len(results))), sharex=True)
+        sensors = item.frame.iloc[TRAIN_ROWS:]
+        axes[0].plot(index, (sensors - sensors.mean()) / sensors.std().replace(0, 1), linewidth=0.6)
+        axes[0].set_title(f"{item.relative}: sensors (standardised); true anomalies shaded red")
+        for axis in axes:
+            _shade(axis, index, item.anomaly[TRAIN_ROWS:], "red", 0.15)
+        for axis, (name, result) in zip(axes[1:], results.items(), strict=True):
+            detection = result.detections[number]
+            axis.plot(index, detection.compared, linewidth=0.8, label="score")
+            axis.plot(index, detection.threshold, color="black", linestyle="--", linewidth=0.8, label="threshold")
+            _shade(axis, index, detection.alarms, "tab:blue", 0.2)
+            axis.set_yscale("symlog")
+            axis.set_ylabel(name)
+            axis.legend(loc="upper left", fontsize=7)
+        axes[-1].set_xlabel("time (predicted anomalies shaded blue)")
+        fig.tight_layout()
+        fig.savefig(folder / f"file{number}_{item.relative.replace('/', '_').removesuffix('.csv')}.png", dpi=100)
+        plt.close(fig)
+    names = list(results)
+    figures = [results[n].figures() for n in names]
+    fig, axis = plt.subplots(figsize=(8, 4))
+    for offset, (key, label) in enumerate((("f1", "F1 × 100"), ("far_percent", "FAR %"), ("mar_percent", "MAR %"))):
+        values = [f[key] * (100 if key == "f1" else 1) for f in figures]
+        axis.bar(np.arange(len(names)) + 0.27 * (offset - 1), values, width=0.27, label=label)
+    axis.set_xticks(np.arange(len(names)), names)
+    axis.set_title(f"{title}: all methods")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "summary.png", dpi=100)
+    plt.close(fig)
+
+
+def _shade(axis, index: pd.Index, flags: np.ndarray, color: str, alpha: float) -> None:
+    edges = np.diff(np.concatenate([[0], flags.astype(int), [0]]))
+    for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
+        axis.axvspan(index[start], index[stop - 1], color=color, alpha=alpha, linewidth=0)
 
 
 def main() -> None:
@@ -386,8 +526,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--protocol", choices=("strict", "continual"), default="strict")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plots", type=Path, default=None)
     args = parser.parse_args()
     files, normal = load_folder(args.data)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -395,10 +536,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
     print(f"{len(files)} files, {sum(len(f.frame) for f in files)} rows, protocol {args.protocol}")
-    results = {name: run_method(name, files, normal, args.protocol, args.out).figures() for name in names}
+    runs = {name: run_method(name, files, normal, args.protocol, args.out) for name in names}
+    results = {name: run.figures() for name, run in runs.items()}
     print_table(results, published=all(f.relative.startswith("valve1/") for f in files))
     if args.json:
         args.json.write_text(json.dumps({"protocol": args.protocol, "files": len(files), "methods": results}, indent=2))
+    if args.plots:
+        save_plots(args.plots, files, runs, f"SKAB {args.data.name}, {args.protocol}")
 
 
 if __name__ == "__main__":

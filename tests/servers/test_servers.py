@@ -188,8 +188,11 @@ def test_artifacts_land_in_the_s3_bucket(runs):
         region_name=services.S3_ENV["AWS_DEFAULT_REGION"],
     )
     prefix = f"mlflow/{experiment['experiment']['experiment_id']}/"
-    keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=services.BUCKET, Prefix=prefix)
-            for obj in page.get("Contents", [])]
+    keys = [
+        obj["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=services.BUCKET, Prefix=prefix)
+        for obj in page.get("Contents", [])
+    ]
     assert any(key.endswith("/MLmodel") for key in keys), keys[:20]
     assert not (Path(servers.workdir) / "mlartifacts").exists()
 
