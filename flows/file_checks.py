@@ -78,9 +78,7 @@ def checked_ahead(
         yield _in_order(runner, settings, files)
 
 
-def _in_order(
-    runner, settings: Settings, files: list[tuple[int, Path]]
-) -> Iterator[tuple[int, FileCheck | None]]:
+def _in_order(runner, settings: Settings, files: list[tuple[int, Path]]) -> Iterator[tuple[int, FileCheck | None]]:
     waiting: deque = deque()
     queue = iter(files)
 

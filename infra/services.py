@@ -182,8 +182,19 @@ class Postgres:
                 shutil.chown(password_file, "postgres", "postgres")
             subprocess.run(
                 self._as_owner(
-                    [self._bin("initdb"), "-D", str(data), "-U", DB_USER, "--pwfile", str(password_file),
-                     "-A", "scram-sha-256", "-E", "UTF8"]
+                    [
+                        self._bin("initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        DB_USER,
+                        "--pwfile",
+                        str(password_file),
+                        "-A",
+                        "scram-sha-256",
+                        "-E",
+                        "UTF8",
+                    ]
                 ),
                 check=True,
                 capture_output=True,
@@ -191,8 +202,19 @@ class Postgres:
         if not self.ready():
             subprocess.run(
                 self._as_owner(
-                    [self._bin("pg_ctl"), "-D", str(data), "-l", str(root / "logs" / "postgres.log"), "-w", "-t", "60",
-                     "-o", f"-h {HOST} -p {PORTS['postgres']} -k {data}", "start"]
+                    [
+                        self._bin("pg_ctl"),
+                        "-D",
+                        str(data),
+                        "-l",
+                        str(root / "logs" / "postgres.log"),
+                        "-w",
+                        "-t",
+                        "60",
+                        "-o",
+                        f"-h {HOST} -p {PORTS['postgres']} -k {data}",
+                        "start",
+                    ]
                 ),
                 check=True,
                 capture_output=True,
@@ -235,11 +257,15 @@ class Postgres:
 def _create_bucket() -> None:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=S3_ENV["MLFLOW_S3_ENDPOINT_URL"], **{
-        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
-        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
-    })
+    client = boto3.client(
+        "s3",
+        endpoint_url=S3_ENV["MLFLOW_S3_ENDPOINT_URL"],
+        **{
+            "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+            "region_name": S3_ENV["AWS_DEFAULT_REGION"],
+        },
+    )
     if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
         client.create_bucket(Bucket=BUCKET)
 
@@ -286,11 +312,21 @@ def services(root: Path) -> list:
         Process(
             "mlflow",
             lambda r: [
-                python, "-m", "mlflow", "server",
-                "--backend-store-uri", u["mlflow_backend"],
-                "--artifacts-destination", u["artifacts_destination"],
+                python,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                u["mlflow_backend"],
+                "--artifacts-destination",
+                u["artifacts_destination"],
                 "--serve-artifacts",
-                "--host", HOST, "--port", str(PORTS["mlflow"]), "--workers", "1",
+                "--host",
+                HOST,
+                "--port",
+                str(PORTS["mlflow"]),
+                "--workers",
+                "1",
             ],
             lambda: _http_ok(f"{u['tracking_uri']}/health"),
             env={**S3_ENV, "MLFLOW_SERVER_ALLOWED_HOSTS": f"{HOST}:*,localhost:*"},
@@ -311,14 +347,36 @@ def services(root: Path) -> list:
         ),
         Process(
             "dask-scheduler",
-            lambda r: [python, "-m", "distributed.cli.dask_scheduler", "--host", HOST, "--port", str(PORTS["dask"]),
-                       "--dashboard-address", f"{HOST}:{PORTS['dask-dashboard']}"],
+            lambda r: [
+                python,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                HOST,
+                "--port",
+                str(PORTS["dask"]),
+                "--dashboard-address",
+                f"{HOST}:{PORTS['dask-dashboard']}",
+            ],
             lambda: _port_open(PORTS["dask"]),
         ),
         Process(
             "dask-workers",
-            lambda r: [python, "-m", "distributed.cli.dask_worker", u["dask_address"], "--nworkers", "2",
-                       "--nthreads", "1", "--host", HOST, "--no-dashboard", "--memory-limit", "4GiB"],
+            lambda r: [
+                python,
+                "-m",
+                "distributed.cli.dask_worker",
+                u["dask_address"],
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--host",
+                HOST,
+                "--no-dashboard",
+                "--memory-limit",
+                "4GiB",
+            ],
             lambda: _dask_workers() >= 2,
             # Prefect tasks running on the workers report their runs to the Prefect server.
             env={**prefect_env, "PREFECT_API_URL": u["prefect_api_url"]},
