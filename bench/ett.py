@@ -626,7 +626,11 @@ def main() -> None:
                 {
                     "data": args.data.name,
                     "protocol": args.protocol,
-                    "methods": {name: {str(h): f for h, f in by_h.items()} for name, by_h in results.items()},
+                    # NaN (snarimax has no all-column error) as null: strict JSON readers refuse NaN.
+                    "methods": {
+                        name: {str(h): {k: None if math.isnan(v) else v for k, v in f.items()} for h, f in by_h.items()}
+                        for name, by_h in results.items()
+                    },
                 },
                 indent=2,
             )

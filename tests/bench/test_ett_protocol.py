@@ -187,6 +187,6 @@ def test_bench_writes_exchange_files_and_figures(ett, tmp_path, monkeypatch):
     row_3599 = (raw[3599] - raw[:2880].mean(axis=0)) / raw[:2880].std(axis=0)
     np.testing.assert_allclose(saved["pred"][0], np.tile(row_3599, (3, 1)), rtol=1e-5)
     np.testing.assert_allclose(saved["true"][-1, -1], (raw[14_399] - saved["mean"]) / saved["std"], rtol=1e-5)
-    reported = json.loads(figures.read_text())["methods"]["persistence"]["3"]
+    reported = json.loads(figures.read_text(), parse_constant=pytest.fail)["methods"]["persistence"]["3"]
     error = saved["pred"] - saved["true"]
     assert reported["mse"] == pytest.approx(float(np.mean(error**2)), rel=1e-6)
