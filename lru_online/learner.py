@@ -166,6 +166,15 @@ class OnlineLearner:
         future, mask = forecast_targets(targets, self.model.config.horizon)
         return self.update_forecasts(inputs, future, mask, state, dt)
 
+    def _checked_targets(
+        self, inputs: torch.Tensor, future: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit targets with their shape checked; a missing value is masked out and zeroed."""
+        expected = (*inputs.shape[:2], self.model.config.horizon, self.model.config.n_targets)
+        if tuple(future.shape) != expected or tuple(mask.shape) != expected:
+            raise ValueError(f"future and mask must be {expected}, got {tuple(future.shape)} and {tuple(mask.shape)}")
+        return torch.nan_to_num(future, nan=0.0, posinf=0.0, neginf=0.0), mask & torch.isfinite(future)
+
     def update_forecasts(
         self,
         inputs: torch.Tensor,
@@ -180,11 +189,7 @@ class OnlineLearner:
         future (B, T, horizon, n_targets): what the forecast made at each event is judged on;
         mask (same shape, bool): which of those values may be learned from.
         """
-        expected = (*inputs.shape[:2], self.model.config.horizon, self.model.config.n_targets)
-        if tuple(future.shape) != expected or tuple(mask.shape) != expected:
-            raise ValueError(f"future and mask must be {expected}, got {tuple(future.shape)} and {tuple(mask.shape)}")
-        mask = mask & torch.isfinite(future)
-        future = torch.nan_to_num(future, nan=0.0, posinf=0.0, neginf=0.0)
+        future, mask = self._checked_targets(inputs, future, mask)
         start_state = (state or self.model.initial_state(inputs.shape[0], inputs.device)).detach()
         self.model.train()
         losses, replay_losses, penalties = [], [], []
@@ -260,8 +265,7 @@ class OnlineLearner:
         """`consolidate` with explicit forecast targets, as in `update_forecasts`."""
         if self.config.ewc_weight <= 0:
             return
-        mask = mask & torch.isfinite(future)
-        future = torch.nan_to_num(future, nan=0.0, posinf=0.0, neginf=0.0)
+        future, mask = self._checked_targets(inputs, future, mask)
         start = (state or self.model.initial_state(inputs.shape[0], inputs.device)).detach()
         windows = self._windows(inputs.shape[1])
         states = [start]

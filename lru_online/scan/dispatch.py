@@ -83,7 +83,20 @@ def _adjoint_from_forward(
     else:
         decay = lam.conj()
     adjoint = forward(decay.contiguous(), grad_reversed, None).flip(1)
+    return gradients_from_adjoint(lam, h, h0, adjoint, need_lam, need_h0)
 
+
+def gradients_from_adjoint(
+    lam: torch.Tensor,
+    h: torch.Tensor,
+    h0: torch.Tensor | None,
+    adjoint: torch.Tensor,
+    need_lam: bool,
+    need_h0: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x, grad_lam, grad_h0) from the adjoint a: grad_x = a, grad_h0 = conj(lam_0) a_0,
+    grad_lam_t = a_t conj(h_{t-1}), summed over batch and time for a time-invariant lam."""
+    time_varying = lam.dim() == 3
     grad_lam = grad_h0 = None
     if need_h0:
         first_decay = lam[:, 0] if time_varying else lam
@@ -91,9 +104,10 @@ def _adjoint_from_forward(
     if need_lam:
         start = h0 if h0 is not None else torch.zeros_like(h[:, 0])
         previous = torch.cat([start.unsqueeze(1), h[:, :-1]], dim=1)
-        grad_lam = adjoint * previous.conj()
-        if not time_varying:
-            grad_lam = grad_lam.sum(dim=(0, 1))
+        if time_varying:
+            grad_lam = adjoint * previous.conj()
+        else:
+            grad_lam = torch.einsum("btn,btn->n", adjoint, previous.conj())
     return adjoint, grad_lam, grad_h0
 
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lru_online.scan.dispatch import ScanBackend
+from lru_online.scan.dispatch import ScanBackend, gradients_from_adjoint
 
 BLOCK_N = 32  # channels per program
 CHUNK = 128  # time steps per program
@@ -219,22 +219,11 @@ def triton_backward(
     need_lam: bool,
     need_h0: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    time_varying = lam.dim() == 3
     grad = grad_h.clone()
     if grad_last is not None:
         grad[:, -1] += grad_last
     adjoint = linear_scan(lam, grad, None, reverse=True)
-    grad_lam = grad_h0 = None
-    if need_h0:
-        grad_h0 = (lam[:, 0] if time_varying else lam).conj() * adjoint[:, 0]
-    if need_lam:
-        start = h0 if h0 is not None else torch.zeros_like(h[:, 0])
-        previous = torch.cat([start.unsqueeze(1), h[:, :-1]], dim=1)
-        if time_varying:
-            grad_lam = adjoint * previous.conj()
-        else:
-            grad_lam = torch.einsum("btn,btn->n", adjoint, previous.conj())
-    return adjoint, grad_lam, grad_h0
+    return gradients_from_adjoint(lam, h, h0, adjoint, need_lam, need_h0)
 
 
 BACKEND = ScanBackend(
