@@ -1,11 +1,11 @@
 """The GPU scan in Triton: h_t = lam_t * h_{t-1} + x_t, parallel over batch, channels and time.
 
 Reduce-then-scan over chunks of time, three launches:
-1. `_chunk_summary`: every chunk, scanned from a zero state, gives its end state and the product
-   of its decays (reads x once, writes nothing per step);
+1. `_chunk_pass` with SUMMARY: every chunk, scanned from a zero state, gives its end state and
+   the product of its decays (reads x once, writes nothing per step);
 2. `_chunk_carries`: one sequential pass over the chunk summaries gives each chunk's incoming
    state, starting from h0;
-3. `_chunk_scan`: every chunk scans again from its incoming state and writes h.
+3. `_chunk_pass` without: every chunk scans again from its incoming state and writes h.
 So x is read twice and h written once (24 bytes per complex64 element), and a single long
 stream (B = 1) still spreads over T / CHUNK programs per channel block.
 
@@ -65,16 +65,23 @@ def _step_time(chunk, i, CHUNK_SIZE: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_summary(
-    lam_ptr, x_ptr, end_ptr, prod_ptr, T, N, n_chunks,
-    TIME_VARYING: tl.constexpr, REVERSE: tl.constexpr,
+def _chunk_pass(
+    lam_ptr, x_ptr, carry_ptr, h_ptr, end_ptr, prod_ptr, T, N, n_chunks,
+    SUMMARY: tl.constexpr, TIME_VARYING: tl.constexpr, REVERSE: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """One chunk of time for one block of channels. SUMMARY: from a zero state, store only the
+    end state and the product of the decays; otherwise from the chunk's carry, store every h_t."""
     b, nb, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = nb * BLOCK + tl.arange(0, BLOCK)
     n_mask = n < N
-    h_re = tl.zeros((BLOCK,), tl.float32)
-    h_im = tl.zeros((BLOCK,), tl.float32)
+    here = ((b * n_chunks + chunk) * N + n) * 2
+    if SUMMARY:
+        h_re = tl.zeros((BLOCK,), tl.float32)
+        h_im = tl.zeros((BLOCK,), tl.float32)
+    else:
+        h_re = tl.load(carry_ptr + here, mask=n_mask, other=0.0)
+        h_im = tl.load(carry_ptr + here + 1, mask=n_mask, other=0.0)
     p_re = tl.full((BLOCK,), 1.0, tl.float32)
     p_im = tl.zeros((BLOCK,), tl.float32)
     if not TIME_VARYING:
@@ -91,12 +98,16 @@ def _chunk_summary(
         s_re = tl.where(inside, d_re, 1.0)
         s_im = tl.where(inside, d_im, 0.0)
         h_re, h_im = s_re * h_re - s_im * h_im + x_re, s_re * h_im + s_im * h_re + x_im
-        p_re, p_im = s_re * p_re - s_im * p_im, s_re * p_im + s_im * p_re
-    out = ((b * n_chunks + chunk) * N + n) * 2
-    tl.store(end_ptr + out, h_re, mask=n_mask)
-    tl.store(end_ptr + out + 1, h_im, mask=n_mask)
-    tl.store(prod_ptr + out, p_re, mask=n_mask)
-    tl.store(prod_ptr + out + 1, p_im, mask=n_mask)
+        if SUMMARY:
+            p_re, p_im = s_re * p_re - s_im * p_im, s_re * p_im + s_im * p_re
+        else:
+            tl.store(h_ptr + offset, h_re, mask=inside)
+            tl.store(h_ptr + offset + 1, h_im, mask=inside)
+    if SUMMARY:
+        tl.store(end_ptr + here, h_re, mask=n_mask)
+        tl.store(end_ptr + here + 1, h_im, mask=n_mask)
+        tl.store(prod_ptr + here, p_re, mask=n_mask)
+        tl.store(prod_ptr + here + 1, p_im, mask=n_mask)
 
 
 @triton.jit
@@ -128,35 +139,6 @@ def _chunk_carries(
         c_re, c_im = p_re * c_re - p_im * c_im + e_re, p_re * c_im + p_im * c_re + e_im
 
 
-@triton.jit
-def _chunk_scan(
-    lam_ptr, x_ptr, carry_ptr, h_ptr, T, N, n_chunks,
-    TIME_VARYING: tl.constexpr, REVERSE: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    b, nb, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = nb * BLOCK + tl.arange(0, BLOCK)
-    n_mask = n < N
-    carry = ((b * n_chunks + chunk) * N + n) * 2
-    h_re = tl.load(carry_ptr + carry, mask=n_mask, other=0.0)
-    h_im = tl.load(carry_ptr + carry + 1, mask=n_mask, other=0.0)
-    if not TIME_VARYING:
-        d_re, d_im = _load_decay(lam_ptr, b, 0, n, T, N, n_mask, False, REVERSE)
-    for i in range(CHUNK_SIZE):
-        t = _step_time(chunk, i, CHUNK_SIZE, REVERSE)
-        inside = n_mask & (n * 0 + t < T)  # t as a block: a scalar mask breaks the interpreter
-        if TIME_VARYING:
-            d_re, d_im = _decay_at(lam_ptr, b, t, n, T, N, inside, REVERSE)
-        offset = ((b * T + t) * N + n) * 2
-        x_re = tl.load(x_ptr + offset, mask=inside, other=0.0)
-        x_im = tl.load(x_ptr + offset + 1, mask=inside, other=0.0)
-        s_re = tl.where(inside, d_re, 1.0)
-        s_im = tl.where(inside, d_im, 0.0)
-        h_re, h_im = s_re * h_re - s_im * h_im + x_re, s_re * h_im + s_im * h_re + x_im
-        tl.store(h_ptr + offset, h_re, mask=inside)
-        tl.store(h_ptr + offset + 1, h_im, mask=inside)
-
-
 def _floats(z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z.contiguous())
 
@@ -184,25 +166,21 @@ def linear_scan(
     time_varying = lam.dim() == 3
     n_chunks = triton.cdiv(length, chunk)
     n_blocks = triton.cdiv(channels, block)
-    h = out if out is not None else torch.empty_like(x)
     ends = torch.empty((batch, n_chunks, channels), dtype=x.dtype, device=x.device)
     prods = torch.empty_like(ends)
     carries = torch.empty_like(ends)
     lam_f, x_f, ends_f, prods_f, carries_f = map(_floats, (lam, x, ends, prods, carries))
     h0_f = _floats(h0) if h0 is not None else x_f  # a placeholder pointer when HAS_H0 is off
-    _chunk_summary[(batch, n_blocks, n_chunks)](
-        lam_f, x_f, ends_f, prods_f, length, channels, n_chunks,
-        TIME_VARYING=time_varying, REVERSE=reverse, CHUNK_SIZE=chunk, BLOCK=block,
-    )  # fmt: skip
+    h = out if out is not None else torch.empty_like(x)
+    h_f = torch.view_as_real(h)
+    pointers = (lam_f, x_f, carries_f, h_f, ends_f, prods_f, length, channels, n_chunks)
+    options = dict(TIME_VARYING=time_varying, REVERSE=reverse, CHUNK_SIZE=chunk, BLOCK=block)
+    _chunk_pass[(batch, n_blocks, n_chunks)](*pointers, SUMMARY=True, **options)
     _chunk_carries[(batch, n_blocks)](
         ends_f, prods_f, h0_f, carries_f, channels, n_chunks,
         HAS_H0=h0 is not None, REVERSE=reverse, BLOCK=block,
     )  # fmt: skip
-    h_f = torch.view_as_real(h)
-    _chunk_scan[(batch, n_blocks, n_chunks)](
-        lam_f, x_f, carries_f, h_f, length, channels, n_chunks,
-        TIME_VARYING=time_varying, REVERSE=reverse, CHUNK_SIZE=chunk, BLOCK=block,
-    )  # fmt: skip
+    _chunk_pass[(batch, n_blocks, n_chunks)](*pointers, SUMMARY=False, **options)
     return h
 
 
