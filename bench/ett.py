@@ -115,7 +115,6 @@ class Method:
     """A forecaster under the online protocol. `history` is always the series cut at the last
     row the method may see; windows are named by the row of their first target step."""
 
-    name = "method"
     learns = False
 
     def fit(self, series: np.ndarray, horizon: int) -> None:
@@ -168,8 +167,6 @@ def first_fifth(starts: range) -> range:
 
 # --- methods --------------------------------------------------------------------------------
 class Persistence(Method):
-    name = "persistence"
-
     def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
         return np.repeat(history[-1:], horizon, axis=0)
 
@@ -187,7 +184,6 @@ class OnlineNLinear(Method):
     """NLinear (Zeng et al. 2023): one linear map from the last `lookback` rows to the next H,
     shared by every column, on values minus the last row; SGD on each newly learnable window."""
 
-    name = "linear"
     learns = True
 
     def __init__(self, config: LinearConfig | None = None) -> None:
@@ -262,8 +258,6 @@ class RiverSnarimax(Method):
     """river's SNARIMAX on the target column alone, learning each value once it has arrived
     (under both protocols: an ARIMA cannot learn a value before the ones that precede it)."""
 
-    name = "snarimax"
-
     def __init__(self, target: int, config: SnarimaxConfig | None = None) -> None:
         self.config = config or SnarimaxConfig(**load_config().get("snarimax", {}))
         self.target = target
@@ -325,13 +319,11 @@ class LruForecaster(Method):
     newly learnable window's loss through the `window` rows before it, starting from the carried
     state there; replay and EWC are the learner's own."""
 
-    name = "lru"
     learns = True
 
     def __init__(self, config: LruConfig | None = None, name: str = "lru") -> None:
-        self.name = name
         base = config or LruConfig(**load_config().get("lru", {}))
-        self.config = replace(base, **base.variants.get(name, {})) if name != "lru" else base
+        self.config = replace(base, **base.variants.get(name, {}))
 
     def fit(self, series: np.ndarray, horizon: int) -> None:
         import torch

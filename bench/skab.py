@@ -267,7 +267,7 @@ class LruForecastResidual:
     def __init__(self, config: LruDetectorConfig | None = None, name: str = "lru") -> None:
         self.name = name
         base = config or LruDetectorConfig(**load_config().get("lru", {}))
-        self.config = replace(base, **base.variants.get(name, {})) if name != "lru" else base
+        self.config = replace(base, **base.variants.get(name, {}))
         self.learner = None
         self.state = None
         self.frozen = False  # re-scoring after the stream: weights stay as they are

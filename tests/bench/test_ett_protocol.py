@@ -72,7 +72,6 @@ def test_bad_files_are_named_with_the_row(ett, tmp_path):
 class Recorder:
     """A method that records how much of the series it was handed at each call."""
 
-    name = "recorder"
     learns = True
 
     def __init__(self, horizon: int) -> None:
