@@ -246,7 +246,9 @@ class LruDetectorConfig:
     adapt_epochs: int = 5  # on each later training part (continual protocol)
     quantile: float = 0.99
     threshold_factor: float = 1.5
-    median_rows: int = 30
+    mean_rows: int = 30  # the residuals are averaged over this many rows before scoring
+    slow_lag: int = 10
+    slow_autocorrelation: float = 0.6  # above it at slow_lag, a sensor enters as its change
     chunk_rows: int = 10  # rows scored together before the test-then-train update
     online_learning_rate: float = 3e-3
     replay_batch: int = 0  # replayed windows mixed into every update
@@ -255,12 +257,41 @@ class LruDetectorConfig:
     variants: dict = field(default_factory=dict)  # name → overrides (lru-replay, lru-ewc)
 
 
+def slow_sensors(rows: np.ndarray, lag: int, threshold: float) -> np.ndarray:
+    """Sensors whose values still correlate with themselves `lag` rows later above `threshold`:
+    slow drifts (temperatures) whose level in a short training part says little about the level
+    to come."""
+    if len(rows) <= lag + 1:
+        return np.zeros(rows.shape[1], dtype=bool)
+    now, then = rows[lag:], rows[:-lag]
+    spread = now.std(axis=0) * then.std(axis=0)
+    covariance = ((now - now.mean(axis=0)) * (then - then.mean(axis=0))).mean(axis=0)
+    correlation = np.divide(covariance, spread, out=np.zeros_like(covariance), where=spread > 0)
+    return correlation > threshold
+
+
+def rolling_mean_score(history: np.ndarray, residuals: np.ndarray, rows: int) -> np.ndarray:
+    """Per row of `residuals` (standardised, signed; `history` holds the rows before them): the
+    mean over sensors of n·m², m the mean of a sensor's last n ≤ `rows` residuals — χ²(1)-like per
+    sensor while the forecaster is right, and growing with n while a shift persists."""
+    joined = np.concatenate([history, residuals])
+    totals = np.cumsum(np.concatenate([np.zeros((1, joined.shape[1])), joined]), axis=0)
+    end = np.arange(len(history) + 1, len(joined) + 1)
+    start = np.maximum(end - rows, 0)
+    counts = (end - start)[:, None]
+    means = (totals[end] - totals[start]) / counts
+    return np.mean(counts * means**2, axis=1)
+
+
 class LruForecastResidual:
     """The lru_online forecaster and online learner: a one-step forecast of every sensor from a
-    narrow model, trained on normal rows; the score is the mean squared residual standardised by
-    the training residuals, median-smoothed, against a quantile of the training scores. The
-    hidden state is carried through every row; after scoring a chunk the learner updates on it
-    when it raised no alarm (test-then-train, no labels)."""
+    narrow model, trained on normal rows. Slow sensors (see `slow_sensors`) enter as their change
+    from the row before, so a temperature drifting past its training range is no fault by itself.
+    The score is a mean chart of the forecast residuals (`rolling_mean_score`), standardised by
+    the training residuals, against a quantile of the training scores: a sustained shift such as
+    a drop in flow adds up where a squared residual would drown in noise. The hidden state is
+    carried through every row; after scoring a chunk the learner updates on it when it raised no
+    alarm (test-then-train, no labels)."""
 
     name = "lru"
 
@@ -270,12 +301,20 @@ class LruForecastResidual:
         self.config = replace(base, **base.variants.get(name, {}))
         self.learner = None
         self.state = None
+        self.previous_row: np.ndarray | None = None  # the last row seen, for the slow sensors' change
         self.frozen = False  # re-scoring after the stream: weights stay as they are
 
     def _tensor(self, rows: np.ndarray):
+        """Standardised rows, slow sensors as their standardised change from the row before."""
         import torch
 
-        return torch.tensor((rows - self.mean) / self.scale, dtype=torch.float32)[None]
+        z = (rows - self.mean) / self.scale
+        if self.slow.any():
+            first = z[:1] if self.previous_row is None else (self.previous_row[None] - self.mean) / self.scale
+            change = np.diff(np.concatenate([first, z]), axis=0)
+            z[:, self.slow] = change[:, self.slow] / self.change_scale[self.slow]
+        self.previous_row = rows[-1]
+        return torch.tensor(z, dtype=torch.float32)[None]
 
     def adapt(self, rows: np.ndarray) -> None:
         import torch
@@ -285,6 +324,11 @@ class LruForecastResidual:
         c = self.config
         self.mean, scale = rows.mean(axis=0), rows.std(axis=0)
         self.scale = np.where(scale > 0, scale, 1.0)
+        standard = (rows - self.mean) / self.scale
+        self.slow = slow_sensors(standard, c.slow_lag, c.slow_autocorrelation)
+        change = np.diff(standard, axis=0).std(axis=0) if len(rows) > 1 else np.ones(rows.shape[1])
+        self.change_scale = np.where(change > 0, change, 1.0)
+        self.previous_row = None  # a file's training part starts afresh: no change across files
         epochs = c.adapt_epochs
         if self.learner is None:
             torch.manual_seed(c.seed)
@@ -309,37 +353,37 @@ class LruForecastResidual:
                 self.learner.update(z, z, self.state)
             self.learner.consolidate(z, z, self.state)  # a no-op unless ewc_weight > 0
         scored = self.learner.score(z, z, self.state)
-        residuals = scored.residuals[0].numpy()[1:]
+        residuals = scored.residuals[0].numpy()
+        residuals = residuals[np.isfinite(residuals).all(axis=1)]  # no forecast for a fresh model's first row
         spread = residuals.std(axis=0)
         self.residual_scale = np.where(spread > 0, spread, 1.0)
-        smoothed = self._smooth(np.mean((residuals / self.residual_scale) ** 2, axis=1))
-        self.limit = c.threshold_factor * float(np.quantile(smoothed[c.median_rows :], c.quantile))
+        standardised = residuals / self.residual_scale
+        training_scores = rolling_mean_score(standardised[:0], standardised, c.mean_rows)
+        self.limit = c.threshold_factor * float(np.quantile(training_scores[c.mean_rows :], c.quantile))
+        self.recent = standardised[-c.mean_rows :]  # the mean chart runs on into the test rows
         self.state = scored.state
 
     def _set_learning_rate(self, value: float) -> None:
         for group in self.learner.optimizer.param_groups:
             group["lr"] = value
 
-    def _smooth(self, scores) -> np.ndarray:
-        return pd.Series(scores).rolling(self.config.median_rows, min_periods=1).median().to_numpy()
-
     def detect(self, rows: np.ndarray) -> Detection:
         c = self.config
         z = self._tensor(rows)
-        raw: list[float] = []
-        alarms = np.zeros(len(rows), dtype=int)
+        raw, compared = np.empty(len(rows)), np.empty(len(rows))
         for lo in range(0, len(rows), c.chunk_rows):
             chunk = z[:, lo : lo + c.chunk_rows]
+            hi = lo + chunk.shape[1]
             scored = self.learner.score(chunk, chunk, self.state)
-            residuals = np.nan_to_num(scored.residuals[0].numpy())
-            raw.extend(np.mean((residuals / self.residual_scale) ** 2, axis=1))
-            # Causal: the median at row t looks back only.
-            alarms[lo : lo + c.chunk_rows] = self._smooth(raw)[lo:] > self.limit
-            if not self.frozen and c.online_learning_rate > 0 and not alarms[lo : lo + c.chunk_rows].any():
+            residuals = np.nan_to_num(scored.residuals[0].numpy()) / self.residual_scale
+            raw[lo:hi] = np.mean(residuals**2, axis=1)
+            compared[lo:hi] = rolling_mean_score(self.recent, residuals, c.mean_rows)  # causal: looks back only
+            self.recent = np.concatenate([self.recent, residuals])[-c.mean_rows :]
+            if not self.frozen and c.online_learning_rate > 0 and not (compared[lo:hi] > self.limit).any():
                 self._set_learning_rate(c.online_learning_rate)
                 self.learner.update(chunk, chunk, self.state)
             self.state = scored.state
-        return Detection(alarms, np.asarray(raw), self._smooth(raw), np.full(len(rows), self.limit))
+        return Detection((compared > self.limit).astype(int), raw, compared, np.full(len(rows), self.limit))
 
 
 def load_config(path: Path = ROOT / "configs" / "skab.yaml") -> dict:
