@@ -17,10 +17,11 @@ The driver enforces the protocol: a method is handed the series cut at the last 
 for forecasting and for learning alike.
 
 Methods: `lru` — the lru_online forecaster and online learner of the pipeline, carrying its
-state through the whole series; `linear` — NLinear on the last 60 rows, updated by SGD every
-step; `persistence` — the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone (reported
-on `OT`); `lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC, for the
-forgetting comparison (not run by default).
+state through the whole series (configs/ett.yaml: its `protocols` section sets the model's shape
+per protocol — LRU blocks under fsnet, the linear path alone under delayed); `linear` — NLinear
+on the last 60 rows, updated by SGD every step; `persistence` — the last row repeated; `snarimax`
+— river's SNARIMAX on `OT` alone (reported on `OT`); `lru-replay`, `lru-ewc` — the lru with the
+learner's replay or EWC, for the forgetting comparison (not run by default).
 
 Forgetting (backward transfer): after the stream, each learning method is frozen and re-scores
 the first fifth of the online windows; the table gives the MSE it had there while streaming and
@@ -303,6 +304,7 @@ class LruConfig:
     grad_clip: float | None = 1.0
     dropout: float = 0.0
     inputs: str = "levels"  # levels | changes | both
+    linear_state: int = 0  # the model's linear path (0: none); it reads the inputs' changes
     channel_independent: bool = False
     newest_events: int = 1  # events of the BPTT window that carry loss at each online step
     replay_batch: int = 0
@@ -310,7 +312,8 @@ class LruConfig:
     ewc_weight: float = 0.0
     ewc_every: int = 720  # online steps between EWC consolidations
     seed: int = 0
-    variants: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)  # method name → fields it changes
+    protocols: dict = field(default_factory=dict)  # protocol name → fields it changes
 
 
 class LruForecaster(Method):
@@ -321,9 +324,10 @@ class LruForecaster(Method):
 
     learns = True
 
-    def __init__(self, config: LruConfig | None = None, name: str = "lru") -> None:
+    def __init__(self, config: LruConfig | None = None, name: str = "lru", protocol: str | None = None) -> None:
         base = config or LruConfig(**load_config().get("lru", {}))
-        self.config = replace(base, **base.variants.get(name, {}))
+        for_protocol = replace(base, **base.protocols.get(protocol, {}))
+        self.config = replace(for_protocol, **base.variants.get(name, {}))
 
     def fit(self, series: np.ndarray, horizon: int) -> None:
         import torch
@@ -345,6 +349,8 @@ class LruForecaster(Method):
                 r_min=c.r_min,
                 r_max=c.r_max,
                 dropout=c.dropout,
+                linear_state=c.linear_state,
+                linear_inputs=self._change_columns(columns) if c.linear_state else None,
             )
         )
         self.learner = OnlineLearner(
@@ -394,6 +400,16 @@ class LruForecaster(Method):
         if self.config.channel_independent:
             return torch.from_numpy(np.ascontiguousarray(stacked.transpose(1, 0, 2)))
         return torch.from_numpy(np.ascontiguousarray(stacked.reshape(len(rows), -1)))[None]
+
+    def _change_columns(self, columns: int) -> tuple[int, ...]:
+        """Where the rows' changes lie among the model inputs (see `_inputs`): the linear path
+        reads them alone, so that its forecast of the next changes does not hang on the levels,
+        which drift away from the training months."""
+        if self.config.inputs == "levels":
+            raise ValueError("LruConfig.linear_state needs inputs 'changes' or 'both'")
+        features = 2 if self.config.inputs == "both" else 1
+        per_sequence = 1 if self.config.channel_independent else columns
+        return tuple(column * features + features - 1 for column in range(per_sequence))
 
     def _targets(self, history: np.ndarray, first: int, end: int, horizon: int):
         future, mask = change_targets(history, first, end, horizon)  # (1, T, H, columns)
@@ -483,14 +499,14 @@ def load_config(path: Path = ROOT / "configs" / "ett.yaml") -> dict:
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
-# Each builds a fresh method, given the index of the target column.
-METHODS: dict[str, Callable[[int], Method]] = {
-    "lru": lambda target: LruForecaster(),
-    "linear": lambda target: OnlineNLinear(),
-    "persistence": lambda target: Persistence(),
-    "snarimax": RiverSnarimax,
-    "lru-replay": lambda target: LruForecaster(name="lru-replay"),
-    "lru-ewc": lambda target: LruForecaster(name="lru-ewc"),
+# Each builds a fresh method, given the index of the target column and the protocol's name.
+METHODS: dict[str, Callable[[int, str], Method]] = {
+    "lru": lambda target, protocol: LruForecaster(protocol=protocol),
+    "linear": lambda target, protocol: OnlineNLinear(),
+    "persistence": lambda target, protocol: Persistence(),
+    "snarimax": lambda target, protocol: RiverSnarimax(target),
+    "lru-replay": lambda target, protocol: LruForecaster(name="lru-replay", protocol=protocol),
+    "lru-ewc": lambda target, protocol: LruForecaster(name="lru-ewc", protocol=protocol),
 }
 DEFAULT_METHODS = "lru,linear,persistence,snarimax"
 
@@ -597,7 +613,7 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {}
     for name in names:
         for horizon in horizons:
-            method = METHODS[name](target)
+            method = METHODS[name](target, args.protocol)
             result = run_stream(method, series.values, Protocol(args.protocol, horizon))
             streams.setdefault(name, {})[horizon] = result
             results.setdefault(name, {})[horizon] = figures(result, target)

@@ -29,6 +29,7 @@ def model_config(settings: Settings, spec: FeatureSpec) -> ModelConfig:
         d_model=m.d_model,
         d_state=m.d_state,
         n_layers=m.n_layers,
+        linear_state=m.linear_state,
         horizon=m.horizon,
         dropout=m.dropout,
         r_min=m.r_min,

@@ -101,7 +101,8 @@ class TrackingSettings(_Section):
 class ModelSettings(_Section):
     d_model: int = Field(32, ge=1)
     d_state: int = Field(32, ge=1)
-    n_layers: int = Field(2, ge=1)
+    n_layers: int = Field(2, ge=0)
+    linear_state: int = Field(0, ge=0)  # the linear path beside the blocks (0: none)
     horizon: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     r_min: float = Field(0.5, ge=0.0, lt=1.0)
@@ -109,9 +110,11 @@ class ModelSettings(_Section):
     max_phase: float = Field(math.pi, gt=0.0)
 
     @model_validator(mode="after")
-    def _ring(self) -> ModelSettings:
+    def _consistent(self) -> ModelSettings:
         if not self.r_min < self.r_max:
             raise ValueError(f"r_min {self.r_min} must be below r_max {self.r_max}")
+        if self.n_layers == 0 and self.linear_state == 0:
+            raise ValueError("model needs n_layers >= 1 or a linear path (linear_state >= 1)")
         return self
 
 

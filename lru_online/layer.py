@@ -26,7 +26,10 @@ class LRU(nn.Module):
         r_max: float = 1.0,
         max_phase: float = 2 * math.pi,
         scan_backend: str | None = None,
+        readout: bool = True,
     ) -> None:
+        """readout=False builds the recurrence alone (no C, D), for a caller that reads out the
+        states itself through `states` and `next_state`."""
         super().__init__()
         if not 0.0 <= r_min < r_max <= 1.0:
             raise ValueError(f"LRU ring needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
@@ -35,6 +38,7 @@ class LRU(nn.Module):
         self.d_model = d_model
         self.d_state = d_state
         self.scan_backend = scan_backend
+        self.has_readout = readout
 
         # Ring initialisation: |λ|² uniform on [r_min², r_max²], phase uniform on [0, max_phase].
         u1 = torch.rand(d_state)
@@ -48,9 +52,10 @@ class LRU(nn.Module):
 
         self.B_re = nn.Parameter(torch.randn(d_state, d_model) / math.sqrt(2 * d_model))
         self.B_im = nn.Parameter(torch.randn(d_state, d_model) / math.sqrt(2 * d_model))
-        self.C_re = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
-        self.C_im = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
-        self.D = nn.Parameter(torch.randn(d_model))
+        if readout:
+            self.C_re = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
+            self.C_im = nn.Parameter(torch.randn(d_model, d_state) / math.sqrt(d_state))
+            self.D = nn.Parameter(torch.randn(d_model))
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -74,10 +79,22 @@ class LRU(nn.Module):
 
     def readout(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Re(C h) + D ⊙ u."""
+        if not self.has_readout:
+            raise RuntimeError("this LRU was built with readout=False: read its states out yourself")
         return h.real @ self.C_re.T - h.imag @ self.C_im.T + self.D * u
 
     def zero_state(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.zeros(batch, self.d_state, dtype=self.state_dtype, device=device)
+
+    def states(
+        self, u: torch.Tensor, h0: torch.Tensor | None = None, dt: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every state h_t (B, T, N) of the sequence u (B, T, H), and the last one (B, N)."""
+        return scan(self.decay(dt), self.input_drive(u), h0, backend=self.scan_backend)
+
+    def next_state(self, u_t: torch.Tensor, h: torch.Tensor, dt_t: torch.Tensor | None = None) -> torch.Tensor:
+        """The state after one event u_t (B, H) from h (B, N)."""
+        return self.decay(dt_t) * h + self.input_drive(u_t)
 
     def forward(
         self,
@@ -89,12 +106,12 @@ class LRU(nn.Module):
 
         Returns y (B, T, H) and the last state (B, N).
         """
-        h, h_last = scan(self.decay(dt), self.input_drive(u), h0, backend=self.scan_backend)
+        h, h_last = self.states(u, h0, dt)
         return self.readout(h, u), h_last
 
     def step(
         self, u_t: torch.Tensor, h: torch.Tensor, dt_t: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One event: u_t (B, H), h (B, N), dt_t optional (B,). Returns y_t and the new state."""
-        h_new = self.decay(dt_t) * h + self.input_drive(u_t)
+        h_new = self.next_state(u_t, h, dt_t)
         return self.readout(h_new, u_t), h_new

@@ -107,7 +107,7 @@ class OnlineLearner:
         picked = self.replay.sample(self.config.replay_batch)
         if not picked:
             return None
-        layers = len(self.model.blocks)
+        layers = len(self.model.state_sizes)
         state = RecurrentState([torch.stack([w[f"hidden.{i}"] for w in picked]) for i in range(layers)])
         dt = None
         if any("dt" in w for w in picked):

@@ -1,4 +1,5 @@
-"""The streaming forecaster: input projection → LRU blocks → forecast head, with carried state.
+"""The streaming forecaster: input projection → LRU blocks → forecast head, and optionally a
+linear state-space path beside them (lru_online.linear_path), with carried state.
 
 At each event t it forecasts the next `horizon` target vectors. The anomaly score of event t
 is the mean squared residual between what arrived and the one-step forecast made at t-1; the
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from lru_online.block import LRUBlock
+from lru_online.linear_path import LinearPath
 from lru_online.state import RecurrentState
 
 
@@ -30,13 +32,33 @@ class ModelConfig:
     r_max: float = 0.99
     max_phase: float = math.pi
     scan_backend: str | None = None
+    # The linear path beside the blocks (lru_online.linear_path): its state size (0: none) and
+    # the input columns it reads (None: all). With it, n_layers may be 0: a linear forecaster.
+    linear_state: int = 0
+    linear_inputs: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n_inputs", "n_targets", "d_model", "d_state", "n_layers", "horizon"):
+        for name in ("n_inputs", "n_targets", "d_model", "d_state", "horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_layers", "linear_state"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_layers == 0 and self.linear_state == 0:
+            raise ValueError("ModelConfig needs n_layers >= 1 or a linear path (linear_state >= 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.linear_inputs is not None:
+            columns = tuple(int(c) for c in self.linear_inputs)  # a checkpoint may hold a list
+            if not columns or len(set(columns)) != len(columns) or not all(0 <= c < self.n_inputs for c in columns):
+                raise ValueError(
+                    f"ModelConfig.linear_inputs must be distinct input columns in [0, {self.n_inputs}), got {columns}"
+                )
+            object.__setattr__(self, "linear_inputs", columns)
+
+    @property
+    def linear_columns(self) -> tuple[int, ...]:
+        return self.linear_inputs if self.linear_inputs is not None else tuple(range(self.n_inputs))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,10 +86,16 @@ def one_step_residuals(
 
 
 class LRUForecaster(nn.Module):
+    """Encoder → LRU blocks → LayerNorm → head, plus the optional linear path; the forecast is
+    the sum of the two. The carried state holds one hidden state per block, then the path's."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = nn.Linear(config.n_inputs, config.d_model)
+        outputs = config.horizon * config.n_targets
+        # Built in this order so that a seed gives the weights it gave before the linear path.
+        if config.n_layers:
+            self.encoder = nn.Linear(config.n_inputs, config.d_model)
         self.blocks = nn.ModuleList(
             LRUBlock(
                 config.d_model,
@@ -80,23 +108,44 @@ class LRUForecaster(nn.Module):
             )
             for _ in range(config.n_layers)
         )
-        self.norm = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.horizon * config.n_targets)
+        if config.n_layers:
+            self.norm = nn.LayerNorm(config.d_model)
+            self.head = nn.Linear(config.d_model, outputs)
+        self.linear_path = (
+            LinearPath(
+                config.linear_columns,
+                config.linear_state,
+                outputs,
+                config.r_min,
+                config.r_max,
+                config.max_phase,
+                config.scan_backend,
+            )
+            if config.linear_state
+            else None
+        )
+
+    @property
+    def state_sizes(self) -> list[int]:
+        """The size of each hidden state the model carries, in the order of RecurrentState.hidden."""
+        sizes = [block.lru.d_state for block in self.blocks]
+        return sizes + ([self.linear_path.d_state] if self.linear_path is not None else [])
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
-        return RecurrentState([block.lru.zero_state(batch, device) for block in self.blocks])
+        hidden = [block.lru.zero_state(batch, device) for block in self.blocks]
+        if self.linear_path is not None:
+            hidden.append(self.linear_path.zero_state(batch, device))
+        return RecurrentState(hidden)
 
     def _check_state(self, state: RecurrentState, batch: int) -> None:
-        if len(state.hidden) != len(self.blocks):
-            raise ValueError(f"state has {len(state.hidden)} layers, the model {len(self.blocks)}")
-        for index, (h, block) in enumerate(zip(state.hidden, self.blocks, strict=True)):
-            if tuple(h.shape) != (batch, block.lru.d_state):
-                raise ValueError(
-                    f"state layer {index} has shape {tuple(h.shape)}, expected {(batch, block.lru.d_state)}"
-                )
+        sizes = self.state_sizes
+        if len(state.hidden) != len(sizes):
+            raise ValueError(f"state has {len(state.hidden)} layers, the model {len(sizes)}")
+        for index, (h, size) in enumerate(zip(state.hidden, sizes, strict=True)):
+            if tuple(h.shape) != (batch, size):
+                raise ValueError(f"state layer {index} has shape {tuple(h.shape)}, expected {(batch, size)}")
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.norm(x))
+    def _forecast_shape(self, out: torch.Tensor) -> torch.Tensor:
         return out.unflatten(-1, (self.config.horizon, self.config.n_targets))
 
     def forward(
@@ -110,12 +159,18 @@ class LRUForecaster(nn.Module):
             raise ValueError(f"model input must be (B, T, {self.config.n_inputs}), got {tuple(u.shape)}")
         state = state if state is not None else self.initial_state(u.shape[0], u.device)
         self._check_state(state, u.shape[0])
-        x = self.encoder(u)
-        hidden = []
-        for block, h0 in zip(self.blocks, state.hidden, strict=True):
-            x, h_last = block(x, h0, dt)
+        hidden, outputs = [], []
+        if self.blocks:
+            x = self.encoder(u)
+            for block, h0 in zip(self.blocks, state.hidden, strict=False):
+                x, h_last = block(x, h0, dt)
+                hidden.append(h_last)
+            outputs.append(self.head(self.norm(x)))
+        if self.linear_path is not None:
+            out, h_last = self.linear_path(u, state.hidden[-1], dt)
             hidden.append(h_last)
-        forecast = self._head(x)
+            outputs.append(out)
+        forecast = self._forecast_shape(sum(outputs))
         return forecast, RecurrentState(hidden, forecast[:, -1])
 
     def step(
@@ -127,12 +182,18 @@ class LRUForecaster(nn.Module):
         """One event u_t (B, n_inputs), dt_t optional (B,). Returns (B, horizon, n_targets)."""
         state = state if state is not None else self.initial_state(u_t.shape[0], u_t.device)
         self._check_state(state, u_t.shape[0])
-        x = self.encoder(u_t)
-        hidden = []
-        for block, h in zip(self.blocks, state.hidden, strict=True):
-            x, h_new = block.step(x, h, dt_t)
+        hidden, outputs = [], []
+        if self.blocks:
+            x = self.encoder(u_t)
+            for block, h in zip(self.blocks, state.hidden, strict=False):
+                x, h_new = block.step(x, h, dt_t)
+                hidden.append(h_new)
+            outputs.append(self.head(self.norm(x)))
+        if self.linear_path is not None:
+            out, h_new = self.linear_path.step(u_t, state.hidden[-1], dt_t)
             hidden.append(h_new)
-        forecast = self._head(x)
+            outputs.append(out)
+        forecast = self._forecast_shape(sum(outputs))
         return forecast, RecurrentState(hidden, forecast)
 
     def score(

@@ -126,11 +126,18 @@ def test_change_targets_mask_rows_not_handed(ett):
     assert (future[0, 2, 1:] == 0).all()
 
 
-def test_lru_under_delayed_learns_only_from_what_it_was_handed(ett, tmp_path):
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"n_layers": 1},
+        {"n_layers": 0, "linear_state": 8, "channel_independent": True},  # the configured shape
+    ],
+)
+def test_lru_under_delayed_learns_only_from_what_it_was_handed(ett, tmp_path, shape):
     """The LRU method, end to end on a short protocol stretch, sees no row beyond what the
     driver hands it: its forecasts are the same whatever the unseen rows hold."""
     series = np.random.default_rng(3).normal(size=(14_400, 7)).astype(np.float32)
-    config = ett.LruConfig(d_model=8, d_state=8, n_layers=1, window=8, fit_epochs=1, inputs="both")
+    config = ett.LruConfig(d_model=8, d_state=8, window=8, fit_epochs=1, inputs="both", **shape)
     protocol = ett.Protocol("delayed", 4)
 
     def stream(data):
@@ -153,6 +160,34 @@ def test_lru_under_delayed_learns_only_from_what_it_was_handed(ett, tmp_path):
     changed_forecasts, changed_weights = stream(last_observed)
     np.testing.assert_array_equal(changed_forecasts, forecasts)
     assert not np.array_equal(changed_weights, weights)
+
+
+@pytest.mark.parametrize("inputs", ["changes", "both"])
+@pytest.mark.parametrize("channel_independent", [False, True])
+def test_the_linear_path_reads_the_changes_of_the_rows(ett, inputs, channel_independent):
+    method = ett.LruForecaster(ett.LruConfig(inputs=inputs, channel_independent=channel_independent))
+    history = np.random.default_rng(4).normal(size=(30, 7)).astype(np.float32)
+    inputs_seen = method._inputs(history, 10, 20)  # (sequences, rows, features)
+    read = inputs_seen[..., list(method._change_columns(7))].numpy()
+    changes = history[10:20] - history[9:19]  # (rows, columns)
+    np.testing.assert_array_equal(read, changes.T[..., None] if channel_independent else changes[None])
+
+
+def test_a_protocol_and_a_variant_change_their_fields(ett):
+    config = ett.LruConfig(
+        n_layers=2,
+        protocols={"delayed": {"n_layers": 0, "linear_state": 16}},
+        variants={"lru-ewc": {"ewc_weight": 5.0}},
+    )
+    delayed_ewc = ett.LruForecaster(config, name="lru-ewc", protocol="delayed").config
+    assert (delayed_ewc.n_layers, delayed_ewc.linear_state, delayed_ewc.ewc_weight) == (0, 16, 5.0)
+    fsnet = ett.LruForecaster(config, protocol="fsnet").config
+    assert (fsnet.n_layers, fsnet.linear_state, fsnet.ewc_weight) == (2, 0, 0.0)
+
+
+def test_the_linear_path_needs_changes_among_the_inputs(ett):
+    with pytest.raises(ValueError, match="needs inputs 'changes' or 'both'"):
+        ett.LruForecaster(ett.LruConfig(inputs="levels"))._change_columns(7)
 
 
 def test_bench_writes_exchange_files_and_figures(ett, tmp_path, monkeypatch):
