@@ -1,16 +1,22 @@
 """The LRU scan on a CUDA GPU: our Triton kernel against the memory floor and the peers, one table.
 
-    python bench/scan_gpu.py [--shapes 16x256x4096,16x256x65536,1x256x65536,64x512x2048] [--json FILE]
+    python bench/scan_gpu.py [--shapes 16x256x4096,16x256x65536,1x256x65536,64x512x2048]
+                             [--tiling 64x32x8] [--sweep 32x32x4,64x32x8,...] [--json FILE]
 
 Per shape (B, N, T), complex64, time-invariant lam, with h0, medians of triton.testing.do_bench:
 - copy ceiling: the device-to-device copy bandwidth measured here, and the LRU floor at that
   bandwidth, 16 bytes per element (read x, write h);
-- ours: forward, and forward + backward (grads of x, lam, h0);
+- ours: forward, and forward + backward (grads of x, lam, h0), with the tiling given
+  (chunk x block x warps; the kernel's default otherwise);
 - torch step loop: the `reference` backend (one kernel launch per step), forward only;
-- accelerated-scan and flash-linear-attention's chunk_hgrn when installed (the peers; rows say
-  "not installed" otherwise). chunk_hgrn is real-valued: it runs on the equivalent width 2N.
+- accelerated-scan's complex Triton scan (`accelerated_scan.complex.scan`), forward and
+  forward + backward, on its own layout (B, N, T) with the full gate tensor it needs and h0
+  folded into the first input, all prepared outside the timing; flash-linear-attention's
+  chunk_hgrn, real-valued, on the equivalent width 2N. Rows say "not installed" otherwise.
 Then one training step (forward, backward, AdamW) of an LRU model of 4 blocks, d_model 256,
-N 256, B 16, T 4096 with our kernel.
+N 256, B 16, T 4096, with our kernel and with the same model's scan swapped for
+accelerated-scan's (its layout changes included: that is what using it costs this model).
+--sweep times our forward and forward + backward per tiling at every shape, to choose the default.
 
 Needs a CUDA GPU and triton; it says so and stops otherwise.
 """
@@ -21,7 +27,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -61,15 +70,19 @@ def ours_forward(lam, x, h0):
     return lambda: scan(lam, x, h0, backend="triton")
 
 
-def ours_forward_backward(lam, x, h0):
-    leaves = [t.detach().clone().requires_grad_() for t in (lam, x, h0)]
-    grad = torch.randn_like(x)
+def forward_backward(run: Callable, leaves: list[torch.Tensor]) -> Callable[[], None]:
+    """run(*leaves) -> states, then the gradients of all leaves for a random output gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    grad = torch.randn_like(run(*leaves).detach())
 
     def step():
-        h, _ = scan(*leaves, backend="triton")
-        torch.autograd.grad(h, leaves, grad)
+        torch.autograd.grad(run(*leaves), leaves, grad)
 
     return step
+
+
+def ours_forward_backward(lam, x, h0):
+    return forward_backward(lambda *leaves: scan(*leaves, backend="triton")[0], [lam, x, h0])
 
 
 def step_loop_ms(lam, x, h0) -> float:
@@ -81,13 +94,38 @@ def step_loop_ms(lam, x, h0) -> float:
     return 1e3 * (time.perf_counter() - started)
 
 
-def peer_accelerated_scan(lam, x, h0):
-    """accelerated-scan's Triton scan, if installed (it takes no h0; gates are a full tensor)."""
-    from accelerated_scan.triton import scan as accelerated
-
+def accelerated_layout(lam, x, h0):
+    """accelerated-scan's inputs: gates and tokens (B, N, T), h0 folded into the first token."""
     gates = lam.expand_as(x).transpose(1, 2).contiguous()
     tokens = x.transpose(1, 2).contiguous()
+    tokens[:, :, 0] += lam * h0
+    return gates, tokens
+
+
+def peer_accelerated_scan(lam, x, h0):
+    from accelerated_scan.complex import scan as accelerated
+
+    gates, tokens = accelerated_layout(lam, x, h0)
     return lambda: accelerated(gates, tokens)
+
+
+def peer_accelerated_scan_backward(lam, x, h0):
+    from accelerated_scan.complex import scan as accelerated
+
+    return forward_backward(accelerated, list(accelerated_layout(lam, x, h0)))
+
+
+def scan_on_accelerated(lam, x, h0=None, backend=None):
+    """`lru_online.scan` computed by accelerated-scan, for the model's training step."""
+    from accelerated_scan.complex import scan as accelerated
+
+    batch, length, channels = x.shape
+    gates = (lam if lam.dim() == 3 else lam.expand(batch, length, channels)).transpose(1, 2).contiguous()
+    tokens = x.transpose(1, 2)
+    if h0 is not None:
+        tokens = torch.cat([tokens[:, :, :1] + gates[:, :, :1] * h0.unsqueeze(-1), tokens[:, :, 1:]], dim=2)
+    states = accelerated(gates, tokens.contiguous()).transpose(1, 2)
+    return states, states[:, -1]
 
 
 def peer_chunk_hgrn(lam, x, h0):
@@ -100,7 +138,8 @@ def peer_chunk_hgrn(lam, x, h0):
     return lambda: chunk_hgrn(real, log_gate, initial_state=start, output_final_state=True)
 
 
-def training_step_ms() -> float:
+def training_step() -> Callable[[], None]:
+    """One AdamW step of the 4-block model, with whatever `lru_online.layer.scan` is when it runs."""
     from lru_online import LRUForecaster, ModelConfig
 
     model = LRUForecaster(
@@ -116,52 +155,119 @@ def training_step_ms() -> float:
         loss.backward()
         optimizer.step()
 
-    return median_ms(step)
+    return step
+
+
+def peer_ms(make: Callable[[], Callable[[], object]]) -> float | str:
+    """The median of the peer's run that make() sets up, or why there is none (not installed, or
+    its API is not what this bench expects)."""
+    try:
+        return median_ms(make())
+    except ImportError:
+        return "not installed"
+    except Exception as error:
+        return f"failed: {type(error).__name__}"
+
+
+def parse_tiling(text: str):
+    from lru_online.scan.triton_backend import Tiling
+
+    chunk, block, warps = (int(v) for v in text.split("x"))
+    return Tiling(chunk=chunk, block=block, num_warps=warps)
+
+
+def print_row(cells: list) -> None:
+    print("".join(f"{c:>14.3f}" if isinstance(c, float) else f"{c!s:>14}" for c in cells))
+
+
+def accelerated_disagreement(lam, x, h0) -> float | str:
+    """max |peer - ours| / max |ours| of the forward states: the peer is wired to the same problem."""
+    try:
+        from accelerated_scan.complex import scan as accelerated
+    except ImportError:
+        return "not installed"
+    ours, _ = scan(lam, x, h0, backend="triton")
+    theirs = accelerated(*accelerated_layout(lam, x, h0)).transpose(1, 2)
+    return float((theirs - ours).abs().max() / ours.abs().max())
+
+
+def sweep(shapes: list[tuple[int, int, int]], tilings: list[str]) -> list[dict]:
+    """Our forward and forward + backward per tiling (chunk x block x warps) at every shape."""
+    from lru_online.scan import triton_backend
+
+    print("sweep: ours per tiling (ms, medians)")
+    print("".join(f"{h:>14}" for h in ("B", "N", "T", "tiling", "fwd", "f+b")))
+    rows = []
+    chosen = triton_backend.DEFAULT_TILING
+    for batch, channels, length in shapes:
+        lam, x, h0 = inputs(batch, channels, length)
+        for text in tilings:
+            triton_backend.DEFAULT_TILING = parse_tiling(text)
+            row = {"B": batch, "N": channels, "T": length, "tiling": text,
+                   "forward_ms": median_ms(ours_forward(lam, x, h0)),
+                   "forward_backward_ms": median_ms(ours_forward_backward(lam, x, h0))}  # fmt: skip
+            rows.append(row)
+            print_row(list(row.values()))
+        del lam, x, h0
+        torch.cuda.empty_cache()
+    triton_backend.DEFAULT_TILING = chosen
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES)
+    parser.add_argument("--tiling", default=None, help="chunk x block x warps for our kernel, e.g. 64x32x8")
+    parser.add_argument("--sweep", default=None, help="tilings to time first, comma-separated")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/scan_gpu.py needs a CUDA GPU; this machine has none")
-    bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    header = ("B", "N", "T", "floor", "ours fwd", "ours f+b", "step loop", "acc-scan fwd", "hgrn fwd")
-    print("".join(f"{h:>13}" for h in header) + "   (ms, medians)")
-    rows = []
-    for shape in args.shapes.split(","):
-        batch, channels, length = (int(v) for v in shape.split("x"))
+    from lru_online.scan import triton_backend
+
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["sweep"] = sweep(shapes, args.sweep.split(",")) if args.sweep else []
+    if args.tiling:
+        triton_backend.DEFAULT_TILING = parse_tiling(args.tiling)
+    report["tiling"] = vars(triton_backend.DEFAULT_TILING)
+    bandwidth = report["copy_bandwidth"] = copy_bandwidth()
+    print(f"{report['device']}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+          f"our tiling {report['tiling']}")  # fmt: skip
+    header = ("B", "N", "T", "floor", "ours fwd", "ours f+b", "ours TB/s", "step loop",
+              "acc-scan fwd", "acc-scan f+b", "hgrn fwd", "acc-scan diff")  # fmt: skip
+    print("".join(f"{h:>14}" for h in header))
+    print("(ms, medians; TB/s: our forward at 16 B/element; acc-scan diff: max |theirs - ours| / max |ours|)")
+    rows = report["shapes"] = []
+    for batch, channels, length in shapes:
         lam, x, h0 = inputs(batch, channels, length)
+        forward_ms = median_ms(ours_forward(lam, x, h0))
         row = {
             "B": batch,
             "N": channels,
             "T": length,
             "floor_ms": 1e3 * FLOOR_BYTES * x.numel() / bandwidth,
-            "ours_forward_ms": median_ms(ours_forward(lam, x, h0)),
+            "ours_forward_ms": forward_ms,
             "ours_forward_backward_ms": median_ms(ours_forward_backward(lam, x, h0)),
+            "ours_forward_tb_per_s": FLOOR_BYTES * x.numel() / (forward_ms / 1e3) / 1e12,
             "step_loop_ms": step_loop_ms(lam, x, h0),
+            "accelerated_scan_ms": peer_ms(partial(peer_accelerated_scan, lam, x, h0)),
+            "accelerated_scan_forward_backward_ms": peer_ms(partial(peer_accelerated_scan_backward, lam, x, h0)),
+            "chunk_hgrn_ms": peer_ms(partial(peer_chunk_hgrn, lam, x, h0)),
+            "accelerated_scan_disagreement": accelerated_disagreement(lam, x, h0),
         }
-        for key, peer in (("accelerated_scan_ms", peer_accelerated_scan), ("chunk_hgrn_ms", peer_chunk_hgrn)):
-            try:
-                row[key] = median_ms(peer(lam, x, h0))
-            except ImportError:
-                row[key] = "not installed"
-            except Exception as error:  # a peer's API differs from what this bench expects
-                row[key] = f"failed: {type(error).__name__}"
         rows.append(row)
-        cells = [row[k] for k in ("B", "N", "T")] + [
-            row[k] for k in ("floor_ms", "ours_forward_ms", "ours_forward_backward_ms", "step_loop_ms",
-                             "accelerated_scan_ms", "chunk_hgrn_ms")
-        ]  # fmt: skip
-        print("".join(f"{c:>13.3f}" if isinstance(c, float) else f"{c!s:>13}" for c in cells))
+        print_row(list(row.values()))
+        del lam, x, h0
         torch.cuda.empty_cache()
-    train_ms = training_step_ms()
-    print(f"training step, LRU 4 blocks d_model 256 N 256, B 16 T 4096, ours: {train_ms:.2f} ms")
+    ours_ms = report["training_step_ms"] = median_ms(training_step())
+    with mock.patch("lru_online.layer.scan", scan_on_accelerated):
+        peer = report["training_step_accelerated_scan_ms"] = peer_ms(training_step)
+    peer_text = f"{peer:.2f}" if isinstance(peer, float) else peer
+    print(f"training step, LRU 4 blocks d_model 256 N 256, B 16 T 4096 (ms, median): ours {ours_ms:.2f}, "
+          f"on accelerated-scan {peer_text}")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
-                                         "shapes": rows, "training_step_ms": train_ms}, indent=2))  # fmt: skip
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

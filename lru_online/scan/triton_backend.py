@@ -1,17 +1,26 @@
-"""The GPU scan in Triton: h_t = lam_t * h_{t-1} + x_t, parallel over batch, channels and time.
+"""The GPU scan in Triton: h_t = lam_t * h_{t-1} + x_t in one pass over memory.
 
-Reduce-then-scan over chunks of time, three launches:
-1. `_chunk_pass` with SUMMARY: every chunk, scanned from a zero state, gives its end state and
-   the product of its decays (reads x once, writes nothing per step);
-2. `_chunk_carries`: one sequential pass over the chunk summaries gives each chunk's incoming
-   state, starting from h0;
-3. `_chunk_pass` without: every chunk scans again from its incoming state and writes h.
-So x is read twice and h written once (24 bytes per complex64 element), and a single long
-stream (B = 1) still spreads over T / CHUNK programs per channel block.
+Each program scans one tile, `chunk` steps of one batch row by `block` channels, in registers
+(`tl.associative_scan` over the steps h -> lam h + x), and learns the state entering its tile by
+decoupled look-back (Merrill and Garland, "Single-pass parallel prefix scan with decoupled
+look-back", 2016): it publishes its tile's aggregate (the product of the decays and the end
+state from zero) straight away, then walks back over the tiles before it, composing their
+aggregates, until it meets one that has published its inclusive prefix (the state leaving
+it). Then it publishes its own prefix and writes h. x is read once and h written once:
+16 bytes per complex64 element, the memory floor, and a single long stream (B = 1) still spreads
+over T / chunk programs per block of channels.
 
-The backward pass runs the same kernels in reverse time on the conjugate decays (the adjoint
-a_t = g_t + conj(lam_{t+1}) a_{t+1}); the gradient of lam is a_t conj(h_{t-1}), reduced over
-batch and time when lam is time-invariant.
+A program takes its tile from an atomic ticket, not from its program id, and only ever waits on
+tiles with lower tickets, whose programs have already started: waiting cannot deadlock in
+whatever order the GPU runs programs. Tickets run chunk-major (every sequence's first chunk,
+then every second one, ...), so a tile's predecessor was handed out a whole row of sequences
+earlier and has usually finished.
+
+The backward pass is the same kernel run in reverse time on the conjugate decays, the adjoint
+a_t = g_t + conj(lam_{t+1}) a_{t+1} entering from the gradient of the last state; in the same
+pass it forms the gradient of lam, a_t conj(h_{t-1}), from the saved states: per step for a
+time-varying lam, summed per tile for a time-invariant one (the tiles' sums are added in torch).
+So it reads the output gradient and the states and writes the adjoint: 24 bytes per element.
 
 Triton has no complex type: tensors are viewed as interleaved float32 (re, im) pairs. Importing
 this module needs triton; `lru_online.scan.dispatch` imports it only for CUDA tensors, and the
@@ -20,127 +29,226 @@ tests run the kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRE
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from lru_online.scan.dispatch import ScanBackend, gradients_from_adjoint
-
-BLOCK_N = 32  # channels per program
-CHUNK = 128  # time steps per program
+from lru_online.scan.dispatch import ScanBackend
 
 
-@triton.jit
-def _load_decay(lam_ptr, b, t, n, T, N, n_mask, TIME_VARYING: tl.constexpr, CONJ: tl.constexpr):
-    """The decay lam_t (time-varying: element (b, t, n); else lam_n), 1 outside [0, T)."""
-    if TIME_VARYING:
-        tt = n * 0 + t
-        inside = n_mask & (tt >= 0) & (tt < T)
-        offset = ((b * T + t) * N + n) * 2
-        re = tl.load(lam_ptr + offset, mask=inside, other=1.0)
-        im = tl.load(lam_ptr + offset + 1, mask=inside, other=0.0)
-    else:
-        re = tl.load(lam_ptr + n * 2, mask=n_mask, other=1.0)
-        im = tl.load(lam_ptr + n * 2 + 1, mask=n_mask, other=0.0)
-    if CONJ:
-        im = -im
-    return re, im
+@dataclass(frozen=True)
+class Tiling:
+    """How the kernel cuts the work: time steps and channels per tile, warps per program."""
+
+    chunk: int = 64
+    block: int = 32
+    num_warps: int = 8
+
+
+DEFAULT_TILING = Tiling()
+
+# A tile's status word: 0 until it publishes its aggregate, then its inclusive prefix as well.
+_AGGREGATE = tl.constexpr(1)
+_PREFIX = tl.constexpr(2)
 
 
 @triton.jit
-def _decay_at(lam_ptr, b, t, n, T, N, mask, REVERSE: tl.constexpr):
-    """The time-varying decay of step t: lam_t forward; conj(lam_{t+1}) in reverse time (the
-    adjoint's), 1 past the end."""
-    if REVERSE:
-        return _load_decay(lam_ptr, b, t + 1, n, T, N, mask, True, True)
-    return _load_decay(lam_ptr, b, t, n, T, N, mask, True, False)
+def _mul(a_re, a_im, b_re, b_im):
+    return a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re
 
 
 @triton.jit
-def _step_time(chunk, i, CHUNK_SIZE: tl.constexpr, REVERSE: tl.constexpr):
-    """Time index of the i-th step of a chunk, walking forward or backward in time."""
-    if REVERSE:
-        return (chunk + 1) * CHUNK_SIZE - 1 - i
-    return chunk * CHUNK_SIZE + i
+def _then(a1_re, a1_im, b1_re, b1_im, a2_re, a2_im, b2_re, b2_im):
+    """The step h -> a1 h + b1 followed by h -> a2 h + b2."""
+    a_re, a_im = _mul(a2_re, a2_im, a1_re, a1_im)
+    b_re, b_im = _mul(a2_re, a2_im, b1_re, b1_im)
+    return a_re, a_im, b_re + b2_re, b_im + b2_im
 
 
 @triton.jit
-def _chunk_pass(
-    lam_ptr, x_ptr, carry_ptr, h_ptr, end_ptr, prod_ptr, T, N, n_chunks,
-    SUMMARY: tl.constexpr, TIME_VARYING: tl.constexpr, REVERSE: tl.constexpr,
+def _scan_tiles(
+    lam_ptr, x_ptr, out_ptr, start_ptr, states_ptr, states_start_ptr, lam_grad_ptr,
+    status_ptr, aggregate_ptr, prefix_ptr, T, N, n_seqs, n_chunks, n_blocks,
+    TIME_VARYING: tl.constexpr, REVERSE: tl.constexpr, HAS_START: tl.constexpr,
+    LAM_GRAD: tl.constexpr, HAS_STATES_START: tl.constexpr, PUBLISH_PREFIX: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One chunk of time for one block of channels. SUMMARY: from a zero state, store only the
-    end state and the product of the decays; otherwise from the chunk's carry, store every h_t."""
-    b, nb, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = nb * BLOCK + tl.arange(0, BLOCK)
+    """One tile of the scan. Forward: out = h from x, starting at `start` (h0). REVERSE: out =
+    the adjoint from the gradient x = g, starting at `start` (the gradient of the last state);
+    with LAM_GRAD it also writes lam's gradient from the forward `states`."""
+    ticket = tl.atomic_add(status_ptr + n_seqs * n_chunks, 1)  # the counter sits after the statuses
+    chunk = ticket // n_seqs
+    seq = ticket % n_seqs
+    b = (seq // n_blocks).to(tl.int64)
+    n = (seq % n_blocks) * BLOCK + tl.arange(0, BLOCK)
     n_mask = n < N
-    here = ((b * n_chunks + chunk) * N + n) * 2
-    if SUMMARY:
-        h_re = tl.zeros((BLOCK,), tl.float32)
-        h_im = tl.zeros((BLOCK,), tl.float32)
+    step = chunk * CHUNK_SIZE + tl.arange(0, CHUNK_SIZE)  # in scan order
+    if REVERSE:
+        t = T - 1 - step
     else:
-        h_re = tl.load(carry_ptr + here, mask=n_mask, other=0.0)
-        h_im = tl.load(carry_ptr + here + 1, mask=n_mask, other=0.0)
-    p_re = tl.full((BLOCK,), 1.0, tl.float32)
-    p_im = tl.zeros((BLOCK,), tl.float32)
-    if not TIME_VARYING:
-        d_re, d_im = _load_decay(lam_ptr, b, 0, n, T, N, n_mask, False, REVERSE)
-    for i in range(CHUNK_SIZE):
-        t = _step_time(chunk, i, CHUNK_SIZE, REVERSE)
-        inside = n_mask & (n * 0 + t < T)  # t as a block: a scalar mask breaks the interpreter
+        t = step
+    inside = (step < T)[:, None] & n_mask[None, :]
+    offset = ((b * T + t[:, None]) * N + n[None, :]) * 2
+    x_re = tl.load(x_ptr + offset, mask=inside, other=0.0)
+    x_im = tl.load(x_ptr + offset + 1, mask=inside, other=0.0)
+
+    # The decay of each step; 1 outside the data and, in reverse, at the first step (t = T - 1),
+    # whose start is the gradient of h_{T-1} itself.
+    if REVERSE:
+        decay_t = t + 1
+    else:
+        decay_t = t
+    has_decay = inside & (decay_t < T)[:, None]
+    if TIME_VARYING:
+        decay_offset = ((b * T + decay_t[:, None]) * N + n[None, :]) * 2
+        d_re = tl.load(lam_ptr + decay_offset, mask=has_decay, other=1.0)
+        d_im = tl.load(lam_ptr + decay_offset + 1, mask=has_decay, other=0.0)
+    else:
+        lam_re = tl.load(lam_ptr + n * 2, mask=n_mask, other=1.0)
+        lam_im = tl.load(lam_ptr + n * 2 + 1, mask=n_mask, other=0.0)
+        d_re = tl.where(has_decay, lam_re[None, :], 1.0)
+        d_im = tl.where(has_decay, lam_im[None, :], 0.0)
+    if REVERSE:
+        d_im = -d_im
+
+    # Within the tile from a zero state: a = product of the decays so far, s = the state.
+    a_re, a_im, s_re, s_im = tl.associative_scan((d_re, d_im, x_re, x_im), axis=0, combine_fn=_then)
+    last = (tl.arange(0, CHUNK_SIZE) == CHUNK_SIZE - 1)[:, None]
+    tile_a_re = tl.sum(tl.where(last, a_re, 0.0), axis=0)
+    tile_a_im = tl.sum(tl.where(last, a_im, 0.0), axis=0)
+    tile_b_re = tl.sum(tl.where(last, s_re, 0.0), axis=0)
+    tile_b_im = tl.sum(tl.where(last, s_im, 0.0), axis=0)
+
+    tile = seq * n_chunks + chunk
+    lane = tl.arange(0, BLOCK)
+    aggregate = aggregate_ptr + tile.to(tl.int64) * 4 * BLOCK + lane
+    tl.store(aggregate, tile_a_re)
+    tl.store(aggregate + BLOCK, tile_a_im)
+    tl.store(aggregate + 2 * BLOCK, tile_b_re)
+    tl.store(aggregate + 3 * BLOCK, tile_b_im)
+    tl.debug_barrier()  # every lane's store before the status that announces them
+    tl.atomic_xchg(status_ptr + tile, _AGGREGATE, sem="release")
+
+    # Look back: the state entering this tile is acc_a * (state leaving tile j) + acc_b.
+    acc_a_re = tl.full((BLOCK,), 1.0, tl.float32)
+    acc_a_im = tl.zeros((BLOCK,), tl.float32)
+    acc_b_re = tl.zeros((BLOCK,), tl.float32)
+    acc_b_im = tl.zeros((BLOCK,), tl.float32)
+    j = chunk - 1
+    while j >= 0:
+        earlier = seq * n_chunks + j
+        status = tl.atomic_add(status_ptr + earlier, 0, sem="acquire")
+        if status == _PREFIX:
+            prefix = prefix_ptr + earlier.to(tl.int64) * 2 * BLOCK + lane
+            p_re = tl.load(prefix, cache_modifier=".cg")
+            p_im = tl.load(prefix + BLOCK, cache_modifier=".cg")
+            m_re, m_im = _mul(acc_a_re, acc_a_im, p_re, p_im)
+            acc_b_re += m_re
+            acc_b_im += m_im
+            # Nothing before tile j matters any more: the start below is multiplied by zero.
+            acc_a_re = tl.zeros((BLOCK,), tl.float32)
+            acc_a_im = tl.zeros((BLOCK,), tl.float32)
+            j = j * 0 - 1
+        elif status == _AGGREGATE:
+            earlier_aggregate = aggregate_ptr + earlier.to(tl.int64) * 4 * BLOCK + lane
+            g_a_re = tl.load(earlier_aggregate, cache_modifier=".cg")
+            g_a_im = tl.load(earlier_aggregate + BLOCK, cache_modifier=".cg")
+            g_b_re = tl.load(earlier_aggregate + 2 * BLOCK, cache_modifier=".cg")
+            g_b_im = tl.load(earlier_aggregate + 3 * BLOCK, cache_modifier=".cg")
+            acc_a_re, acc_a_im, acc_b_re, acc_b_im = _then(
+                g_a_re, g_a_im, g_b_re, g_b_im, acc_a_re, acc_a_im, acc_b_re, acc_b_im
+            )
+            j -= 1
+        # Status 0: tile j has not published yet; ask again.
+    if HAS_START:
+        start_re = tl.load(start_ptr + (b * N + n) * 2, mask=n_mask, other=0.0)
+        start_im = tl.load(start_ptr + (b * N + n) * 2 + 1, mask=n_mask, other=0.0)
+        m_re, m_im = _mul(acc_a_re, acc_a_im, start_re, start_im)
+        acc_b_re += m_re
+        acc_b_im += m_im
+    carry_re, carry_im = acc_b_re, acc_b_im
+
+    if PUBLISH_PREFIX:
+        leave_re, leave_im = _mul(tile_a_re, tile_a_im, carry_re, carry_im)
+        prefix = prefix_ptr + tile.to(tl.int64) * 2 * BLOCK + lane
+        tl.store(prefix, leave_re + tile_b_re)
+        tl.store(prefix + BLOCK, leave_im + tile_b_im)
+        tl.debug_barrier()
+        tl.atomic_xchg(status_ptr + tile, _PREFIX, sem="release")
+
+    c_re, c_im = _mul(a_re, a_im, carry_re[None, :], carry_im[None, :])
+    h_re = s_re + c_re
+    h_im = s_im + c_im
+    tl.store(out_ptr + offset, h_re, mask=inside)
+    tl.store(out_ptr + offset + 1, h_im, mask=inside)
+
+    if LAM_GRAD:
+        # d loss / d lam_t = a_t conj(h_{t-1}), h_{-1} being the forward's start state.
+        has_previous = inside & (t >= 1)[:, None]
+        prev_re = tl.load(states_ptr + offset - 2 * N, mask=has_previous, other=0.0)
+        prev_im = tl.load(states_ptr + offset - 2 * N + 1, mask=has_previous, other=0.0)
+        if HAS_STATES_START:
+            first = inside & (t == 0)[:, None]
+            s0_re = tl.load(states_start_ptr + (b * N + n) * 2, mask=n_mask, other=0.0)
+            s0_im = tl.load(states_start_ptr + (b * N + n) * 2 + 1, mask=n_mask, other=0.0)
+            prev_re = tl.where(first, s0_re[None, :], prev_re)
+            prev_im = tl.where(first, s0_im[None, :], prev_im)
+        g_re = h_re * prev_re + h_im * prev_im
+        g_im = h_im * prev_re - h_re * prev_im
         if TIME_VARYING:
-            d_re, d_im = _decay_at(lam_ptr, b, t, n, T, N, inside, REVERSE)
-        offset = ((b * T + t) * N + n) * 2
-        x_re = tl.load(x_ptr + offset, mask=inside, other=0.0)
-        x_im = tl.load(x_ptr + offset + 1, mask=inside, other=0.0)
-        # Outside [0, T) the step must leave state and product alone.
-        s_re = tl.where(inside, d_re, 1.0)
-        s_im = tl.where(inside, d_im, 0.0)
-        h_re, h_im = s_re * h_re - s_im * h_im + x_re, s_re * h_im + s_im * h_re + x_im
-        if SUMMARY:
-            p_re, p_im = s_re * p_re - s_im * p_im, s_re * p_im + s_im * p_re
+            tl.store(lam_grad_ptr + offset, g_re, mask=inside)
+            tl.store(lam_grad_ptr + offset + 1, g_im, mask=inside)
         else:
-            tl.store(h_ptr + offset, h_re, mask=inside)
-            tl.store(h_ptr + offset + 1, h_im, mask=inside)
-    if SUMMARY:
-        tl.store(end_ptr + here, h_re, mask=n_mask)
-        tl.store(end_ptr + here + 1, h_im, mask=n_mask)
-        tl.store(prod_ptr + here, p_re, mask=n_mask)
-        tl.store(prod_ptr + here + 1, p_im, mask=n_mask)
-
-
-@triton.jit
-def _chunk_carries(
-    end_ptr, prod_ptr, h0_ptr, carry_ptr, N, n_chunks,
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    b, nb = tl.program_id(0), tl.program_id(1)
-    n = nb * BLOCK + tl.arange(0, BLOCK)
-    n_mask = n < N
-    if HAS_H0:
-        c_re = tl.load(h0_ptr + (b * N + n) * 2, mask=n_mask, other=0.0)
-        c_im = tl.load(h0_ptr + (b * N + n) * 2 + 1, mask=n_mask, other=0.0)
-    else:
-        c_re = tl.zeros((BLOCK,), tl.float32)
-        c_im = tl.zeros((BLOCK,), tl.float32)
-    for k in range(n_chunks):
-        if REVERSE:
-            chunk = n_chunks - 1 - k
-        else:
-            chunk = k
-        offset = ((b * n_chunks + chunk) * N + n) * 2
-        tl.store(carry_ptr + offset, c_re, mask=n_mask)
-        tl.store(carry_ptr + offset + 1, c_im, mask=n_mask)
-        p_re = tl.load(prod_ptr + offset, mask=n_mask, other=1.0)
-        p_im = tl.load(prod_ptr + offset + 1, mask=n_mask, other=0.0)
-        e_re = tl.load(end_ptr + offset, mask=n_mask, other=0.0)
-        e_im = tl.load(end_ptr + offset + 1, mask=n_mask, other=0.0)
-        c_re, c_im = p_re * c_re - p_im * c_im + e_re, p_re * c_im + p_im * c_re + e_im
+            partial = ((b * n_chunks + chunk) * N + n) * 2
+            tl.store(lam_grad_ptr + partial, tl.sum(tl.where(inside, g_re, 0.0), axis=0), mask=n_mask)
+            tl.store(lam_grad_ptr + partial + 1, tl.sum(tl.where(inside, g_im, 0.0), axis=0), mask=n_mask)
 
 
 def _floats(z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z.contiguous())
+
+
+def _launch(
+    lam: torch.Tensor,
+    inputs: torch.Tensor,
+    start: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    reverse: bool,
+    states: torch.Tensor | None = None,
+    states_start: torch.Tensor | None = None,
+    lam_grad: torch.Tensor | None = None,
+    tiling: Tiling,
+    publish_prefix: bool,
+) -> None:
+    if inputs.dtype != torch.complex64:
+        raise TypeError(f"the Triton scan computes in complex64, got {inputs.dtype}")
+    chunk, block = tiling.chunk, tiling.block
+    batch, length, channels = inputs.shape
+    n_chunks = triton.cdiv(length, chunk)
+    n_blocks = triton.cdiv(channels, block)
+    n_seqs = batch * n_blocks
+    n_tiles = n_seqs * n_chunks
+    # Per call: the statuses must start empty, and the ticket counter (last) at zero.
+    status = torch.zeros(n_tiles + 1, dtype=torch.int32, device=inputs.device)
+    aggregates = torch.empty(n_tiles * 4 * block, dtype=torch.float32, device=inputs.device)
+    prefixes = torch.empty(n_tiles * 2 * block, dtype=torch.float32, device=inputs.device)
+    x_f = _floats(inputs)
+    placeholder = x_f  # a pointer for arguments a constexpr switch leaves unread
+
+    def pointer(tensor: torch.Tensor | None) -> torch.Tensor:
+        return _floats(tensor) if tensor is not None else placeholder
+
+    _scan_tiles[(n_tiles,)](
+        _floats(lam), x_f, torch.view_as_real(out), pointer(start), pointer(states),
+        pointer(states_start), pointer(lam_grad), status, aggregates, prefixes,
+        length, channels, n_seqs, n_chunks, n_blocks,
+        TIME_VARYING=lam.dim() == 3, REVERSE=reverse, HAS_START=start is not None,
+        LAM_GRAD=lam_grad is not None, HAS_STATES_START=states_start is not None,
+        PUBLISH_PREFIX=publish_prefix, CHUNK_SIZE=chunk, BLOCK=block, num_warps=tiling.num_warps,
+    )  # fmt: skip
 
 
 def linear_scan(
@@ -148,40 +256,53 @@ def linear_scan(
     x: torch.Tensor,
     h0: torch.Tensor | None = None,
     *,
-    reverse: bool = False,
     out: torch.Tensor | None = None,
-    chunk: int | None = None,
-    block: int | None = None,
+    tiling: Tiling | None = None,
+    publish_prefix: bool = True,
 ) -> torch.Tensor:
     """All states of the scan, complex64 (B, T, N).
 
-    reverse=True runs the adjoint recurrence h_t = conj(lam_{t+1}) h_{t+1} + x_t from h_T = h0
-    (time-invariant lam: conj(lam)), the backward pass's scan. `out` receives the states when
-    given (the tests hand in a poisoned buffer to catch unwritten elements).
+    `out` receives the states when given (the tests hand in a poisoned buffer to catch unwritten
+    elements). `tiling` overrides DEFAULT_TILING (the benchmark's sweep, the interpreter's tests).
+    publish_prefix=False is for the tests: tiles then publish only their aggregates,
+    so every look-back walks to the start of its sequence, which under the interpreter's
+    in-order programs would otherwise never happen.
     """
-    if x.dtype != torch.complex64:
-        raise TypeError(f"the Triton scan computes in complex64, got {x.dtype}")
-    chunk, block = chunk or CHUNK, block or BLOCK_N
-    batch, length, channels = x.shape
-    time_varying = lam.dim() == 3
-    n_chunks = triton.cdiv(length, chunk)
-    n_blocks = triton.cdiv(channels, block)
-    ends = torch.empty((batch, n_chunks, channels), dtype=x.dtype, device=x.device)
-    prods = torch.empty_like(ends)
-    carries = torch.empty_like(ends)
-    lam_f, x_f, ends_f, prods_f, carries_f = map(_floats, (lam, x, ends, prods, carries))
-    h0_f = _floats(h0) if h0 is not None else x_f  # a placeholder pointer when HAS_H0 is off
     h = out if out is not None else torch.empty_like(x)
-    h_f = torch.view_as_real(h)
-    pointers = (lam_f, x_f, carries_f, h_f, ends_f, prods_f, length, channels, n_chunks)
-    options = dict(TIME_VARYING=time_varying, REVERSE=reverse, CHUNK_SIZE=chunk, BLOCK=block)
-    _chunk_pass[(batch, n_blocks, n_chunks)](*pointers, SUMMARY=True, **options)
-    _chunk_carries[(batch, n_blocks)](
-        ends_f, prods_f, h0_f, carries_f, channels, n_chunks,
-        HAS_H0=h0 is not None, REVERSE=reverse, BLOCK=block,
-    )  # fmt: skip
-    _chunk_pass[(batch, n_blocks, n_chunks)](*pointers, SUMMARY=False, **options)
+    _launch(lam, x, h0, h, reverse=False, tiling=tiling or DEFAULT_TILING, publish_prefix=publish_prefix)
     return h
+
+
+def adjoint_scan(
+    lam: torch.Tensor,
+    grad_h: torch.Tensor,
+    grad_last: torch.Tensor | None,
+    states: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    tiling: Tiling | None = None,
+    publish_prefix: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The adjoint a_t = grad_h_t + conj(lam_{t+1}) a_{t+1}, entering from grad_last, which is
+    also the gradient of x; with the forward `states` (and its h0) also the gradient of lam."""
+    adjoint = out if out is not None else torch.empty_like(grad_h)
+    tiling = tiling or DEFAULT_TILING
+    batch, length, channels = grad_h.shape
+    lam_grad = None
+    if states is not None:
+        if lam.dim() == 3:
+            lam_grad = torch.empty_like(lam)
+        else:
+            n_chunks = triton.cdiv(length, tiling.chunk)
+            lam_grad = torch.empty((batch, n_chunks, channels), dtype=grad_h.dtype, device=grad_h.device)
+    _launch(
+        lam, grad_h, grad_last, adjoint, reverse=True, states=states, states_start=h0,
+        lam_grad=lam_grad, tiling=tiling, publish_prefix=publish_prefix,
+    )  # fmt: skip
+    if lam_grad is not None and lam.dim() == 1:
+        lam_grad = lam_grad.sum(dim=(0, 1))  # the tiles' sums
+    return adjoint, lam_grad
 
 
 def triton_forward(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
@@ -197,11 +318,12 @@ def triton_backward(
     need_lam: bool,
     need_h0: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    grad = grad_h.clone()
-    if grad_last is not None:
-        grad[:, -1] += grad_last
-    adjoint = linear_scan(lam, grad, None, reverse=True)
-    return gradients_from_adjoint(lam, h, h0, adjoint, need_lam, need_h0)
+    adjoint, grad_lam = adjoint_scan(lam, grad_h, grad_last, h if need_lam else None, h0)
+    grad_h0 = None
+    if need_h0:
+        first_decay = lam[:, 0] if lam.dim() == 3 else lam
+        grad_h0 = first_decay.conj() * adjoint[:, 0]
+    return adjoint, grad_lam, grad_h0
 
 
 BACKEND = ScanBackend(

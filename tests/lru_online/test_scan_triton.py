@@ -1,12 +1,15 @@
-"""The Triton scan's kernels, run on CPU by Triton's interpreter (CI has no GPU): forward into a
-poisoned buffer, gradients of x, lam and h0, both lam shapes, with and without h0, T from 1 to
-past two chunks, and chunk invariance. The GPU figures come from bench/scan_gpu.py."""
+"""The Triton scan's kernel, run on CPU by Triton's interpreter (CI has no GPU): forward and
+adjoint into poisoned buffers, the look-back through published aggregates, gradients of x, lam
+and h0, both lam shapes, with and without h0, T from 1 to several chunks, several channel
+blocks, and chunk invariance. On a GPU: `python -m tests.lru_online.triton_check --device cuda`;
+the speed figures come from bench/scan_gpu.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +26,7 @@ def errors() -> dict[str, float]:
     # A fresh interpreter: TRITON_INTERPRET is read when triton is first imported.
     env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "tests.lru_online.triton_interpreter_check"],
+        [sys.executable, "-m", "tests.lru_online.triton_check"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -31,8 +34,11 @@ def errors() -> dict[str, float]:
 
 
 def test_every_case_ran(errors):
-    assert sum(key.startswith("forward ") for key in errors) == 3 * 2 * 2 * 2
-    assert sum(key.startswith("grad ") for key in errors) == 2 * 2 * (2 + 3)
+    # 3 lengths x 2 lam shapes x with and without h0; h0's gradient only where there is one.
+    assert sum(key.startswith("forward look-back only ") for key in errors) == 12
+    assert sum(key.startswith("forward B=") for key in errors) == 12
+    assert sum(key.startswith("adjoint ") for key in errors) == 12
+    assert sum(key.startswith("grad ") for key in errors) == 12 * 2 + 6
     assert "chunk invariance" in errors
 
 
@@ -40,3 +46,30 @@ def test_outputs_gradients_and_carried_state_match_the_float64_reference(errors)
     # NaN (an element the kernel never wrote into the poisoned buffer) fails the comparison too.
     too_far = {case: error for case, error in errors.items() if not error <= 1e-4}
     assert not too_far
+
+
+@pytest.mark.parametrize(("time_varying", "reverse"), [(False, False), (True, False), (False, True), (True, True)])
+def test_the_kernel_compiles_for_hopper_and_orders_its_publications(time_varying, reverse):
+    # The interpreter runs programs one at a time, so it cannot show how tiles see each other's
+    # results on a GPU. Compiled for sm_90 (no GPU needed): the status that announces a tile's
+    # aggregate or prefix is written with release semantics after the data, and read with
+    # acquire semantics before the data is; the data itself is read past the incoherent L1.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lru_online.scan import triton_backend
+
+    switches = {
+        "TIME_VARYING": time_varying, "REVERSE": reverse, "HAS_START": True, "LAM_GRAD": reverse,
+        "HAS_STATES_START": reverse, "PUBLISH_PREFIX": True, "CHUNK_SIZE": 64, "BLOCK": 32,
+    }  # fmt: skip
+    pointers = {name: "*fp32" for name in triton_backend._scan_tiles.arg_names if name.endswith("_ptr")}
+    signature = pointers | {"status_ptr": "*i32"} | dict.fromkeys(("T", "N", "n_seqs", "n_chunks", "n_blocks"), "i32")
+    source = ASTSource(
+        triton_backend._scan_tiles, signature | dict.fromkeys(switches, "constexpr"), constexprs=switches
+    )
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    assert len(re.findall(r"atom\.global\.gpu\.release\.exch", ptx)) == 2  # aggregate, then prefix
+    assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx)  # the status poll
+    assert re.search(r"ld\.global\.cg", ptx)

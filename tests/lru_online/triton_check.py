@@ -1,0 +1,136 @@
+"""The Triton scan against complex128 references, printed as JSON {case: relative error}.
+
+    TRITON_INTERPRET=1 python -m tests.lru_online.triton_check    # CPU, small shapes (CI)
+    python -m tests.lru_online.triton_check --device cuda          # a GPU: issue 4's shapes
+
+Forward states and the adjoint (the gradient of x) land in NaN-poisoned buffers, so an element
+the kernel never wrote fails the comparison; lam's gradient is written by the same programs
+under the same masks as the adjoint. Gradients are compared with autograd through the step
+loop in complex128; states with a NumPy loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from lru_online.scan import dispatch, triton_backend
+from tests.lru_online.reference import numpy_scan, random_decay, relative_error
+
+# (B, N, T): every length at two widths, then the benchmark's shapes.
+GPU_SHAPES = [
+    *((batch, 256, length) for batch in (16, 1) for length in (1, 7, 1000, 4096, 65537)),
+    (16, 256, 65536), (1, 256, 65536), (64, 512, 2048),
+]  # fmt: skip
+# The interpreter calls the scan's combine function once per element pair, slowly: tiny tiles,
+# still with several chunks and channel blocks, a ragged last one of each.
+CPU_SHAPES = [(2, 3, 1), (2, 3, 7), (2, 3, 37)]
+CPU_TILING = triton_backend.Tiling(chunk=8, block=2, num_warps=1)
+
+
+def inputs(shape, time_varying, with_h0, device, seed):
+    batch, channels, length = shape
+    gen = torch.Generator().manual_seed(seed)
+    lam = random_decay(channels, 0.9999, gen, (batch, length, channels) if time_varying else None)
+    x = torch.randn(batch, length, channels, dtype=torch.complex128, generator=gen)
+    h0 = torch.randn(batch, channels, dtype=torch.complex128, generator=gen) if with_h0 else None
+    return [t.to(device) if t is not None else None for t in (lam, x, h0)]
+
+
+def error(actual: torch.Tensor, expected: np.ndarray) -> float:
+    """Relative error; absolute where the expected values are all zero (lam's gradient at T = 1
+    from a zero h0)."""
+    if not np.abs(expected).any():
+        return float(np.abs(actual.detach().cpu().numpy()).max())
+    return relative_error(actual, expected)
+
+
+def single(tensors):
+    return [t.to(torch.complex64) if t is not None else None for t in tensors]
+
+
+def poisoned(like: torch.Tensor) -> torch.Tensor:
+    return torch.full(like.shape, float("nan"), dtype=torch.complex64, device=like.device)
+
+
+def gradient_errors(lam, x, h0) -> dict[str, float]:
+    """Gradients for random output gradients of h and h_last: the kernel in complex64, through
+    the same autograd rule as a model uses, against autograd through the complex128 step loop."""
+    gen = torch.Generator().manual_seed(99)
+    grad_h = torch.randn(x.shape, dtype=torch.complex128, generator=gen).to(x.device)
+    grad_last = torch.randn(x[:, 0].shape, dtype=torch.complex128, generator=gen).to(x.device)
+    present = [t for t in (lam, x, h0) if t is not None]
+
+    def grads(backend, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in present]
+        h, h_last = dispatch.scan(*leaves, backend=backend)  # (lam, x) or (lam, x, h0)
+        return torch.autograd.grad((h, h_last), leaves, (grad_h.to(dtype), grad_last.to(dtype)))
+
+    expected = grads("reference", torch.complex128)
+    errors = {
+        f"grad {name}": error(ours, reference.cpu().numpy())
+        for name, ours, reference in zip(("lam", "x", "h0"), grads("triton", torch.complex64), expected, strict=False)
+    }
+    lam32, grad_h32, grad_last32 = single((lam, grad_h, grad_last))
+    adjoint, _ = triton_backend.adjoint_scan(lam32, grad_h32, grad_last32, out=poisoned(x))
+    errors["adjoint"] = error(adjoint, expected[1].cpu().numpy())
+    return errors
+
+
+def shape_errors(shape, device, look_back_only) -> dict[str, float]:
+    results = {}
+    for time_varying in (False, True):
+        for with_h0 in (False, True):
+            case = f"B={shape[0]} N={shape[1]} T={shape[2]} {'varying' if time_varying else 'invariant'} h0={with_h0}"
+            lam, x, h0 = inputs(shape, time_varying, with_h0, device, seed=sum(shape))
+            expected = numpy_scan(lam, x, h0)
+            h = triton_backend.linear_scan(*single((lam, x, h0)), out=poisoned(x))
+            results[f"forward {case}"] = relative_error(h, expected)
+            if look_back_only:
+                h = triton_backend.linear_scan(*single((lam, x, h0)), out=poisoned(x), publish_prefix=False)
+                results[f"forward look-back only {case}"] = relative_error(h, expected)
+            for name, error in gradient_errors(lam, x, h0).items():
+                results[f"{name} {case}"] = error
+    return results
+
+
+def chunk_invariance(device) -> float:
+    """The state carried across cuts gives the uncut scan."""
+    lam, x, h0 = single(inputs((2, 3, 40), False, True, device, seed=5))
+    whole = triton_backend.linear_scan(lam, x, h0)
+    carried, parts = h0, []
+    for lo, hi in ((0, 13), (13, 24), (24, 40)):
+        part = triton_backend.linear_scan(lam, x[:, lo:hi].contiguous(), carried)
+        parts.append(part)
+        carried = part[:, -1].contiguous()
+    return relative_error(torch.cat(parts, 1), whole.cpu().numpy().astype(np.complex128))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    device = parser.parse_args().device
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("on CPU the kernels run only under Triton's interpreter: set TRITON_INTERPRET=1")
+        # The kernels under the interpreter, reached through the same dispatch and autograd rule as on CUDA.
+        dispatch.register_backend(replace(triton_backend.BACKEND, devices=frozenset({"cpu"})))
+        triton_backend.DEFAULT_TILING = CPU_TILING
+        shapes = CPU_SHAPES
+    else:
+        shapes = GPU_SHAPES
+    results = {}
+    for shape in shapes:
+        results |= shape_errors(shape, device, look_back_only=device == "cpu")
+    results["chunk invariance"] = chunk_invariance(device)
+    json.dump(results, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()
