@@ -28,6 +28,7 @@ class ScanBackend:
     forward: ForwardFn
     backward: BackwardFn | None
     devices: frozenset[str]
+    dtypes: frozenset[torch.dtype] = frozenset({torch.complex64, torch.complex128})
 
 
 _BACKENDS: dict[str, ScanBackend] = {}
@@ -40,15 +41,17 @@ def register_backend(backend: ScanBackend) -> None:
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     device_type = torch.device(device).type
+    _load_gpu_backend(device_type)
     names = [name for name, b in _BACKENDS.items() if device_type in b.devices]
     return ["reference", *names]
 
 
-def _default_backend(device_type: str) -> str:
+def _default_backend(device_type: str, dtype: torch.dtype) -> str:
+    """The fastest backend for the device that computes in dtype (Triton: complex64 only)."""
     _load_gpu_backend(device_type)
-    preferred = {"cpu": "cpu", "cuda": "triton"}.get(device_type)
-    if preferred in _BACKENDS:
-        return preferred
+    preferred = _BACKENDS.get({"cpu": "cpu", "cuda": "triton"}.get(device_type, ""))
+    if preferred is not None and dtype in preferred.dtypes:
+        return preferred.name
     return "chunked"
 
 
@@ -176,7 +179,7 @@ def scan(
         All states (B, T, N) and the last state (B, N), differentiable in lam, x and h0.
     """
     _check(lam, x, h0)
-    name = backend or _default_backend(x.device.type)
+    name = backend or _default_backend(x.device.type, x.dtype)
     if name == "reference":
         return reference_scan(lam, x, h0)
     _load_gpu_backend(x.device.type)
@@ -185,6 +188,8 @@ def scan(
         raise ValueError(f"scan: unknown or unavailable backend {name!r}; have {available_backends(x.device)}")
     if x.device.type not in chosen.devices:
         raise ValueError(f"scan: backend {name!r} does not run on {x.device.type} tensors")
+    if x.dtype not in chosen.dtypes:
+        raise TypeError(f"scan: backend {name!r} does not compute in {x.dtype}")
     h0 = h0.contiguous() if h0 is not None else None
     return _ScanFunction.apply(chosen, lam.contiguous(), x.contiguous(), h0)
 

@@ -331,4 +331,5 @@ BACKEND = ScanBackend(
     forward=triton_forward,
     backward=triton_backward,
     devices=frozenset({"cuda"}),
+    dtypes=frozenset({torch.complex64}),
 )

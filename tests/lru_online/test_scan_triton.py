@@ -73,3 +73,20 @@ def test_the_kernel_compiles_for_hopper_and_orders_its_publications(time_varying
     assert len(re.findall(r"atom\.global\.gpu\.release\.exch", ptx)) == 2  # aggregate, then prefix
     assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx)  # the status poll
     assert re.search(r"ld\.global\.cg", ptx)
+
+
+def test_cuda_tensors_get_the_kernel_in_complex64_only(monkeypatch):
+    from dataclasses import replace
+
+    import torch
+
+    from lru_online.scan import dispatch, triton_backend
+
+    assert "triton" in dispatch.available_backends("cuda")
+    assert dispatch._default_backend("cuda", torch.complex64) == "triton"
+    assert dispatch._default_backend("cuda", torch.complex128) == "chunked"
+    # Asked for by name, it refuses complex128 before launching anything.
+    monkeypatch.setitem(dispatch._BACKENDS, "triton", replace(triton_backend.BACKEND, devices=frozenset({"cpu"})))
+    lam, x = torch.full((3,), 0.5, dtype=torch.complex128), torch.ones(1, 4, 3, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="'triton' does not compute in torch.complex128"):
+        dispatch.scan(lam, x, backend="triton")
