@@ -2,6 +2,7 @@
 
     TRITON_INTERPRET=1 python -m tests.lru_online.triton_check    # CPU, small shapes (CI)
     python -m tests.lru_online.triton_check --device cuda          # a GPU: issue 4's shapes
+    python -m tests.lru_online.triton_check --device cuda --shapes 1x256x65537,64x512x2048
 
 Forward states and the adjoint (the gradient of x) land in NaN-poisoned buffers, so an element
 the kernel never wrote fails the comparison; lam's gradient is written by the same programs
@@ -23,11 +24,8 @@ import torch
 from lru_online.scan import dispatch, triton_backend
 from tests.lru_online.reference import numpy_scan, random_decay, relative_error
 
-# (B, N, T): every length at two widths, then the benchmark's shapes.
-GPU_SHAPES = [
-    *((batch, 256, length) for batch in (16, 1) for length in (1, 7, 1000, 4096, 65537)),
-    (16, 256, 65536), (1, 256, 65536), (64, 512, 2048),
-]  # fmt: skip
+# (B, N, T): every length at the benchmark's two widths of N = 256, then its widest shape.
+GPU_SHAPES = [*((batch, 256, length) for batch in (16, 1) for length in (1, 7, 1000, 4096, 65537)), (64, 512, 2048)]
 # The interpreter calls the scan's combine function once per element pair, slowly: tiny tiles,
 # still with several chunks and channel blocks, a ragged last one of each.
 CPU_SHAPES = [(2, 3, 1), (2, 3, 7), (2, 3, 37)]
@@ -115,7 +113,9 @@ def chunk_invariance(device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    device = parser.parse_args().device
+    parser.add_argument("--shapes", default=None, help="BxNxT,... instead of the device's default list")
+    args = parser.parse_args()
+    device = args.device
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("on CPU the kernels run only under Triton's interpreter: set TRITON_INTERPRET=1")
@@ -125,6 +125,8 @@ def main() -> None:
         shapes = CPU_SHAPES
     else:
         shapes = GPU_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     results = {}
     for shape in shapes:
         results |= shape_errors(shape, device, look_back_only=device == "cpu")
