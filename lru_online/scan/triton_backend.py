@@ -68,6 +68,30 @@ def _then(a1_re, a1_im, b1_re, b1_im, a2_re, a2_im, b2_re, b2_im):
 
 
 @triton.jit
+def _pair_offsets(rows, rows_mask, b, nb, T, N, BLOCK: tl.constexpr):
+    """Offsets and mask of the floats (re, im interleaved) of rows `rows` of batch row b,
+    channels of block nb, in a complex (B, T, N) tensor: whole rows, so neighbouring lanes
+    read neighbouring bytes."""
+    cols = nb * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+    offsets = (b * T + rows[:, None]) * (2 * N) + cols[None, :]
+    return offsets, rows_mask[:, None] & (cols < 2 * N)[None, :]
+
+
+@triton.jit
+def _load_pairs(ptr, rows, rows_mask, b, nb, T, N, CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """(re, im) tiles (CHUNK_SIZE, BLOCK) of those rows; zero where masked."""
+    offsets, mask = _pair_offsets(rows, rows_mask, b, nb, T, N, BLOCK)
+    pairs = tl.load(ptr + offsets, mask=mask, other=0.0)
+    return tl.split(tl.reshape(pairs, (CHUNK_SIZE, BLOCK, 2)))
+
+
+@triton.jit
+def _store_pairs(ptr, re, im, rows, rows_mask, b, nb, T, N, CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    offsets, mask = _pair_offsets(rows, rows_mask, b, nb, T, N, BLOCK)
+    tl.store(ptr + offsets, tl.reshape(tl.join(re, im), (CHUNK_SIZE, 2 * BLOCK)), mask=mask)
+
+
+@triton.jit
 def _scan_tiles(
     lam_ptr, x_ptr, out_ptr, start_ptr, states_ptr, states_start_ptr, lam_grad_ptr,
     status_ptr, aggregate_ptr, prefix_ptr, T, N, n_seqs, n_chunks, n_blocks,
@@ -82,17 +106,17 @@ def _scan_tiles(
     chunk = ticket // n_seqs
     seq = ticket % n_seqs
     b = (seq // n_blocks).to(tl.int64)
-    n = (seq % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    nb = seq % n_blocks
+    n = nb * BLOCK + tl.arange(0, BLOCK)
     n_mask = n < N
     step = chunk * CHUNK_SIZE + tl.arange(0, CHUNK_SIZE)  # in scan order
     if REVERSE:
         t = T - 1 - step
     else:
         t = step
-    inside = (step < T)[:, None] & n_mask[None, :]
-    offset = ((b * T + t[:, None]) * N + n[None, :]) * 2
-    x_re = tl.load(x_ptr + offset, mask=inside, other=0.0)
-    x_im = tl.load(x_ptr + offset + 1, mask=inside, other=0.0)
+    in_time = step < T
+    inside = in_time[:, None] & n_mask[None, :]
+    x_re, x_im = _load_pairs(x_ptr, t, in_time, b, nb, T, N, CHUNK_SIZE, BLOCK)
 
     # The decay of each step; 1 outside the data and, in reverse, at the first step (t = T - 1),
     # whose start is the gradient of h_{T-1} itself.
@@ -102,9 +126,8 @@ def _scan_tiles(
         decay_t = t
     has_decay = inside & (decay_t < T)[:, None]
     if TIME_VARYING:
-        decay_offset = ((b * T + decay_t[:, None]) * N + n[None, :]) * 2
-        d_re = tl.load(lam_ptr + decay_offset, mask=has_decay, other=1.0)
-        d_im = tl.load(lam_ptr + decay_offset + 1, mask=has_decay, other=0.0)
+        d_re, d_im = _load_pairs(lam_ptr, decay_t, in_time & (decay_t < T), b, nb, T, N, CHUNK_SIZE, BLOCK)
+        d_re = tl.where(has_decay, d_re, 1.0)
     else:
         lam_re = tl.load(lam_ptr + n * 2, mask=n_mask, other=1.0)
         lam_im = tl.load(lam_ptr + n * 2 + 1, mask=n_mask, other=0.0)
@@ -181,14 +204,11 @@ def _scan_tiles(
     c_re, c_im = _mul(a_re, a_im, carry_re[None, :], carry_im[None, :])
     h_re = s_re + c_re
     h_im = s_im + c_im
-    tl.store(out_ptr + offset, h_re, mask=inside)
-    tl.store(out_ptr + offset + 1, h_im, mask=inside)
+    _store_pairs(out_ptr, h_re, h_im, t, in_time, b, nb, T, N, CHUNK_SIZE, BLOCK)
 
     if LAM_GRAD:
         # d loss / d lam_t = a_t conj(h_{t-1}), h_{-1} being the forward's start state.
-        has_previous = inside & (t >= 1)[:, None]
-        prev_re = tl.load(states_ptr + offset - 2 * N, mask=has_previous, other=0.0)
-        prev_im = tl.load(states_ptr + offset - 2 * N + 1, mask=has_previous, other=0.0)
+        prev_re, prev_im = _load_pairs(states_ptr, t - 1, in_time & (t >= 1), b, nb, T, N, CHUNK_SIZE, BLOCK)
         if HAS_STATES_START:
             first = inside & (t == 0)[:, None]
             s0_re = tl.load(states_start_ptr + (b * N + n) * 2, mask=n_mask, other=0.0)
@@ -198,8 +218,7 @@ def _scan_tiles(
         g_re = h_re * prev_re + h_im * prev_im
         g_im = h_im * prev_re - h_re * prev_im
         if TIME_VARYING:
-            tl.store(lam_grad_ptr + offset, g_re, mask=inside)
-            tl.store(lam_grad_ptr + offset + 1, g_im, mask=inside)
+            _store_pairs(lam_grad_ptr, g_re, g_im, t, in_time, b, nb, T, N, CHUNK_SIZE, BLOCK)
         else:
             partial = ((b * n_chunks + chunk) * N + n) * 2
             tl.store(lam_grad_ptr + partial, tl.sum(tl.where(inside, g_re, 0.0), axis=0), mask=n_mask)
