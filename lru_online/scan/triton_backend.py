@@ -138,20 +138,20 @@ def _scan_tiles(
 
     # Within the tile from a zero state: a = product of the decays so far, s = the state.
     a_re, a_im, s_re, s_im = tl.associative_scan((d_re, d_im, x_re, x_im), axis=0, combine_fn=_then)
-    last = (tl.arange(0, CHUNK_SIZE) == CHUNK_SIZE - 1)[:, None]
-    tile_a_re = tl.sum(tl.where(last, a_re, 0.0), axis=0)
-    tile_a_im = tl.sum(tl.where(last, a_im, 0.0), axis=0)
-    tile_b_re = tl.sum(tl.where(last, s_re, 0.0), axis=0)
-    tile_b_im = tl.sum(tl.where(last, s_im, 0.0), axis=0)
 
+    # The tile's last row is its aggregate (and, with the carry added, its prefix): stored from
+    # the 2D tiles by the threads that hold that row, rather than reduced out of them.
     tile = seq * n_chunks + chunk
     lane = tl.arange(0, BLOCK)
-    aggregate = aggregate_ptr + tile.to(tl.int64) * 4 * BLOCK + lane
-    tl.store(aggregate, tile_a_re)
-    tl.store(aggregate + BLOCK, tile_a_im)
-    tl.store(aggregate + 2 * BLOCK, tile_b_re)
-    tl.store(aggregate + 3 * BLOCK, tile_b_im)
-    tl.debug_barrier()  # every lane's store before the status that announces them
+    rows = tl.arange(0, CHUNK_SIZE)[:, None]
+    last_row = (rows == CHUNK_SIZE - 1) & (lane < BLOCK)[None, :]
+    slot = lane[None, :] + rows * 0
+    aggregate = aggregate_ptr + tile.to(tl.int64) * 4 * BLOCK + slot
+    tl.store(aggregate, a_re, mask=last_row)
+    tl.store(aggregate + BLOCK, a_im, mask=last_row)
+    tl.store(aggregate + 2 * BLOCK, s_re, mask=last_row)
+    tl.store(aggregate + 3 * BLOCK, s_im, mask=last_row)
+    tl.debug_barrier()  # every thread's store before the status that announces them
     tl.atomic_xchg(status_ptr + tile, _AGGREGATE, sem="release")
 
     # Look back: the state entering this tile is acc_a * (state leaving tile j) + acc_b.
@@ -191,19 +191,17 @@ def _scan_tiles(
         m_re, m_im = _mul(acc_a_re, acc_a_im, start_re, start_im)
         acc_b_re += m_re
         acc_b_im += m_im
-    carry_re, carry_im = acc_b_re, acc_b_im
 
-    if PUBLISH_PREFIX:
-        leave_re, leave_im = _mul(tile_a_re, tile_a_im, carry_re, carry_im)
-        prefix = prefix_ptr + tile.to(tl.int64) * 2 * BLOCK + lane
-        tl.store(prefix, leave_re + tile_b_re)
-        tl.store(prefix + BLOCK, leave_im + tile_b_im)
-        tl.debug_barrier()
-        tl.atomic_xchg(status_ptr + tile, _PREFIX, sem="release")
-
-    c_re, c_im = _mul(a_re, a_im, carry_re[None, :], carry_im[None, :])
+    # acc_b is now the state entering the tile.
+    c_re, c_im = _mul(a_re, a_im, acc_b_re[None, :], acc_b_im[None, :])
     h_re = s_re + c_re
     h_im = s_im + c_im
+    if PUBLISH_PREFIX:
+        prefix = prefix_ptr + tile.to(tl.int64) * 2 * BLOCK + slot
+        tl.store(prefix, h_re, mask=last_row)
+        tl.store(prefix + BLOCK, h_im, mask=last_row)
+        tl.debug_barrier()
+        tl.atomic_xchg(status_ptr + tile, _PREFIX, sem="release")
     _store_pairs(out_ptr, h_re, h_im, t, in_time, b, nb, T, N, CHUNK_SIZE, BLOCK)
 
     if LAM_GRAD:
