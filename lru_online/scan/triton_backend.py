@@ -144,8 +144,8 @@ def _scan_tiles(
     tile = seq * n_chunks + chunk
     lane = tl.arange(0, BLOCK)
     rows = tl.arange(0, CHUNK_SIZE)[:, None]
-    last_row = (rows == CHUNK_SIZE - 1) & (lane < BLOCK)[None, :]
-    slot = lane[None, :] + rows * 0
+    last_row = tl.broadcast_to(rows == CHUNK_SIZE - 1, (CHUNK_SIZE, BLOCK))
+    slot = lane[None, :] + rows * 0  # every row addresses the one slot; only the last stores
     aggregate = aggregate_ptr + tile.to(tl.int64) * 4 * BLOCK + slot
     tl.store(aggregate, a_re, mask=last_row)
     tl.store(aggregate + BLOCK, a_im, mask=last_row)
