@@ -94,12 +94,14 @@ def step_loop_ms(lam, x, h0) -> float:
     return 1e3 * (time.perf_counter() - started)
 
 
-def accelerated_layout(lam, x, h0):
-    """accelerated-scan's inputs: gates and tokens (B, N, T), h0 folded into the first token."""
+def accelerated_layout(lam, x, h0=None):
+    """accelerated-scan's inputs: gates and tokens (B, N, T), h0 folded into the first token
+    (h_0 = lam_0 h0 + x_0); differentiable, so the model's training step can use it too."""
     gates = lam.expand_as(x).transpose(1, 2).contiguous()
-    tokens = x.transpose(1, 2).contiguous()
-    tokens[:, :, 0] += lam * h0
-    return gates, tokens
+    tokens = x.transpose(1, 2)
+    if h0 is not None:
+        tokens = torch.cat([tokens[:, :, :1] + gates[:, :, :1] * h0.unsqueeze(-1), tokens[:, :, 1:]], dim=2)
+    return gates, tokens.contiguous()
 
 
 def peer_accelerated_scan(lam, x, h0):
@@ -119,12 +121,7 @@ def scan_on_accelerated(lam, x, h0=None, backend=None):
     """`lru_online.scan` computed by accelerated-scan, for the model's training step."""
     from accelerated_scan.complex import scan as accelerated
 
-    batch, length, channels = x.shape
-    gates = (lam if lam.dim() == 3 else lam.expand(batch, length, channels)).transpose(1, 2).contiguous()
-    tokens = x.transpose(1, 2)
-    if h0 is not None:
-        tokens = torch.cat([tokens[:, :, :1] + gates[:, :, :1] * h0.unsqueeze(-1), tokens[:, :, 1:]], dim=2)
-    states = accelerated(gates, tokens.contiguous()).transpose(1, 2)
+    states = accelerated(*accelerated_layout(lam, x, h0)).transpose(1, 2)
     return states, states[:, -1]
 
 
