@@ -92,6 +92,13 @@ def _store_pairs(ptr, re, im, rows, rows_mask, b, nb, T, N, CHUNK_SIZE: tl.const
 
 
 @triton.jit
+def _load_state(ptr, b, n, N, n_mask):
+    """(re, im) of channels n of batch row b of a complex (B, N) state."""
+    offsets = (b * N + n) * 2
+    return tl.load(ptr + offsets, mask=n_mask, other=0.0), tl.load(ptr + offsets + 1, mask=n_mask, other=0.0)
+
+
+@triton.jit
 def _scan_tiles(
     lam_ptr, x_ptr, out_ptr, start_ptr, states_ptr, states_start_ptr, lam_grad_ptr,
     status_ptr, aggregate_ptr, prefix_ptr, T, N, n_seqs, n_chunks, n_blocks,
@@ -186,8 +193,7 @@ def _scan_tiles(
             j -= 1
         # Status 0: tile j has not published yet; ask again.
     if HAS_START:
-        start_re = tl.load(start_ptr + (b * N + n) * 2, mask=n_mask, other=0.0)
-        start_im = tl.load(start_ptr + (b * N + n) * 2 + 1, mask=n_mask, other=0.0)
+        start_re, start_im = _load_state(start_ptr, b, n, N, n_mask)
         m_re, m_im = _mul(acc_a_re, acc_a_im, start_re, start_im)
         acc_b_re += m_re
         acc_b_im += m_im
@@ -209,8 +215,7 @@ def _scan_tiles(
         prev_re, prev_im = _load_pairs(states_ptr, t - 1, in_time & (t >= 1), b, nb, T, N, CHUNK_SIZE, BLOCK)
         if HAS_STATES_START:
             first = inside & (t == 0)[:, None]
-            s0_re = tl.load(states_start_ptr + (b * N + n) * 2, mask=n_mask, other=0.0)
-            s0_im = tl.load(states_start_ptr + (b * N + n) * 2 + 1, mask=n_mask, other=0.0)
+            s0_re, s0_im = _load_state(states_start_ptr, b, n, N, n_mask)
             prev_re = tl.where(first, s0_re[None, :], prev_re)
             prev_im = tl.where(first, s0_im[None, :], prev_im)
         g_re = h_re * prev_re + h_im * prev_im
