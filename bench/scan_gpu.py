@@ -1,13 +1,13 @@
 """The LRU scan on a CUDA GPU: our Triton kernel against the memory floor and the peers, one table.
 
     python bench/scan_gpu.py [--shapes 16x256x4096,16x256x65536,1x256x65536,64x512x2048]
-                             [--tiling 64x32x8] [--sweep 32x32x4,64x32x8,...] [--json FILE]
+                             [--tiling 16x256x4] [--sweep 16x256x4,16x128x2,8x256x4,...] [--json FILE]
 
 Per shape (B, N, T), complex64, time-invariant lam, with h0, medians of triton.testing.do_bench:
 - copy ceiling: the device-to-device copy bandwidth measured here, and the LRU floor at that
   bandwidth, 16 bytes per element (read x, write h);
 - ours: forward, and forward + backward (grads of x, lam, h0), with the tiling given
-  (chunk x block x warps; the kernel's default otherwise);
+  (chunk x block x warps; otherwise the kernel's own choice for N, tiling_for);
 - torch step loop: the `reference` backend (one kernel launch per step), forward only;
 - accelerated-scan's complex Triton scan (`accelerated_scan.complex.scan`), forward and
   forward + backward, on its own layout (B, N, T) with the full gate tensor it needs and h0
@@ -16,7 +16,7 @@ Per shape (B, N, T), complex64, time-invariant lam, with h0, medians of triton.t
 Then one training step (forward, backward, AdamW) of an LRU model of 4 blocks, d_model 256,
 N 256, B 16, T 4096, with our kernel and with the same model's scan swapped for
 accelerated-scan's (its layout changes included: that is what using it costs this model).
---sweep times our forward and forward + backward per tiling at every shape, to choose the default.
+--sweep times our forward and forward + backward per tiling at every shape, to choose tiling_for's.
 
 Needs a CUDA GPU and triton; it says so and stops otherwise.
 """
@@ -195,11 +195,11 @@ def sweep(shapes: list[tuple[int, int, int]], tilings: list[str]) -> list[dict]:
     print("sweep: ours per tiling (ms, medians)")
     print("".join(f"{h:>14}" for h in ("B", "N", "T", "tiling", "fwd", "f+b")))
     rows = []
-    chosen = triton_backend.DEFAULT_TILING
+    chosen = triton_backend.TILING_OVERRIDE
     for batch, channels, length in shapes:
         lam, x, h0 = inputs(batch, channels, length)
         for text in tilings:
-            triton_backend.DEFAULT_TILING = parse_tiling(text)
+            triton_backend.TILING_OVERRIDE = parse_tiling(text)
             row = {"B": batch, "N": channels, "T": length, "tiling": text,
                    "forward_ms": median_ms(ours_forward(lam, x, h0)),
                    "forward_backward_ms": median_ms(ours_forward_backward(lam, x, h0))}  # fmt: skip
@@ -207,14 +207,14 @@ def sweep(shapes: list[tuple[int, int, int]], tilings: list[str]) -> list[dict]:
             print_row(list(row.values()))
         del lam, x, h0
         torch.cuda.empty_cache()
-    triton_backend.DEFAULT_TILING = chosen
+    triton_backend.TILING_OVERRIDE = chosen
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES)
-    parser.add_argument("--tiling", default=None, help="chunk x block x warps for our kernel, e.g. 64x32x8")
+    parser.add_argument("--tiling", default=None, help="chunk x block x warps for our kernel, e.g. 16x256x4")
     parser.add_argument("--sweep", default=None, help="tilings to time first, comma-separated")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -226,8 +226,10 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["sweep"] = sweep(shapes, args.sweep.split(",")) if args.sweep else []
     if args.tiling:
-        triton_backend.DEFAULT_TILING = parse_tiling(args.tiling)
-    report["tiling"] = vars(triton_backend.DEFAULT_TILING)
+        triton_backend.TILING_OVERRIDE = parse_tiling(args.tiling)
+        report["tiling"] = vars(triton_backend.TILING_OVERRIDE)
+    else:
+        report["tiling"] = {f"N={n}": vars(triton_backend.tiling_for(n)) for n in sorted({s[1] for s in shapes})}
     bandwidth = report["copy_bandwidth"] = copy_bandwidth()
     print(f"{report['device']}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"our tiling {report['tiling']}")  # fmt: skip

@@ -30,6 +30,8 @@ GPU_SHAPES = [*((batch, 256, length) for batch in (16, 1) for length in (1, 7, 1
 # still with several chunks and channel blocks, a ragged last one of each.
 CPU_SHAPES = [(2, 3, 1), (2, 3, 7), (2, 3, 37)]
 CPU_TILING = triton_backend.Tiling(chunk=8, block=2, num_warps=1)
+# Once with the tiling a GPU gets (tiling_for: 16 steps, 64 channels): ragged in time and channels.
+CPU_DEFAULT_TILING_SHAPE = (1, 40, 20)
 
 
 def inputs(shape, time_varying, with_h0, device, seed):
@@ -121,7 +123,7 @@ def main() -> None:
             raise SystemExit("on CPU the kernels run only under Triton's interpreter: set TRITON_INTERPRET=1")
         # The kernels under the interpreter, reached through the same dispatch and autograd rule as on CUDA.
         dispatch.register_backend(replace(triton_backend.BACKEND, devices=frozenset({"cpu"})))
-        triton_backend.DEFAULT_TILING = CPU_TILING
+        triton_backend.TILING_OVERRIDE = CPU_TILING
         shapes = CPU_SHAPES
     else:
         shapes = GPU_SHAPES
@@ -131,6 +133,10 @@ def main() -> None:
     for shape in shapes:
         results |= shape_errors(shape, device)
     results["chunk invariance"] = chunk_invariance(device)
+    if device == "cpu":
+        triton_backend.TILING_OVERRIDE = None
+        default_tiling = shape_errors(CPU_DEFAULT_TILING_SHAPE, device)
+        results |= {f"default tiling {case}": error for case, error in default_tiling.items()}
     json.dump(results, sys.stdout, indent=1)
 
 
