@@ -3,10 +3,12 @@
 Each program scans one tile, `chunk` steps of one batch row by `block` channels, in registers
 (`tl.associative_scan` over the steps h -> lam h + x), and learns the state entering its tile by
 decoupled look-back (Merrill and Garland, "Single-pass parallel prefix scan with decoupled
-look-back", 2016): it publishes its tile's aggregate (the product of the decays and the end
-state from zero) straight away, then walks back over the tiles before it, composing their
-aggregates, until it meets one that has published its inclusive prefix (the state leaving
-it). Then it publishes its own prefix and writes h. x is read once and h written once:
+look-back", 2016): it publishes its tile's aggregate (the end state from zero, and the product
+of the decays when lam varies in time; otherwise every tile's is lam^chunk) straight away, then
+walks back over the tiles before it, composing their aggregates, until it meets one that has
+published its inclusive prefix (the state leaving it). Then it publishes its own prefix and
+writes h. The start state (h0, or in reverse the gradient of the last state) enters as the
+first step's input. x is read once and h written once:
 16 bytes per complex64 element, the memory floor, and a single long stream (B = 1) still spreads
 over T / chunk programs per block of channels.
 
@@ -142,23 +144,39 @@ def _scan_tiles(
     inside = in_time[:, None] & n_mask[None, :]
     x_re, x_im = _load_pairs(x_ptr, t, in_time, b, nb, T, N, CHUNK_SIZE, BLOCK)
 
-    # The decay of each step; 1 outside the data and, in reverse, at the first step (t = T - 1),
-    # whose start is the gradient of h_{T-1} itself.
-    if REVERSE:
-        decay_t = t + 1
-    else:
-        decay_t = t
-    has_decay = inside & (decay_t < T)[:, None]
+    # The decay of each step. A time-invariant lam decays every row, even past the data, so that
+    # every tile's decay product is lam^CHUNK_SIZE and readers need not be sent it. A time-varying
+    # one decays by 1 outside the data and, in reverse, at the first step (t = T - 1).
     if TIME_VARYING:
-        d_re, d_im = _load_pairs(lam_ptr, decay_t, in_time & (decay_t < T), b, nb, T, N, CHUNK_SIZE, BLOCK)
-        d_re = tl.where(has_decay, d_re, 1.0)
+        if REVERSE:
+            decay_t = t + 1
+        else:
+            decay_t = t
+        has_decay = in_time & (decay_t < T)
+        d_re, d_im = _load_pairs(lam_ptr, decay_t, has_decay, b, nb, T, N, CHUNK_SIZE, BLOCK)
+        d_re = tl.where(has_decay[:, None] & n_mask[None, :], d_re, 1.0)
     else:
         lam_re = tl.load(lam_ptr + n * 2, mask=n_mask, other=1.0)
         lam_im = tl.load(lam_ptr + n * 2 + 1, mask=n_mask, other=0.0)
-        d_re = tl.where(has_decay, lam_re[None, :], 1.0)
-        d_im = tl.where(has_decay, lam_im[None, :], 0.0)
+        d_re = tl.broadcast_to(lam_re[None, :], (CHUNK_SIZE, BLOCK))
+        d_im = tl.broadcast_to(lam_im[None, :], (CHUNK_SIZE, BLOCK))
     if REVERSE:
         d_im = -d_im
+
+    # The start enters as the first step's input: forward h_0 = lam_0 h0 + x_0, in reverse
+    # a_{T-1} = g_{T-1} + the gradient of h_{T-1}. Every other tile then starts from the tiles
+    # before it alone.
+    if HAS_START and chunk == 0:
+        start_re, start_im = _load_state(start_ptr, b, n, N, n_mask)
+        if not REVERSE:
+            if TIME_VARYING:
+                lam0_re, lam0_im = _load_state(lam_ptr, b * T, n, N, n_mask)  # lam[b, 0]
+            else:
+                lam0_re, lam0_im = lam_re, lam_im
+            start_re, start_im = _mul(lam0_re, lam0_im, start_re, start_im)
+        first = (step == 0)[:, None]
+        x_re += tl.where(first, start_re[None, :], 0.0)
+        x_im += tl.where(first, start_im[None, :], 0.0)
 
     # Within the tile from a zero state: a = product of the decays so far, s = the state.
     a_re, a_im, s_re, s_im = tl.associative_scan((d_re, d_im, x_re, x_im), axis=0, combine_fn=_then)
@@ -172,11 +190,14 @@ def _scan_tiles(
     tile_a_im = tl.sum(tl.where(last_row, a_im, 0.0), axis=0)
     tile_b_re = tl.sum(tl.where(last_row, s_re, 0.0), axis=0)
     tile_b_im = tl.sum(tl.where(last_row, s_im, 0.0), axis=0)
-    aggregate = aggregate_ptr + tile.to(tl.int64) * 4 * BLOCK + lane
-    tl.store(aggregate, tile_a_re)
-    tl.store(aggregate + BLOCK, tile_a_im)
-    tl.store(aggregate + 2 * BLOCK, tile_b_re)
-    tl.store(aggregate + 3 * BLOCK, tile_b_im)
+    # A time-invariant tile's decay product is lam^CHUNK_SIZE, the same as its readers' own.
+    AGGREGATE_WIDTH: tl.constexpr = 4 if TIME_VARYING else 2  # floats per channel
+    aggregate = aggregate_ptr + tile.to(tl.int64) * AGGREGATE_WIDTH * BLOCK + lane
+    tl.store(aggregate, tile_b_re)
+    tl.store(aggregate + BLOCK, tile_b_im)
+    if TIME_VARYING:
+        tl.store(aggregate + 2 * BLOCK, tile_a_re)
+        tl.store(aggregate + 3 * BLOCK, tile_a_im)
     tl.debug_barrier()  # every thread's store before the status that announces them
     tl.atomic_xchg(status_ptr + tile, _AGGREGATE, sem="release")
 
@@ -196,26 +217,21 @@ def _scan_tiles(
             m_re, m_im = _mul(acc_a_re, acc_a_im, p_re, p_im)
             acc_b_re += m_re
             acc_b_im += m_im
-            # Nothing before tile j matters any more: the start below is multiplied by zero.
-            acc_a_re = tl.zeros((BLOCK,), tl.float32)
-            acc_a_im = tl.zeros((BLOCK,), tl.float32)
-            j = j * 0 - 1
+            j = j * 0 - 1  # nothing before tile j matters any more
         elif status == _AGGREGATE:
-            earlier_aggregate = aggregate_ptr + earlier.to(tl.int64) * 4 * BLOCK + lane
-            g_a_re = tl.load(earlier_aggregate, cache_modifier=".cg")
-            g_a_im = tl.load(earlier_aggregate + BLOCK, cache_modifier=".cg")
-            g_b_re = tl.load(earlier_aggregate + 2 * BLOCK, cache_modifier=".cg")
-            g_b_im = tl.load(earlier_aggregate + 3 * BLOCK, cache_modifier=".cg")
+            earlier_aggregate = aggregate_ptr + earlier.to(tl.int64) * AGGREGATE_WIDTH * BLOCK + lane
+            g_b_re = tl.load(earlier_aggregate, cache_modifier=".cg")
+            g_b_im = tl.load(earlier_aggregate + BLOCK, cache_modifier=".cg")
+            if TIME_VARYING:
+                g_a_re = tl.load(earlier_aggregate + 2 * BLOCK, cache_modifier=".cg")
+                g_a_im = tl.load(earlier_aggregate + 3 * BLOCK, cache_modifier=".cg")
+            else:
+                g_a_re, g_a_im = tile_a_re, tile_a_im
             acc_a_re, acc_a_im, acc_b_re, acc_b_im = _then(
                 g_a_re, g_a_im, g_b_re, g_b_im, acc_a_re, acc_a_im, acc_b_re, acc_b_im
             )
             j -= 1
         # Status 0: tile j has not published yet; ask again.
-    if HAS_START:
-        start_re, start_im = _load_state(start_ptr, b, n, N, n_mask)
-        m_re, m_im = _mul(acc_a_re, acc_a_im, start_re, start_im)
-        acc_b_re += m_re
-        acc_b_im += m_im
 
     # acc_b is now the state entering the tile.
     c_re, c_im = _mul(a_re, a_im, acc_b_re[None, :], acc_b_im[None, :])
@@ -276,7 +292,7 @@ def _launch(
     n_tiles = n_seqs * n_chunks
     # Per call: the statuses must start empty, and the ticket counter (last) at zero.
     status = torch.zeros(n_tiles + 1, dtype=torch.int32, device=inputs.device)
-    aggregates = torch.empty(n_tiles * 4 * block, dtype=torch.float32, device=inputs.device)
+    aggregates = torch.empty(n_tiles * (4 if lam.dim() == 3 else 2) * block, dtype=torch.float32, device=inputs.device)
     prefixes = torch.empty(n_tiles * 2 * block, dtype=torch.float32, device=inputs.device)
     x_f = _floats(inputs)
     placeholder = x_f  # a pointer for arguments a constexpr switch leaves unread
