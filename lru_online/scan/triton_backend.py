@@ -141,7 +141,6 @@ def _scan_tiles(
     else:
         t = step
     in_time = step < T
-    inside = in_time[:, None] & n_mask[None, :]
     x_re, x_im = _load_pairs(x_ptr, t, in_time, b, nb, T, N, CHUNK_SIZE, BLOCK)
 
     # The decay of each step. A time-invariant lam decays every row, even past the data, so that
@@ -251,7 +250,7 @@ def _scan_tiles(
         # d loss / d lam_t = a_t conj(h_{t-1}), h_{-1} being the forward's start state.
         prev_re, prev_im = _load_pairs(states_ptr, t - 1, in_time & (t >= 1), b, nb, T, N, CHUNK_SIZE, BLOCK)
         if HAS_STATES_START:
-            first = inside & (t == 0)[:, None]
+            first = (in_time & (t == 0))[:, None] & n_mask[None, :]
             s0_re, s0_im = _load_state(states_start_ptr, b, n, N, n_mask)
             prev_re = tl.where(first, s0_re[None, :], prev_re)
             prev_im = tl.where(first, s0_im[None, :], prev_im)
