@@ -35,9 +35,15 @@ class LRUBlock(nn.Module):
         return self.dropout(F.glu(self.gate(F.gelu(y)), dim=-1))
 
     def forward(
-        self, x: torch.Tensor, h0: torch.Tensor | None = None, dt: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y, h_last = self.lru(self.norm(x), h0, dt)
+        # Outputs at padded steps are computed but never reach a state: the next block masks
+        # them out as well (a zero input would not be enough, LayerNorm maps it elsewhere).
+        y, h_last = self.lru(self.norm(x), h0, dt, steps)
         return x + self._mix(y), h_last
 
     def step(

@@ -13,6 +13,7 @@ import math
 import struct
 from typing import Any
 
+import numpy as np
 import torch
 
 MAGIC = b"LRUT"
@@ -30,6 +31,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPES.values()}
 
 
 class CodecError(ValueError):
@@ -99,10 +101,11 @@ def _read_tensor(entry: dict, body: memoryview) -> torch.Tensor:
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         raise CodecError(f"codec: tensor {name!r} has an invalid shape {shape!r}")
     offset, nbytes = _field(entry, "offset", int), _field(entry, "nbytes", int)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE[dtype]
     if nbytes != math.prod(shape) * itemsize or offset < 0 or offset + nbytes > len(body):
         raise CodecError(f"codec: tensor {name!r} claims {nbytes} bytes at {offset}, which does not fit")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    raw = bytearray(body[offset : offset + nbytes])
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape).clone()
+    # One copy out of the (read-only) record, into memory the tensor owns.
+    raw = np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=offset).copy()
+    return torch.from_numpy(raw).view(dtype).reshape(shape)

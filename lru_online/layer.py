@@ -3,6 +3,10 @@
 h_t = Λ h_{t-1} + exp(γ_log) ⊙ (B u_t),   y_t = Re(C h_t) + D ⊙ u_t,
 Λ = diag(exp(-exp(ν_log) + i·exp(θ_log))), so |λ| = exp(-exp(ν_log)) < 1 for every parameter
 value. With irregular sampling a step of length Δt decays by Λ^Δt = exp(Δt · log Λ).
+
+A step mask (B, T) marks the real events of right-padded sequences of different lengths: at a
+masked step the state decays by 1 and takes no input, so it leaves the step as it entered and a
+line's last state is its state at its own last event.
 """
 
 from __future__ import annotations
@@ -61,16 +65,17 @@ class LRU(nn.Module):
     def state_dtype(self) -> torch.dtype:
         return torch.complex128 if self.nu_log.dtype == torch.float64 else torch.complex64
 
-    def log_lambda(self) -> torch.Tensor:
-        """log Λ, complex (N,)."""
-        return torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log))
-
     def decay(self, dt: torch.Tensor | None = None) -> torch.Tensor:
-        """Λ as (N,), or Λ^Δt as (B, T, N) (or (B, N) for a single step) when dt is given."""
-        log_lam = self.log_lambda()
+        """Λ as (N,), or Λ^Δt as (B, T, N) (or (B, N) for a single step) when dt is given.
+
+        Built as modulus and angle, exp(-Δt·ν) e^{iΔt·θ}: on CPU a complex exp of a (B, T, N)
+        tensor costs about four times as much.
+        """
+        nu, theta = torch.exp(self.nu_log), torch.exp(self.theta_log)
         if dt is None:
-            return torch.exp(log_lam)
-        return torch.exp(dt.to(self.nu_log.dtype).unsqueeze(-1) * log_lam)
+            return torch.polar(torch.exp(-nu), theta)
+        steps = dt.to(self.nu_log.dtype).unsqueeze(-1)
+        return torch.polar(torch.exp(-steps * nu), steps * theta)
 
     def input_drive(self, u: torch.Tensor) -> torch.Tensor:
         """exp(γ_log) ⊙ (B u), complex (..., N)."""
@@ -87,10 +92,25 @@ class LRU(nn.Module):
         return torch.zeros(batch, self.d_state, dtype=self.state_dtype, device=device)
 
     def states(
-        self, u: torch.Tensor, h0: torch.Tensor | None = None, dt: torch.Tensor | None = None
+        self,
+        u: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every state h_t (B, T, N) of the sequence u (B, T, H), and the last one (B, N)."""
-        return scan(self.decay(dt), self.input_drive(u), h0, backend=self.scan_backend)
+        """Every state h_t (B, T, N) of the sequence u (B, T, H), and the last one (B, N).
+
+        steps: optional (B, T) bool, False at padding, where the state is carried unchanged.
+        """
+        drive = self.input_drive(u)
+        if steps is None:
+            return scan(self.decay(dt), drive, h0, backend=self.scan_backend)
+        drive = drive.masked_fill(~steps.unsqueeze(-1), 0)
+        if dt is None:  # Λ where a step is real, 1 where it is padding
+            dt = steps.to(self.nu_log.dtype)
+        else:
+            dt = dt.masked_fill(~steps, 0)  # Λ^0 = 1
+        return scan(self.decay(dt), drive, h0, backend=self.scan_backend)
 
     def next_state(self, u_t: torch.Tensor, h: torch.Tensor, dt_t: torch.Tensor | None = None) -> torch.Tensor:
         """The state after one event u_t (B, H) from h (B, N)."""
@@ -101,12 +121,14 @@ class LRU(nn.Module):
         u: torch.Tensor,
         h0: torch.Tensor | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """u: (B, T, H); h0: (B, N) complex; dt: optional (B, T) step lengths.
+        """u: (B, T, H); h0: (B, N) complex; dt: optional (B, T) step lengths; steps: optional
+        (B, T) bool, False at padding.
 
         Returns y (B, T, H) and the last state (B, N).
         """
-        h, h_last = self.states(u, h0, dt)
+        h, h_last = self.states(u, h0, dt, steps)
         return self.readout(h, u), h_last
 
     def step(

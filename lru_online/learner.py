@@ -5,6 +5,10 @@ user sees were made before the model saw those rows), then learned from: truncat
 windows of `window` events, the state carried (detached) from window to window, each step's
 loss mixed with windows replayed from a reservoir of the whole stream, plus an optional online
 EWC penalty toward the last consolidated weights.
+
+A batch may hold many sequences (B lines of a plant), right-padded to the longest and marked by
+a step mask; one optimizer step then learns from all of them (or from groups of
+`lines_per_step`, shuffled with the seed), and padding touches no state, score or loss.
 """
 
 from __future__ import annotations
@@ -34,15 +38,25 @@ class LearnerConfig:
     replay_weight: float = 1.0
     ewc_weight: float = 0.0
     ewc_decay: float = 0.9
+    # Sequences (lines) per optimizer step when a batch holds many; None: all in one step.
+    lines_per_step: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.learning_rate < 0:
             raise ValueError(f"LearnerConfig.learning_rate must be >= 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"LearnerConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.window < 1 or self.epochs < 1:
             raise ValueError("LearnerConfig.window and epochs must be >= 1")
-        if self.replay_batch < 0 or self.replay_weight < 0:
-            raise ValueError("LearnerConfig.replay_batch and replay_weight must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"LearnerConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.replay_capacity < 0 or self.replay_batch < 0 or self.replay_weight < 0:
+            raise ValueError("LearnerConfig.replay_capacity, replay_batch and replay_weight must be >= 0")
+        if self.ewc_weight < 0 or not 0.0 <= self.ewc_decay <= 1.0:
+            raise ValueError("LearnerConfig.ewc_weight must be >= 0 and ewc_decay in [0, 1]")
+        if self.lines_per_step is not None and self.lines_per_step < 1:
+            raise ValueError(f"LearnerConfig.lines_per_step must be >= 1 or None, got {self.lines_per_step}")
 
 
 @dataclass
@@ -90,11 +104,12 @@ class OnlineLearner:
         targets: torch.Tensor,
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> ScoredSequence:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.model.score(inputs, targets, state, dt)
+            return self.model.score(inputs, targets, state, dt, steps)
         finally:
             self.model.train(was_training)
 
@@ -128,11 +143,21 @@ class OnlineLearner:
         dt: torch.Tensor | None,
         state: RecurrentState,
     ) -> None:
-        """Offers each row of a full-length training window to the replay reservoir."""
-        if inputs.shape[1] != self.config.window:
-            return
-        for row in range(inputs.shape[0]):
-            if not bool(mask[row].any()):
+        """Offers each row of a training window to the replay reservoir.
+
+        A window shorter than `window` (a short batch, or a line's last events) is right-padded
+        to full length with its targets masked, so replayed windows stack; short batches thus
+        keep refreshing the reservoir instead of never reaching it.
+        """
+        missing = self.config.window - inputs.shape[1]
+        if missing > 0:
+            inputs = nn.functional.pad(inputs, (0, 0, 0, missing))
+            future = nn.functional.pad(future, (0, 0, 0, 0, 0, missing))
+            mask = nn.functional.pad(mask, (0, 0, 0, 0, 0, missing))
+            dt = nn.functional.pad(dt, (0, missing)) if dt is not None else None
+        useful = mask.flatten(1).any(1).tolist()
+        for row, keep in enumerate(useful):
+            if not keep:
                 continue
             # update_index tells when a window was seen, so a retraining can leave out
             # windows from data it must not learn from (a held-out slice).
@@ -158,13 +183,16 @@ class OnlineLearner:
         targets: torch.Tensor,
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
+        lines_per_step: int | None = None,
     ) -> dict[str, float]:
         """Learns from one batch, starting from the state carried in before it.
 
         `updates` counts the calls; this one has index `updates` until it returns.
+        `lines_per_step` overrides the configured one for this call.
         """
-        future, mask = forecast_targets(targets, self.model.config.horizon)
-        return self.update_forecasts(inputs, future, mask, state, dt)
+        future, mask = forecast_targets(_padding_to_nan(targets, steps), self.model.config.horizon)
+        return self.update_forecasts(inputs, future, mask, state, dt, steps, lines_per_step)
 
     def _checked_targets(
         self, inputs: torch.Tensor, future: torch.Tensor, mask: torch.Tensor
@@ -182,42 +210,57 @@ class OnlineLearner:
         mask: torch.Tensor,
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
+        lines_per_step: int | None = None,
     ) -> dict[str, float]:
         """Learns from explicit forecast targets, for targets that do not simply follow `inputs`
         in the same batch: values that arrive later than the inputs, or only in part.
 
         future (B, T, horizon, n_targets): what the forecast made at each event is judged on;
-        mask (same shape, bool): which of those values may be learned from.
+        mask (same shape, bool): which of those values may be learned from; steps: optional
+        (B, T) bool, False at padding (no loss is taken there).
         """
         future, mask = self._checked_targets(inputs, future, mask)
+        if steps is not None:
+            mask = mask & steps[:, :, None, None]
         start_state = (state or self.model.initial_state(inputs.shape[0], inputs.device)).detach()
         self.model.train()
         losses, replay_losses, penalties = [], [], []
         for epoch in range(self.config.epochs):
-            carried = start_state
-            for lo, hi in self._windows(inputs.shape[1]):
-                window_dt = dt[:, lo:hi] if dt is not None else None
-                forecast, next_state = self.model(inputs[:, lo:hi], carried, window_dt)
-                loss = masked_mse(forecast, future[:, lo:hi], mask[:, lo:hi])
-                total = loss
-                losses.append(loss.item())
-                if self.config.replay_weight > 0:
-                    replayed = self._replay_loss()
-                    if replayed is not None:
-                        total = total + self.config.replay_weight * replayed
-                        replay_losses.append(replayed.item())
-                if self.ewc.active:
-                    penalty = self.ewc.penalty(self.model)
-                    total = total + penalty
-                    penalties.append(penalty.item())
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if self.config.grad_clip:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-                self.optimizer.step()
-                if epoch == 0:
-                    self._remember(inputs[:, lo:hi], future[:, lo:hi], mask[:, lo:hi], window_dt, carried)
-                carried = next_state.detach()
+            for rows in self._line_groups(inputs.shape[0], lines_per_step or self.config.lines_per_step):
+                carried = start_state if rows is None else start_state.select_rows(rows)
+
+                def pick(tensor: torch.Tensor | None, rows=rows) -> torch.Tensor | None:
+                    return tensor if tensor is None or rows is None else tensor[rows]
+
+                group_inputs, group_future, group_mask = pick(inputs), pick(future), pick(mask)
+                group_dt, group_steps = pick(dt), pick(steps)
+                for lo, hi in self._windows(inputs.shape[1]):
+                    window_dt = group_dt[:, lo:hi] if group_dt is not None else None
+                    window_steps = group_steps[:, lo:hi] if group_steps is not None else None
+                    forecast, next_state = self.model(group_inputs[:, lo:hi], carried, window_dt, window_steps)
+                    loss = masked_mse(forecast, group_future[:, lo:hi], group_mask[:, lo:hi])
+                    total = loss
+                    losses.append(loss.item())
+                    if self.config.replay_weight > 0:
+                        replayed = self._replay_loss()
+                        if replayed is not None:
+                            total = total + self.config.replay_weight * replayed
+                            replay_losses.append(replayed.item())
+                    if self.ewc.active:
+                        penalty = self.ewc.penalty(self.model)
+                        total = total + penalty
+                        penalties.append(penalty.item())
+                    self.optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    if self.config.grad_clip:
+                        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                    self.optimizer.step()
+                    if epoch == 0:
+                        self._remember(
+                            group_inputs[:, lo:hi], group_future[:, lo:hi], group_mask[:, lo:hi], window_dt, carried
+                        )
+                    carried = next_state.detach()
         self.updates += 1
         return {
             "loss": _mean(losses),
@@ -227,19 +270,31 @@ class OnlineLearner:
             "replay_size": float(len(self.replay)),
         }
 
+    def _line_groups(self, lines: int, size: int | None) -> list[torch.Tensor | None]:
+        """Rows of each optimizer step: all at once (None), or shuffled groups of `size`, the
+        shuffle drawn from the seed and the update count."""
+        if size is None or size >= lines:
+            return [None]
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.updates)
+        order = torch.randperm(lines, generator=generator)
+        return list(order.split(size))
+
     def learn(
         self,
         inputs: torch.Tensor,
         targets: torch.Tensor,
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> LearnStep:
         """Test-then-train on one batch: score it, then update on it.
 
-        The returned state is the one the scoring pass ends in; carry it into the next batch.
+        Every row is scored by the weights as they were before this batch, so a row's scores
+        do not depend on the other rows or their order. The returned state is the one the
+        scoring pass ends in; carry it into the next batch.
         """
-        scored = self.score(inputs, targets, state, dt)
-        metrics = self.update(inputs, targets, state, dt)
+        scored = self.score(inputs, targets, state, dt, steps)
+        metrics = self.update(inputs, targets, state, dt, steps)
         metrics.update(forecast_error(scored.residuals))
         return LearnStep(scored, metrics)
 
@@ -249,10 +304,11 @@ class OnlineLearner:
         targets: torch.Tensor,
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> None:
         """EWC: estimates how much each weight matters on this batch and anchors the weights."""
-        future, mask = forecast_targets(targets, self.model.config.horizon)
-        self.consolidate_forecasts(inputs, future, mask, state, dt)
+        future, mask = forecast_targets(_padding_to_nan(targets, steps), self.model.config.horizon)
+        self.consolidate_forecasts(inputs, future, mask, state, dt, steps)
 
     def consolidate_forecasts(
         self,
@@ -261,23 +317,29 @@ class OnlineLearner:
         mask: torch.Tensor,
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> None:
         """`consolidate` with explicit forecast targets, as in `update_forecasts`."""
         if self.config.ewc_weight <= 0:
             return
         future, mask = self._checked_targets(inputs, future, mask)
+        if steps is not None:
+            mask = mask & steps[:, :, None, None]
         start = (state or self.model.initial_state(inputs.shape[0], inputs.device)).detach()
         windows = self._windows(inputs.shape[1])
+
+        def window_of(tensor: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+            return tensor[:, lo:hi] if tensor is not None else None
+
         states = [start]
         with torch.no_grad():
             for lo, hi in windows[:-1]:
-                _, nxt = self.model(inputs[:, lo:hi], states[-1], dt[:, lo:hi] if dt is not None else None)
+                _, nxt = self.model(inputs[:, lo:hi], states[-1], window_of(dt, lo, hi), window_of(steps, lo, hi))
                 states.append(nxt)
 
         def closure(lo: int, hi: int, carried: RecurrentState):
-            window_dt = dt[:, lo:hi] if dt is not None else None
             return lambda: masked_mse(
-                self.model(inputs[:, lo:hi], carried, window_dt)[0],
+                self.model(inputs[:, lo:hi], carried, window_of(dt, lo, hi), window_of(steps, lo, hi))[0],
                 future[:, lo:hi],
                 mask[:, lo:hi],
             )
@@ -329,5 +391,16 @@ def forecast_error(residuals: torch.Tensor) -> dict[str, float]:
     }
 
 
+def _padding_to_nan(targets: torch.Tensor, steps: torch.Tensor | None) -> torch.Tensor:
+    """Targets at padded steps become missing, so no forecast is judged against them."""
+    return targets if steps is None else targets.masked_fill(~steps.unsqueeze(-1), float("nan"))
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def lines_per_step_for(lines: int, steps_per_window: int) -> int:
+    """Lines per optimizer step that give `steps_per_window` steps per window of time: one line
+    a step for a small fleet, as many as it takes for a large one."""
+    return max(1, math.ceil(lines / steps_per_window))

@@ -47,11 +47,15 @@ class LinearPath(nn.Module):
         return self.readout(torch.cat([h.real, h.imag, v], dim=-1))
 
     def forward(
-        self, u: torch.Tensor, h0: torch.Tensor | None = None, dt: torch.Tensor | None = None
+        self,
+        u: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """u: (B, T, n_inputs). Returns the path's output (B, T, n_outputs) and the last state."""
         v = u[..., list(self.columns)]
-        h, h_last = self.recurrence.states(v, h0, dt)
+        h, h_last = self.recurrence.states(v, h0, dt, steps)
         return self._read(h, v), h_last
 
     def step(

@@ -48,6 +48,10 @@ class ModelConfig:
             raise ValueError("ModelConfig needs n_layers >= 1 or a linear path (linear_state >= 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.r_min < self.r_max <= 1.0:
+            raise ValueError(f"ModelConfig needs 0 <= r_min < r_max <= 1, got r_min={self.r_min}, r_max={self.r_max}")
+        if self.max_phase <= 0:
+            raise ValueError(f"ModelConfig.max_phase must be positive, got {self.max_phase}")
         if self.linear_inputs is not None:
             columns = tuple(int(c) for c in self.linear_inputs)  # a checkpoint may hold a list
             if not columns or len(set(columns)) != len(columns) or not all(0 <= c < self.n_inputs for c in columns):
@@ -153,25 +157,34 @@ class LRUForecaster(nn.Module):
         u: torch.Tensor,
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RecurrentState]:
-        """u: (B, T, n_inputs); dt: optional (B, T). Returns forecasts (B, T, horizon, n_targets)."""
+        """u: (B, T, n_inputs); dt: optional (B, T). Returns forecasts (B, T, horizon, n_targets).
+
+        steps: optional (B, T) bool for right-padded sequences of different lengths, False at
+        padding. Every layer carries its state unchanged through padded steps, and the carried
+        forecast is each row's at its own last real step (the one carried in, for a row without
+        any), so each row ends exactly as it would have run alone.
+        """
         if u.dim() != 3 or u.shape[-1] != self.config.n_inputs:
             raise ValueError(f"model input must be (B, T, {self.config.n_inputs}), got {tuple(u.shape)}")
+        if steps is not None and tuple(steps.shape) != tuple(u.shape[:2]):
+            raise ValueError(f"steps must be {tuple(u.shape[:2])}, got {tuple(steps.shape)}")
         state = state if state is not None else self.initial_state(u.shape[0], u.device)
         self._check_state(state, u.shape[0])
         hidden, outputs = [], []
         if self.blocks:
             x = self.encoder(u)
             for block, h0 in zip(self.blocks, state.hidden, strict=False):
-                x, h_last = block(x, h0, dt)
+                x, h_last = block(x, h0, dt, steps)
                 hidden.append(h_last)
             outputs.append(self.head(self.norm(x)))
         if self.linear_path is not None:
-            out, h_last = self.linear_path(u, state.hidden[-1], dt)
+            out, h_last = self.linear_path(u, state.hidden[-1], dt, steps)
             hidden.append(h_last)
             outputs.append(out)
         forecast = self._forecast_shape(sum(outputs))
-        return forecast, RecurrentState(hidden, forecast[:, -1])
+        return forecast, RecurrentState(hidden, _last_forecast(forecast, steps, state.last_forecast))
 
     def step(
         self,
@@ -202,10 +215,30 @@ class LRUForecaster(nn.Module):
         targets: torch.Tensor,
         state: RecurrentState | None = None,
         dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
     ) -> ScoredSequence:
-        """Forecasts and anomaly scores of a sequence; targets: (B, T, n_targets)."""
+        """Forecasts and anomaly scores of a sequence; targets: (B, T, n_targets). Residuals
+        and scores are NaN at padded steps."""
         previous = state.last_forecast if state is not None else None
-        forecast, new_state = self(u, state, dt)
+        forecast, new_state = self(u, state, dt, steps)
         residuals = one_step_residuals(forecast, targets, previous)
+        if steps is not None:
+            residuals = residuals.masked_fill(~steps.unsqueeze(-1), float("nan"))
         # Sensors that did not report at an event (NaN target) do not count towards its score.
         return ScoredSequence(forecast, residuals, residuals.pow(2).nanmean(-1), new_state)
+
+
+def _last_forecast(forecast: torch.Tensor, steps: torch.Tensor | None, carried: torch.Tensor | None) -> torch.Tensor:
+    """Each row's forecast at its last real step; a row without one keeps what it carried in
+    (NaN when nothing was carried: no forecast to score its next event against)."""
+    if steps is None:
+        return forecast[:, -1]
+    length = steps.shape[1]
+    # Index of the last True per row (0 for a row with none, replaced below).
+    last = (length - 1) - steps.flip(1).to(torch.int8).argmax(1)
+    picked = forecast[torch.arange(forecast.shape[0], device=forecast.device), last]
+    empty = ~steps.any(1)
+    if not bool(empty.any()):
+        return picked
+    kept = carried.to(picked.dtype) if carried is not None else torch.full_like(picked, float("nan"))
+    return torch.where(empty[:, None, None], kept, picked)

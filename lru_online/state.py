@@ -37,8 +37,12 @@ class RecurrentState:
         return [self.select(index) for index in range(self.batch_size)]
 
     def select(self, index: int) -> RecurrentState:
-        forecast = self.last_forecast[index : index + 1] if self.last_forecast is not None else None
-        return RecurrentState([h[index : index + 1] for h in self.hidden], forecast)
+        return self.select_rows(slice(index, index + 1))
+
+    def select_rows(self, rows: torch.Tensor | slice | list[int]) -> RecurrentState:
+        """The states of the given rows, in that order."""
+        forecast = self.last_forecast[rows] if self.last_forecast is not None else None
+        return RecurrentState([h[rows] for h in self.hidden], forecast)
 
     @staticmethod
     def cat(states: list[RecurrentState]) -> RecurrentState:
