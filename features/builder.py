@@ -1,50 +1,135 @@
-"""From validated log rows of one entity to model inputs, carrying the feature state.
+"""From validated log rows of many lines to model inputs, carrying each line's feature state.
 
 Sources report on their own clocks, so a row holds only the sensors whose source reported.
-Each row is one event on the entity's sequence; every sensor contributes its standardised
+Each row is one event on its line's sequence; every sensor contributes its standardised
 reading, carried forward from its last report when absent, and a mask saying whether it is
 fresh. Δt since the previous event (across batches, from the carried timestamp) feeds the
 model's continuous-time decay and, as log(1 + Δt), its input.
+
+All lines of a file are built at once, with array operations that run per line, so a line's
+features are the same whichever lines share its batch (a Dask worker building one group of
+lines gets what the driver would).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from features.scaling import RunningStandardizer
+from features.scaling import ScalerStatistics, last_observed, latest_observed, standardize
 from features.spec import FeatureSpec
 from features.state import EntityFeatureState
 
 
 @dataclass
 class FeatureBatch:
-    entity: str
-    timestamps: pd.DatetimeIndex
-    inputs: np.ndarray  # (T, n_inputs) float32
-    targets: np.ndarray  # (T, n_targets) float32, standardised readings, NaN where absent
-    dt: np.ndarray  # (T,) float32, Δt in units of the time scale
-    raw: np.ndarray  # (T, n_targets) float64 readings as logged (NaN where absent)
-    labels: np.ndarray | None  # (T, n_labels) when label columns are present
+    """Features of one or more lines, flat: each line's rows together, in time order."""
+
+    entities: list[str]
+    offsets: np.ndarray  # (L + 1,) where each line's rows start
+    timestamps: pd.DatetimeIndex  # (R,) UTC
+    inputs: np.ndarray  # (R, n_inputs) float32
+    targets: np.ndarray  # (R, n_targets) float32, standardised readings, NaN where absent
+    dt: np.ndarray  # (R,) float32, Δt in units of the time scale
+    raw: np.ndarray  # (R, n_targets) float64 readings as logged (NaN where absent)
+    labels: np.ndarray | None  # (R, n_labels) when label columns are present
+    label_names: tuple[str, ...] = ()  # the label columns in `labels`
 
     def __len__(self) -> int:
         return len(self.timestamps)
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(1, T, n_inputs) inputs, (1, T, n_targets) targets and (1, T) dt for the model."""
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def entity(self) -> str:
+        """The line of a one-line batch."""
+        if len(self.entities) != 1:
+            raise ValueError(f"this batch holds {len(self.entities)} lines, not one")
+        return self.entities[0]
+
+    @property
+    def line_index(self) -> np.ndarray:
+        """(R,) the line of each row, as an index into `entities`."""
+        return np.repeat(np.arange(len(self.entities)), self.lengths)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(R,) each row's step within its line."""
+        return np.arange(len(self)) - np.repeat(self.offsets[:-1], self.lengths)
+
+    def select(self, lines: list[int] | np.ndarray) -> FeatureBatch:
+        """The given lines (indices into `entities`), in that order."""
+        lines = np.asarray(lines, dtype=np.int64)
+        lengths = self.lengths[lines]
+        rows = (
+            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in lines])
+            if len(lines)
+            else np.empty(0, dtype=np.int64)
+        )
+        return FeatureBatch(
+            entities=[self.entities[i] for i in lines],
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            timestamps=self.timestamps[rows],
+            inputs=self.inputs[rows],
+            targets=self.targets[rows],
+            dt=self.dt[rows],
+            raw=self.raw[rows],
+            labels=self.labels[rows] if self.labels is not None else None,
+            label_names=self.label_names,
+        )
+
+    @classmethod
+    def stack(cls, batches: list[FeatureBatch]) -> FeatureBatch:
+        """Batches of different lines as one, lines in the order given."""
+        if not batches:
+            raise ValueError("stack needs at least one batch")
+        lengths = np.concatenate([b.lengths for b in batches])
+        labels = [b.labels for b in batches]
+        same_labels = len({b.label_names for b in batches}) == 1 and all(lab is not None for lab in labels)
+        return cls(
+            entities=[e for b in batches for e in b.entities],
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            timestamps=batches[0].timestamps.append([b.timestamps for b in batches[1:]]),
+            inputs=np.concatenate([b.inputs for b in batches]),
+            targets=np.concatenate([b.targets for b in batches]),
+            dt=np.concatenate([b.dt for b in batches]),
+            raw=np.concatenate([b.raw for b in batches]),
+            labels=np.concatenate(labels) if same_labels else None,
+            label_names=batches[0].label_names if same_labels else (),
+        )
+
+    def padded(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Per-row values (R, ...) as (L, T, ...), right-padded with `fill` to the longest line."""
+        longest = int(self.lengths.max()) if len(self.entities) else 0
+        out = np.full((len(self.entities), longest, *values.shape[1:]), fill, dtype=values.dtype)
+        out[self.line_index, self.positions] = values
+        return out
+
+    def flat(self, padded: np.ndarray) -> np.ndarray:
+        """The inverse of `padded`: per-row values (R, ...) from (L, T, ...)."""
+        return padded[self.line_index, self.positions]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Model tensors, right-padded to the longest line: inputs (L, T, n_inputs), targets
+        (L, T, n_targets) (NaN at padding), dt (L, T) and the step mask (L, T), False at padding."""
+        steps = self.padded(np.ones(len(self), dtype=bool), fill=False)
         return (
-            torch.from_numpy(self.inputs)[None],
-            torch.from_numpy(self.targets)[None],
-            torch.from_numpy(self.dt)[None],
+            torch.from_numpy(self.padded(self.inputs)),
+            torch.from_numpy(self.padded(self.targets, fill=np.nan)),
+            torch.from_numpy(self.padded(self.dt)),
+            torch.from_numpy(steps),
         )
 
     def to_frame(self, spec: FeatureSpec) -> pd.DataFrame:
         frame = pd.DataFrame(self.inputs, columns=spec.input_names)
         frame.insert(0, spec.timestamp_column, self.timestamps)
-        frame.insert(0, spec.entity_column, self.entity)
+        frame.insert(0, spec.entity_column, np.repeat(np.asarray(self.entities, dtype=object), self.lengths))
         for index, sensor in enumerate(spec.sensors):
             frame[f"target_{sensor}"] = self.targets[:, index]
         frame["dt"] = self.dt
@@ -52,11 +137,15 @@ class FeatureBatch:
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, spec: FeatureSpec) -> FeatureBatch:
-        """Reads back what `to_frame` wrote (the archived features of a processed batch)."""
+        """Reads back what `to_frame` wrote (the archived features of a processed batch); the
+        frame's rows of a line must be together, in time order."""
+        entity = frame[spec.entity_column].astype(str).to_numpy()
+        starts = np.flatnonzero(np.r_[True, entity[1:] != entity[:-1]]) if len(entity) else np.empty(0, np.int64)
         targets = frame[[f"target_{s}" for s in spec.sensors]].to_numpy(np.float32)
         return cls(
-            entity=str(frame[spec.entity_column].iloc[0]),
-            timestamps=pd.DatetimeIndex(frame[spec.timestamp_column]),
+            entities=[str(entity[i]) for i in starts],
+            offsets=np.r_[starts, len(entity)].astype(np.int64),
+            timestamps=pd.DatetimeIndex(pd.to_datetime(frame[spec.timestamp_column], utc=True)),
             inputs=frame[spec.input_names].to_numpy(np.float32),
             targets=targets,
             dt=frame["dt"].to_numpy(np.float32),
@@ -66,59 +155,79 @@ class FeatureBatch:
 
 
 def build_features(
-    rows: pd.DataFrame, spec: FeatureSpec, state: EntityFeatureState
-) -> tuple[FeatureBatch, EntityFeatureState]:
-    """Features of one entity's rows (sorted by time, validated), and the state after them."""
+    rows: pd.DataFrame, spec: FeatureSpec, states: Mapping[str, EntityFeatureState]
+) -> tuple[FeatureBatch, dict[str, EntityFeatureState]]:
+    """Features of validated rows of any number of lines, each from its carried state (a line
+    missing from `states` starts fresh), and every line's state after them.
+
+    Lines come out sorted by id; each line's rows in time order.
+    """
     if rows.empty:
         raise ValueError("build_features needs at least one row")
-    entities = rows[spec.entity_column].unique()
-    if len(entities) != 1:
-        raise ValueError(f"build_features takes one entity's rows, got {list(entities)[:5]}")
+    codes, entities = pd.factorize(rows[spec.entity_column].astype(str), sort=True)
     timestamps = pd.DatetimeIndex(pd.to_datetime(rows[spec.timestamp_column], utc=True))
-    raw = rows[list(spec.sensors)].to_numpy(np.float64)
-
-    scaler = RunningStandardizer(list(spec.sensors))
-    if state.scaler["counts"]:
-        scaler = RunningStandardizer.from_state(list(spec.sensors), state.scaler)
-    standardised = scaler.transform_learn(raw)
-
-    fresh = ~np.isnan(standardised)
-    carried = pd.DataFrame(standardised, columns=list(spec.sensors))
-    first = pd.DataFrame([[state.last_values.get(s, np.nan) for s in spec.sensors]], columns=list(spec.sensors))
-    values = pd.concat([first, carried], ignore_index=True).ffill().fillna(0.0).to_numpy()[1:]
-
     nanoseconds = timestamps.as_unit("ns").asi8  # parsed text and Parquet may differ in unit
-    seconds = np.diff(nanoseconds, prepend=nanoseconds[0]) / 1e9
-    if state.last_timestamp is not None:
-        seconds[0] = (timestamps[0] - state.last_timestamp).total_seconds()
-    else:
-        seconds[0] = spec.time_scale_seconds  # an entity's first event ever: one nominal step
+    order = np.lexsort((nanoseconds, codes))
+    line = codes[order]
+    nanoseconds = nanoseconds[order]
+    timestamps = timestamps[order]
+    counts = np.bincount(line, minlength=len(entities))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    entities = [str(e) for e in entities]
+    carried = [states.get(e) or EntityFeatureState() for e in entities]
+    sensors = spec.sensors
+    raw = rows[list(sensors)].to_numpy(np.float64)[order]
+
+    statistics = ScalerStatistics.from_states([s.scaler for s in carried], sensors)
+    standardised, after = standardize(raw, line, offsets, statistics)
+
+    # Carry each sensor's last reading forward (from the previous batch too; 0 before any).
+    fresh = ~np.isnan(standardised)
+    latest = latest_observed(fresh)
+    starts = offsets[:-1][line][:, None]
+    columns = np.arange(len(sensors))
+    carried_values = np.array(
+        [[s.last_values.get(sensor, np.nan) for sensor in sensors] for s in carried], dtype=np.float64
+    ).reshape(len(entities), len(sensors))
+    in_line = latest >= starts
+    values = np.where(in_line, standardised[np.where(in_line, latest, 0), columns], carried_values[line])
+    values = np.nan_to_num(values, nan=0.0)
+
+    seconds = np.diff(nanoseconds, prepend=nanoseconds[:1]) / 1e9
+    first_rows = offsets[:-1]
+    for index, state in enumerate(carried):
+        if state.last_timestamp is not None:
+            seconds[first_rows[index]] = (timestamps[first_rows[index]] - state.last_timestamp).total_seconds()
+        else:
+            seconds[first_rows[index]] = spec.time_scale_seconds  # a line's first event ever: one nominal step
     dt = np.maximum(seconds, 0.0) / spec.time_scale_seconds
 
     inputs = np.concatenate([values, fresh.astype(np.float64), np.log1p(dt)[:, None]], axis=1)
-    labels = None
     present = [c for c in spec.label_columns if c in rows.columns]
-    if present:
-        labels = rows[present].to_numpy(np.float64)
+    labels = rows[present].to_numpy(np.float64)[order] if present else None
 
-    last_values = dict(state.last_values)
-    for index, sensor in enumerate(spec.sensors):
-        column_fresh = np.flatnonzero(fresh[:, index])
-        if len(column_fresh):
-            last_values[sensor] = float(standardised[column_fresh[-1], index])
-    new_state = EntityFeatureState(
-        scaler=scaler.state(),
-        last_values=last_values,
-        last_timestamp=timestamps[-1],
-        events=state.events + len(rows),
-    )
+    last = last_observed(latest, offsets)
+    new_states = {}
+    for index, (entity, state) in enumerate(zip(entities, carried, strict=True)):
+        last_values = dict(state.last_values)
+        for col, sensor in enumerate(sensors):
+            if last[index, col] >= 0:
+                last_values[sensor] = float(standardised[last[index, col], col])
+        new_states[entity] = EntityFeatureState(
+            scaler=after.state(index, sensors),
+            last_values=last_values,
+            last_timestamp=timestamps[offsets[index + 1] - 1],
+            events=state.events + int(counts[index]),
+        )
     batch = FeatureBatch(
-        entity=str(entities[0]),
+        entities=entities,
+        offsets=offsets,
         timestamps=timestamps,
         inputs=inputs.astype(np.float32),
         targets=standardised.astype(np.float32),
         dt=dt.astype(np.float32),
         raw=raw,
         labels=labels,
+        label_names=tuple(present),
     )
-    return batch, new_state
+    return batch, new_states

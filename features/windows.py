@@ -1,51 +1,41 @@
-"""Windowing of feature sequences into (B, T, H) training tensors."""
+"""Joining consecutive feature batches into longer per-line sequences."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
+import pandas as pd
 
 from features.builder import FeatureBatch
 
 
 def concatenate(batches: list[FeatureBatch]) -> FeatureBatch:
-    """One entity's consecutive batches as one sequence."""
+    """Consecutive batches (oldest first) as one batch: each line's rows of every batch, in
+    batch order; lines sorted by id."""
     if not batches:
         raise ValueError("concatenate needs at least one batch")
-    entities = {b.entity for b in batches}
-    if len(entities) != 1:
-        raise ValueError(f"concatenate takes one entity's batches, got {sorted(entities)}")
+    entities = sorted(set().union(*(b.entities for b in batches)))
+    rank = {entity: index for index, entity in enumerate(entities)}
+    line = np.concatenate([np.array([rank[e] for e in b.entities], dtype=np.int64)[b.line_index] for b in batches])
+    batch = np.concatenate([np.full(len(b), index) for index, b in enumerate(batches)])
+    position = np.concatenate([b.positions for b in batches])
+    order = np.lexsort((position, batch, line))
+    counts = np.bincount(line, minlength=len(entities))
     labels = [b.labels for b in batches]
+    same_labels = len({b.label_names for b in batches}) == 1
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([getattr(b, name) for b in batches])[order]
+
     return FeatureBatch(
-        entity=batches[0].entity,
-        timestamps=batches[0].timestamps.append([b.timestamps for b in batches[1:]]),
-        inputs=np.concatenate([b.inputs for b in batches]),
-        targets=np.concatenate([b.targets for b in batches]),
-        dt=np.concatenate([b.dt for b in batches]),
-        raw=np.concatenate([b.raw for b in batches]),
-        labels=np.concatenate(labels) if all(lab is not None for lab in labels) else None,
-    )
-
-
-def sliding_windows(
-    sequences: list[FeatureBatch], length: int, stride: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cuts sequences into windows of `length` events (stride defaults to length).
-
-    Returns inputs (B, length, H), targets (B, length, S) and dt (B, length); sequences
-    shorter than one window contribute nothing.
-    """
-    stride = stride or length
-    inputs, targets, dts = [], [], []
-    for seq in sequences:
-        for start in range(0, len(seq) - length + 1, stride):
-            inputs.append(seq.inputs[start : start + length])
-            targets.append(seq.targets[start : start + length])
-            dts.append(seq.dt[start : start + length])
-    if not inputs:
-        raise ValueError(f"no sequence holds a full window of {length} events")
-    return (
-        torch.from_numpy(np.stack(inputs)),
-        torch.from_numpy(np.stack(targets)),
-        torch.from_numpy(np.stack(dts)),
+        entities=entities,
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        timestamps=pd.DatetimeIndex(
+            np.concatenate([b.timestamps.as_unit("ns").asi8 for b in batches])[order]
+        ).tz_localize("UTC"),
+        inputs=joined("inputs"),
+        targets=joined("targets"),
+        dt=joined("dt"),
+        raw=joined("raw"),
+        labels=np.concatenate(labels)[order] if all(lab is not None for lab in labels) and same_labels else None,
+        label_names=batches[0].label_names,
     )

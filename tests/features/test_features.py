@@ -1,11 +1,12 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from river.preprocessing import StandardScaler
 
-from features import EntityFeatureState, FeatureSpec, FeatureStateError, build_features
-from features.scaling import RunningStandardizer
-from features.windows import concatenate, sliding_windows
+from features import EntityFeatureState, FeatureBatch, FeatureSpec, FeatureStateError, build_features
+from features.scaling import ScalerStatistics, standardize
+from features.windows import concatenate
 
 SPEC = FeatureSpec("entity", "timestamp", ("a", "b"), time_scale_seconds=10.0, label_columns=("anomaly",))
 
@@ -26,37 +27,55 @@ def _rows(n: int, start: str = "2026-01-01T00:00:00Z", seed: int = 0, unit: str 
     )
 
 
-def test_standardizer_equals_river_one_row_at_a_time():
-    rng = np.random.default_rng(1)
-    values = rng.normal(5, 3, (400, 2))
-    values[rng.random((400, 2)) < 0.25] = np.nan
-    fast = RunningStandardizer(["a", "b"])
-    out = np.vstack([fast.transform_learn(values[:150]), fast.transform_learn(values[150:])])
+def _river_standardised(values: np.ndarray, columns: str) -> tuple[np.ndarray, StandardScaler]:
+    """river's StandardScaler, one row at a time: learn_one, then transform_one."""
     river, expected = StandardScaler(), np.full_like(values, np.nan)
     for t, row in enumerate(values):
-        present = {k: row[i] for i, k in enumerate("ab") if not np.isnan(row[i])}
+        present = {k: row[i] for i, k in enumerate(columns) if not np.isnan(row[i])}
         river.learn_one(present)
         for key, value in river.transform_one(present).items():
-            expected[t, "ab".index(key)] = value
-    np.testing.assert_allclose(out, expected, rtol=1e-9, atol=1e-12, equal_nan=True)
-    state = fast.state()
-    for key in "ab":
-        assert state["counts"][key] == river.counts[key]
-        assert state["means"][key] == pytest.approx(river.means[key], rel=1e-12)
-        assert state["vars"][key] == pytest.approx(river.vars[key], rel=1e-9)
+            expected[t, columns.index(key)] = value
+    return expected, river
+
+
+def test_standardizer_equals_river_one_row_at_a_time_for_every_line():
+    rng = np.random.default_rng(1)
+    lines = {"m1": rng.normal(5, 3, (400, 2)), "m2": rng.normal(-2, 0.5, (250, 2))}
+    for values in lines.values():
+        values[rng.random(values.shape) < 0.25] = np.nan
+    # Two batches of both lines; the statistics carried between them are river's state.
+    statistics = ScalerStatistics.from_states([{"counts": {}, "means": {}, "vars": {}}] * 2, ("a", "b"))
+    outputs = {name: [] for name in lines}
+    for lo, hi in ((0, 150), (150, 400)):
+        parts = [values[lo:hi] for values in lines.values()]
+        offsets = np.cumsum([0, *(len(p) for p in parts)])
+        line = np.repeat(np.arange(2), [len(p) for p in parts])
+        out, statistics = standardize(np.vstack(parts), line, offsets, statistics)
+        statistics = ScalerStatistics.from_states([statistics.state(i, ("a", "b")) for i in range(2)], ("a", "b"))
+        for index, name in enumerate(lines):
+            outputs[name].append(out[offsets[index] : offsets[index + 1]])
+    for index, (name, values) in enumerate(lines.items()):
+        expected, river = _river_standardised(values, "ab")
+        np.testing.assert_allclose(np.vstack(outputs[name]), expected, rtol=1e-9, atol=1e-12, equal_nan=True)
+        state = statistics.state(index, ("a", "b"))
+        for key in "ab":
+            assert state["counts"][key] == river.counts[key]
+            assert state["means"][key] == pytest.approx(river.means[key], rel=1e-12)
+            assert state["vars"][key] == pytest.approx(river.vars[key], rel=1e-9)
 
 
 @pytest.mark.parametrize("cuts", [[1], [37, 38], [10, 60, 61, 99]])
 def test_features_stream_exactly_across_batches(cuts):
     rows = _rows(120)
-    whole, whole_state = build_features(rows, SPEC, EntityFeatureState())
+    whole, whole_states = build_features(rows, SPEC, {})
+    whole_state = whole_states["m1"]
     state, parts = EntityFeatureState(), []
     # Alternate time units, as CSV (parsed) and Parquet batches arrive.
     for index, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, 120], strict=True)):
         part = rows.iloc[lo:hi].copy()
         part["timestamp"] = pd.DatetimeIndex(part["timestamp"]).as_unit("us" if index % 2 else "ns")
-        features, state = build_features(part, SPEC, state)
-        state = EntityFeatureState.from_bytes(state.to_bytes())
+        features, states = build_features(part, SPEC, {"m1": state})
+        state = EntityFeatureState.from_bytes(states["m1"].to_bytes())
         parts.append(features)
     joined = concatenate(parts)
     np.testing.assert_array_equal(joined.inputs, whole.inputs)
@@ -75,7 +94,7 @@ def test_carry_forward_masks_and_time_steps():
             "b": [np.nan, 2.0, np.nan],
         }
     )
-    features, state = build_features(rows, SPEC, EntityFeatureState())
+    features, states = build_features(rows, SPEC, {})
     z_a, z_b, fresh_a, fresh_b, log_dt = features.inputs.T
     assert fresh_a.tolist() == [1, 0, 1] and fresh_b.tolist() == [0, 1, 0]
     assert z_a[1] == z_a[0]  # a did not report at event 1: its last reading is carried
@@ -84,7 +103,7 @@ def test_carry_forward_masks_and_time_steps():
     np.testing.assert_allclose(log_dt, np.log1p([1.0, 2.0, 0.5]), rtol=1e-6)
     assert np.isnan(features.targets[1, 0]) and not np.isnan(features.targets[1, 1])
     later = rows.iloc[[-1]].assign(timestamp=pd.Timestamp("2026-01-01T00:01:25Z"))
-    next_batch, _ = build_features(later, SPEC, state)
+    next_batch, _ = build_features(later, SPEC, states)
     assert next_batch.dt[0] == pytest.approx(6.0)  # 60 s after the carried last timestamp
 
 
@@ -94,13 +113,50 @@ def test_feature_state_refuses_bad_bytes():
             EntityFeatureState.from_bytes(payload)
 
 
-def test_one_entity_per_call_and_windows():
-    rows = _rows(50)
-    with pytest.raises(ValueError, match="one entity"):
-        build_features(pd.concat([rows, rows.assign(entity="m2")]), SPEC, EntityFeatureState())
-    features, _ = build_features(rows, SPEC, EntityFeatureState())
-    inputs, targets, dt = sliding_windows([features], length=20, stride=10)
-    assert inputs.shape == (4, 20, SPEC.n_inputs) and targets.shape == (4, 20, 2) and dt.shape == (4, 20)
-    np.testing.assert_array_equal(inputs[1].numpy(), features.inputs[10:30])
-    with pytest.raises(ValueError, match="full window"):
-        sliding_windows([features], length=60)
+def test_lines_together_equal_each_line_alone_in_any_order():
+    """Features of a file holding many lines are each line's own: built with other lines, in any
+    row order, they equal the line built alone, exactly (a Dask worker's group gets the same)."""
+    lines = {f"m{i}": _rows(30 + 7 * i, seed=i).assign(entity=f"m{i}") for i in range(5)}
+    warm = {name: build_features(rows.iloc[:10], SPEC, {})[1][name] for name, rows in lines.items()}
+    later = {name: rows.iloc[10:] for name, rows in lines.items()}
+    mixed = pd.concat(later.values()).sample(frac=1.0, random_state=3)  # interleaved rows
+    carried = {k: v for k, v in warm.items() if k != "m0"}  # m0 is a line seen for the first time
+    together, states = build_features(mixed, SPEC, carried)
+    assert together.entities == sorted(lines)
+    for index, name in enumerate(together.entities):
+        alone, alone_states = build_features(later[name], SPEC, {name: carried[name]} if name in carried else {})
+        line = together.select([index])
+        for field in ("inputs", "targets", "dt", "raw", "labels"):
+            np.testing.assert_array_equal(getattr(line, field), getattr(alone, field), err_msg=field)
+        assert line.timestamps.equals(alone.timestamps)
+        assert states[name].to_bytes() == alone_states[name].to_bytes()
+
+
+def test_padded_tensors_flat_rows_and_frames_round_trip():
+    rows = pd.concat([_rows(12, seed=1).assign(entity="b"), _rows(5, seed=2).assign(entity="a")])
+    batch, _ = build_features(rows, SPEC, {})
+    assert batch.entities == ["a", "b"] and batch.lengths.tolist() == [5, 12]
+    u, y, dt, steps = batch.tensors()
+    assert u.shape == (2, 12, SPEC.n_inputs) and steps.sum(1).tolist() == [5, 12]
+    assert torch.isnan(y[0, 5:]).all() and (u[0, 5:] == 0).all()
+    np.testing.assert_array_equal(batch.flat(u.numpy()), batch.inputs)
+    again = FeatureBatch.from_frame(batch.to_frame(SPEC), SPEC)
+    assert again.entities == batch.entities and again.offsets.tolist() == batch.offsets.tolist()
+    np.testing.assert_array_equal(again.inputs, batch.inputs)
+    assert again.timestamps.equals(batch.timestamps)
+    with pytest.raises(ValueError, match="2 lines"):
+        _ = batch.entity
+
+
+def test_concatenate_joins_each_lines_batches_in_order():
+    rows = pd.concat([_rows(40, seed=1).assign(entity="a"), _rows(30, seed=2).assign(entity="b")])
+    whole, _ = build_features(rows, SPEC, {})
+    first, states = build_features(rows.groupby("entity").head(20), SPEC, {})
+    second, _ = build_features(pd.concat([rows.iloc[20:40], rows.iloc[60:70]]), SPEC, states)
+    only_a, _ = build_features(rows.iloc[20:40], SPEC, states)
+    joined = concatenate([first, second])
+    assert joined.entities == ["a", "b"] and joined.lengths.tolist() == [40, 30]
+    assert joined.timestamps.equals(whole.timestamps)
+    np.testing.assert_allclose(joined.inputs, whole.inputs, rtol=1e-6, atol=1e-6)
+    # A line missing from one batch keeps its rows from the others.
+    assert concatenate([first, only_a]).lengths.tolist() == [40, 20]
