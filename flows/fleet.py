@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import uuid
 from pathlib import Path
 
 from features.spec import FeatureSpec
 from flows.settings import Settings
 from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
+
+log = logging.getLogger(__name__)
 
 
 def feature_spec(settings: Settings) -> FeatureSpec:
@@ -22,34 +26,12 @@ def feature_spec(settings: Settings) -> FeatureSpec:
 
 
 def model_config(settings: Settings, spec: FeatureSpec) -> ModelConfig:
-    m = settings.model
-    return ModelConfig(
-        n_inputs=spec.n_inputs,
-        n_targets=spec.n_targets,
-        d_model=m.d_model,
-        d_state=m.d_state,
-        n_layers=m.n_layers,
-        linear_state=m.linear_state,
-        horizon=m.horizon,
-        dropout=m.dropout,
-        r_min=m.r_min,
-        r_max=m.r_max,
-        max_phase=m.max_phase,
-    )
+    return ModelConfig(n_inputs=spec.n_inputs, n_targets=spec.n_targets, **settings.model.model_dump())
 
 
 def learner_config(settings: Settings, learning_rate: float | None = None) -> LearnerConfig:
-    u = settings.update
-    return LearnerConfig(
-        learning_rate=u.learning_rate if learning_rate is None else learning_rate,
-        window=u.window,
-        epochs=u.epochs,
-        grad_clip=u.grad_clip,
-        replay_capacity=u.replay_capacity,
-        replay_batch=u.replay_batch,
-        ewc_weight=u.ewc_weight,
-        seed=u.seed,
-    )
+    config = LearnerConfig(**settings.update.model_dump())
+    return config if learning_rate is None else dataclasses.replace(config, learning_rate=learning_rate)
 
 
 def new_learner(settings: Settings, spec: FeatureSpec) -> OnlineLearner:
@@ -60,20 +42,36 @@ def new_learner(settings: Settings, spec: FeatureSpec) -> OnlineLearner:
 
 
 def load_learner(path: Path, settings: Settings) -> OnlineLearner:
-    """A checkpointed learner; its learning settings follow the current configuration."""
+    """A checkpointed learner. Its learning settings and the model's run-time ones (scan
+    backend, dropout) follow the current configuration; its shape stays the checkpoint's until a
+    retraining builds a model of the configured shape."""
     learner = OnlineLearner.load_checkpoint(path)
     wanted = learner_config(settings)
-    if learner.config != wanted:
-        restored = OnlineLearner(learner.model, wanted)
-        state = learner.state_dict()
-        restored.optimizer.load_state_dict(state["optimizer"])
-        for group in restored.optimizer.param_groups:
-            group["lr"] = wanted.learning_rate
-        restored.replay.load_state_dict(state["replay"])
-        restored.ewc.load_state_dict(state["ewc"])
-        restored.updates = learner.updates
-        learner = restored
-    return learner
+    stored = learner.model.config
+    configured = settings.model.model_dump()
+    runtime = {"scan_backend": configured["scan_backend"], "dropout": configured["dropout"]}
+    shape = {key: value for key, value in configured.items() if key not in runtime}
+    if any(getattr(stored, key) != value for key, value in shape.items()):
+        log.warning(
+            "the live model in %s keeps its shape %s until a retraining builds the configured one", path, stored
+        )
+    if learner.config == wanted and all(getattr(stored, key) == value for key, value in runtime.items()):
+        return learner
+    state = learner.state_dict()
+    model = LRUForecaster(dataclasses.replace(stored, **runtime))
+    model.load_state_dict(state["model"])
+    restored = OnlineLearner(model, wanted)
+    restored.optimizer.load_state_dict(state["optimizer"])
+    for group in restored.optimizer.param_groups:
+        group["lr"] = wanted.learning_rate
+        group["weight_decay"] = wanted.weight_decay
+    restored.replay.load_state_dict(state["replay"])
+    restored.replay.capacity = wanted.replay_capacity
+    del restored.replay.windows[wanted.replay_capacity :]  # a uniform sample stays one when cut
+    restored.ewc.load_state_dict(state["ewc"])
+    restored.ewc.weight, restored.ewc.decay = wanted.ewc_weight, wanted.ewc_decay
+    restored.updates = learner.updates
+    return restored
 
 
 def save_checkpoint(learner: OnlineLearner, folder: Path, label: str) -> Path:

@@ -7,13 +7,18 @@ LRU_ONLINE_DRIFT__PSI_THRESHOLD=0.3) over the YAML file over the embedded defaul
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from features.spec import FeatureSpec
+from lru_online.learner import LearnerConfig
+from lru_online.model import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -98,35 +103,48 @@ class TrackingSettings(_Section):
     snapshot_every: int = Field(50, ge=0)
 
 
-class ModelSettings(_Section):
-    d_model: int = Field(32, ge=1)
-    d_state: int = Field(32, ge=1)
-    n_layers: int = Field(2, ge=0)
-    linear_state: int = Field(0, ge=0)  # the linear path beside the blocks (0: none)
-    horizon: int = Field(1, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    r_min: float = Field(0.5, ge=0.0, lt=1.0)
-    r_max: float = Field(0.99, gt=0.0, le=1.0)
-    max_phase: float = Field(math.pi, gt=0.0)
+def _core_section(name: str, config: type, exclude: tuple[str, ...], defaults: dict[str, Any]) -> type[_Section]:
+    """A settings section with every field of a core config dataclass (`lru_online`), so each
+    one can be set from YAML or the environment and reaches the core; `defaults` are the
+    pipeline's own where they differ from the core's. The core config validates the values."""
+    hints = typing.get_type_hints(config)
+    fields = {
+        field.name: (hints[field.name], defaults.get(field.name, field.default))
+        for field in dataclasses.fields(config)
+        if field.name not in exclude
+    }
+    return create_model(name, __base__=_Section, __doc__=f"Every field of lru_online.{config.__name__}.", **fields)
 
+
+# n_inputs and n_targets follow from the log schema (lru_online.model.ModelConfig).
+_ModelFields = _core_section(
+    "_ModelFields", ModelConfig, exclude=("n_inputs", "n_targets"), defaults={"d_model": 32, "d_state": 32}
+)
+
+
+class ModelSettings(_ModelFields):
     @model_validator(mode="after")
     def _consistent(self) -> ModelSettings:
-        if not self.r_min < self.r_max:
-            raise ValueError(f"r_min {self.r_min} must be below r_max {self.r_max}")
-        if self.n_layers == 0 and self.linear_state == 0:
-            raise ValueError("model needs n_layers >= 1 or a linear path (linear_state >= 1)")
+        # The real input width is checked against the schema by Settings; here any width that
+        # holds the named linear inputs lets the core check everything else.
+        width = max(self.linear_inputs) + 1 if self.linear_inputs else 1
+        ModelConfig(n_inputs=width, n_targets=1, **self.model_dump())
         return self
 
 
-class UpdateSettings(_Section):
-    learning_rate: float = Field(2e-3, ge=0.0)
-    window: int = Field(64, ge=1)
-    epochs: int = Field(1, ge=1)
-    grad_clip: float = Field(1.0, gt=0.0)
-    replay_capacity: int = Field(256, ge=0)
-    replay_batch: int = Field(4, ge=0)
-    ewc_weight: float = Field(0.0, ge=0.0)
-    seed: int = 0
+_UpdateFields = _core_section(
+    "_UpdateFields",
+    LearnerConfig,
+    exclude=(),
+    defaults={"learning_rate": 2e-3, "replay_capacity": 256, "replay_batch": 4},
+)
+
+
+class UpdateSettings(_UpdateFields):
+    @model_validator(mode="after")
+    def _consistent(self) -> UpdateSettings:
+        LearnerConfig(**self.model_dump())
+        return self
 
 
 class FeatureSettings(_Section):
@@ -138,6 +156,10 @@ class InitialTrainingSettings(_Section):
     # The first valid batches in the landing folder that train a model when none exists.
     batches: int = Field(18, ge=1)
     epochs: int = Field(6, ge=1)
+    # Optimizer steps per training window, over shuffled groups of lines: one line a step in a
+    # small fleet (as many steps as lines), groups of lines in a large one, so the cost of an
+    # epoch stays bounded as the fleet grows.
+    steps_per_window: int = Field(32, ge=1)
 
 
 class DriftSettings(_Section):
@@ -173,6 +195,8 @@ class RetrainSettings(_Section):
     learning_rate: float = Field(3e-3, gt=0.0)
     # The challenger must beat the champion's held-out MSE by this fraction to be promoted.
     margin: float = Field(0.02, ge=0.0, lt=1.0)
+    # As initial_training.steps_per_window.
+    steps_per_window: int = Field(32, ge=1)
 
     @model_validator(mode="after")
     def _holdout(self) -> RetrainSettings:
@@ -246,6 +270,16 @@ class Settings(BaseSettings):
         if not value or not all(c.isalnum() or c in "-_." for c in value):
             raise ValueError(f"pipeline name {value!r} may hold only letters, digits, '-', '_' and '.'")
         return value
+
+    @model_validator(mode="after")
+    def _model_fits_the_schema(self) -> Settings:
+        inputs = FeatureSpec("", "", tuple(self.log_schema.sensor_names)).n_inputs
+        if self.model.linear_inputs and max(self.model.linear_inputs) >= inputs:
+            raise ValueError(
+                f"model.linear_inputs {list(self.model.linear_inputs)} names columns beyond the {inputs} model "
+                f"inputs of this schema"
+            )
+        return self
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:

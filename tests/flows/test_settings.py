@@ -93,3 +93,75 @@ def test_servers_profile_differs_only_in_where_the_services_are(tmp_path):
         "prefect.work_pool",
         "prefect.dask_address",
     }
+
+
+MODEL_FIELDS = {
+    "d_model": 8,
+    "d_state": 6,
+    "n_layers": 1,
+    "horizon": 2,
+    "dropout": 0.1,
+    "r_min": 0.3,
+    "r_max": 0.9,
+    "max_phase": 1.0,
+    "scan_backend": "chunked",
+    "linear_state": 3,
+    "linear_inputs": [0, 2],
+}
+UPDATE_FIELDS = {
+    "learning_rate": 0.01,
+    "weight_decay": 0.05,
+    "window": 16,
+    "epochs": 2,
+    "grad_clip": 0.5,
+    "replay_capacity": 32,
+    "replay_batch": 3,
+    "replay_weight": 0.5,
+    "ewc_weight": 0.2,
+    "ewc_decay": 0.7,
+    "lines_per_step": 16,
+    "seed": 5,
+}
+
+
+def test_every_core_field_set_in_yaml_reaches_the_learner(tmp_path):
+    from dataclasses import fields
+
+    from flows.fleet import feature_spec, load_learner, new_learner, save_checkpoint
+    from lru_online import LearnerConfig, ModelConfig
+
+    # Every field of the core's configs can be set; none is left behind by a hand-made copy.
+    assert set(MODEL_FIELDS) == {f.name for f in fields(ModelConfig)} - {"n_inputs", "n_targets"}
+    assert set(UPDATE_FIELDS) == {f.name for f in fields(LearnerConfig)}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL_FIELDS, "update": UPDATE_FIELDS}))
+    settings = load_settings(path, workdir=tmp_path)
+    learner = new_learner(settings, feature_spec(settings))
+    expected_model = {**MODEL_FIELDS, "linear_inputs": (0, 2)}
+    assert {k: getattr(learner.model.config, k) for k in MODEL_FIELDS} == expected_model
+    assert {k: getattr(learner.config, k) for k in UPDATE_FIELDS} == UPDATE_FIELDS
+    assert learner.optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert learner.replay.capacity == 32 and learner.ewc.weight == 0.2 and learner.ewc.decay == 0.7
+
+    # A live checkpoint made under other settings learns by the current ones when loaded.
+    defaults = load_settings(workdir=tmp_path)
+    checkpoint = save_checkpoint(new_learner(defaults, feature_spec(defaults)), tmp_path, "live")
+    loaded = load_learner(checkpoint, settings)
+    assert {k: getattr(loaded.config, k) for k in UPDATE_FIELDS} == UPDATE_FIELDS
+    assert loaded.model.config.scan_backend == "chunked" and loaded.model.config.dropout == 0.1
+    assert loaded.optimizer.param_groups[0]["lr"] == 0.01 and loaded.replay.capacity == 32
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [
+        ({"update": {"lines_per_step": 0}}, "lines_per_step"),
+        ({"update": {"replay_weight": -1}}, "replay_weight"),
+        ({"model": {"linear_state": 2, "linear_inputs": [11]}}, "linear_inputs"),
+    ],
+)
+def test_core_fields_are_checked_at_start(tmp_path, content, phrase):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ConfigError, match=phrase):
+        load_settings(path, workdir=tmp_path)
