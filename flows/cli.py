@@ -61,16 +61,19 @@ def simulate(
     config: ConfigOption = None,
     entities: Annotated[int, typer.Option(help="Production lines.")] = 3,
     batches: Annotated[int, typer.Option(help="Batches per line.")] = 36,
-    rows: Annotated[int, typer.Option(help="Rows per batch.")] = 240,
+    rows: Annotated[int, typer.Option(help="Rows per line and batch.")] = 240,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    plant_files: Annotated[
+        bool, typer.Option("--plant-files", help="One file per batch holding every line's rows.")
+    ] = False,
 ) -> None:
     """Writes simulated factory logs into the landing folder (ground truth beside it)."""
     from flows.simulator import SimulationConfig
     from flows.simulator import simulate as run_simulation
 
     settings = _settings(config, workdir)
-    sim = SimulationConfig(entities=entities, batches=batches, rows_per_batch=rows, seed=seed)
-    if batches < 36:
+    sim = SimulationConfig(entities=entities, batches=batches, rows_per_batch=rows, seed=seed, plant_files=plant_files)
+    if batches < 36:  # the drifts and broken files at the same share of the run
         scale = batches / 36
         sim.gradual_drift_start = int(14 * scale)
         sim.gradual_drift_batches = max(1, int(8 * scale))
@@ -99,14 +102,17 @@ def backfill(
     config: ConfigOption = None,
     workdir: WorkdirOption = None,
 ) -> None:
-    """Replays a folder of historical files in time order."""
+    """Replays a folder of historical files in time order, with a progress bar."""
     settings = _settings(config, workdir)
     if not source.is_dir():
         typer.echo(f"error: {source} is not a folder", err=True)
         raise typer.Exit(2)
     from flows.prefect_flows import backfill as backfill_flow
+    from flows.prefect_flows import backfill_files
+    from flows.progress import LedgerProgress
 
-    result = backfill_flow(source=str(source.resolve()), config=_config_arg(config), workdir=str(settings.workdir))
+    with LedgerProgress(settings, files=len(backfill_files(source))):
+        result = backfill_flow(source=str(source.resolve()), config=_config_arg(config), workdir=str(settings.workdir))
     typer.echo(json.dumps({"files": result["files"], "batches": result.get("batches"), "rows": result.get("rows")}))
 
 

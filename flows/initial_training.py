@@ -7,19 +7,18 @@ accounted for; their scores are in-sample and the README says so.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
-import numpy as np
 from sqlalchemy.exc import IntegrityError
 
 from features import EntityFeatureState, build_features
 from features.windows import concatenate
 from flows.fleet import new_learner, save_checkpoint
-from flows.pipeline import Pipeline, json_safe
+from flows.line_states import json_safe
+from flows.pipeline import Pipeline
 from flows.reference import build_reference
 from flows.storage.models import ModelState
 from flows.tracking import CHAMPION
-from lru_online.learner import forecast_error
+from lru_online.learner import forecast_error, lines_per_step_for
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +39,23 @@ def train_initial(pipeline: Pipeline) -> str | None:
         return None
 
     states: dict[str, EntityFeatureState] = {}
-    parts = defaultdict(list)
+    parts = []
     for rows in picked:
-        for entity, group in rows.groupby(spec.entity_column, sort=True):
-            features, states[entity] = build_features(group, spec, states.get(entity, EntityFeatureState()))
-            parts[entity].append(features)
-    sequences = {entity: concatenate(batches) for entity, batches in parts.items()}
-
-    tensors = [seq.tensors() for seq in sequences.values()]
+        features, after = build_features(rows, spec, states)
+        states.update(after)
+        parts.append(features)
+    # Every line's rows of the picked files as one sequence, all lines in one padded batch.
+    sequences = concatenate(parts)
+    u, y, dt, steps = sequences.tensors()
     learner = new_learner(settings, spec)
-    losses = []
-    for _ in range(settings.initial_training.epochs):
-        losses.append(float(np.mean([learner.update(u, y, None, dt)["loss"] for u, y, dt in tensors])))
-    errors = [forecast_error(learner.score(u, y, None, dt).residuals) for u, y, dt in tensors]
-    raw = np.concatenate([seq.raw for seq in sequences.values()])
-    reference = build_reference(raw, spec.sensors, mae=float(np.nanmean([e["mae_before"] for e in errors])))
+    groups = lines_per_step_for(len(sequences.entities), settings.initial_training.steps_per_window)
+    losses = [
+        learner.update(u, y, None, dt, steps, lines_per_step=groups)["loss"]
+        for _ in range(settings.initial_training.epochs)
+    ]
+    errors = forecast_error(learner.score(u, y, None, dt, steps).residuals)
+    raw = sequences.raw
+    reference = build_reference(raw, spec.sensors, mae=errors["mae_before"])
 
     checkpoint = save_checkpoint(learner, settings.paths.checkpoints, "initial")
     tracker = pipeline.tracker

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from flows.ingest import LandedFile, content_hash
 from flows.storage.database import Database
@@ -51,6 +53,35 @@ def move_into(source: Path, folder: Path) -> Path:
         target = folder / f"{source.stem}-{uuid.uuid4().hex[:8]}{''.join(source.suffixes[-1:])}"
     shutil.move(str(source), str(target))
     return target
+
+
+# Leases per statement: far below SQLite's and Postgres' limits on bound parameters.
+LEASE_CHUNK = 2000
+
+
+def _chunks(names: list[str]) -> list[list[str]]:
+    return [names[i : i + LEASE_CHUNK] for i in range(0, len(names), LEASE_CHUNK)]
+
+
+def _take_leases(session: Session, names: list[str], me: str, now: datetime, expires: datetime):
+    """INSERT … ON CONFLICT DO UPDATE: new leases are created, expired or own ones taken."""
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+    if insert is None:
+        raise NotImplementedError(f"leases need INSERT … ON CONFLICT, which {dialect} lacks here")
+    statement = insert(Lease).values([{"name": n, "owner": me, "expires": expires} for n in names])
+    return statement.on_conflict_do_update(
+        index_elements=[Lease.name],
+        set_={"owner": statement.excluded.owner, "expires": statement.excluded.expires},
+        where=(Lease.expires < now) | (Lease.owner == me),
+    )
+
+
+def _holders(session: Session, names: list[str]) -> dict[str, str]:
+    held = {}
+    for chunk in _chunks(names):
+        held.update(session.execute(select(Lease.name, Lease.owner).where(Lease.name.in_(chunk))).tuples().all())
+    return held
 
 
 @dataclass
@@ -180,26 +211,42 @@ class Ledger:
     def acquire(self, name: str, seconds: float = LEASE_SECONDS) -> bool:
         """Takes or renews the lease `name` for this process; False while another live process
         holds it."""
-        now = datetime.now(UTC)
-        me = owner_id()
-        try:
-            with self.db.session() as session:
-                lease = session.get(Lease, name, with_for_update=True)
-                if lease is None:
-                    session.add(Lease(name=name, owner=me, expires=now + timedelta(seconds=seconds)))
-                    return True
-                if lease.owner != me and lease.expires > now and not _owner_is_dead(lease.owner):
-                    return False
-                lease.owner, lease.expires = me, now + timedelta(seconds=seconds)
+        return self.acquire_all([name], seconds)
+
+    def acquire_all(self, names: list[str], seconds: float = LEASE_SECONDS) -> bool:
+        """Takes or renews every lease in `names` for this process, or none of them: False (and
+        nothing held) while another live process holds one. One statement takes all that are
+        free, expired or ours; a lease whose holder's process is gone is taken over after."""
+        names = sorted(set(names))
+        if not names:
+            return True
+        me, now = owner_id(), datetime.now(UTC)
+        expires = now + timedelta(seconds=seconds)
+        with self.db.session() as session:
+            for chunk in _chunks(names):
+                session.execute(_take_leases(session, chunk, me, now, expires))
+            held = _holders(session, names)
+            dead = {owner for owner in set(held.values()) - {me} if _owner_is_dead(owner)}
+            if dead:
+                session.execute(
+                    update(Lease)
+                    .where(Lease.name.in_([n for n, o in held.items() if o in dead]), Lease.owner.in_(dead))
+                    .values(owner=me, expires=expires)
+                )
+                held = _holders(session, names)
+            if all(held.get(name) == me for name in names):
                 return True
-        except IntegrityError:
-            return False  # another process created it first
+        self.release_all(names)  # what this call took, in a transaction of its own
+        return False
 
     def release(self, name: str) -> None:
+        self.release_all([name])
+
+    def release_all(self, names: list[str]) -> None:
+        """Gives up every lease in `names` that this process holds, in one statement per chunk."""
         with self.db.session() as session:
-            lease = session.get(Lease, name)
-            if lease is not None and lease.owner == owner_id():
-                session.delete(lease)
+            for chunk in _chunks(sorted(set(names))):
+                session.execute(delete(Lease).where(Lease.name.in_(chunk), Lease.owner == owner_id()))
 
     # --- accounting -----------------------------------------------------------------------
     def accounting(self) -> dict:

@@ -7,24 +7,30 @@ visible before its commit and a failure drops the in-memory model back to the co
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from sqlalchemy import select
 
-from flows.drift_watch import DriftWatch, report_to_mlflow
-from flows.file_checks import FileCheck, checked_ahead
+from flows.drift_report import report_to_mlflow
 from flows.ingest import SUPPORTED_SUFFIXES, read_batch
 from flows.initial_training import train_initial
+from flows.line_work import FileCheck
 from flows.pipeline import BatchResult, Pipeline
 from flows.retraining import retrain
 from flows.secrets import install_log_masking
 from flows.settings import load_settings
-from flows.storage.models import ModelState
+from flows.storage.models import BatchStatus, DriftEvent
+from flows.tracking import snapshot_if_due, track_pending
+from flows.validation import parse_timestamps
 
 RESOURCE_PREFIX = "lru-online.pipeline."
 install_log_masking()
@@ -49,56 +55,48 @@ def process_batch(pipeline: Pipeline, batch_id: int, check: FileCheck | None = N
     try:
         return pipeline.process(batch_id, check)
     except Exception:
-        pipeline.learner = None  # a retry starts again from the committed model
+        pipeline.drop_learner()  # a retry starts again from the committed model
         raise
 
 
 @task(name="track-batches", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def track_batches(pipeline: Pipeline, started_at: datetime) -> int:
-    count = pipeline.track_pending(started_at)
-    pipeline.snapshot_if_due()
+    count = track_pending(pipeline.db, pipeline.tracker, pipeline.settings.pipeline, started_at)
+    snapshot_if_due(pipeline.db, pipeline.tracker, pipeline.settings)
     return count
 
 
-@task(name="watch-drift", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def watch_drift(pipeline: Pipeline, result: BatchResult) -> list[int]:
-    """Checks the detectors after a committed batch; on detection records the drift event,
-    logs the drift report to MLflow and restarts the detectors. Returns the event ids."""
+@task(name="report-drift", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def report_drift(pipeline: Pipeline, result: BatchResult) -> list[int]:
+    """The drift events a committed file recorded (its detectors ran in the fleet step and
+    restarted with the commit): their report and values to MLflow, a warning to the run log."""
+    event_ids = result.drift_event_ids
+    if not event_ids:
+        return []
     state = pipeline.model_state()
     settings = pipeline.settings
-    watch = DriftWatch(pipeline.db, settings.pipeline, settings.drift)
-    detections = []
-    for outcome in result.entities:
-        if outcome.features is not None:
-            detections += watch.check(outcome.entity, state.drift_since_sequence)
-    if not detections:
-        return []
-    action = {"retrain": "retrain", "event": "event_emitted", "record": "recorded"}[settings.drift.on_detect]
-    event_ids = watch.record(detections, action)
     report_to_mlflow(
-        watch,
+        pipeline.db,
         pipeline.tracker,
         state.online_run_id,
         event_ids,
-        detections,
         state.reference or {},
         pipeline.spec.sensors,
+        settings.drift,
+        settings.pipeline,
     )
+    with pipeline.db.session() as session:
+        events = list(session.scalars(select(DriftEvent).where(DriftEvent.sequence == result.sequence)))
     pipeline.tracker.log_metrics(
         state.online_run_id,
-        {f"drift_{d.detector}_{d.feature or 'error'}": d.value for d in detections},
+        {f"drift_{e.detector}_{e.feature or 'error'}": e.value for e in events},
         step=result.sequence,
     )
-
-    def restart_detectors(model: ModelState) -> None:
-        model.drift_since_sequence = result.sequence
-
-    pipeline.update_model_state(restart_detectors)
     get_run_logger().warning(
         "drift on %s at batch sequence %s: %s",
-        detections[0].entity,
+        ", ".join(sorted({e.entity for e in events})[:5]),
         result.sequence,
-        ", ".join(f"{d.detector}({d.feature or 'error'})={d.value:.3g}" for d in detections),
+        ", ".join(f"{e.entity} {e.detector}({e.feature or 'error'})={e.value:.3g}" for e in events[:10]),
     )
     return event_ids
 
@@ -130,7 +128,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
     if not pipeline.ledger.acquire(run_lease):
         logger.info("another run of pipeline %r is working; nothing to do", settings.pipeline)
         pipeline.close()
-        return {"run": {**counts, "busy": 1}, **pipeline.ledger.accounting()}
+        return {"run": {**counts, "busy": 1}, "processed_files": [], **pipeline.ledger.accounting()}
     try:
         track_batches(pipeline, started)  # metrics a crashed run committed but never logged
         discovery = discover_landing(pipeline)
@@ -141,26 +139,48 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
         pending = pipeline.ledger.pending() if pipeline.model_state() is not None else []
         pending = pending[:max_batches] if max_batches else pending
         files = [(batch_id, Path(pipeline.ledger.get(batch_id).source_file)) for batch_id in pending]
-        with checked_ahead(settings, files) as checked:
-            for batch_id, check in checked:
-                pipeline.ledger.acquire(run_lease)  # renew
-                result = process_batch(pipeline, batch_id, check)
-                counts[result.status] = counts.get(result.status, 0) + 1
-                if result.status == "quarantined":
-                    logger.warning("quarantined %s: %s", result.file, "; ".join(result.reasons)[:500])
-                if result.status == "processed":
-                    _after_commit(pipeline, result, counts, config, started)
-        return {"run": counts, **pipeline.ledger.accounting()}
+        work = (pipeline.connect_dask() if files else None) or pipeline.local_work
+        checked = work.checked_ahead(settings, files)
+        progress = _Progress(len(files))
+        timings = []  # per processed file: its rows and where its seconds went
+        for batch_id, check in checked:
+            pipeline.ledger.acquire(run_lease)  # renew
+            result = process_batch(pipeline, batch_id, check)
+            progress.advance()
+            counts[result.status] = counts.get(result.status, 0) + 1
+            if result.status == BatchStatus.QUARANTINED:
+                logger.warning("quarantined %s: %s", result.file, "; ".join(result.reasons)[:500])
+            if result.status == BatchStatus.PROCESSED:
+                timings.append({"batch_id": batch_id, "rows": result.rows_scored, "seconds": result.timings})
+                _after_commit(pipeline, result, counts, config, started)
+        return {"run": counts, "processed_files": timings, **pipeline.ledger.accounting()}
     finally:
         pipeline.ledger.release(run_lease)
         pipeline.close()
 
 
+class _Progress:
+    """A Prefect progress artifact for runs of many files, updated every 1 % of them."""
+
+    MIN_FILES = 20
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.key = None
+        if total >= self.MIN_FILES:
+            self.key = create_progress_artifact(progress=0.0, description=f"continual_update over {total} files")
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.key is not None and (self.done % max(1, self.total // 100) == 0 or self.done == self.total):
+            update_progress_artifact(self.key, progress=100.0 * self.done / self.total)
+
+
 def _after_commit(pipeline: Pipeline, result: BatchResult, counts: dict, config: str | None, started: datetime) -> None:
-    """Tracking and drift for a committed batch; drift retrains or emits the event as configured."""
+    """Tracking and drift for a committed file; drift retrains or emits the event as configured."""
     settings = pipeline.settings
     track_batches(pipeline, started)
-    event_ids = watch_drift(pipeline, result)
+    event_ids = report_drift(pipeline, result)
     if not event_ids:
         return
     counts["drift_events"] += len(event_ids)
@@ -189,25 +209,36 @@ def retrain_flow(
         pipeline.close()
 
 
-def _first_timestamp(path: Path, settings) -> str:
+def _first_timestamp(path: Path, settings) -> pd.Timestamp:
+    """The file's earliest timestamp, parsed (text and Parquet files write them differently)."""
     try:
         frame = read_batch(path, settings.log_schema)
-        return str(frame[settings.log_schema.timestamp_column].min())
+        first = parse_timestamps(frame[settings.log_schema.timestamp_column]).min()
+        return first if pd.notna(first) else pd.Timestamp.max.tz_localize("UTC")
     except Exception:  # unreadable files go last and end in quarantine
-        return "~"
+        return pd.Timestamp.max.tz_localize("UTC")
+
+
+def backfill_files(source: Path) -> list[Path]:
+    """The log files of a folder, in the order of their names (see `backfill` for time order)."""
+    return sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(SUPPORTED_SUFFIXES))
 
 
 @flow(name="backfill")
 def backfill(source: str, config: str | None = None, workdir: str | None = None) -> dict:
-    """Replays a folder of historical files in time order through the landing folder."""
+    """Replays a folder of historical files in time order: lands them all at once, ordered by
+    their first timestamp (their modification times say the order to the ledger), then one
+    continual_update works through them, the first `initial_training.batches` training the
+    model when there is none yet."""
     settings = load_settings(config, workdir)
-    files = [p for p in Path(source).iterdir() if p.is_file() and p.name.lower().endswith(SUPPORTED_SUFFIXES)]
+    files = backfill_files(Path(source))
     files.sort(key=lambda p: (_first_timestamp(p, settings), p.name))
-    progress = create_progress_artifact(progress=0.0, key="backfill-progress", description=f"backfill of {source}")
     settings.ensure_folders()
-    summary: dict = {}
-    for index, path in enumerate(files, start=1):
-        shutil.copy2(path, settings.paths.landing / path.name)
-        summary = continual_update(config=config, workdir=str(settings.workdir))
-        update_progress_artifact(progress, progress=100.0 * index / len(files))
+    # Landed "earlier" than the stability wait, one second apart, oldest first.
+    base = time.time() - settings.ingest.stable_seconds - len(files) - 1
+    for index, path in enumerate(files):
+        target = settings.paths.landing / path.name
+        shutil.copyfile(path, target)
+        os.utime(target, (base + index, base + index))
+    summary = continual_update(config=config, workdir=str(settings.workdir))
     return {"files": len(files), **summary}

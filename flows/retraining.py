@@ -19,17 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, update
 
 from features import FeatureBatch
-from features.windows import concatenate
 from flows.fleet import new_learner, save_checkpoint
 from flows.initial_training import flat_settings
-from flows.pipeline import Pipeline, json_safe
+from flows.line_states import json_safe
+from flows.pipeline import Pipeline
 from flows.reference import build_reference
 from flows.storage.models import BatchSummary, EntityState, ModelState, RetrainDecision
 from flows.tracking import CHALLENGER, CHAMPION
-from lru_online import OnlineLearner, RecurrentState
+from lru_online import OnlineLearner
+from lru_online.learner import lines_per_step_for
 
 log = logging.getLogger(__name__)
 
@@ -46,75 +47,86 @@ class RetrainOutcome:
 
 
 @dataclass
-class _Window:
-    entity: str
-    train: FeatureBatch
-    full: FeatureBatch
-    holdout_rows: int
+class RecentWindow:
+    """Every line's recent batches, its newest `holdout_batches` held out."""
+
+    train: FeatureBatch  # each line's batches before its held-out ones
+    full: FeatureBatch  # each line's batches, held-out ones included (same lines, same order)
+    holdout: np.ndarray  # (rows of `full`,) bool: the held-out rows
     holdout_residuals: np.ndarray  # the champion's test-then-train residuals there
-    holdout_update_index: int  # the champion's update count when the holdout began
-    raw: np.ndarray
+    holdout_update_index: int  # the champion's update count when the first held-out batch began
+    raw: np.ndarray  # readings of every row
     last_sequence: int
 
 
-def _load_windows(pipeline: Pipeline) -> list[_Window]:
+def _load_window(pipeline: Pipeline) -> RecentWindow | None:
+    """Reads each line's last `recent_batches` summaries (one query) and their output files
+    (each file once, whatever the number of its lines)."""
     settings = pipeline.settings.retrain
     spec = pipeline.spec
-    windows = []
+    newest_first = (
+        func.row_number().over(partition_by=BatchSummary.entity, order_by=BatchSummary.sequence.desc()).label("age")
+    )
+    ranked = select(
+        BatchSummary.entity, BatchSummary.sequence, BatchSummary.features_path, BatchSummary.metrics, newest_first
+    ).subquery()
     with pipeline.db.session() as session:
-        entities = list(session.scalars(select(BatchSummary.entity).distinct().order_by(BatchSummary.entity)))
-        recent = {
-            entity: list(
-                session.scalars(
-                    select(BatchSummary)
-                    .where(BatchSummary.entity == entity)
-                    .order_by(BatchSummary.sequence.desc())
-                    .limit(settings.recent_batches)
-                )
-            )[::-1]
-            for entity in entities
-        }
-    for entity, summaries in recent.items():
-        if len(summaries) <= settings.holdout_batches:
-            continue
-        frames = [pd.read_parquet(s.features_path) for s in summaries]
-        batches = [FeatureBatch.from_frame(f, spec) for f in frames]
-        split = len(batches) - settings.holdout_batches
-        raw = np.concatenate([f[[f"raw_{s}" for s in spec.sensors]].to_numpy(np.float64) for f in frames])
-        residual_columns = [f"residual_{s}" for s in spec.sensors]
-        windows.append(
-            _Window(
-                entity=entity,
-                train=concatenate(batches[:split]),
-                full=concatenate(batches),
-                holdout_rows=sum(len(b) for b in batches[split:]),
-                holdout_residuals=np.concatenate([f[residual_columns].to_numpy(np.float64) for f in frames[split:]]),
-                holdout_update_index=int(summaries[split].metrics.get("update_index") or 0),
-                raw=raw,
-                last_sequence=summaries[-1].sequence,
-            )
-        )
-    return windows
+        rows = session.execute(select(ranked).where(ranked.c.age <= settings.recent_batches)).all()
+    summaries = pd.DataFrame(rows, columns=["entity", "sequence", "features_path", "metrics", "age"])
+    counts = summaries.groupby("entity")["sequence"].transform("size")
+    summaries = summaries[counts > settings.holdout_batches]
+    if summaries.empty:
+        return None
+    summaries["held_out"] = summaries["age"] <= settings.holdout_batches
+
+    residuals = [f"residual_{s}" for s in spec.sensors]
+    readings = [f"raw_{s}" for s in spec.sensors]
+    columns = [
+        spec.entity_column,
+        spec.timestamp_column,
+        *spec.input_names,
+        *(f"target_{s}" for s in spec.sensors),
+        "dt",
+        *readings,
+        *residuals,
+    ]
+    frames = []
+    for path, group in summaries.groupby("features_path", sort=False):
+        frame = pd.read_parquet(path, columns=columns)
+        frame[spec.entity_column] = frame[spec.entity_column].astype(str)
+        tags = group[["entity", "sequence", "held_out"]].rename(columns={"entity": spec.entity_column})
+        frames.append(frame.merge(tags, on=spec.entity_column, how="inner"))
+    rows = pd.concat(frames, ignore_index=True).sort_values(
+        [spec.entity_column, "sequence", spec.timestamp_column], kind="stable", ignore_index=True
+    )
+    holdout = rows["held_out"].to_numpy()
+    first_held = summaries[summaries["age"] == settings.holdout_batches]
+    update_index = min(int((m or {}).get("update_index") or 0) for m in first_held["metrics"])
+    return RecentWindow(
+        train=FeatureBatch.from_frame(rows[~holdout], spec),
+        full=FeatureBatch.from_frame(rows, spec),
+        holdout=holdout,
+        holdout_residuals=rows.loc[holdout, residuals].to_numpy(np.float64),
+        holdout_update_index=update_index,
+        raw=rows[readings].to_numpy(np.float64),
+        last_sequence=int(summaries["sequence"].max()),
+    )
 
 
-def _champion_mse(windows: list[_Window]) -> float:
-    residuals = np.concatenate([w.holdout_residuals.ravel() for w in windows])
-    finite = residuals[np.isfinite(residuals)]
+def _champion_mse(window: RecentWindow) -> float:
+    finite = window.holdout_residuals[np.isfinite(window.holdout_residuals)]
     return float(np.mean(finite**2)) if finite.size else float("nan")
 
 
-def _evaluate(learner: OnlineLearner, windows: list[_Window]) -> tuple[float, dict[str, RecurrentState]]:
-    """Held-out one-step MSE over all entities, and each entity's state at its newest event."""
-    squared, count, states = 0.0, 0, {}
-    for window in windows:
-        u, y, dt = window.full.tensors()
-        scored = learner.score(u, y, None, dt)
-        held = scored.residuals[:, -window.holdout_rows :]
-        finite = held[held.isfinite()]
-        squared += float((finite**2).sum())
-        count += finite.numel()
-        states[window.entity] = scored.state
-    return (squared / count if count else float("nan")), states
+def _evaluate(learner: OnlineLearner, window: RecentWindow) -> tuple[float, dict[str, bytes]]:
+    """Held-out one-step MSE over all lines, each read from a zero state, and each line's state
+    at its newest event."""
+    u, y, dt, steps = window.full.tensors()
+    scored = learner.score(u, y, None, dt, steps)
+    held = window.full.flat(scored.residuals.numpy())[window.holdout]
+    finite = held[np.isfinite(held)]
+    states = {e: s.to_bytes() for e, s in zip(window.full.entities, scored.state.unbind(), strict=True)}
+    return (float(np.mean(finite**2)) if finite.size else float("nan")), states
 
 
 def retrain(pipeline: Pipeline, trigger: str = "manual", drift_event_id: int | None = None) -> RetrainOutcome:
@@ -122,27 +134,25 @@ def retrain(pipeline: Pipeline, trigger: str = "manual", drift_event_id: int | N
     state = pipeline.model_state()
     if state is None:
         return RetrainOutcome(False, "no live model to retrain yet")
-    windows = _load_windows(pipeline)
-    if not windows:
+    window = _load_window(pipeline)
+    if window is None:
         return RetrainOutcome(False, "not enough processed batches for a held-out slice")
     champion = pipeline.load_live_model()
-    loaded_version = pipeline._model_version
+    loaded_version = pipeline.model_version
 
     challenger = new_learner(settings, pipeline.spec)
     for group in challenger.optimizer.param_groups:
         group["lr"] = settings.retrain.learning_rate
     challenger.replay.load_state_dict(champion.replay.state_dict())
-    challenger.forget_replay_from(min(w.holdout_update_index for w in windows))
-    losses = []
-    for _ in range(settings.retrain.epochs):
-        epoch = []
-        for window in windows:
-            u, y, dt = window.train.tensors()
-            epoch.append(challenger.update(u, y, None, dt)["loss"])
-        losses.append(float(np.mean(epoch)))
+    challenger.forget_replay_from(window.holdout_update_index)
+    u, y, dt, steps = window.train.tensors()
+    groups = lines_per_step_for(len(window.train.entities), settings.retrain.steps_per_window)
+    losses = [
+        challenger.update(u, y, None, dt, steps, lines_per_step=groups)["loss"] for _ in range(settings.retrain.epochs)
+    ]
 
-    champion_mse = _champion_mse(windows)
-    challenger_mse, challenger_states = _evaluate(challenger, windows)
+    champion_mse = _champion_mse(window)
+    challenger_mse, challenger_states = _evaluate(challenger, window)
     margin = settings.retrain.margin
     promoted = bool(challenger_mse < champion_mse * (1 - margin))
     reason = (
@@ -159,21 +169,29 @@ def retrain(pipeline: Pipeline, trigger: str = "manual", drift_event_id: int | N
     challenger_version = tracker.register(run_id, checkpoint, "challenger", reason)
     tracker.set_alias(CHALLENGER, challenger_version)
 
-    raw = np.concatenate([w.raw for w in windows])
     reference = json_safe(
-        build_reference(raw, pipeline.spec.sensors, mae=float(np.sqrt(challenger_mse if promoted else champion_mse)))
+        build_reference(
+            window.raw, pipeline.spec.sensors, mae=float(np.sqrt(challenger_mse if promoted else champion_mse))
+        )
     )
-    newest = max(w.last_sequence for w in windows)
+    newest = window.last_sequence
     with pipeline.db.session() as session:
         model = session.get(ModelState, settings.pipeline)
         latest = session.scalar(select(func.max(BatchSummary.sequence)))
         if promoted and (model.version != loaded_version or latest != newest):
             promoted, reason = False, reason + "; not promoted: new batches were committed during retraining"
         if promoted:
-            for window in windows:
-                entity = session.get(EntityState, window.entity)
-                entity.hidden_state = challenger_states[window.entity].to_bytes()
-                entity.model_version = challenger_version
+            session.connection().execute(
+                update(EntityState)
+                .where(EntityState.entity == bindparam("key"))
+                .values(
+                    hidden_state=bindparam("hidden"),
+                    model_version=challenger_version,
+                    version=EntityState.version + 1,
+                )
+                .execution_options(synchronize_session=False),
+                [{"key": entity, "hidden": hidden} for entity, hidden in challenger_states.items()],
+            )
             model.checkpoint_path = str(checkpoint)
             model.champion_version = challenger_version
         model.reference = reference
@@ -196,11 +214,11 @@ def retrain(pipeline: Pipeline, trigger: str = "manual", drift_event_id: int | N
         decision_id, new_version = decision.id, model.version
     if promoted:
         tracker.set_alias(CHAMPION, challenger_version)
-        pipeline.learner = None  # the new champion is loaded on next use
+        pipeline.drop_learner()  # the new champion is loaded on next use
         Path(state.checkpoint_path).unlink(missing_ok=True)
     else:
-        if pipeline._model_version == loaded_version:
-            pipeline._model_version = new_version  # same weights, only the reference moved
+        if pipeline.model_version == loaded_version:
+            pipeline.model_version = new_version  # same weights, only the reference moved
         Path(checkpoint).unlink(missing_ok=True)
     tracker.log_metrics(run_id, {"promoted": float(promoted)}, step=0)
     tracker.end_run(run_id)

@@ -46,6 +46,9 @@ class SimulationConfig:
         }
     )
     seed: int = 7
+    # One file per period holding every line's rows (as a plant exports them), instead of one
+    # file per line and period; a broken kind then breaks the whole period's file.
+    plant_files: bool = False
 
 
 @dataclass
@@ -169,21 +172,30 @@ def simulate(
     broken_at = {batch: kind for kind, batch in config.broken_batches.items() if batch < config.batches}
 
     files, broken_files, anomalies = [], [], []
+
+    def land(batch: pd.DataFrame, name: str, kind: str | None) -> None:
+        if kind:
+            batch = _break(batch, kind, rng)
+            broken_files.append({"file": name, "kind": kind, "rows": len(batch)})
+        else:
+            for row in batch.loc[batch["anomaly"] == 1].itertuples():
+                anomalies.append({"entity": row.entity, "timestamp": row.timestamp.isoformat(), "file": name})
+        _write(batch, landing / name)
+        files.append(name)
+
     for batch_index in range(config.batches):
+        rows = slice(batch_index * config.rows_per_batch, (batch_index + 1) * config.rows_per_batch)
+        if config.plant_files:
+            suffix = "csv" if batch_index % 2 == 0 else "parquet"
+            period = pd.concat([frame.iloc[rows] for frame in frames], ignore_index=True)
+            land(period, f"plant_batch-{batch_index:04d}.{suffix}", broken_at.get(batch_index))
+            continue
         for entity_index, frame in enumerate(frames):
-            batch = frame.iloc[batch_index * config.rows_per_batch : (batch_index + 1) * config.rows_per_batch]
+            batch = frame.iloc[rows]
             suffix = "csv" if (batch_index + entity_index) % 2 == 0 else "parquet"
-            name = f"{batch['entity'].iloc[0]}_batch-{batch_index:04d}.{suffix}"
             # Each broken kind hits one line only, so every line keeps most of its history.
             kind = broken_at.get(batch_index) if entity_index == batch_index % config.entities else None
-            if kind:
-                batch = _break(batch, kind, rng)
-                broken_files.append({"file": name, "kind": kind, "rows": len(batch)})
-            else:
-                for row in batch.loc[batch["anomaly"] == 1].itertuples():
-                    anomalies.append({"entity": row.entity, "timestamp": row.timestamp.isoformat(), "file": name})
-            _write(batch, landing / name)
-            files.append(name)
+            land(batch, f"{batch['entity'].iloc[0]}_batch-{batch_index:04d}.{suffix}", kind)
 
     def batch_start(index: int) -> str:
         return min(f["timestamp"].iloc[index * config.rows_per_batch] for f in frames).isoformat()

@@ -1,13 +1,19 @@
-"""MLflow adapter: the experiment, the online run, metrics, registry versions and aliases."""
+"""MLflow adapter: the experiment, the online run, metrics, registry versions and aliases; and
+the logging of committed parts' metrics (one step per part) and of registry snapshots."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy import select, update
+
 from flows.settings import Settings
+from flows.storage.database import Database
+from flows.storage.models import ModelState, SequenceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +84,11 @@ class Tracker:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        rows = [Metric(key, float(value), stamp, step) for key, value in metrics.items() if value == value]
+        rows = [
+            Metric(key, float(value), stamp, step)
+            for key, value in metrics.items()
+            if value is not None and value == value
+        ]
         for start in range(0, len(rows), 500):
             self.client.log_batch(run_id, metrics=rows[start : start + 500])
 
@@ -162,3 +172,55 @@ def _artifact_uri(location: str) -> str:
     path = Path(location).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path.as_uri()
+
+
+def track_pending(db: Database, tracker: Tracker, pipeline: str, started_at: datetime) -> int:
+    """Logs the metrics of committed parts not yet in MLflow, each at its sequence as step.
+
+    A part committed before this process started may have been logged by a run that died
+    before marking it; its step is looked up first so no step is logged twice.
+    """
+    with db.session() as session:
+        state = session.get(ModelState, pipeline)
+        if state is None or state.online_run_id is None:
+            return 0
+        untracked = list(
+            session.scalars(
+                select(SequenceMetrics).where(SequenceMetrics.tracked.is_(False)).order_by(SequenceMetrics.sequence)
+            )
+        )
+    logged_before: set[int] | None = None
+    done = []
+    for row in untracked:
+        if row.committed_at < started_at:
+            if logged_before is None:
+                logged_before = tracker.logged_steps(state.online_run_id, "rows")
+            if row.sequence in logged_before:
+                done.append(row.sequence)
+                continue
+        tracker.log_metrics(state.online_run_id, row.metrics, step=row.sequence)
+        done.append(row.sequence)
+    if done:
+        with db.session() as session:
+            session.execute(update(SequenceMetrics).where(SequenceMetrics.sequence.in_(done)).values(tracked=True))
+    return len(done)
+
+
+def snapshot_if_due(db: Database, tracker: Tracker, settings: Settings) -> str | None:
+    """Registers the live model as a new version every `snapshot_every` processed parts."""
+    every = settings.tracking.snapshot_every
+    with db.session() as session:
+        state = session.get(ModelState, settings.pipeline)
+        if not every or state is None or state.batches_since_snapshot < every:
+            return None
+        run_id, checkpoint = state.online_run_id, Path(state.checkpoint_path)
+    version = tracker.register(run_id, checkpoint, "snapshot")
+    with db.session() as session:
+        # Not a new model: the version lock stays, so the loaded learner stays current.
+        session.execute(
+            update(ModelState)
+            .where(ModelState.pipeline == settings.pipeline)
+            .values(batches_since_snapshot=0)
+            .execution_options(synchronize_session=False)
+        )
+    return version

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -37,6 +38,16 @@ class Base(DeclarativeBase):
     pass
 
 
+class BatchStatus(StrEnum):
+    """Where a landed file stands; stored as its value."""
+
+    PENDING = "pending"
+    PROCESSED = "processed"  # its rows were scored and learned from
+    QUARANTINED = "quarantined"  # refused: unreadable or invalid, kept in quarantine/
+    LATE = "late"  # every row older than its line's watermark
+    SKIPPED = "skipped"  # another run held one of its lines; still pending (never stored)
+
+
 class Batch(Base):
     """The ledger: one row per distinct landed content (a second arrival is a no-op)."""
 
@@ -47,8 +58,8 @@ class Batch(Base):
     source_file: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     entity: Mapped[str | None] = mapped_column(String(200), index=True)
-    # pending -> processed | quarantined | late (every row older than the entity's watermark)
-    status: Mapped[str] = mapped_column(String(20), index=True, default="pending")
+    # a BatchStatus: pending -> processed | quarantined | late
+    status: Mapped[str] = mapped_column(String(20), index=True, default=BatchStatus.PENDING)
     kind: Mapped[str] = mapped_column(String(20), default="live")  # live | initial
     rows_received: Mapped[int] = mapped_column(Integer, default=0)
     rows_scored: Mapped[int] = mapped_column(Integer, default=0)
@@ -90,6 +101,8 @@ class EntityState(Base):
     hidden_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     feature_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     watermark: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The drift detectors' statistics of this line since their last reset (flows.drift_detectors).
+    drift_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     model_version: Mapped[str | None] = mapped_column(String(50))
     batches: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
@@ -130,7 +143,8 @@ class ModelState(Base):
 
 
 class BatchSummary(Base):
-    """Per-entity figures of each committed batch part, for MLflow and the drift detectors."""
+    """Per-line figures of each committed batch part: the line's history for retraining and
+    drift reports."""
 
     __tablename__ = "batch_summaries"
     __table_args__ = (UniqueConstraint("sequence", "entity"),)
@@ -146,8 +160,20 @@ class BatchSummary(Base):
     last_ts: Mapped[datetime] = mapped_column(UTCDateTime())
     metrics: Mapped[dict] = mapped_column(JSON)  # loss, mae, rmse, score quantiles, latencies
     drift_stats: Mapped[dict] = mapped_column(JSON)  # psi/ks per sensor, sensor means
-    features_path: Mapped[str] = mapped_column(Text)
-    tracked: Mapped[bool] = mapped_column(Boolean, default=False)
+    features_path: Mapped[str] = mapped_column(Text)  # the part's output file (all its lines)
+    committed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SequenceMetrics(Base):
+    """One committed batch part's figures across its lines, logged to MLflow at its sequence."""
+
+    __tablename__ = "sequence_metrics"
+
+    sequence: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"))
+    part: Mapped[int] = mapped_column(Integer, default=0)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    tracked: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     committed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

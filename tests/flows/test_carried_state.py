@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from sqlalchemy import select
 
-from features import EntityFeatureState, build_features
+from features import build_features
 from flows.fleet import feature_spec
 from flows.ingest import read_batch
 from flows.prefect_flows import continual_update
@@ -45,10 +45,10 @@ def test_batches_one_by_one_equal_one_pass(tmp_path, prefect_api):
     spec = feature_spec(settings)
     rows = pd.concat([originals[Path(b.source_file).name] for b in batches], ignore_index=True)
     rows[spec.timestamp_column] = parse_timestamps(rows[spec.timestamp_column])
-    features, _ = build_features(rows, spec, EntityFeatureState())
+    features, _ = build_features(rows, spec, {})
     learner = OnlineLearner.load_checkpoint(checkpoint)
-    u, y, dt = features.tensors()
-    whole = learner.score(u, y, None, dt)
+    u, y, dt, steps = features.tensors()
+    whole = learner.score(u, y, None, dt, steps)
 
     np.testing.assert_allclose(streamed_scores, whole.scores[0].numpy(), rtol=1e-4, atol=1e-5, equal_nan=True)
     for carried, direct in zip(streamed_state.hidden, whole.state.hidden, strict=True):

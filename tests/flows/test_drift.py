@@ -1,15 +1,14 @@
 """Drift statistics and the detectors' decisions, on hand-made inputs."""
 
-from datetime import UTC, datetime
-
 import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from flows.drift_watch import adwin_fires, detect
+from flows.drift_detectors import LineDrift, adwin_fires, check_lines, grouped_ks, grouped_psi
 from flows.settings import DriftSettings
-from flows.storage.models import BatchSummary
 from lru_online.drift import Reference, ks_statistic, psi, summarise
+
+SENSORS = ("pressure",)
 
 
 def test_ks_matches_scipy_and_psi_grows_with_shift():
@@ -26,50 +25,127 @@ def test_ks_matches_scipy_and_psi_grows_with_shift():
     assert np.isnan(psi(two, np.array([np.nan])))
 
 
-def _summaries(maes, psis=None):
-    psis = psis or [0.1] * len(maes)
-    stamp = datetime(2026, 1, 1, tzinfo=UTC)
-    return [
-        BatchSummary(
-            batch_id=i + 1,
-            entity="line-1",
-            sequence=i + 1,
-            rows=100,
-            first_ts=stamp,
-            last_ts=stamp,
-            metrics={"mae_before": mae},
-            drift_stats={"psi": {"pressure": p}, "ks": {"pressure": 0.1}},
-            features_path="",
+@pytest.mark.parametrize("rounding", [None, 0])  # continuous values, and values full of ties
+def test_grouped_statistics_equal_each_group_alone(rounding):
+    rng = np.random.default_rng(4)
+    reference = summarise(rng.normal(0, 1, 3000).round(1 if rounding is not None else 12), sample_size=500)
+    groups = [rng.normal(shift, 1, size) for shift, size in ((0, 40), (1.5, 160), (-0.5, 1), (0.2, 77))]
+    if rounding is not None:
+        groups = [g.round(rounding) for g in groups]
+    values = np.concatenate(groups)
+    owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    shuffled = rng.permutation(len(values))  # rows of different lines come in any order
+    psis = grouped_psi(reference.to_dict(), values[shuffled], owner[shuffled], len(groups) + 1)
+    kss = grouped_ks(reference.to_dict(), values[shuffled], owner[shuffled], len(groups) + 1)
+    for index, group in enumerate(groups):
+        assert psis[index] == pytest.approx(psi(reference, group), rel=1e-12)
+        assert kss[index] == pytest.approx(ks_statistic(reference, group), rel=1e-12)
+    assert np.isnan(psis[-1]) and np.isnan(kss[-1])  # a line without readings
+
+
+SETTINGS = DriftSettings(
+    cooldown_batches=3, consecutive=2, psi_threshold=1.0, error_ratio_threshold=1.5, window_batches=1
+)
+
+
+def _stream(maes, readings=None, settings=SETTINGS, errors=None, state=None, since=0):
+    """Runs one line's detectors batch after batch; the detections of each batch."""
+    rng = np.random.default_rng(0)
+    reference = {"sensors": {"pressure": summarise(rng.normal(0, 1, 2000)).to_dict()}}
+    state = state or LineDrift()
+    fired = []
+    for index, mae in enumerate(maes):
+        batch_readings = readings[index] if readings is not None else rng.normal(0, 1, (100, 1))
+        batch_errors = errors[index] if errors is not None else np.full(100, 0.3, np.float32)
+        (check,) = check_lines(
+            ["line-1"],
+            [state],
+            [batch_errors],
+            [batch_readings],
+            [mae],
+            ["2026-01-01T00:00:00+00:00"],
+            reference,
+            SENSORS,
+            settings,
+            since,
         )
-        for i, (mae, p) in enumerate(zip(maes, psis, strict=True))
-    ]
-
-
-SETTINGS = DriftSettings(cooldown_batches=3, consecutive=2, psi_threshold=1.0, error_ratio_threshold=1.5)
+        state = LineDrift.from_bytes(check.state.to_bytes())  # as stored between files
+        fired.append(check.detections)
+    return fired, state
 
 
 def test_error_jump_fires_on_the_jump_only():
-    assert detect(_summaries([0.2, 0.21, 0.19, 0.2]), SETTINGS) == []
-    fired = detect(_summaries([0.2, 0.21, 0.19, 0.2, 0.45]), SETTINGS)
-    assert [d.detector for d in fired] == ["error_jump"] and fired[0].value == pytest.approx(0.45 / 0.2)
+    fired, _ = _stream([0.2, 0.21, 0.19, 0.2, 0.45])
+    assert fired[:4] == [[], [], [], []]
+    assert [d.detector for d in fired[4]] == ["error_jump"] and fired[4][0].value == pytest.approx(0.45 / 0.2)
 
 
 def test_psi_needs_consecutive_batches_over_the_limit():
-    assert detect(_summaries([0.2] * 5, [0.1, 0.1, 0.1, 0.1, 3.0]), SETTINGS) == []
-    fired = detect(_summaries([0.2] * 5, [0.1, 0.1, 0.1, 1.5, 3.0]), SETTINGS)
-    assert [(d.detector, d.feature) for d in fired] == [("psi", "pressure")]
+    rng = np.random.default_rng(1)
+    calm = [rng.normal(0, 1, (100, 1)) for _ in range(5)]
+    shifted = [rng.normal(3, 1, (100, 1)) for _ in range(2)]
+    once, _ = _stream([0.2] * 5, calm[:4] + shifted[:1])
+    assert once == [[]] * 5
+    twice, _ = _stream([0.2] * 5, calm[:3] + shifted)
+    assert [(d.detector, d.feature) for d in twice[4]] == [("psi", "pressure"), ("ks", "pressure")]
 
 
-def test_cooldown_after_a_reset():
-    assert detect(_summaries([0.2, 0.9], [5.0, 5.0]), SETTINGS) == []
+def test_a_reset_restarts_the_error_history_and_the_cooldown():
+    _, state = _stream([0.2, 0.2, 0.2, 0.2])
+    # Without a reset the jump is seen against the earlier batches...
+    fired, _ = _stream([0.9], state=state, since=0)
+    assert [d.detector for d in fired[0]] == ["error_jump"]
+    # ... after one (a retraining at sequence 7) the line starts over: cooldown, fresh median.
+    fired, after = _stream([0.9, 0.9, 0.9], state=state, since=7)
+    assert fired == [[], [], []] and after.since == 7 and after.maes == [0.9, 0.9, 0.9]
+
+
+def test_the_readings_window_spans_several_batches():
+    settings = DriftSettings(cooldown_batches=1, window_batches=3, consecutive=1, error_ratio_threshold=100.0)
+    rng = np.random.default_rng(2)
+    batches = [rng.normal(0, 1, (30, 1)) for _ in range(4)]
+    _, state = _stream([0.2] * 2, batches[:2], settings=settings)
+    assert len(state.readings) == 2
+    (check,) = check_lines(
+        ["line-1"], [state], [np.full(30, 0.3, np.float32)], [batches[2]], [0.2], ["2026-01-01T00:00:00+00:00"],
+        {"sensors": {"pressure": summarise(rng.normal(0, 1, 2000)).to_dict()}}, SENSORS, settings, 0,
+    )  # fmt: skip
+    pooled = np.concatenate(batches[:3])[:, 0]
+    assert check.stats["mean"]["pressure"] == pytest.approx(pooled.mean())
 
 
 def test_adwin_sees_a_change_in_the_per_event_errors():
-    settings = DriftSettings(cooldown_batches=1, error_ratio_threshold=100.0)
+    settings = DriftSettings(cooldown_batches=1, error_ratio_threshold=100.0, window_batches=1)
     rng = np.random.default_rng(3)
-    calm = [np.abs(rng.normal(0, 0.5, 200)) for _ in range(6)]
-    assert detect(_summaries([0.4] * 6), settings, calm) == []
-    changed = calm[:5] + [np.abs(rng.normal(0, 1.5, 200))]
-    assert [d.detector for d in detect(_summaries([0.4] * 6), settings, changed)] == ["adwin_error"]
+    calm = [np.abs(rng.normal(0, 0.5, 200)).astype(np.float32) for _ in range(6)]
+    fired, _ = _stream([0.4] * 6, errors=calm, settings=settings)
+    assert fired == [[]] * 6
+    changed = calm[:5] + [np.abs(rng.normal(0, 1.5, 200)).astype(np.float32)]
+    fired, _ = _stream([0.4] * 6, errors=changed, settings=settings)
+    assert [d.detector for d in fired[5]] == ["adwin_error"]
     # A change inside an older batch is not reported again at the newest one.
     assert not adwin_fires(calm[:3] + changed[-1:] + [np.abs(rng.normal(0, 1.5, 200))] * 2, settings.adwin_delta)
+
+
+def test_adwin_fires_as_rivers_own_detector_does():
+    """`adwin_fires` feeds river's window below its Python wrapper: it must decide exactly as
+    river's ADWIN.update would, resets after a detection included."""
+    from river.drift import ADWIN
+
+    def rivers_answer(batches, delta):
+        adwin, fired = ADWIN(delta=delta, clock=1), False
+        for index, errors in enumerate(batches):
+            for value in (np.clip(errors, 0, 5.0) / 5.0).tolist():
+                adwin.update(value)
+                fired = fired or (index == len(batches) - 1 and adwin.drift_detected)
+        return fired
+
+    rng = np.random.default_rng(11)
+    answers = []
+    for trial in range(40):
+        levels = rng.choice([0.3, 0.5, 1.5], size=6)
+        batches = [np.abs(rng.normal(0, level, 120)) for level in levels]
+        delta = float(rng.choice([1e-5, 0.002]))
+        answers.append(adwin_fires(batches, delta))
+        assert answers[-1] == rivers_answer(batches, delta), trial
+    assert True in answers and False in answers

@@ -103,6 +103,59 @@ def test_lease_is_exclusive_until_released_expired_or_its_owner_dies(db, tmp_pat
         assert session.get(Lease, "entity:line-1") is None
 
 
+def test_a_files_leases_are_taken_all_or_none_in_few_statements(db, tmp_path):
+    ledger = Ledger(db, tmp_path / "archive", tmp_path / "quarantine")
+    names = [f"entity:line-{i:04d}" for i in range(3000)]  # more than one statement's chunk
+    statements = []
+    sa.event.listen(db.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    assert ledger.acquire_all(names)
+    taking = len(statements)
+    assert taking <= 6, statements  # two inserts, two reads: not one per lease
+    with db.session() as session:
+        session.get(Lease, "entity:line-2999").owner = "other-host:1:abcd"
+    ledger.release_all(names)
+    # One lease held elsewhere: nothing is taken, not even the free ones.
+    assert not ledger.acquire_all(names)
+    with db.session() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Lease)) == 1
+    ledger.release_all(names)
+
+
+def test_migration_0002_keeps_what_earlier_runs_committed(tmp_path):
+    """A work folder of the per-line era: its summaries become one metrics row per sequence,
+    tracked when all of its lines were, so MLflow neither misses nor repeats a step."""
+    database = Database(f"sqlite:///{tmp_path}/old.db")
+    database.migrate("0001")
+    stamp = datetime(2026, 1, 1, tzinfo=UTC).replace(tzinfo=None)
+    with database.engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO batches (id, content_hash, source_file, size_bytes, status, kind, rows_received, "
+                "rows_scored, rows_quarantined, rows_late, parts_done, received_at) "
+                "VALUES (1, 'h', 'f.csv', 1, 'processed', 'live', 30, 30, 0, 0, 1, :t)"
+            ),
+            {"t": stamp},
+        )
+        for entity, sequence, rows, mae, tracked in (("a", 1, 10, 0.2, 1), ("b", 1, 20, 0.5, 1), ("a", 2, 5, 0.1, 0)):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO batch_summaries (batch_id, part, entity, sequence, rows, first_ts, last_ts, metrics, "
+                    "drift_stats, features_path, tracked, committed_at) VALUES (1, 0, :e, :s, :r, :t, :t, :m, '{}', "
+                    "'x.parquet', :k, :t)"
+                ),
+                {"e": entity, "s": sequence, "r": rows, "m": f'{{"mae_before": {mae}}}', "k": tracked, "t": stamp},
+            )
+    database.migrate()
+    with database.session() as session:
+        from flows.storage.models import SequenceMetrics
+
+        rows = {m.sequence: m for m in session.scalars(sa.select(SequenceMetrics))}
+    assert rows[1].tracked and not rows[2].tracked
+    assert rows[1].metrics["rows"] == 30 and rows[1].metrics["mae_before"] == pytest.approx((10 * 0.2 + 20 * 0.5) / 30)
+    assert "drift_state" in {c["name"] for c in sa.inspect(database.engine).get_columns("entity_state")}
+    database.dispose()
+
+
 def test_unreachable_database_is_refused_with_the_url_masked():
     database = Database("postgresql+psycopg://user:secret@127.0.0.1:1/nowhere")
     with pytest.raises(DatabaseError) as error:

@@ -1,0 +1,266 @@
+"""One file (or one part of a large file) through the fleet, as plain functions.
+
+    prepare_lines   per group of lines: late rows split off, features from each line's carried
+                    feature state (a Dask worker can run it: it touches no shared weights)
+    score_lines     the driver: every line scored in one forward from its carried hidden state,
+                    by the model as it stood before this file (test-then-train)
+    learn_lines     the driver: the update over all lines (`update.lines_per_step` per step)
+    finish_lines    per group of lines: drift detectors and the output Parquet file
+
+The driver then commits everything in one transaction (`flows.commit`). A group's results do
+not depend on which lines share it, so any split of the lines (one group in the driver, many
+on Dask workers) ends in the same state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
+from flows.drift_detectors import Detection, LineDrift, check_lines
+from flows.settings import DriftSettings
+from lru_online import OnlineLearner, RecurrentState
+
+
+@dataclass
+class PreparedLines:
+    """A group of lines' rows turned into model inputs."""
+
+    received: dict[str, int]  # rows of each line in this part
+    late: dict[str, int]  # of which older than the line's watermark
+    features: FeatureBatch | None  # the other rows, of the lines that have any
+    feature_states: dict[str, bytes]  # the feature state after them, per line with rows
+    seconds: float = 0.0
+
+
+@dataclass
+class ScoredLines:
+    """What the model made of every line's rows: flat per row, lines in `features` order."""
+
+    forecast: np.ndarray  # (R, horizon, targets)
+    residuals: np.ndarray  # (R, targets)
+    scores: np.ndarray  # (R,)
+    hidden: dict[str, bytes]  # each line's hidden state after its rows
+    update_index: int  # the learner's update count when this part was learned from
+    update_metrics: dict[str, float] = field(default_factory=dict)
+
+    def rows(self, lo: int, hi: int) -> ScoredLines:
+        """The figures of rows lo:hi (a group of lines), without the hidden states."""
+        return ScoredLines(
+            self.forecast[lo:hi], self.residuals[lo:hi], self.scores[lo:hi], {}, self.update_index, self.update_metrics
+        )
+
+
+@dataclass
+class FinishedLines:
+    """A group of lines' drift checks, figures and output file."""
+
+    output_path: Path
+    metrics: dict[str, dict[str, float]]  # per line: rows, errors, score quantiles
+    drift_stats: dict[str, dict]  # per line: psi / ks / mean per sensor
+    drift_states: dict[str, bytes]  # per line, carried on
+    detections: list[Detection]
+    seconds: dict[str, float]  # drift, output
+    worker: str | None = None  # the Dask worker that ran it (None: the driver)
+
+
+def split_groups(entities: list[str], groups: int) -> list[list[str]]:
+    """Sorted lines in `groups` contiguous chunks of near-equal size (empty chunks dropped)."""
+    ordered = sorted(entities)
+    return [list(chunk) for chunk in np.array_split(np.array(ordered, dtype=object), groups) if len(chunk)]
+
+
+def prepare_lines(
+    rows: pd.DataFrame,
+    spec: FeatureSpec,
+    feature_states: dict[str, bytes | None],
+    watermarks: dict[str, datetime | None],
+) -> PreparedLines:
+    """Splits off late rows (at or before the line's watermark) and builds the features of the
+    rest, each line from its carried feature state (bytes; None or absent for a new line)."""
+    started = time.perf_counter()
+    entity = rows[spec.entity_column].astype(str)
+    received = entity.value_counts().to_dict()
+    marks = entity.map({e: pd.Timestamp(w) for e, w in watermarks.items() if w is not None})
+    stamps = pd.to_datetime(rows[spec.timestamp_column], utc=True)
+    late_rows = (stamps <= pd.to_datetime(marks, utc=True)).to_numpy()
+    late = entity[late_rows].value_counts().to_dict()
+    fresh = rows[~late_rows]
+    if fresh.empty:
+        return PreparedLines(_counts(received), _counts(late), None, {}, time.perf_counter() - started)
+    carried = {
+        e: EntityFeatureState.from_bytes(data)
+        for e, data in feature_states.items()
+        if data is not None and e in received
+    }
+    features, states = build_features(fresh, spec, carried)
+    encoded = {e: state.to_bytes() for e, state in states.items()}
+    return PreparedLines(_counts(received), _counts(late), features, encoded, time.perf_counter() - started)
+
+
+def _counts(values: dict) -> dict[str, int]:
+    return {str(k): int(v) for k, v in values.items()}
+
+
+def carried_state(learner: OnlineLearner, entities: list[str], hidden: dict[str, bytes | None]) -> RecurrentState:
+    """The lines' hidden states stacked in order; a new line starts from zero with no forecast."""
+    model = learner.model
+    states = []
+    for entity in entities:
+        data = hidden.get(entity)
+        if data:
+            states.append(RecurrentState.from_bytes(data))
+            continue
+        fresh = model.initial_state(1)
+        forecast = torch.full((1, model.config.horizon, model.config.n_targets), float("nan"))
+        states.append(RecurrentState(fresh.hidden, forecast))
+    return RecurrentState.cat(states)
+
+
+def score_lines(
+    learner: OnlineLearner, features: FeatureBatch, hidden: dict[str, bytes | None]
+) -> tuple[ScoredLines, RecurrentState]:
+    """One forward over every line, right-padded to the longest, from their carried states."""
+    u, y, dt, steps = features.tensors()
+    state = carried_state(learner, features.entities, hidden)
+    scored = learner.score(u, y, state, dt, steps)
+    ends = scored.state.unbind()
+    result = ScoredLines(
+        forecast=features.flat(scored.forecast.numpy()),
+        residuals=features.flat(scored.residuals.numpy()),
+        scores=features.flat(scored.scores.numpy()),
+        hidden={entity: end.to_bytes() for entity, end in zip(features.entities, ends, strict=True)},
+        update_index=learner.updates,
+    )
+    return result, state
+
+
+def learn_lines(learner: OnlineLearner, features: FeatureBatch, state: RecurrentState, scored: ScoredLines) -> None:
+    """The update over every line of the part, from the states they were scored from."""
+    u, y, dt, steps = features.tensors()
+    scored.update_metrics = learner.update(u, y, state, dt, steps)
+
+
+def finish_lines(
+    prepared: PreparedLines,
+    scored: ScoredLines,
+    drift_states: dict[str, bytes | None],
+    reference: dict,
+    spec: FeatureSpec,
+    drift: DriftSettings,
+    since: int,
+    output_path: Path,
+) -> FinishedLines:
+    """Drift checks and figures of a group of lines, and their output file. `scored` holds the
+    group's rows only, in the order of `prepared.features`."""
+    features = prepared.features
+    entities = features.entities
+    offsets = features.offsets
+    started = time.perf_counter()
+    maes, rmses = _line_errors(scored.residuals, offsets)
+    errors = np.sqrt(scored.scores)  # per-event absolute one-step error
+    checks = check_lines(
+        entities,
+        [LineDrift.from_bytes(drift_states.get(e)) for e in entities],
+        np.split(errors, offsets[1:-1]),
+        np.split(features.raw, offsets[1:-1]),
+        maes,
+        [features.timestamps[end - 1].isoformat() for end in offsets[1:]],
+        reference,
+        spec.sensors,
+        drift,
+        since,
+    )
+    drift_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    quantiles = _line_quantiles(features.padded(scored.scores, fill=np.nan))
+    metrics = {}
+    for index, entity in enumerate(entities):
+        metrics[entity] = {
+            "rows": float(features.lengths[index]),
+            "mae_before": maes[index],
+            "rmse_before": rmses[index],
+            "update_index": float(scored.update_index),
+            **{name: values[index] for name, values in quantiles.items()},
+        }
+    write_output(output_path, features, scored, spec)
+    return FinishedLines(
+        output_path=output_path,
+        metrics=metrics,
+        drift_stats={e: c.stats for e, c in zip(entities, checks, strict=True)},
+        drift_states={e: c.state.to_bytes() for e, c in zip(entities, checks, strict=True)},
+        detections=[d for c in checks for d in c.detections],
+        seconds={"drift": drift_seconds, "output": time.perf_counter() - started},
+    )
+
+
+def _line_errors(residuals: np.ndarray, offsets: np.ndarray) -> tuple[list[float | None], list[float | None]]:
+    """Each line's MAE and RMSE over its finite residuals (None where it has none)."""
+    finite = np.isfinite(residuals)
+    cells = np.add.reduceat(finite.sum(1), offsets[:-1]) if len(residuals) else np.zeros(0)
+    absolute = (
+        np.add.reduceat(np.where(finite, np.abs(residuals), 0.0).sum(1), offsets[:-1]) if len(residuals) else cells
+    )
+    squared = np.add.reduceat(np.where(finite, residuals**2, 0.0).sum(1), offsets[:-1]) if len(residuals) else cells
+    maes = [float(a / c) if c else None for a, c in zip(absolute, cells, strict=True)]
+    rmses = [float(np.sqrt(s / c)) if c else None for s, c in zip(squared, cells, strict=True)]
+    return maes, rmses
+
+
+def _line_quantiles(scores: np.ndarray) -> dict[str, list[float | None]]:
+    """Score quantiles (numpy's linear method) and maximum of each line (L, T) over its finite
+    scores, by one sort: np.nanpercentile along an axis loops in Python."""
+    ordered = np.sort(np.where(np.isfinite(scores), scores, np.nan), axis=1)  # NaN sort last
+    count = np.isfinite(ordered).sum(1)
+    rows = np.arange(len(ordered))
+    out: dict[str, list[float | None]] = {}
+    for q in (50, 95, 99):
+        position = q / 100 * np.maximum(count - 1, 0)
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, np.maximum(count - 1, 0))
+        below, above = ordered[rows, low], ordered[rows, high]
+        out[f"score_p{q}"] = _listed(np.where(count > 0, below + (position - low) * (above - below), np.nan))
+    out["score_max"] = _listed(np.where(count > 0, ordered[rows, np.maximum(count - 1, 0)], np.nan))
+    return out
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def write_output(path: Path, features: FeatureBatch, scored: ScoredLines, spec: FeatureSpec) -> None:
+    """Scores, forecasts, residuals, readings and features of every row of a group of lines, as
+    one Parquet file with the line in a column (written straight from the arrays)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, object] = {
+        spec.entity_column: pa.array(np.repeat(np.asarray(features.entities, dtype=object), features.lengths)),
+        spec.timestamp_column: pa.array(features.timestamps.as_unit("ns").asi8, type=pa.timestamp("ns", tz="UTC")),
+    }
+    for index, name in enumerate(spec.input_names):
+        columns[name] = features.inputs[:, index]
+    for index, sensor in enumerate(spec.sensors):
+        columns[f"target_{sensor}"] = features.targets[:, index]
+    columns["dt"] = features.dt
+    columns["score"] = scored.scores
+    for index, sensor in enumerate(spec.sensors):
+        columns[f"raw_{sensor}"] = features.raw[:, index]
+        columns[f"residual_{sensor}"] = scored.residuals[:, index]
+        for step in range(scored.forecast.shape[1]):
+            columns[f"forecast_h{step + 1}_{sensor}"] = scored.forecast[:, step, index]
+    if features.labels is not None:
+        for index, label in enumerate(features.label_names):
+            columns[f"label_{label}"] = features.labels[:, index]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Dictionary encoding only where values repeat: on float columns it is built and dropped,
+    # at five times the cost of the write.
+    pq.write_table(pa.table(columns), path, use_dictionary=[spec.entity_column])

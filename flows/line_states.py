@@ -1,0 +1,290 @@
+"""What every line carries between files, read for a whole file in one query and written back
+with everything else the file produced in one transaction.
+
+A part's results become visible together (hidden, feature and drift states of its lines, the
+live checkpoint reference, the ledger, the summaries, drift events); anything written before
+(a checkpoint file, an output file) is invisible if the process dies, and is redone from the
+old state on the next run. Each line's `version` and the live model's are optimistic locks:
+a run that finds either moved on raises `StaleModel` and redoes the part from the fresh state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
+
+from flows import faults
+from flows.drift_detectors import Detection
+from flows.storage.database import Database
+from flows.storage.models import Batch, BatchStatus, BatchSummary, DriftEvent, EntityState, ModelState, SequenceMetrics
+
+READ_CHUNK = 500  # lines per SELECT … IN
+
+
+class StaleModel(RuntimeError):
+    """Another run committed a newer model or line state first; redo from the fresh state."""
+
+
+@dataclass
+class CarriedLines:
+    """The stored state of a file's lines; a line never seen before is absent."""
+
+    versions: dict[str, int] = field(default_factory=dict)
+    hidden: dict[str, bytes | None] = field(default_factory=dict)
+    features: dict[str, bytes | None] = field(default_factory=dict)
+    drift: dict[str, bytes | None] = field(default_factory=dict)
+    watermarks: dict[str, datetime | None] = field(default_factory=dict)
+
+    def subset(self, entities: list[str]) -> CarriedLines:
+        keep = set(entities)
+
+        def pick(values: dict) -> dict:
+            return {k: v for k, v in values.items() if k in keep}
+
+        return CarriedLines(
+            pick(self.versions), pick(self.hidden), pick(self.features), pick(self.drift), pick(self.watermarks)
+        )
+
+
+def read_carried(db: Database, entities: list[str]) -> CarriedLines:
+    carried = CarriedLines()
+    columns = (
+        EntityState.entity,
+        EntityState.version,
+        EntityState.hidden_state,
+        EntityState.feature_state,
+        EntityState.drift_state,
+        EntityState.watermark,
+    )
+    with db.session() as session:
+        for start in range(0, len(entities), READ_CHUNK):
+            chunk = entities[start : start + READ_CHUNK]
+            for entity, version, hidden, features, drift, watermark in session.execute(
+                select(*columns).where(EntityState.entity.in_(chunk))
+            ):
+                carried.versions[entity] = version
+                carried.hidden[entity] = hidden
+                carried.features[entity] = features
+                carried.drift[entity] = drift
+                carried.watermarks[entity] = watermark
+    return carried
+
+
+@dataclass
+class LineUpdate:
+    """One line's new state and its summary row for this part."""
+
+    entity: str
+    hidden: bytes
+    features: bytes
+    drift: bytes
+    watermark: datetime
+    rows: int
+    first_ts: datetime
+    last_ts: datetime
+    metrics: dict
+    drift_stats: dict
+    output_path: str
+
+
+@dataclass
+class PartCommit:
+    """Everything one file part produced, to become visible at once."""
+
+    batch_id: int
+    part: int
+    last: bool  # the file's last part: its ledger status becomes final
+    received: int
+    late: int
+    entities: list[str]  # every line with rows in the part
+    lines: list[LineUpdate]  # the lines with rows to learn from (not all late)
+    metrics: dict[str, float]  # the part's figures across its lines, for MLflow
+    detections: list[Detection]
+    drift_action: str  # what a detection does: retrain | event_emitted | recorded
+
+
+@dataclass
+class Committed:
+    status: str
+    sequence: int | None
+    previous_checkpoint: str | None
+    drift_event_ids: list[int]
+    model_version: int  # the live model's version lock after this commit
+
+
+def commit_part(
+    db: Database,
+    pipeline: str,
+    part: PartCommit,
+    loaded: CarriedLines,
+    model_version: int,
+    checkpoint: Path | None,
+) -> Committed:
+    """One transaction: line states, the live checkpoint, the ledger, the summaries, the part's
+    metrics and drift events. Raises StaleModel when a line, the model or the batch moved on."""
+    try:
+        with db.session() as session:
+            model = session.get(ModelState, pipeline)
+            if model.version != model_version:
+                raise StaleModel("the live model changed")
+            previous = model.checkpoint_path
+            sequence = None
+            if part.lines:
+                model.checkpoint_path = str(checkpoint)
+                model.batches_since_snapshot += 1
+                sequence = (session.scalar(select(func.max(BatchSummary.sequence))) or 0) + 1
+                _write_lines(session, part.lines, loaded)
+                _add_summaries(session, part, sequence)
+                session.add(
+                    SequenceMetrics(
+                        sequence=sequence, batch_id=part.batch_id, part=part.part, metrics=json_safe(part.metrics)
+                    )
+                )
+            event_ids = _record_detections(session, pipeline, part, sequence)
+            if event_ids:
+                model.drift_since_sequence = sequence  # every line's detectors restart after it
+            status = _update_ledger(session, part)
+            faults.checkpoint("in_commit")
+            session.flush()
+            version = model.version
+    except (StaleDataError, IntegrityError) as error:
+        raise StaleModel(str(error)) from error
+    return Committed(status, sequence, previous, event_ids, version)
+
+
+def _write_lines(session, lines: list[LineUpdate], loaded: CarriedLines) -> None:
+    now = datetime.now(UTC)
+    known = [line for line in lines if line.entity in loaded.versions]
+    new = [line for line in lines if line.entity not in loaded.versions]
+    if known:
+        statement = (
+            update(EntityState)
+            .where(EntityState.entity == bindparam("key"), EntityState.version == bindparam("loaded_version"))
+            .values(
+                hidden_state=bindparam("hidden"),
+                feature_state=bindparam("features"),
+                drift_state=bindparam("drift"),
+                watermark=bindparam("mark"),
+                batches=EntityState.batches + 1,
+                version=EntityState.version + 1,
+                updated_at=bindparam("now"),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        rows = [
+            {
+                "key": line.entity,
+                "loaded_version": loaded.versions[line.entity],
+                "hidden": line.hidden,
+                "features": line.features,
+                "drift": line.drift,
+                "mark": line.watermark,
+                "now": now,
+            }
+            for line in known
+        ]
+        connection = session.connection()
+        result = connection.execute(statement, rows)
+        if connection.dialect.supports_sane_multi_rowcount and result.rowcount != len(rows):
+            raise StaleModel(f"{len(rows) - result.rowcount} of the file's lines changed under this run")
+    if new:
+        session.execute(
+            insert(EntityState),
+            [
+                {
+                    "entity": line.entity,
+                    "hidden_state": line.hidden,
+                    "feature_state": line.features,
+                    "drift_state": line.drift,
+                    "watermark": line.watermark,
+                    "batches": 1,
+                    "version": 1,
+                    "updated_at": now,
+                }
+                for line in new
+            ],
+        )
+
+
+def _add_summaries(session, part: PartCommit, sequence: int) -> None:
+    session.execute(
+        insert(BatchSummary),
+        [
+            {
+                "batch_id": part.batch_id,
+                "part": part.part,
+                "entity": line.entity,
+                "sequence": sequence,
+                "rows": line.rows,
+                "first_ts": line.first_ts,
+                "last_ts": line.last_ts,
+                "metrics": line.metrics,  # finite numbers or None already
+                "drift_stats": line.drift_stats,
+                "features_path": line.output_path,
+            }
+            for line in part.lines
+        ],
+    )
+
+
+def _record_detections(session, pipeline: str, part: PartCommit, sequence: int | None) -> list[int]:
+    events = [
+        DriftEvent(
+            pipeline=pipeline,
+            batch_id=part.batch_id,
+            sequence=sequence,
+            entity=detection.entity,
+            detector=detection.detector,
+            feature=detection.feature,
+            value=detection.value,
+            threshold=detection.threshold,
+            event_time=datetime.fromisoformat(detection.event_time),
+            action=part.drift_action,
+            details=json_safe({**detection.__dict__, "sequence": sequence, "batch_id": part.batch_id}),
+        )
+        for detection in part.detections
+    ]
+    session.add_all(events)
+    session.flush()
+    return [event.id for event in events]
+
+
+def _update_ledger(session, part: PartCommit) -> str:
+    stored = session.get(Batch, part.batch_id)
+    if stored.status != BatchStatus.PENDING or stored.parts_done != part.part:
+        raise StaleModel(f"batch {part.batch_id} part {part.part} was committed by another run")
+    stored.parts_done = part.part + 1
+    names = sorted({*(stored.entity or "").split(","), *part.entities} - {""})
+    stored.entity = ",".join(names)[:200]
+    stored.rows_received += part.received
+    stored.rows_scored += part.received - part.late
+    stored.rows_late += part.late
+    if part.lines:
+        first = min(line.first_ts for line in part.lines)
+        final = max(line.last_ts for line in part.lines)
+        stored.first_ts = min(stored.first_ts, first) if stored.first_ts else first
+        stored.last_ts = max(stored.last_ts, final) if stored.last_ts else final
+        stored.output_path = part.lines[0].output_path
+    if part.last:
+        stored.status = BatchStatus.PROCESSED if stored.rows_scored > 0 else BatchStatus.LATE
+        stored.processed_at = datetime.now(UTC)
+    return stored.status
+
+
+def json_safe(value):
+    """NaN and ±inf become None: JSON columns on Postgres refuse them."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return None
+    if isinstance(value, np.floating):
+        return float(value)
+    return value

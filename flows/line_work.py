@@ -1,0 +1,248 @@
+"""Where the per-line work of a file runs: in the driver, or on Dask workers by line group.
+
+Everything of a file that touches no shared weights fans out: reading and Great Expectations
+validation (a few files ahead of the driver), then per group of lines the features from their
+carried feature states, and after the driver's one model step the drift detectors and the
+output file. The driver scores all lines in one forward, updates the fleet model and commits,
+file by file in ledger order: every line shares the model each file updates, so that part is a
+chain, and keeping it in the driver is what makes a run on servers end in exactly the state of
+an embedded run (the per-line functions give the same results whichever lines share a group).
+
+The Dask tasks are plain `distributed` tasks, not Prefect tasks: a Prefect task run costs a few
+API calls, more than the work of a line group; the Prefect flow still shows one task per file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from features import FeatureSpec
+from flows.file_step import FinishedLines, PreparedLines, ScoredLines, finish_lines, prepare_lines, split_groups
+from flows.ingest import BatchReadError, iter_batch
+from flows.line_states import CarriedLines
+from flows.settings import DriftSettings, LogSchema, Settings
+from flows.validation import ValidationOutcome, validator_for
+
+log = logging.getLogger(__name__)
+
+# Files checked ahead of the one being processed: enough to keep the workers busy while the
+# driver updates the model, few enough that their rows stay small in the workers' memory.
+LOOKAHEAD = 4
+
+
+@dataclass
+class FileCheck:
+    """A file read and validated ahead of processing.
+
+    A file of more than one part of `ingest.chunk_rows` rows is left undecided: it is validated
+    part by part in the driver while it is processed, so memory stays flat.
+    """
+
+    rows: int = 0
+    outcome: ValidationOutcome | None = None  # without the rows themselves
+    read_error: str | None = None
+    groups: list[list[str]] = field(default_factory=list)  # the file's lines, by group
+    parts: list[Any] = field(default_factory=list)  # per group its validated rows (a Dask future)
+    worker: str | None = None
+
+    @property
+    def decided(self) -> bool:
+        return self.read_error is not None or self.outcome is not None
+
+
+def check_file(path: Path, schema: LogSchema, chunk_rows: int, groups: int = 1) -> FileCheck:
+    """Reads and validates a one-part file; on success its rows, split into line groups."""
+    chunks = iter_batch(path, schema, chunk_rows)
+    try:
+        first = next(chunks)
+        if next(chunks, None) is not None:
+            return FileCheck()
+    except BatchReadError as error:
+        return FileCheck(read_error=str(error))
+    outcome = validator_for(schema).validate(first, path.name)
+    check = FileCheck(len(first), outcome)
+    if outcome.success:
+        rows = outcome.frame
+        entity = rows[schema.entity_column].astype(str)
+        check.groups = split_groups(list(entity.unique()), groups)
+        check.parts = [rows[entity.isin(set(group)).to_numpy()] for group in check.groups]
+        outcome.frame = None
+    return check
+
+
+def _summary(check: FileCheck) -> FileCheck:
+    """The check without its rows, for the driver."""
+    return FileCheck(check.rows, check.outcome, check.read_error, check.groups, [], _worker_address())
+
+
+def _part(check: FileCheck, index: int) -> pd.DataFrame:
+    return check.parts[index]
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
+
+
+def _prepare(rows: pd.DataFrame, spec: FeatureSpec, carried: CarriedLines) -> PreparedLines:
+    return prepare_lines(rows, spec, carried.features, carried.watermarks)
+
+
+def _finish(prepared: PreparedLines, scored: ScoredLines, drift_states, reference, spec, drift, since, path):
+    finished = finish_lines(prepared, scored, drift_states, reference, spec, drift, since, path)
+    finished.worker = _worker_address()
+    return finished
+
+
+class LocalLineWork:
+    """All of a file's lines as one group, in this process; files are read and validated one
+    ahead in a thread while the driver works on the current one (pandas, pyarrow and torch
+    release the GIL for most of their work)."""
+
+    def checked_ahead(
+        self, settings: Settings, files: list[tuple[int, Path]]
+    ) -> Iterator[tuple[int, FileCheck | None]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        schema, chunk_rows = settings.log_schema, settings.ingest.chunk_rows
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="check-ahead") as pool:
+            waiting: deque = deque()
+            queue = iter(files)
+
+            def submit_next() -> None:
+                for batch_id, path in queue:
+                    waiting.append((batch_id, pool.submit(check_file, path, schema, chunk_rows, 1)))
+                    return
+
+            submit_next()
+            while waiting:
+                batch_id, future = waiting.popleft()
+                submit_next()
+                try:
+                    check = future.result()
+                except Exception as error:  # checked again in the driver, where it fails loudly
+                    log.warning("checking batch %s ahead failed (%s); validating it in the driver", batch_id, error)
+                    check = None
+                yield batch_id, check
+
+    def prepare(self, groups: list[list[str]], parts: list, spec: FeatureSpec, carried: CarriedLines) -> list:
+        return [_prepare(rows, spec, carried.subset(group)) for group, rows in zip(groups, parts, strict=True)]
+
+    def gather(self, handles: list) -> list[PreparedLines]:
+        return handles
+
+    def finish(
+        self,
+        handles: list,
+        scored: list[ScoredLines],
+        drift_states: list[dict[str, bytes | None]],
+        reference: dict,
+        spec: FeatureSpec,
+        drift: DriftSettings,
+        since: int,
+        paths: list[Path],
+    ) -> list[FinishedLines]:
+        """Drift and output of each group that has rows to learn from (`handles` of those)."""
+        return [
+            _finish(prepared, part, states, reference, spec, drift, since, path)
+            for prepared, part, states, path in zip(handles, scored, drift_states, paths, strict=True)
+        ]
+
+
+class DaskLineWork(LocalLineWork):
+    """Files checked ahead and line groups prepared and finished on a Dask scheduler's workers."""
+
+    def __init__(self, address: str) -> None:
+        from distributed import Client
+
+        self.client = Client(address, set_as_default=False)
+        # One group per worker thread: a file's lines spread over every worker.
+        threads = self.client.nthreads()
+        self.groups = max(1, sum(threads.values()))
+        self.slots = [worker for worker, count in sorted(threads.items()) for _ in range(count)]
+
+    def close(self) -> None:
+        self.client.close()
+
+    def checked_ahead(
+        self, settings: Settings, files: list[tuple[int, Path]]
+    ) -> Iterator[tuple[int, FileCheck | None]]:
+        """(batch id, check) in the order given; None where checking on Dask failed (a lost
+        worker, say): the driver then checks the file itself."""
+        waiting: deque = deque()
+        queue = iter(files)
+        schema, chunk_rows = settings.log_schema, settings.ingest.chunk_rows
+
+        def submit_next() -> None:
+            for batch_id, path in queue:
+                full = self.client.submit(check_file, path, schema, chunk_rows, self.groups, pure=False)
+                waiting.append((batch_id, full, self.client.submit(_summary, full, pure=False)))
+                return
+
+        for _ in range(LOOKAHEAD):
+            submit_next()
+        while waiting:
+            batch_id, full, summary = waiting.popleft()
+            submit_next()
+            try:
+                check = summary.result()
+                check.parts = [self.client.submit(_part, full, index, pure=False) for index in range(len(check.groups))]
+            except Exception as error:
+                log.warning("checking batch %s on Dask failed (%s); validating it in the driver", batch_id, error)
+                check = None
+            del full  # the groups' futures keep the rows on the workers as long as they are needed
+            yield batch_id, check
+
+    def prepare(self, groups: list[list[str]], parts: list, spec: FeatureSpec, carried: CarriedLines) -> list:
+        if parts and isinstance(parts[0], pd.DataFrame):  # a large file, read in the driver
+            return super().prepare(groups, parts, spec, carried)
+        # Group i goes to worker thread i (its rows move there, a few hundred kB); left to
+        # itself the scheduler would keep every group where the file was read. Its finish step
+        # then runs where its features are.
+        return [
+            self.client.submit(
+                _prepare,
+                rows,
+                spec,
+                carried.subset(group),
+                pure=False,
+                workers=[self.slots[index % len(self.slots)]] if self.slots else None,
+                allow_other_workers=True,
+            )
+            for index, (group, rows) in enumerate(zip(groups, parts, strict=True))
+        ]
+
+    def gather(self, handles: list) -> list[PreparedLines]:
+        if handles and isinstance(handles[0], PreparedLines):
+            return handles
+        return self.client.gather(handles)
+
+    def finish(
+        self,
+        handles: list,
+        scored: list[ScoredLines],
+        drift_states: list[dict[str, bytes | None]],
+        reference: dict,
+        spec: FeatureSpec,
+        drift: DriftSettings,
+        since: int,
+        paths: list[Path],
+    ) -> list[FinishedLines]:
+        if handles and isinstance(handles[0], PreparedLines):
+            return super().finish(handles, scored, drift_states, reference, spec, drift, since, paths)
+        futures = [
+            self.client.submit(_finish, handle, part, states, reference, spec, drift, since, path, pure=False)
+            for handle, part, states, path in zip(handles, scored, drift_states, paths, strict=True)
+        ]
+        return self.client.gather(futures)

@@ -1,0 +1,104 @@
+"""A plant file of many lines goes through one fleet step: every line scored by the model as it
+stood before the file, whatever the other lines of the file or their order, and short batches
+still feed the replay reservoir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import select
+
+from flows.ingest import read_batch
+from flows.prefect_flows import continual_update
+from flows.storage.database import Database
+from flows.storage.models import BatchSummary, ModelState
+from lru_online import OnlineLearner
+from tests.flows.helpers import small_config, small_plant
+
+PLANT = {"entities": 4, "batches": 6, "rows_per_batch": 30, "plant_files": True, "broken_batches": {}}
+
+
+def _scores_of_last_file(root: Path, name: str, change) -> pd.DataFrame:
+    """A plant whose last file is changed by `change(frame)`; the scores that file got."""
+    settings, config = small_config(
+        root / name, initial_training={"batches": 2, "epochs": 1}, drift={"on_detect": "record"}
+    )
+    truth = small_plant(settings, **PLANT)
+    last = settings.paths.landing / truth.files[-1]
+    changed = change(read_batch(last, settings.log_schema))
+    last.unlink()
+    continual_update(config=config)  # everything before the last file
+    changed.to_csv(settings.paths.landing / "last.csv", index=False)
+    continual_update(config=config)
+    db = Database(settings.database_url)
+    with db.session() as session:
+        path = session.scalars(select(BatchSummary.features_path).order_by(BatchSummary.sequence.desc())).first()
+    db.dispose()
+    return pd.read_parquet(path, columns=["entity", "timestamp", "score"]).set_index(["entity", "timestamp"])
+
+
+def _lines_reordered(frame: pd.DataFrame) -> pd.DataFrame:
+    """The file's lines in another order, each line's rows interleaved with the others'."""
+    order = {"line-3": 0, "line-1": 1, "line-4": 2, "line-2": 3}
+    position = frame.groupby("entity").cumcount()
+    return frame.assign(_o=frame["entity"].map(order), _p=position).sort_values(["_p", "_o"]).drop(columns=["_o", "_p"])
+
+
+def test_a_lines_scores_do_not_depend_on_the_other_lines_of_its_file(tmp_path, prefect_api):
+    original = _scores_of_last_file(tmp_path, "original", lambda f: f)
+    shuffled = _scores_of_last_file(tmp_path, "shuffled", _lines_reordered)
+
+    def with_a_new_line(frame: pd.DataFrame) -> pd.DataFrame:
+        extra = frame[frame["entity"] == "line-2"].assign(entity="line-9")
+        return pd.concat([extra, frame[frame["entity"] != "line-3"]])  # one line added, one left out
+
+    grown = _scores_of_last_file(tmp_path, "grown", with_a_new_line)
+    pd.testing.assert_frame_equal(shuffled.sort_index(), original.sort_index(), rtol=1e-5, atol=1e-6)
+    kept = original.drop(index="line-3", level="entity").sort_index()
+    pd.testing.assert_frame_equal(grown.drop(index="line-9", level="entity").sort_index(), kept, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(grown.loc["line-9", "score"].iloc[1:]).all()  # the new line is scored from its 2nd event
+
+
+def test_short_batches_keep_refreshing_the_replay_reservoir(tmp_path, prefect_api):
+    """Batches of 20 events per line, shorter than the training window of 32."""
+    settings, config = small_config(
+        tmp_path,
+        initial_training={"batches": 2, "epochs": 2},
+        update={"window": 32, "replay_capacity": 64, "replay_batch": 2},
+        drift={"on_detect": "record"},
+    )
+    small_plant(settings, entities=3, batches=10, rows_per_batch=20, plant_files=True, broken_batches={})
+    continual_update(config=config)
+    db = Database(settings.database_url)
+    with db.session() as session:
+        checkpoint = session.get(ModelState, settings.pipeline).checkpoint_path
+    learner = OnlineLearner.load_checkpoint(checkpoint)
+    seen_at = sorted(int(w["update_index"]) for w in learner.replay.windows)
+    initial_updates = 2  # the initial training's epochs
+    live = [index for index in seen_at if index >= initial_updates]
+    assert learner.updates == initial_updates + 10  # one update per file
+    assert len(live) >= 10, seen_at  # windows of the live files, not only of the initial training
+    # Every update offered each line's windows: 2 epochs over 2 files of 20 events (windows of
+    # 32 and 8 events) in the initial training, then one 20-event window per live file.
+    assert learner.replay.seen == 3 * (2 * 2 + 10)
+
+
+@pytest.mark.parametrize("lines_per_step, steps", [(None, 1), (2, 2)])
+def test_lines_per_step_sets_a_files_optimizer_steps(tmp_path, prefect_api, lines_per_step, steps):
+    settings, config = small_config(
+        tmp_path,
+        initial_training={"batches": 2, "epochs": 1},
+        update={"window": 64, "lines_per_step": lines_per_step},
+        drift={"on_detect": "record"},
+    )
+    small_plant(settings, **{**PLANT, "batches": 3})
+    continual_update(config=config)
+    db = Database(settings.database_url)
+    with db.session() as session:
+        from flows.storage.models import SequenceMetrics
+
+        windows = [m.metrics["windows"] for m in session.scalars(select(SequenceMetrics))]
+    assert windows == [float(steps)] * 3  # 4 lines of 30 events: one window, in 1 or 2 groups
