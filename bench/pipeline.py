@@ -4,8 +4,8 @@
 
 For each batch size, a fresh embedded-profile work folder gets simulated batches of that size;
 the first trains the initial model, the next ones go through the same code as a
-`continual_update` run (ledger, GE validation, features, score, update, output, commit, MLflow
-tracking, drift check), and each stage is timed. The model update is the work the pipeline
+`continual_update` run (ledger, GE validation, features, score, update, drift detectors, output, commit,
+MLflow tracking), and each stage is timed. The model update is the work the pipeline
 exists for, so it is the baseline: overhead = everything else, as a share of the update.
 """
 
@@ -21,15 +21,15 @@ from pathlib import Path
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
-STAGES = ["validate", "features", "score", "update", "output", "commit", "tracking", "drift"]
+STAGES = ["validate", "features", "score", "update", "drift", "output", "commit", "tracking"]
 
 
 def run_size(rows: int, root: Path, measured: int) -> dict[str, float]:
-    from flows.drift_watch import DriftWatch
     from flows.initial_training import train_initial
     from flows.pipeline import Pipeline
     from flows.settings import load_settings
     from flows.simulator import SimulationConfig, simulate
+    from flows.tracking import track_pending
 
     workdir = root / f"rows-{rows}"
     settings = load_settings(workdir=workdir, initial_training={"batches": 1, "epochs": 1})
@@ -46,21 +46,16 @@ def run_size(rows: int, root: Path, measured: int) -> dict[str, float]:
     pipeline = Pipeline(settings)
     pipeline.discover()
     train_initial(pipeline)
-    watch = DriftWatch(pipeline.db, settings.pipeline, settings.drift)
     started = datetime.now(UTC)
     samples: list[dict[str, float]] = []
     for index, batch_id in enumerate(pipeline.ledger.pending()):
         result = pipeline.process(batch_id)
         tick = time.perf_counter()
-        pipeline.track_pending(started)
+        track_pending(pipeline.db, pipeline.tracker, settings.pipeline, started)
         tracking = time.perf_counter() - tick
-        tick = time.perf_counter()
-        for outcome in result.entities:
-            watch.check(outcome.entity, 0)
-        drift = time.perf_counter() - tick
         if index == 0:
             continue  # warm-up: first-use costs of GE, MLflow and the allocator
-        samples.append({**{k: result.timings.get(k, 0.0) for k in STAGES}, "tracking": tracking, "drift": drift})
+        samples.append({**{k: result.timings.get(k, 0.0) for k in STAGES}, "tracking": tracking})
     pipeline.close()
     return {stage: statistics.median(s[stage] for s in samples) for stage in STAGES}
 

@@ -1,27 +1,36 @@
-"""A plant of many lines through `continual_update`: embedded profile vs servers profile with 1
-and 2 Dask workers, in one run.
+"""Fleet throughput: plants of many lines through `continual_update`, embedded and on servers
+with 1 and 2 Dask workers, beside river's HalfSpaceTrees and the per-line model loop.
 
-    python bench/scale.py [--entities 200] [--batches 20] [--rows 40] [--infra DIR] [--workdir DIR]
+    python bench/scale.py [--shapes 200x40,2000x40,10x5000] [--batches 20] [--workers 1,2]
+                          [--infra DIR] [--embedded-only] [--per-line] [--workdir DIR]
 
-Each batch is one file holding every line's rows for that period (as a plant exports them).
-The simulated batches are the same for every profile. The servers profile needs the services of
-`lru-online infra up --dir DIR` (Postgres, MLflow with S3 artifacts, Prefect server); the bench
-starts its own Dask cluster of 1, then 2 single-threaded worker processes and points
-`prefect.dask_address` at it. Each profile runs in a fresh child process (the driver), so its
-peak RSS is its own.
+A shape LxR is a plant of L lines whose every file holds R rows of each line (one file per
+period, all lines in it, as a plant exports them); `--entities L --rows R` asks for one shape.
+The simulated files of a shape are the same for every profile; the first two train the model
+(one epoch), drift is recorded, not answered, and no snapshot is registered, so the measured
+files are the continual update alone. Each profile runs in a fresh child process (the driver),
+so its peak RSS is its own. The servers profile needs `lru-online infra up --dir DIR`
+(Postgres, MLflow with S3 artifacts, Prefect server); the bench starts its own Dask cluster of
+1, then 2 single-threaded worker processes.
 
-Reported per profile: rows scored per second from the first batch commit to the last (initial
-training excluded), p50/p99 batch latency (time between consecutive batch commits in the run:
-validate, features, score, update, commit, tracking, drift), and the driver's peak RSS.
-Baseline: the embedded profile.
+Reported per run: rows scored per second from the first file's commit to the last (initial
+training excluded), p50/p99 seconds per file (between consecutive commits: everything a file
+costs), the driver's median stage seconds per file, and its peak RSS (with the growth per 1,000
+lines over an empty run's). Beside them, in the same run:
+- `river HST`: river's HalfSpaceTrees scoring and learning the same rows one at a time
+  (score_one, learn_one; no validation, storage or tracking) — the yardstick a user would pick;
+- with `--per-line`: the model step of today's per-line loop (one score and one update per
+  line, batch size 1) against the fleet step (all lines in one forward and one update), on the
+  same file and the same weights, and the pipeline with `update.lines_per_step: 1`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import re
+import platform
 import resource
 import subprocess
 import sys
@@ -31,51 +40,34 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-# A small model keeps the bench about the pipeline's scale-out, not the model's size; drift is
-# recorded, not answered, so no retraining lands inside the measured batches.
+# The default model (configs/embedded.yaml); drift is recorded, not answered, so no retraining
+# lands inside the measured files.
 OVERRIDES = {
     "initial_training": {"batches": 2, "epochs": 1},
-    "model": {"d_model": 16, "d_state": 16, "n_layers": 1},
-    "update": {"window": 32, "replay_capacity": 64, "replay_batch": 2},
     "drift": {"on_detect": "record"},
     "tracking": {"snapshot_every": 0},
 }
+STAGES = ["validate", "read_state", "features", "score", "update", "drift", "output", "commit"]
 
 
-def simulate_plant(folder: Path, entities: int, batches: int, rows: int) -> list[Path]:
-    """One Parquet file per batch index, holding every entity's rows of that period."""
+def simulate_plant(folder: Path, lines: int, batches: int, rows: int) -> list[Path]:
+    """One file per period holding every line's rows."""
     from flows.settings import load_settings
     from flows.simulator import SimulationConfig, simulate
 
     settings = load_settings(workdir=folder / "sim")
-    raw = folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    raw = folder / "files"
     config = SimulationConfig(
-        entities=entities, batches=batches, rows_per_batch=rows, broken_batches={}, anomaly_rate=0.0
+        entities=lines, batches=batches, rows_per_batch=rows, broken_batches={}, anomaly_rate=0.0, plant_files=True
     )
-    simulate(raw, folder / "truth.json", config, settings.log_schema)
-    by_batch: dict[int, list[pd.DataFrame]] = {}
-    for path in sorted(raw.iterdir()):
-        index = int(re.search(r"batch-(\d+)", path.name).group(1))
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-        by_batch.setdefault(index, []).append(frame)
-    merged = folder / "batches"
-    merged.mkdir(exist_ok=True)
-    files = []
-    for index in sorted(by_batch):
-        frame = pd.concat(by_batch[index], ignore_index=True)
-        frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True, format="ISO8601")
-        path = merged / f"plant_batch-{index:04d}.parquet"
-        frame.sort_values(["entity", "timestamp"]).to_parquet(path, index=False)
-        files.append(path)
-    return files
+    truth = simulate(raw, folder / "truth.json", config, settings.log_schema)
+    return [raw / name for name in truth.files]
 
 
 def write_config(profile: str, workdir: Path, extra: dict) -> Path:
@@ -84,44 +76,107 @@ def write_config(profile: str, workdir: Path, extra: dict) -> Path:
     return derive_config(ROOT / "configs" / f"{profile}.yaml", workdir, {**OVERRIDES, **extra})
 
 
-def run_driver(config: Path) -> dict:
-    """The child: one continual_update over the landed batches; figures as JSON."""
+def run_driver(config: Path, per_line: bool) -> dict:
+    """The child: one continual_update over the landed files; figures as JSON."""
     from sqlalchemy import select
 
     from flows.prefect_flows import continual_update
     from flows.settings import load_settings
     from flows.storage.database import Database
-    from flows.storage.models import Batch
+    from flows.storage.models import Batch, BatchStatus, ModelState
 
     settings = load_settings(config)
     if settings.prefect.api_url:
         os.environ["PREFECT_API_URL"] = settings.prefect.api_url
     started = time.time()
-    continual_update(config=str(config))
+    outcome = continual_update(config=str(config))
     wall = time.time() - started
     db = Database(settings.database_url)
     with db.session() as session:
         batches = list(session.scalars(select(Batch).order_by(Batch.processed_at)))
+        checkpoint = session.get(ModelState, settings.pipeline).checkpoint_path
     db.dispose()
-    processed = [b for b in batches if b.status == "processed"]
+    processed = [b for b in batches if b.status == BatchStatus.PROCESSED]
     # Initial training happens before the first commit; from the first commit on, every interval
-    # between commits is one batch's latency and the rows it scored.
+    # between commits is one file's latency and the rows it scored.
     commits = np.array([b.processed_at.timestamp() for b in processed])
     latencies = np.diff(commits)
     rows = sum(b.rows_scored for b in processed[1:])
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "batches": len(processed),
+    timings = [f["seconds"] for f in outcome["processed_files"][1:]]
+    figures = {
+        "files": len(processed),
         "rows": rows,
         "rows_per_s": rows / (commits[-1] - commits[0]),
         "p50_s": float(np.percentile(latencies, 50)),
         "p99_s": float(np.percentile(latencies, 99)),
-        "peak_rss_mib": peak_rss_mib,
+        "stages": {k: float(np.median([t.get(k, 0.0) for t in timings])) for k in STAGES},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": wall,
     }
+    if per_line:
+        figures["model_step"] = model_step_against_per_line(settings, checkpoint, processed[-1])
+    return figures
 
 
-def run_profile(label: str, config: Path, files: list[Path], env: dict[str, str | None]) -> dict:
+def model_step_against_per_line(settings, checkpoint: str, batch) -> dict:
+    """Score + update of one file's lines: the fleet step, and today's loop of one score and
+    one update per line, from the same weights and states (the file's archived rows again)."""
+    from features import build_features
+    from flows.fleet import feature_spec, load_learner
+    from flows.ingest import read_batch
+    from flows.validation import parse_timestamps
+
+    spec = feature_spec(settings)
+    rows = read_batch(Path(batch.stored_at), settings.log_schema)
+    rows[spec.timestamp_column] = parse_timestamps(rows[spec.timestamp_column])
+    features, _ = build_features(rows, spec, {})
+    base = load_learner(Path(checkpoint), settings)
+
+    fleet = copy.deepcopy(base)
+    u, y, dt, steps = features.tensors()
+    tick = time.perf_counter()
+    fleet.score(u, y, None, dt, steps)
+    fleet.update(u, y, None, dt, steps)
+    fleet_s = time.perf_counter() - tick
+
+    looped = copy.deepcopy(base)
+    lines = [features.select([index]).tensors() for index in range(len(features.entities))]
+    tick = time.perf_counter()
+    for lu, ly, ldt, _ in lines:
+        looped.score(lu, ly, None, ldt)
+        looped.update(lu, ly, None, ldt)
+    loop_s = time.perf_counter() - tick
+    return {"fleet_s": fleet_s, "per_line_s": loop_s, "lines": len(features.entities)}
+
+
+def river_half_space_trees(files: list[Path], rows_wanted: int) -> dict:
+    """river's HalfSpaceTrees scoring and learning rows one at a time, on the sensors' ranges."""
+    from river.anomaly import HalfSpaceTrees
+
+    from flows.ingest import read_batch
+    from flows.settings import LogSchema
+
+    schema = LogSchema()
+    limits = {s.name: (s.min, s.max) for s in schema.sensors}
+    records = []
+    for path in files:
+        frame = read_batch(path, schema)[schema.sensor_names]
+        for row in frame.to_dict("records"):
+            records.append({k: v for k, v in row.items() if v == v})  # a missing reading is left out
+            if len(records) >= rows_wanted:
+                break
+        if len(records) >= rows_wanted:
+            break
+    model = HalfSpaceTrees(seed=0, limits=limits)
+    tick = time.perf_counter()
+    for record in records:
+        model.score_one(record)
+        model.learn_one(record)
+    seconds = time.perf_counter() - tick
+    return {"rows": len(records), "rows_per_s": len(records) / seconds}
+
+
+def run_profile(label: str, config: Path, files: list[Path], env: dict[str, str | None], per_line: bool) -> dict:
     from flows.settings import load_settings
 
     landing = load_settings(config).paths.landing
@@ -129,55 +184,98 @@ def run_profile(label: str, config: Path, files: list[Path], env: dict[str, str 
     for path in files:
         (landing / path.name).write_bytes(path.read_bytes())
     environment = {key: value for key, value in {**os.environ, **env}.items() if value is not None}
-    done = subprocess.run(
-        [sys.executable, __file__, "--driver", str(config)],
-        env=environment,
-        capture_output=True,
-        text=True,
-    )
+    command = [sys.executable, __file__, "--driver", str(config)] + (["--per-line"] if per_line else [])
+    done = subprocess.run(command, env=environment, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{label} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def empty_rss(root: Path) -> float:
+    """Peak RSS of a driver that starts, trains on two files of two lines and processes nothing
+    more: the fixed cost every profile pays (imports, GE, MLflow, Prefect)."""
+    files = simulate_plant(root / "empty-data", 2, 2, 40)
+    config = write_config("embedded", root / "empty", {})
+    return run_profile("empty", config, files, {"PREFECT_API_URL": None}, False)["peak_rss_mib"]
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        lines, _, rows = item.partition("x")
+        shapes.append((int(lines), int(rows)))
+    return shapes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--entities", type=int, default=200)
-    parser.add_argument("--batches", type=int, default=20, help="live batches (2 more train the model)")
-    parser.add_argument("--rows", type=int, default=40, help="rows per entity per batch")
+    parser.add_argument("--shapes", default="200x40,2000x40,10x5000", help="LINESxROWS per file, comma-separated")
+    parser.add_argument("--entities", type=int, default=None, help="one shape: lines (with --rows)")
+    parser.add_argument("--rows", type=int, default=None, help="one shape: rows per line per file")
+    parser.add_argument("--batches", type=int, default=20, help="measured files (2 more train the model)")
     parser.add_argument("--workers", default="1,2", help="Dask worker counts for the servers profile")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--infra", type=Path, default=Path(".infra"), help="folder of `lru-online infra up`")
+    parser.add_argument("--embedded-only", action="store_true", help="skip the servers profile")
+    parser.add_argument("--per-line", action="store_true", help="add today's per-line model loop as a baseline")
+    parser.add_argument("--river-rows", type=int, default=50_000, help="rows for the HalfSpaceTrees yardstick")
     parser.add_argument("--driver", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:
-        print(json.dumps(run_driver(args.driver)))
+        print(json.dumps(run_driver(args.driver, args.per_line)))
         return
 
+    import torch
+
+    shapes = parse_shapes(args.shapes)
+    if args.entities or args.rows:
+        shapes = [(args.entities or 200, args.rows or 40)]
+    servers = not args.embedded_only
+    if servers:
+        from infra import services
+
+        status = services.status(args.infra)
+        if any(status[name] != "up" for name in ("postgres", "s3", "mlflow", "prefect")):
+            raise SystemExit(f"start the services first (lru-online infra up --dir {args.infra}) or --embedded-only")
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="lru-scale-"))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; work in {root}"
+    )
+    startup_rss = empty_rss(root)
+    results: list[tuple[str, str, dict]] = []
+    yardsticks: dict[str, dict] = {}
+    for lines, rows in shapes:
+        shape = f"{lines}x{rows}"
+        files = simulate_plant(root / f"data-{shape}", lines, args.batches + 2, rows)
+        print(f"{shape}: {len(files)} files of {lines * rows:,} rows", flush=True)
+        yardsticks[shape] = river_half_space_trees(files, args.river_rows)
+        clean = {"PREFECT_API_URL": None}  # the embedded driver starts its own local API
+        config = write_config("embedded", root / f"embedded-{shape}", {})
+        results.append((shape, "embedded", run_profile("embedded", config, files, clean, args.per_line)))
+        if args.per_line:
+            config = write_config("embedded", root / f"per-line-{shape}", {"update": {"lines_per_step": 1}})
+            results.append((shape, "embedded, 1 line/step", run_profile("1/step", config, files, clean, False)))
+        if servers:
+            results += servers_runs(shape, files, args, root)
+    print_table(results, yardsticks, startup_rss, shapes)
+
+
+def servers_runs(shape: str, files: list[Path], args, root: Path) -> list[tuple[str, str, dict]]:
     from distributed import LocalCluster
 
     from infra import services
 
-    status = services.status(args.infra)
-    if any(status[name] != "up" for name in ("postgres", "s3", "mlflow", "prefect")):
-        raise SystemExit(f"start the services first: lru-online infra up --dir {args.infra}")
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="lru-scale-"))
-    total = args.batches + OVERRIDES["initial_training"]["batches"]
-    files = simulate_plant(root / "data", args.entities, total, args.rows)
-    print(f"{len(files)} batch files, {args.entities} entities x {args.rows} rows each, in {root}")
-    results = {}
-    clean = {"PREFECT_API_URL": None}  # the embedded driver starts its own local API
-    results["embedded"] = run_profile("embedded", write_config("embedded", root / "embedded", {}), files, clean)
+    runs = []
     api = services.urls()["prefect_api_url"]
     for workers in [int(w) for w in args.workers.split(",")]:
         label = f"servers, {workers} Dask worker{'s' if workers > 1 else ''}"
         name = f"scale-{workers}w-{uuid.uuid4().hex[:6]}"
-        # Prefect tasks on the workers report to the server, like the workers `infra up` starts.
         os.environ["PREFECT_API_URL"] = api
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
             config = write_config(
                 "servers",
-                root / f"servers-{workers}",
+                root / f"servers-{workers}-{shape}",
                 {
                     "database_url": services.create_database("lru_bench"),
                     "pipeline": name,
@@ -185,20 +283,44 @@ def main() -> None:
                     "prefect": {"dask_address": cluster.scheduler_address},
                 },
             )
-            results[label] = run_profile(label, config, files, {})
+            runs.append((shape, label, run_profile(label, config, files, {}, False)))
         del os.environ["PREFECT_API_URL"]
-    base = results["embedded"]["rows_per_s"]
+    return runs
+
+
+def print_table(results, yardsticks, startup_rss: float, shapes) -> None:
     header = (
-        f"{'profile':<26}{'batches':>8}{'rows':>9}{'rows/s':>9}{'vs embedded':>13}"
-        f"{'p50 s':>8}{'p99 s':>8}{'peak RSS MiB':>14}"
+        f"{'lines x rows':<13}{'profile':<24}{'rows/s':>9}{'vs emb.':>8}{'p50 s':>7}{'p99 s':>7}"
+        + "".join(f"{s[:8]:>9}" for s in STAGES)
+        + f"{'RSS MiB':>9}{'MiB/1k lines':>13}"
     )
+    print()
+    print("per file: rows/s from the first commit to the last; p50/p99 s between commits; stages: driver median s")
     print(header)
     print("-" * len(header))
-    for label, r in results.items():
+    for shape, label, r in results:
+        lines = int(shape.split("x")[0])
+        base = next(x for s, p, x in results if s == shape and p == "embedded")["rows_per_s"]
+        growth = (r["peak_rss_mib"] - startup_rss) / lines * 1000
         print(
-            f"{label:<26}{r['batches']:>8}{r['rows']:>9}{r['rows_per_s']:>9.0f}{r['rows_per_s'] / base:>12.2f}x"
-            f"{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}{r['peak_rss_mib']:>14.0f}"
+            f"{shape:<13}{label:<24}{r['rows_per_s']:>9.0f}{r['rows_per_s'] / base:>7.2f}x"
+            f"{r['p50_s']:>7.2f}{r['p99_s']:>7.2f}"
+            + "".join(f"{r['stages'][s]:>9.3f}" for s in STAGES)
+            + f"{r['peak_rss_mib']:>9.0f}{growth:>13.1f}"
         )
+    for shape, figures in yardsticks.items():
+        print(f"{shape:<13}{'river HST, row by row':<24}{figures['rows_per_s']:>9.0f}   ({figures['rows']:,} rows)")
+    print(f"empty run (2 lines, initial training only): peak RSS {startup_rss:.0f} MiB")
+    model_steps = [(shape, r["model_step"]) for shape, label, r in results if "model_step" in r]
+    if model_steps:
+        print()
+        print("score + update of one file, same weights: fleet step vs today's per-line loop")
+        print(f"{'lines x rows':<13}{'fleet s':>9}{'per-line s':>12}{'speed-up':>10}")
+        for shape, step in model_steps:
+            print(
+                f"{shape:<13}{step['fleet_s']:>9.3f}{step['per_line_s']:>12.3f}"
+                f"{step['per_line_s'] / step['fleet_s']:>9.1f}x"
+            )
 
 
 if __name__ == "__main__":
