@@ -9,9 +9,11 @@ period, all lines in it, as a plant exports them); `--entities L --rows R` asks 
 The simulated files of a shape are the same for every profile; the first two train the model
 (one epoch), drift is recorded, not answered, and no snapshot is registered, so the measured
 files are the continual update alone. Each profile runs in a fresh child process (the driver),
-so its peak RSS is its own. The servers profile needs `lru-online infra up --dir DIR`
-(Postgres, MLflow with S3 artifacts, Prefect server); the bench starts its own Dask cluster of
-1, then 2 single-threaded worker processes.
+so its peak RSS is its own. The embedded runs come first, with nothing else running; the
+servers profile then uses the services of `lru-online infra up --dir DIR` (Postgres, MLflow
+with S3 artifacts, Prefect server), started by the bench and stopped after when they are not
+up already (on two cores their idle polling alone costs the driver 15 %), and its own Dask
+cluster of 1, then 2 single-threaded worker processes.
 
 Reported per run: rows scored per second from the first file's commit to the last (initial
 training excluded), p50/p99 seconds per file (between consecutive commits: everything a file
@@ -21,7 +23,8 @@ lines over an empty run's). Beside them, in the same run:
   (score_one, learn_one; no validation, storage or tracking) — the yardstick a user would pick;
 - with `--per-line`: the model step of today's per-line loop (one score and one update per
   line, batch size 1) against the fleet step (all lines in one forward and one update), on the
-  same file and the same weights, and the pipeline with `update.lines_per_step: 1`.
+  same file and the same weights, and, up to 500 lines a file, the pipeline with
+  `update.lines_per_step: 1` (an optimizer step per line).
 """
 
 from __future__ import annotations
@@ -231,33 +234,44 @@ def main() -> None:
     if args.entities or args.rows:
         shapes = [(args.entities or 200, args.rows or 40)]
     servers = not args.embedded_only
+    started_services = False
     if servers:
         from infra import services
 
-        status = services.status(args.infra)
-        if any(status[name] != "up" for name in ("postgres", "s3", "mlflow", "prefect")):
-            raise SystemExit(f"start the services first (lru-online infra up --dir {args.infra}) or --embedded-only")
+        running = services.status(args.infra)
+        started_services = not all(running[name] == "up" for name in ("postgres", "s3", "mlflow", "prefect"))
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lru-scale-"))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
         f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; work in {root}"
     )
+    if servers and not started_services:
+        print(f"note: the services of {args.infra} were up already and ran beside the embedded runs")
     startup_rss = empty_rss(root)
     results: list[tuple[str, str, dict]] = []
     yardsticks: dict[str, dict] = {}
+    plants: dict[str, list[Path]] = {}
     for lines, rows in shapes:
         shape = f"{lines}x{rows}"
-        files = simulate_plant(root / f"data-{shape}", lines, args.batches + 2, rows)
+        files = plants[shape] = simulate_plant(root / f"data-{shape}", lines, args.batches + 2, rows)
         print(f"{shape}: {len(files)} files of {lines * rows:,} rows", flush=True)
         yardsticks[shape] = river_half_space_trees(files, args.river_rows)
         clean = {"PREFECT_API_URL": None}  # the embedded driver starts its own local API
         config = write_config("embedded", root / f"embedded-{shape}", {})
         results.append((shape, "embedded", run_profile("embedded", config, files, clean, args.per_line)))
-        if args.per_line:
+        if args.per_line and lines <= 500:
             config = write_config("embedded", root / f"per-line-{shape}", {"update": {"lines_per_step": 1}})
             results.append((shape, "embedded, 1 line/step", run_profile("1/step", config, files, clean, False)))
-        if servers:
-            results += servers_runs(shape, files, args, root)
+    if servers:
+        try:
+            if started_services:
+                print(f"starting the services in {args.infra}", flush=True)
+                services.up(args.infra)
+            for shape, files in plants.items():
+                results += servers_runs(shape, files, args, root)
+        finally:
+            if started_services:
+                services.down(args.infra)
     print_table(results, yardsticks, startup_rss, shapes)
 
 
@@ -272,7 +286,7 @@ def servers_runs(shape: str, files: list[Path], args, root: Path) -> list[tuple[
         label = f"servers, {workers} Dask worker{'s' if workers > 1 else ''}"
         name = f"scale-{workers}w-{uuid.uuid4().hex[:6]}"
         os.environ["PREFECT_API_URL"] = api
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
             config = write_config(
                 "servers",
                 root / f"servers-{workers}-{shape}",
@@ -298,7 +312,8 @@ def print_table(results, yardsticks, startup_rss: float, shapes) -> None:
     print("per file: rows/s from the first commit to the last; p50/p99 s between commits; stages: driver median s")
     print(header)
     print("-" * len(header))
-    for shape, label, r in results:
+    order = [f"{lines}x{rows}" for lines, rows in shapes]
+    for shape, label, r in sorted(results, key=lambda item: order.index(item[0])):
         lines = int(shape.split("x")[0])
         base = next(x for s, p, x in results if s == shape and p == "embedded")["rows_per_s"]
         growth = (r["peak_rss_mib"] - startup_rss) / lines * 1000
