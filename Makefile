@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-work
 
-.PHONY: setup demo test lint postgres
+.PHONY: setup demo test test-fast lint postgres
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ postgres:
 test: setup postgres
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Everything but the tests marked slow (whole runs, killed subprocesses, the Triton
+# interpreter, a million-row file) and servers: a few minutes, no services.
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow and not servers"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,8 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import load_config, pyplot, set_learning_rate
 
 TRAIN_END, VALID_END, STREAM_END = 2880, 3600, 14400
 LOOKBACK = 60
@@ -188,7 +186,7 @@ class OnlineNLinear(Method):
     learns = True
 
     def __init__(self, config: LinearConfig | None = None) -> None:
-        self.config = config or LinearConfig(**load_config().get("linear", {}))
+        self.config = config or LinearConfig(**load_config("ett").get("linear", {}))
 
     def _inputs(self, series: np.ndarray, starts) -> tuple:
         import torch
@@ -260,7 +258,7 @@ class RiverSnarimax(Method):
     (under both protocols: an ARIMA cannot learn a value before the ones that precede it)."""
 
     def __init__(self, target: int, config: SnarimaxConfig | None = None) -> None:
-        self.config = config or SnarimaxConfig(**load_config().get("snarimax", {}))
+        self.config = config or SnarimaxConfig(**load_config("ett").get("snarimax", {}))
         self.target = target
 
     def fit(self, series: np.ndarray, horizon: int) -> None:
@@ -316,7 +314,7 @@ class LruConfig:
     protocols: dict = field(default_factory=dict)  # protocol name → fields it changes
 
 
-class LruForecaster(Method):
+class LruStreamMethod(Method):
     """The lru_online forecaster and online learner: at each event it forecasts the next H rows;
     the state is carried through every row of the series. Online, each step backpropagates the
     newly learnable window's loss through the `window` rows before it, starting from the carried
@@ -325,7 +323,7 @@ class LruForecaster(Method):
     learns = True
 
     def __init__(self, config: LruConfig | None = None, name: str = "lru", protocol: str | None = None) -> None:
-        base = config or LruConfig(**load_config().get("lru", {}))
+        base = config or LruConfig(**load_config("ett").get("lru", {}))
         for_protocol = replace(base, **base.protocols.get(protocol, {}))
         self.config = replace(for_protocol, **base.variants.get(name, {}))
 
@@ -377,8 +375,7 @@ class LruForecaster(Method):
                 best = (error, {k: v.clone() for k, v in model.state_dict().items()})
         model.load_state_dict(best[1])
         # The fit's reservoir holds training windows only; the online phase starts with it.
-        for group in self.learner.optimizer.param_groups:
-            group["lr"] = c.online_learning_rate
+        set_learning_rate(self.learner, c.online_learning_rate)
         if c.ewc_weight > 0:
             self.learner.consolidate_forecasts(train, future, mask)
         self.states: deque = deque(maxlen=c.window + horizon + 2)  # (rows consumed, state)
@@ -493,20 +490,14 @@ def change_targets(history: np.ndarray, first: int, end: int, horizon: int):
     return torch.from_numpy(np.where(mask, values, 0.0).astype(np.float32))[None], torch.from_numpy(mask.copy())[None]
 
 
-def load_config(path: Path = ROOT / "configs" / "ett.yaml") -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
-
-
 # Each builds a fresh method, given the index of the target column and the protocol's name.
 METHODS: dict[str, Callable[[int, str], Method]] = {
-    "lru": lambda target, protocol: LruForecaster(protocol=protocol),
+    "lru": lambda target, protocol: LruStreamMethod(protocol=protocol),
     "linear": lambda target, protocol: OnlineNLinear(),
     "persistence": lambda target, protocol: Persistence(),
     "snarimax": lambda target, protocol: RiverSnarimax(target),
-    "lru-replay": lambda target, protocol: LruForecaster(name="lru-replay", protocol=protocol),
-    "lru-ewc": lambda target, protocol: LruForecaster(name="lru-ewc", protocol=protocol),
+    "lru-replay": lambda target, protocol: LruStreamMethod(name="lru-replay", protocol=protocol),
+    "lru-ewc": lambda target, protocol: LruStreamMethod(name="lru-ewc", protocol=protocol),
 }
 DEFAULT_METHODS = "lru,linear,persistence,snarimax"
 
@@ -554,10 +545,7 @@ def print_table(results: dict[str, dict[int, dict]], horizons: list[int], etth2:
 
 
 def save_plots(folder: Path, results: dict[str, dict[int, StreamResult]], columns: tuple[str, ...], label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     folder.mkdir(parents=True, exist_ok=True)
     target = columns.index(TARGET_COLUMN)

@@ -25,11 +25,11 @@ STAGES = ["validate", "features", "score", "update", "drift", "output", "commit"
 
 
 def run_size(rows: int, root: Path, measured: int) -> dict[str, float]:
-    from flows.initial_training import train_initial
-    from flows.pipeline import Pipeline
+    from flows.ingest.simulator import SimulationConfig, simulate
+    from flows.model.initial_training import train_initial
+    from flows.monitor.tracking import track_pending
+    from flows.orchestrate.pipeline import Pipeline
     from flows.settings import load_settings
-    from flows.simulator import SimulationConfig, simulate
-    from flows.tracking import track_pending
 
     workdir = root / f"rows-{rows}"
     settings = load_settings(workdir=workdir, initial_training={"batches": 1, "epochs": 1})
@@ -45,7 +45,7 @@ def run_size(rows: int, root: Path, measured: int) -> dict[str, float]:
     simulate(settings.paths.landing, workdir / "truth.json", config, settings.log_schema)
     pipeline = Pipeline(settings)
     pipeline.discover()
-    train_initial(pipeline)
+    train_initial(pipeline.live, pipeline.tracker, pipeline.initial_frames())
     started = datetime.now(UTC)
     samples: list[dict[str, float]] = []
     for index, batch_id in enumerate(pipeline.ledger.pending()):

@@ -61,8 +61,8 @@ STAGES = ["validate", "read_state", "features", "score", "update", "drift", "out
 
 def simulate_plant(folder: Path, lines: int, batches: int, rows: int) -> list[Path]:
     """One file per period holding every line's rows."""
+    from flows.ingest.simulator import SimulationConfig, simulate
     from flows.settings import load_settings
-    from flows.simulator import SimulationConfig, simulate
 
     settings = load_settings(workdir=folder / "sim")
     raw = folder / "files"
@@ -83,7 +83,7 @@ def run_driver(config: Path, per_line: bool) -> dict:
     """The child: one continual_update over the landed files; figures as JSON."""
     from sqlalchemy import select
 
-    from flows.prefect_flows import continual_update
+    from flows.orchestrate.prefect_flows import continual_update
     from flows.settings import load_settings
     from flows.storage.database import Database
     from flows.storage.models import Batch, BatchStatus, ModelState
@@ -125,11 +125,11 @@ def model_step_against_per_line(settings, checkpoint: str, batch) -> dict:
     """Score + update of one file's lines: the fleet step, and today's loop of one score and
     one update per line, from the same weights and states (the file's archived rows again)."""
     from features import build_features
-    from flows.fleet import feature_spec, load_learner
-    from flows.ingest import read_batch
-    from flows.validation import parse_timestamps
+    from flows.ingest.landing import read_batch
+    from flows.ingest.validation import parse_timestamps
+    from flows.model.fleet import load_learner
 
-    spec = feature_spec(settings)
+    spec = settings.feature_spec
     rows = read_batch(Path(batch.stored_at), settings.log_schema)
     rows[spec.timestamp_column] = parse_timestamps(rows[spec.timestamp_column])
     features, _ = build_features(rows, spec, {})
@@ -156,7 +156,7 @@ def river_half_space_trees(files: list[Path], rows_wanted: int) -> dict:
     """river's HalfSpaceTrees scoring and learning rows one at a time, on the sensors' ranges."""
     from river.anomaly import HalfSpaceTrees
 
-    from flows.ingest import read_batch
+    from flows.ingest.landing import read_batch
     from flows.settings import LogSchema
 
     schema = LogSchema()

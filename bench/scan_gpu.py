@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -34,10 +33,7 @@ from unittest import mock
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lru_online import scan  # noqa: E402
+from lru_online import scan
 
 DEFAULT_SHAPES = "16x256x4096,16x256x65536,1x256x65536,64x512x2048"
 FLOOR_BYTES = 16  # per complex64 element: read x (8), write h (8)
@@ -66,8 +62,8 @@ def inputs(batch: int, channels: int, length: int):
     return lam, x, h0
 
 
-def ours_forward(lam, x, h0):
-    return lambda: scan(lam, x, h0, backend="triton")
+def ours_forward(lam, x, h0, kernel="triton"):
+    return lambda: scan(lam, x, h0, backend=kernel)
 
 
 def forward_backward(run: Callable, leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -81,8 +77,8 @@ def forward_backward(run: Callable, leaves: list[torch.Tensor]) -> Callable[[], 
     return step
 
 
-def ours_forward_backward(lam, x, h0):
-    return forward_backward(lambda *leaves: scan(*leaves, backend="triton")[0], [lam, x, h0])
+def ours_forward_backward(lam, x, h0, kernel="triton"):
+    return forward_backward(lambda *leaves: scan(*leaves, backend=kernel)[0], [lam, x, h0])
 
 
 def step_loop_ms(lam, x, h0) -> float:
@@ -118,7 +114,7 @@ def peer_accelerated_scan_backward(lam, x, h0):
 
 
 def scan_on_accelerated(lam, x, h0=None, backend=None):
-    """`lru_online.scan` computed by accelerated-scan, for the model's training step."""
+    """The scan function computed by accelerated-scan, for the model's training step."""
     from accelerated_scan.complex import scan as accelerated
 
     states = accelerated(*accelerated_layout(lam, x, h0)).transpose(1, 2)
@@ -135,12 +131,12 @@ def peer_chunk_hgrn(lam, x, h0):
     return lambda: chunk_hgrn(real, log_gate, initial_state=start, output_final_state=True)
 
 
-def training_step() -> Callable[[], None]:
+def training_step(kernel: str = "triton") -> Callable[[], None]:
     """One AdamW step of the 4-block model, with whatever `lru_online.layer.scan` is when it runs."""
     from lru_online import LRUForecaster, ModelConfig
 
     model = LRUForecaster(
-        ModelConfig(n_inputs=256, n_targets=256, d_model=256, d_state=256, n_layers=4, scan_backend="triton")
+        ModelConfig(n_inputs=256, n_targets=256, d_model=256, d_state=256, n_layers=4, scan_backend=kernel)
     ).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     u = torch.randn(16, 4096, 256, device="cuda")
@@ -167,7 +163,7 @@ def peer_ms(make: Callable[[], Callable[[], object]]) -> float | str:
 
 
 def parse_tiling(text: str):
-    from lru_online.scan.triton_backend import Tiling
+    from lru_online.linear_scan.triton_backend import Tiling
 
     chunk, block, warps = (int(v) for v in text.split("x"))
     return Tiling(chunk=chunk, block=block, num_warps=warps)
@@ -190,24 +186,22 @@ def accelerated_disagreement(lam, x, h0) -> float | str:
 
 def sweep(shapes: list[tuple[int, int, int]], tilings: list[str]) -> list[dict]:
     """Our forward and forward + backward per tiling (chunk x block x warps) at every shape."""
-    from lru_online.scan import triton_backend
+    from lru_online.linear_scan import triton_backend
 
     print("sweep: ours per tiling (ms, medians)")
     print("".join(f"{h:>14}" for h in ("B", "N", "T", "tiling", "fwd", "f+b")))
     rows = []
-    chosen = triton_backend.TILING_OVERRIDE
     for batch, channels, length in shapes:
         lam, x, h0 = inputs(batch, channels, length)
         for text in tilings:
-            triton_backend.TILING_OVERRIDE = parse_tiling(text)
+            kernel = triton_backend.with_tiling(parse_tiling(text))
             row = {"B": batch, "N": channels, "T": length, "tiling": text,
-                   "forward_ms": median_ms(ours_forward(lam, x, h0)),
-                   "forward_backward_ms": median_ms(ours_forward_backward(lam, x, h0))}  # fmt: skip
+                   "forward_ms": median_ms(ours_forward(lam, x, h0, kernel)),
+                   "forward_backward_ms": median_ms(ours_forward_backward(lam, x, h0, kernel))}  # fmt: skip
             rows.append(row)
             print_row(list(row.values()))
         del lam, x, h0
         torch.cuda.empty_cache()
-    triton_backend.TILING_OVERRIDE = chosen
     return rows
 
 
@@ -220,14 +214,20 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/scan_gpu.py needs a CUDA GPU; this machine has none")
-    from lru_online.scan import triton_backend
+    from dataclasses import replace
+
+    from lru_online.linear_scan import dispatch, triton_backend
 
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["sweep"] = sweep(shapes, args.sweep.split(",")) if args.sweep else []
+    kernel = "triton"
     if args.tiling:
-        triton_backend.TILING_OVERRIDE = parse_tiling(args.tiling)
-        report["tiling"] = vars(triton_backend.TILING_OVERRIDE)
+        # The chosen tiling under its own name, so the model's layers can ask for it too.
+        tiling = parse_tiling(args.tiling)
+        kernel = "triton-" + args.tiling
+        dispatch.register_backend(replace(triton_backend.with_tiling(tiling), name=kernel))
+        report["tiling"] = vars(tiling)
     else:
         report["tiling"] = {f"N={n}": vars(triton_backend.tiling_for(n)) for n in sorted({s[1] for s in shapes})}
     bandwidth = report["copy_bandwidth"] = copy_bandwidth()
@@ -240,14 +240,14 @@ def main() -> None:
     rows = report["shapes"] = []
     for batch, channels, length in shapes:
         lam, x, h0 = inputs(batch, channels, length)
-        forward_ms = median_ms(ours_forward(lam, x, h0))
+        forward_ms = median_ms(ours_forward(lam, x, h0, kernel))
         row = {
             "B": batch,
             "N": channels,
             "T": length,
             "floor_ms": 1e3 * FLOOR_BYTES * x.numel() / bandwidth,
             "ours_forward_ms": forward_ms,
-            "ours_forward_backward_ms": median_ms(ours_forward_backward(lam, x, h0)),
+            "ours_forward_backward_ms": median_ms(ours_forward_backward(lam, x, h0, kernel)),
             "ours_forward_tb_per_s": FLOOR_BYTES * x.numel() / (forward_ms / 1e3) / 1e12,
             "step_loop_ms": step_loop_ms(lam, x, h0),
             "accelerated_scan_ms": peer_ms(partial(peer_accelerated_scan, lam, x, h0)),
@@ -259,7 +259,7 @@ def main() -> None:
         print_row(list(row.values()))
         del lam, x, h0
         torch.cuda.empty_cache()
-    ours_ms = report["training_step_ms"] = median_ms(training_step())
+    ours_ms = report["training_step_ms"] = median_ms(training_step(kernel))
     with mock.patch("lru_online.layer.scan", scan_on_accelerated):
         peer = report["training_step_accelerated_scan_ms"] = peer_ms(training_step)
     peer_text = f"{peer:.2f}" if isinstance(peer, float) else peer

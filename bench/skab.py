@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,16 +41,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lru_online.anomaly_metrics import (  # noqa: E402
+from bench.anomaly_metrics import (
     NabScore,
     OutlierCounts,
     changepoints_from_outliers,
     match_changepoints,
     write_predictions,
 )
+from bench.common import load_config, pyplot, set_learning_rate
 
 TRAIN_ROWS = 400
 LABELS = ("anomaly", "changepoint")
@@ -297,7 +294,7 @@ class LruForecastResidual:
 
     def __init__(self, config: LruDetectorConfig | None = None, name: str = "lru") -> None:
         self.name = name
-        base = config or LruDetectorConfig(**load_config().get("lru", {}))
+        base = config or LruDetectorConfig(**load_config("skab").get("lru", {}))
         self.config = replace(base, **base.variants.get(name, {}))
         self.learner = None
         self.state = None
@@ -346,7 +343,7 @@ class LruForecastResidual:
                 ),
             )
             epochs = c.fit_epochs
-        self._set_learning_rate(c.learning_rate)
+        set_learning_rate(self.learner, c.learning_rate)
         z = self._tensor(rows)
         if not self.frozen:
             for _ in range(epochs):
@@ -363,10 +360,6 @@ class LruForecastResidual:
         self.recent = standardised[-c.mean_rows :]  # the mean chart runs on into the test rows
         self.state = scored.state
 
-    def _set_learning_rate(self, value: float) -> None:
-        for group in self.learner.optimizer.param_groups:
-            group["lr"] = value
-
     def detect(self, rows: np.ndarray) -> Detection:
         c = self.config
         z = self._tensor(rows)
@@ -380,16 +373,10 @@ class LruForecastResidual:
             compared[lo:hi] = rolling_mean_score(self.recent, residuals, c.mean_rows)  # causal: looks back only
             self.recent = np.concatenate([self.recent, residuals])[-c.mean_rows :]
             if not self.frozen and c.online_learning_rate > 0 and not (compared[lo:hi] > self.limit).any():
-                self._set_learning_rate(c.online_learning_rate)
+                set_learning_rate(self.learner, c.online_learning_rate)
                 self.learner.update(chunk, chunk, self.state)
             self.state = scored.state
         return Detection((compared > self.limit).astype(int), raw, compared, np.full(len(rows), self.limit))
-
-
-def load_config(path: Path = ROOT / "configs" / "skab.yaml") -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
 METHODS = {
@@ -519,10 +506,7 @@ def print_table(results: dict[str, dict], published: bool) -> None:
 def save_plots(folder: Path, files: list[SkabFile], results: dict[str, MethodResult], title: str) -> None:
     """Per file (the first three): sensors, each method's score against its threshold, the true
     anomaly spans and the predicted ones; and one chart of every method's F1, FAR and MAR."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     folder.mkdir(parents=True, exist_ok=True)
     for number, item in enumerate(files[:3]):

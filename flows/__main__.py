@@ -1,5 +1,5 @@
 """`python -m flows ...` is `lru-online ...`."""
 
-from flows.cli import app
+from flows.orchestrate.cli import app
 
 app()

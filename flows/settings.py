@@ -271,9 +271,21 @@ class Settings(BaseSettings):
             raise ValueError(f"pipeline name {value!r} may hold only letters, digits, '-', '_' and '.'")
         return value
 
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        """What the feature builder needs of the schema."""
+        schema = self.log_schema
+        return FeatureSpec(
+            entity_column=schema.entity_column,
+            timestamp_column=schema.timestamp_column,
+            sensors=tuple(schema.sensor_names),
+            time_scale_seconds=self.features.time_scale_seconds,
+            label_columns=tuple(schema.label_columns),
+        )
+
     @model_validator(mode="after")
     def _model_fits_the_schema(self) -> Settings:
-        inputs = FeatureSpec("", "", tuple(self.log_schema.sensor_names)).n_inputs
+        inputs = self.feature_spec.n_inputs
         if self.model.linear_inputs and max(self.model.linear_inputs) >= inputs:
             raise ValueError(
                 f"model.linear_inputs {list(self.model.linear_inputs)} names columns beyond the {inputs} model "

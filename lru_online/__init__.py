@@ -5,8 +5,8 @@ from lru_online.blur import BLURFusion, FusionOutput
 from lru_online.layer import LRU
 from lru_online.learner import LearnerConfig, LearnStep, OnlineLearner, forecast_targets
 from lru_online.linear_path import LinearPath
+from lru_online.linear_scan import available_backends, scan
 from lru_online.model import LRUForecaster, ModelConfig, ScoredSequence
-from lru_online.scan import available_backends, scan
 from lru_online.state import RecurrentState
 
 __all__ = [

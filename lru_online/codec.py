@@ -13,7 +13,6 @@ import math
 import struct
 from typing import Any
 
-import numpy as np
 import torch
 
 MAGIC = b"LRUT"
@@ -106,6 +105,6 @@ def _read_tensor(entry: dict, body: memoryview) -> torch.Tensor:
         raise CodecError(f"codec: tensor {name!r} claims {nbytes} bytes at {offset}, which does not fit")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    # One copy out of the (read-only) record, into memory the tensor owns.
-    raw = np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=offset).copy()
-    return torch.from_numpy(raw).view(dtype).reshape(shape)
+    # One copy out of the (read-only) record, into a buffer the tensor then owns.
+    raw = bytearray(body[offset : offset + nbytes])
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from lru_online.scan import scan
+from lru_online.linear_scan import scan
 
 
 class LRU(nn.Module):

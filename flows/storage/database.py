@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from flows.secrets import mask_secrets
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MIGRATION_ATTEMPTS = 5
 MIGRATION_LOCK_KEY = 7_140_727
 

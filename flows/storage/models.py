@@ -101,7 +101,7 @@ class EntityState(Base):
     hidden_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     feature_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     watermark: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # The drift detectors' statistics of this line since their last reset (flows.drift_detectors).
+    # The drift detectors' statistics of this line since their last reset (flows.monitor.drift_detectors).
     drift_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     model_version: Mapped[str | None] = mapped_column(String(50))
     batches: Mapped[int] = mapped_column(Integer, default=0)

@@ -3,7 +3,6 @@ see when it forecasts and when it learns, and the exchange files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,11 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ett():
-    spec = importlib.util.spec_from_file_location("ett_bench", ROOT / "bench" / "ett.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from bench import ett
+
+    return ett
 
 
 COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
@@ -141,7 +138,7 @@ def test_lru_under_delayed_learns_only_from_what_it_was_handed(ett, tmp_path, sh
     protocol = ett.Protocol("delayed", 4)
 
     def stream(data):
-        method = ett.LruForecaster(config)
+        method = ett.LruStreamMethod(config)
         method.fit(data[:3600], protocol.horizon)
         out = []
         for start in protocol.starts()[:40]:
@@ -165,7 +162,7 @@ def test_lru_under_delayed_learns_only_from_what_it_was_handed(ett, tmp_path, sh
 @pytest.mark.parametrize("inputs", ["changes", "both"])
 @pytest.mark.parametrize("channel_independent", [False, True])
 def test_the_linear_path_reads_the_changes_of_the_rows(ett, inputs, channel_independent):
-    method = ett.LruForecaster(ett.LruConfig(inputs=inputs, channel_independent=channel_independent))
+    method = ett.LruStreamMethod(ett.LruConfig(inputs=inputs, channel_independent=channel_independent))
     history = np.random.default_rng(4).normal(size=(30, 7)).astype(np.float32)
     inputs_seen = method._inputs(history, 10, 20)  # (sequences, rows, features)
     read = inputs_seen[..., list(method._change_columns(7))].numpy()
@@ -179,15 +176,15 @@ def test_a_protocol_and_a_variant_change_their_fields(ett):
         protocols={"delayed": {"n_layers": 0, "linear_state": 16}},
         variants={"lru-ewc": {"ewc_weight": 5.0}},
     )
-    delayed_ewc = ett.LruForecaster(config, name="lru-ewc", protocol="delayed").config
+    delayed_ewc = ett.LruStreamMethod(config, name="lru-ewc", protocol="delayed").config
     assert (delayed_ewc.n_layers, delayed_ewc.linear_state, delayed_ewc.ewc_weight) == (0, 16, 5.0)
-    fsnet = ett.LruForecaster(config, protocol="fsnet").config
+    fsnet = ett.LruStreamMethod(config, protocol="fsnet").config
     assert (fsnet.n_layers, fsnet.linear_state, fsnet.ewc_weight) == (2, 0, 0.0)
 
 
 def test_the_linear_path_needs_changes_among_the_inputs(ett):
     with pytest.raises(ValueError, match="needs inputs 'changes' or 'both'"):
-        ett.LruForecaster(ett.LruConfig(inputs="levels"))._change_columns(7)
+        ett.LruStreamMethod(ett.LruConfig(inputs="levels"))._change_columns(7)
 
 
 def test_bench_writes_exchange_files_and_figures(ett, tmp_path, monkeypatch):

@@ -4,8 +4,6 @@ every test row."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -19,11 +17,9 @@ pytestmark = pytest.mark.skipif(not (DATA / "valve1").is_dir(), reason=f"SKAB da
 
 @pytest.fixture(scope="module")
 def skab():
-    spec = importlib.util.spec_from_file_location("skab_bench", ROOT / "bench" / "skab.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from bench import skab
+
+    return skab
 
 
 def test_t2_reproduces_the_published_valve1_row(skab, tmp_path):

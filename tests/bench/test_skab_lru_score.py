@@ -3,8 +3,6 @@ residuals against hand-computed values, and what each buys on synthetic rows."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def skab():
-    spec = importlib.util.spec_from_file_location("skab_bench_score", ROOT / "bench" / "skab.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from bench import skab
+
+    return skab
 
 
 def test_slow_sensors_are_the_ones_still_correlated_lag_rows_later(skab):

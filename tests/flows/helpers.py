@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from flows.ingest.simulator import GroundTruth, SimulationConfig, simulate
 from flows.settings import Settings, load_settings
-from flows.simulator import GroundTruth, SimulationConfig, simulate
 
 SMALL = {
     "initial_training": {"batches": 8, "epochs": 3},

@@ -17,17 +17,18 @@ import yaml
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.ingest import discover
-from flows.initial_training import flat_settings
-from flows.pipeline import CheckpointRefused, Pipeline
-from flows.prefect_flows import continual_update
+from flows.ingest.landing import discover
+from flows.model.initial_training import flat_settings
+from flows.model.live import CheckpointRefused
+from flows.monitor.status import balanced, pipeline_status
+from flows.monitor.tracking import Tracker
+from flows.orchestrate.cli import app
+from flows.orchestrate.pipeline import Pipeline
+from flows.orchestrate.prefect_flows import continual_update
 from flows.secrets import install_log_masking, mask_secrets
 from flows.settings import load_settings
-from flows.status import balanced, pipeline_status
 from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, ModelState
-from flows.tracking import Tracker
 from tests.flows.helpers import small_config, small_plant
 
 runner = CliRunner()
@@ -106,7 +107,7 @@ def test_a_tampered_checkpoint_is_refused_not_executed(tmp_path, prefect_api):
     torch.save({"model": _Exploit(marker)}, checkpoint)
     pipeline = Pipeline(load_settings(config))
     with pytest.raises(CheckpointRefused, match=f"checkpoint {checkpoint} holds more than tensors"):
-        pipeline.load_live_model()
+        pipeline.live.load()
     assert not marker.exists()
     pipeline.close()
     with pytest.raises(pickle.UnpicklingError):

@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from flows.simulator import SimulationConfig, simulate
-from flows.status import balanced, pipeline_status
+from flows.ingest.simulator import SimulationConfig, simulate
+from flows.monitor.status import balanced, pipeline_status
 from tests.flows.helpers import small_config
 
 

@@ -10,12 +10,11 @@ import torch
 from sqlalchemy import select
 
 from features import build_features
-from flows.fleet import feature_spec
-from flows.ingest import read_batch
-from flows.prefect_flows import continual_update
+from flows.ingest.landing import read_batch
+from flows.ingest.validation import parse_timestamps
+from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
-from flows.validation import parse_timestamps
 from lru_online import OnlineLearner, RecurrentState
 from tests.flows.helpers import small_config, small_plant
 
@@ -42,7 +41,7 @@ def test_batches_one_by_one_equal_one_pass(tmp_path, prefect_api):
     streamed_state = RecurrentState.from_bytes(entity.hidden_state)
 
     # One pass over the concatenated rows, from fresh feature and model states.
-    spec = feature_spec(settings)
+    spec = settings.feature_spec
     rows = pd.concat([originals[Path(b.source_file).name] for b in batches], ignore_index=True)
     rows[spec.timestamp_column] = parse_timestamps(rows[spec.timestamp_column])
     features, _ = build_features(rows, spec, {})

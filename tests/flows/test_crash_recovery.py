@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import select
 
 from flows import faults
-from flows.prefect_flows import continual_update
-from flows.status import balanced, pipeline_status
+from flows.monitor.status import balanced, pipeline_status
+from flows.monitor.tracking import Tracker
+from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
-from flows.tracking import Tracker
 from tests.flows.helpers import small_config, small_plant
 
 

@@ -1,5 +1,5 @@
-from flows.deployments import build_deployments
-from flows.prefect_flows import drift_resource
+from flows.orchestrate.deployments import build_deployments
+from flows.orchestrate.prefect_flows import drift_resource
 from flows.settings import load_settings
 
 

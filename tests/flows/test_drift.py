@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from flows.drift_detectors import LineDrift, adwin_fires, check_lines, grouped_ks, grouped_psi
+from flows.monitor.drift_detectors import LineDrift, adwin_fires, check_lines, grouped_ks, grouped_psi
+from flows.monitor.drift_statistics import Reference, ks_statistic, psi, summarise
 from flows.settings import DriftSettings
-from lru_online.drift import Reference, ks_statistic, psi, summarise
 
 SENSORS = ("pressure",)
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from flows.ingest import read_batch
-from flows.prefect_flows import continual_update
+from flows.ingest.landing import read_batch
+from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import BatchSummary, ModelState
 from lru_online import OnlineLearner

@@ -16,13 +16,13 @@ from tests.flows.helpers import small_config
 DRIVER = textwrap.dedent(
     """
     import json, resource, sys
-    from flows.initial_training import train_initial
-    from flows.pipeline import Pipeline
+    from flows.model.initial_training import train_initial
+    from flows.orchestrate.pipeline import Pipeline
     from flows.settings import load_settings
 
     pipeline = Pipeline(load_settings(sys.argv[1]))
     pipeline.discover()
-    train_initial(pipeline)
+    train_initial(pipeline.live, pipeline.tracker, pipeline.initial_frames())
     results = [pipeline.process(batch_id) for batch_id in pipeline.ledger.pending()]
     status = pipeline.ledger.accounting()
     print(json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rows": status["rows"],

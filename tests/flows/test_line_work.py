@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from flows.line_work import DaskLineWork, check_file
-from flows.prefect_flows import continual_update
-from flows.status import pipeline_status
+from flows.ingest.checks import check_file
+from flows.monitor.status import pipeline_status
+from flows.orchestrate.line_work import DaskLineWork
+from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import DriftEvent, EntityState, SequenceMetrics
 from tests.flows.helpers import small_config, small_plant

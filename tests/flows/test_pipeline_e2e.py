@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import select
 
-from flows.prefect_flows import continual_update
-from flows.status import balanced, pipeline_status
+from flows.monitor.status import balanced, pipeline_status
+from flows.monitor.tracking import CHAMPION, Tracker
+from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, DriftEvent, RetrainDecision
-from flows.tracking import CHAMPION, Tracker
 from tests.flows.helpers import small_config, small_plant
 
 
@@ -95,10 +96,31 @@ def test_retraining_ran_and_the_champion_alias_marks_the_winner(plant):
     initial = tracker.versions()[0]["version"]
     expected = promoted[-1].challenger_version if promoted else initial
     assert tracker.alias_version(CHAMPION) == expected
+    # The champion's side of every decision, recomputed from what the pipeline wrote: its
+    # test-then-train residuals on each line's newest batch at the decision.
     for decision in decisions:
-        assert decision.promoted == (decision.challenger_mse < decision.champion_mse * (1 - decision.margin))
+        assert decision.champion_mse == pytest.approx(_champion_holdout_mse(settings, decision), rel=1e-5)
     kinds = [v["kind"] for v in tracker.versions()]
     assert kinds[0] == "initial" and kinds.count("challenger") == len(decisions)
+
+
+def _champion_holdout_mse(settings, decision) -> float:
+    """Squared residuals of each line's newest committed batch before the decision."""
+    db = Database(settings.database_url)
+    with db.session() as session:
+        decided_at = session.get(DriftEvent, decision.drift_event_id).sequence
+        summaries = list(session.scalars(select(BatchSummary).where(BatchSummary.sequence <= decided_at)))
+    newest = {}
+    for summary in summaries:
+        if summary.entity not in newest or summary.sequence > newest[summary.entity].sequence:
+            newest[summary.entity] = summary
+    residuals = []
+    for summary in newest.values():
+        rows = pd.read_parquet(summary.features_path)
+        rows = rows[rows["entity"] == summary.entity]
+        residuals.append(rows.filter(like="residual_").to_numpy().ravel())
+    values = np.concatenate(residuals)
+    return float(np.mean(values[np.isfinite(values)] ** 2))
 
 
 def test_mlflow_holds_one_metric_step_per_processed_batch(plant):

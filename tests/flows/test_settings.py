@@ -127,7 +127,7 @@ UPDATE_FIELDS = {
 def test_every_core_field_set_in_yaml_reaches_the_learner(tmp_path):
     from dataclasses import fields
 
-    from flows.fleet import feature_spec, load_learner, new_learner, save_checkpoint
+    from flows.model.fleet import load_learner, new_learner, save_checkpoint
     from lru_online import LearnerConfig, ModelConfig
 
     # Every field of the core's configs can be set; none is left behind by a hand-made copy.
@@ -136,7 +136,7 @@ def test_every_core_field_set_in_yaml_reaches_the_learner(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"model": MODEL_FIELDS, "update": UPDATE_FIELDS}))
     settings = load_settings(path, workdir=tmp_path)
-    learner = new_learner(settings, feature_spec(settings))
+    learner = new_learner(settings, settings.feature_spec)
     expected_model = {**MODEL_FIELDS, "linear_inputs": (0, 2)}
     assert {k: getattr(learner.model.config, k) for k in MODEL_FIELDS} == expected_model
     assert {k: getattr(learner.config, k) for k in UPDATE_FIELDS} == UPDATE_FIELDS
@@ -145,7 +145,7 @@ def test_every_core_field_set_in_yaml_reaches_the_learner(tmp_path):
 
     # A live checkpoint made under other settings learns by the current ones when loaded.
     defaults = load_settings(workdir=tmp_path)
-    checkpoint = save_checkpoint(new_learner(defaults, feature_spec(defaults)), tmp_path, "live")
+    checkpoint = save_checkpoint(new_learner(defaults, defaults.feature_spec), tmp_path, "live")
     loaded = load_learner(checkpoint, settings)
     assert {k: getattr(loaded.config, k) for k in UPDATE_FIELDS} == UPDATE_FIELDS
     assert loaded.model.config.scan_backend == "chunked" and loaded.model.config.dropout == 0.1

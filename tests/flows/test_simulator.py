@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pandas as pd
 
-from flows.ingest import read_batch
+from flows.ingest.landing import read_batch
+from flows.ingest.simulator import SimulationConfig, simulate
 from flows.settings import LogSchema
-from flows.simulator import SimulationConfig, simulate
 
 
 def test_simulated_plant(tmp_path):

@@ -9,9 +9,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from flows.ingest import LandedFile
-from flows.ledger import Ledger
+from flows.ingest.landing import LandedFile
 from flows.storage.database import Database, DatabaseError, masked
+from flows.storage.ledger import Ledger
 from flows.storage.models import Base, EntityState, Lease
 
 

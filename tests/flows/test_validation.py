@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.ingest import BatchReadError, discover, read_batch
+from flows.ingest.landing import BatchReadError, discover, read_batch
+from flows.ingest.validation import BatchValidator
 from flows.settings import LogSchema
-from flows.validation import BatchValidator
 
 SCHEMA = LogSchema()
 

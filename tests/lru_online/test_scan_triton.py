@@ -57,7 +57,7 @@ def compile_for_hopper(tiling, switches: dict) -> dict[str, str | bytes]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lru_online.scan import triton_backend
+    from lru_online.linear_scan import triton_backend
 
     constexprs = switches | {"CHUNK_SIZE": tiling.chunk, "BLOCK": tiling.block}
     pointers = {name: "*fp32" for name in triton_backend._scan_tiles.arg_names if name.endswith("_ptr")}
@@ -86,7 +86,7 @@ def test_the_kernel_compiles_for_hopper_and_orders_its_publications(switches):
     # results on a GPU. Compiled for sm_90 (no GPU needed): the status that announces a tile's
     # aggregate or prefix is written with release semantics after the data, and read with
     # acquire semantics before the data is; the data itself is read past the incoherent L1.
-    from lru_online.scan import triton_backend
+    from lru_online.linear_scan import triton_backend
 
     ptx = compile_for_hopper(triton_backend.tiling_for(256), switches)["ptx"]
     assert len(re.findall(r"atom\.global\.gpu\.release\.exch", ptx)) == 2  # aggregate, then prefix
@@ -103,7 +103,7 @@ def test_the_default_tiling_scans_within_threads_without_spilling(switches):
     # (the GPU image's) keeps it in registers, 3.9 spills 56 bytes per thread when lam varies.
     import triton
 
-    from lru_online.scan import triton_backend
+    from lru_online.linear_scan import triton_backend
 
     asm = compile_for_hopper(triton_backend.tiling_for(256), switches)
     assert "shfl.sync" not in asm["ptx"]
@@ -125,7 +125,7 @@ def test_cuda_tensors_get_the_kernel_in_complex64_only(monkeypatch):
 
     import torch
 
-    from lru_online.scan import dispatch, triton_backend
+    from lru_online.linear_scan import dispatch, triton_backend
 
     assert "triton" in dispatch.available_backends("cuda")
     assert dispatch._default_backend("cuda", torch.complex64) == "triton"

@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from lru_online.scan import dispatch, triton_backend
+from lru_online.linear_scan import dispatch, triton_backend
 from tests.lru_online.reference import numpy_scan, random_decay, relative_error
 
 # (B, N, T): every length at the benchmark's two widths of N = 256, then its widest shape.
@@ -59,7 +59,7 @@ def poisoned(like: torch.Tensor) -> torch.Tensor:
     return torch.full(like.shape, float("nan"), dtype=torch.complex64, device=like.device)
 
 
-def gradient_errors(lam, x, h0) -> dict[str, float]:
+def gradient_errors(lam, x, h0, tiling) -> dict[str, float]:
     """Gradients for random output gradients of h and h_last: the kernel in complex64, through
     the same autograd rule as a model uses, against autograd through the complex128 step loop."""
     gen = torch.Generator().manual_seed(99)
@@ -72,41 +72,44 @@ def gradient_errors(lam, x, h0) -> dict[str, float]:
         h, h_last = dispatch.scan(*leaves, backend=backend)  # (lam, x) or (lam, x, h0)
         return torch.autograd.grad((h, h_last), leaves, (grad_h.to(dtype), grad_last.to(dtype)))
 
+    # The kernels through the same dispatch and autograd rule as a model uses (on CPU under the
+    # interpreter, declared a CPU backend).
+    kernel = replace(triton_backend.with_tiling(tiling), devices=frozenset({x.device.type}))
     expected = grads("reference", torch.complex128)
     errors = {
         f"grad {name}": error(ours, reference.cpu().numpy())
-        for name, ours, reference in zip(("lam", "x", "h0"), grads("triton", torch.complex64), expected, strict=False)
+        for name, ours, reference in zip(("lam", "x", "h0"), grads(kernel, torch.complex64), expected, strict=False)
     }
     lam32, grad_h32, grad_last32 = single((lam, grad_h, grad_last))
-    adjoint, _ = triton_backend.adjoint_scan(lam32, grad_h32, grad_last32, out=poisoned(x))
+    adjoint, _ = triton_backend.adjoint_scan(lam32, grad_h32, grad_last32, out=poisoned(x), tiling=tiling)
     errors["adjoint"] = error(adjoint, expected[1].cpu().numpy())
     return errors
 
 
-def shape_errors(shape, device) -> dict[str, float]:
+def shape_errors(shape, device, tiling=None) -> dict[str, float]:
     results = {}
     for time_varying in (False, True):
         for with_h0 in (False, True):
             case = f"B={shape[0]} N={shape[1]} T={shape[2]} {'varying' if time_varying else 'invariant'} h0={with_h0}"
             lam, x, h0 = inputs(shape, time_varying, with_h0, device, seed=sum(shape))
             expected = numpy_scan(lam, x, h0)
-            h = triton_backend.linear_scan(*single((lam, x, h0)), out=poisoned(x))
+            h = triton_backend.linear_scan(*single((lam, x, h0)), out=poisoned(x), tiling=tiling)
             results[f"forward {case}"] = relative_error(h, expected)
             # Tiles that publish no prefix: every look-back composes aggregates back to h0.
-            h = triton_backend.linear_scan(*single((lam, x, h0)), out=poisoned(x), publish_prefix=False)
+            h = triton_backend.linear_scan(*single((lam, x, h0)), out=poisoned(x), tiling=tiling, publish_prefix=False)
             results[f"forward look-back only {case}"] = relative_error(h, expected)
-            for name, error in gradient_errors(lam, x, h0).items():
+            for name, error in gradient_errors(lam, x, h0, tiling).items():
                 results[f"{name} {case}"] = error
     return results
 
 
-def chunk_invariance(device) -> float:
+def chunk_invariance(device, tiling=None) -> float:
     """The state carried across cuts gives the uncut scan."""
     lam, x, h0 = single(inputs((2, 3, 40), False, True, device, seed=5))
-    whole = triton_backend.linear_scan(lam, x, h0)
+    whole = triton_backend.linear_scan(lam, x, h0, tiling=tiling)
     carried, parts = h0, []
     for lo, hi in ((0, 13), (13, 24), (24, 40)):
-        part = triton_backend.linear_scan(lam, x[:, lo:hi].contiguous(), carried)
+        part = triton_backend.linear_scan(lam, x[:, lo:hi].contiguous(), carried, tiling=tiling)
         parts.append(part)
         carried = part[:, -1].contiguous()
     return relative_error(torch.cat(parts, 1), whole.cpu().numpy().astype(np.complex128))
@@ -118,23 +121,20 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="BxNxT,... instead of the device's default list")
     args = parser.parse_args()
     device = args.device
+    tiling = None
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("on CPU the kernels run only under Triton's interpreter: set TRITON_INTERPRET=1")
-        # The kernels under the interpreter, reached through the same dispatch and autograd rule as on CUDA.
-        dispatch.register_backend(replace(triton_backend.BACKEND, devices=frozenset({"cpu"})))
-        triton_backend.TILING_OVERRIDE = CPU_TILING
-        shapes = CPU_SHAPES
+        tiling, shapes = CPU_TILING, CPU_SHAPES
     else:
         shapes = GPU_SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     results = {}
     for shape in shapes:
-        results |= shape_errors(shape, device)
-    results["chunk invariance"] = chunk_invariance(device)
+        results |= shape_errors(shape, device, tiling)
+    results["chunk invariance"] = chunk_invariance(device, tiling)
     if device == "cpu":
-        triton_backend.TILING_OVERRIDE = None
         default_tiling = shape_errors(CPU_DEFAULT_TILING_SHAPE, device)
         results |= {f"default tiling {case}": error for case, error in default_tiling.items()}
     json.dump(results, sys.stdout, indent=1)

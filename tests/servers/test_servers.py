@@ -87,7 +87,7 @@ def runs(infra, tmp_path_factory):
 
 
 def _status(settings) -> dict:
-    from flows.status import pipeline_status
+    from flows.monitor.status import pipeline_status
 
     return pipeline_status(settings)
 
@@ -214,7 +214,7 @@ def test_drift_event_triggers_retrain_through_the_work_pool(runs):
     env = {"PREFECT_API_URL": servers.prefect.api_url}
     emit = [
         "-c",
-        "from flows.prefect_flows import emit_drift_event; import sys; "
+        "from flows.orchestrate.prefect_flows import emit_drift_event; import sys; "
         "emit_drift_event(sys.argv[1], sys.argv[2], [int(sys.argv[3])], 0)",
         servers.pipeline,
         servers.drift.event_name,

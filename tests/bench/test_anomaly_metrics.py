@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lru_online.anomaly_metrics import (
+from bench.anomaly_metrics import (
     NabScore,
     OutlierCounts,
     changepoints_from_outliers,

@@ -14,17 +14,6 @@ from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
 log = logging.getLogger(__name__)
 
 
-def feature_spec(settings: Settings) -> FeatureSpec:
-    schema = settings.log_schema
-    return FeatureSpec(
-        entity_column=schema.entity_column,
-        timestamp_column=schema.timestamp_column,
-        sensors=tuple(schema.sensor_names),
-        time_scale_seconds=settings.features.time_scale_seconds,
-        label_columns=tuple(schema.label_columns),
-    )
-
-
 def model_config(settings: Settings, spec: FeatureSpec) -> ModelConfig:
     return ModelConfig(n_inputs=spec.n_inputs, n_targets=spec.n_targets, **settings.model.model_dump())
 

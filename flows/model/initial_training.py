@@ -1,40 +1,35 @@
 """Initial training: the first valid landed batches fit a fresh model, registered as version 1.
 
-Those batches are then processed like any other (scored and learned from), so their rows are
-accounted for; their scores are in-sample and the README says so.
+The orchestrator hands in their validated rows; the batches are then processed like any other
+(scored and learned from), so their rows are accounted for; their scores are in-sample and the
+README says so.
 """
 
 from __future__ import annotations
 
 import logging
 
+import pandas as pd
 from sqlalchemy.exc import IntegrityError
 
 from features import EntityFeatureState, build_features
 from features.windows import concatenate
-from flows.fleet import new_learner, save_checkpoint
-from flows.line_states import json_safe
-from flows.pipeline import Pipeline
-from flows.reference import build_reference
+from flows.model.fleet import new_learner, save_checkpoint
+from flows.model.live import LiveModel
+from flows.model.reference import build_reference
+from flows.monitor.tracking import CHAMPION, Tracker, flat_settings
+from flows.storage.line_states import json_safe
 from flows.storage.models import ModelState
-from flows.tracking import CHAMPION
 from lru_online.learner import forecast_error, lines_per_step_for
 
 log = logging.getLogger(__name__)
 
 
-def train_initial(pipeline: Pipeline) -> str | None:
-    """Fits and registers the first model; returns its registry version (None: no data yet)."""
-    settings = pipeline.settings
-    spec = pipeline.spec
-    wanted = settings.initial_training.batches
-    picked = []
-    for batch_id in pipeline.ledger.pending():
-        rows, quarantined = pipeline.read_and_validate(pipeline.ledger.get(batch_id))
-        if quarantined is None:
-            picked.append(rows)
-        if len(picked) == wanted:
-            break
+def train_initial(live: LiveModel, tracker: Tracker, picked: list[pd.DataFrame]) -> str | None:
+    """Fits the first model on the validated rows of the first files and registers it; returns
+    its registry version (None: no rows yet)."""
+    settings = live.settings
+    spec = live.spec
     if not picked:
         return None
 
@@ -58,7 +53,6 @@ def train_initial(pipeline: Pipeline) -> str | None:
     reference = build_reference(raw, spec.sensors, mae=errors["mae_before"])
 
     checkpoint = save_checkpoint(learner, settings.paths.checkpoints, "initial")
-    tracker = pipeline.tracker
     run_id = tracker.start_run("initial-training", "initial", params=flat_settings(settings))
     for epoch, loss in enumerate(losses):
         tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch)
@@ -68,7 +62,7 @@ def train_initial(pipeline: Pipeline) -> str | None:
     tracker.end_run(run_id)
     online_run = tracker.start_run("online-updates", "online", params=flat_settings(settings))
     try:
-        with pipeline.db.session() as session:
+        with live.db.session() as session:
             session.add(
                 ModelState(
                     pipeline=settings.pipeline,
@@ -83,28 +77,6 @@ def train_initial(pipeline: Pipeline) -> str | None:
     except IntegrityError:
         log.warning("another run finished initial training first; using its model")
         tracker.end_run(online_run, "KILLED")
-        return pipeline.model_state().champion_version
+        return live.state().champion_version
     log.info("initial model: version %s from %d batches (%d rows)", version, len(picked), len(raw))
     return version
-
-
-def flat_settings(settings) -> dict:
-    """The settings as flat MLflow params; URLs with their passwords masked."""
-    from flows.storage.database import masked
-
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, inner)
-        elif isinstance(value, list):
-            flat[prefix] = str(value)[:500]
-        else:
-            flat[prefix] = str(value)
-
-    walk("", settings.model_dump(mode="json", exclude={"log_schema"}))
-    flat["database_url"] = masked(settings.database_url)
-    flat["tracking.tracking_uri"] = masked(settings.tracking.tracking_uri)
-    flat["log_schema.sensors"] = ",".join(settings.log_schema.sensor_names)
-    return flat

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from flows.ingest import LandedFile, content_hash
+from flows.ingest.landing import LandedFile, content_hash
 from flows.storage.database import Database
 from flows.storage.models import Arrival, Batch, DriftEvent, Lease
 

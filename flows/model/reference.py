@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lru_online.drift import summarise
+from flows.monitor.drift_statistics import summarise
 
 
 def build_reference(raw: np.ndarray, sensors: tuple[str, ...], mae: float) -> dict:

@@ -17,64 +17,21 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from features import FeatureSpec
-from flows.file_step import FinishedLines, PreparedLines, ScoredLines, finish_lines, prepare_lines, split_groups
-from flows.ingest import BatchReadError, iter_batch
-from flows.line_states import CarriedLines
-from flows.settings import DriftSettings, LogSchema, Settings
-from flows.validation import ValidationOutcome, validator_for
+from flows.ingest.checks import FileCheck, check_file
+from flows.model.file_step import FinishedLines, PreparedLines, ScoredLines, finish_lines, prepare_lines
+from flows.settings import DriftSettings, Settings
+from flows.storage.line_states import CarriedLines
 
 log = logging.getLogger(__name__)
 
 # Files checked ahead of the one being processed: enough to keep the workers busy while the
 # driver updates the model, few enough that their rows stay small in the workers' memory.
 LOOKAHEAD = 4
-
-
-@dataclass
-class FileCheck:
-    """A file read and validated ahead of processing.
-
-    A file of more than one part of `ingest.chunk_rows` rows is left undecided: it is validated
-    part by part in the driver while it is processed, so memory stays flat.
-    """
-
-    rows: int = 0
-    outcome: ValidationOutcome | None = None  # without the rows themselves
-    read_error: str | None = None
-    groups: list[list[str]] = field(default_factory=list)  # the file's lines, by group
-    parts: list[Any] = field(default_factory=list)  # per group its validated rows (a Dask future)
-    worker: str | None = None
-
-    @property
-    def decided(self) -> bool:
-        return self.read_error is not None or self.outcome is not None
-
-
-def check_file(path: Path, schema: LogSchema, chunk_rows: int, groups: int = 1) -> FileCheck:
-    """Reads and validates a one-part file; on success its rows, split into line groups."""
-    chunks = iter_batch(path, schema, chunk_rows)
-    try:
-        first = next(chunks)
-        if next(chunks, None) is not None:
-            return FileCheck()
-    except BatchReadError as error:
-        return FileCheck(read_error=str(error))
-    outcome = validator_for(schema).validate(first, path.name)
-    check = FileCheck(len(first), outcome)
-    if outcome.success:
-        rows = outcome.frame
-        entity = rows[schema.entity_column].astype(str)
-        check.groups = split_groups(list(entity.unique()), groups)
-        check.parts = [rows[entity.isin(set(group)).to_numpy()] for group in check.groups]
-        outcome.frame = None
-    return check
 
 
 def _summary(check: FileCheck) -> FileCheck:

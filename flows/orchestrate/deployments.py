@@ -12,10 +12,10 @@ from uuid import UUID
 
 from flows.settings import Settings
 
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository: entrypoints are relative to it
 ENTRYPOINTS = {
-    "continual-update": "flows/prefect_flows.py:continual_update",
-    "retrain": "flows/prefect_flows.py:retrain_flow",
+    "continual-update": "flows/orchestrate/prefect_flows.py:continual_update",
+    "retrain": "flows/orchestrate/prefect_flows.py:retrain_flow",
 }
 
 
@@ -23,7 +23,7 @@ def deployment_specs(settings: Settings, config: str | None) -> dict[str, dict]:
     """Keyword arguments of `to_deployment` / `deploy` for each flow, by flow name."""
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-    from flows.prefect_flows import drift_resource
+    from flows.orchestrate.prefect_flows import drift_resource
 
     prefix = settings.prefect.deployment_prefix
     base = {"config": config, "workdir": str(settings.workdir)}
@@ -64,7 +64,7 @@ def deployment_specs(settings: Settings, config: str | None) -> dict[str, dict]:
 
 def build_deployments(settings: Settings, config: str | None) -> list:
     """The deployments that `prefect.serve` runs in this process."""
-    from flows.prefect_flows import continual_update, retrain_flow
+    from flows.orchestrate.prefect_flows import continual_update, retrain_flow
 
     specs = deployment_specs(settings, config)
     return [

@@ -22,13 +22,12 @@ import pandas as pd
 from sqlalchemy import bindparam, func, select, update
 
 from features import FeatureBatch
-from flows.fleet import new_learner, save_checkpoint
-from flows.initial_training import flat_settings
-from flows.line_states import json_safe
-from flows.pipeline import Pipeline
-from flows.reference import build_reference
+from flows.model.fleet import new_learner, save_checkpoint
+from flows.model.live import LiveModel
+from flows.model.reference import build_reference
+from flows.monitor.tracking import CHALLENGER, CHAMPION, Tracker, flat_settings
+from flows.storage.line_states import json_safe
 from flows.storage.models import BatchSummary, EntityState, ModelState, RetrainDecision
-from flows.tracking import CHALLENGER, CHAMPION
 from lru_online import OnlineLearner
 from lru_online.learner import lines_per_step_for
 
@@ -59,18 +58,18 @@ class RecentWindow:
     last_sequence: int
 
 
-def _load_window(pipeline: Pipeline) -> RecentWindow | None:
+def _load_window(live: LiveModel) -> RecentWindow | None:
     """Reads each line's last `recent_batches` summaries (one query) and their output files
     (each file once, whatever the number of its lines)."""
-    settings = pipeline.settings.retrain
-    spec = pipeline.spec
+    settings = live.settings.retrain
+    spec = live.spec
     newest_first = (
         func.row_number().over(partition_by=BatchSummary.entity, order_by=BatchSummary.sequence.desc()).label("age")
     )
     ranked = select(
         BatchSummary.entity, BatchSummary.sequence, BatchSummary.features_path, BatchSummary.metrics, newest_first
     ).subquery()
-    with pipeline.db.session() as session:
+    with live.db.session() as session:
         rows = session.execute(select(ranked).where(ranked.c.age <= settings.recent_batches)).all()
     summaries = pd.DataFrame(rows, columns=["entity", "sequence", "features_path", "metrics", "age"])
     counts = summaries.groupby("entity")["sequence"].transform("size")
@@ -129,18 +128,20 @@ def _evaluate(learner: OnlineLearner, window: RecentWindow) -> tuple[float, dict
     return (float(np.mean(finite**2)) if finite.size else float("nan")), states
 
 
-def retrain(pipeline: Pipeline, trigger: str = "manual", drift_event_id: int | None = None) -> RetrainOutcome:
-    settings = pipeline.settings
-    state = pipeline.model_state()
+def retrain(
+    live: LiveModel, tracker: Tracker, trigger: str = "manual", drift_event_id: int | None = None
+) -> RetrainOutcome:
+    settings = live.settings
+    state = live.state()
     if state is None:
         return RetrainOutcome(False, "no live model to retrain yet")
-    window = _load_window(pipeline)
+    window = _load_window(live)
     if window is None:
         return RetrainOutcome(False, "not enough processed batches for a held-out slice")
-    champion = pipeline.load_live_model()
-    loaded_version = pipeline.model_version
+    champion = live.load()
+    loaded_version = live.version
 
-    challenger = new_learner(settings, pipeline.spec)
+    challenger = new_learner(settings, live.spec)
     for group in challenger.optimizer.param_groups:
         group["lr"] = settings.retrain.learning_rate
     challenger.replay.load_state_dict(champion.replay.state_dict())
@@ -160,7 +161,6 @@ def retrain(pipeline: Pipeline, trigger: str = "manual", drift_event_id: int | N
         f"(needs < {champion_mse * (1 - margin):.4f})"
     )
 
-    tracker = pipeline.tracker
     run_id = tracker.start_run(f"retrain-{trigger}", "retrain", params=flat_settings(settings))
     for epoch, loss in enumerate(losses):
         tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch)
@@ -170,12 +170,10 @@ def retrain(pipeline: Pipeline, trigger: str = "manual", drift_event_id: int | N
     tracker.set_alias(CHALLENGER, challenger_version)
 
     reference = json_safe(
-        build_reference(
-            window.raw, pipeline.spec.sensors, mae=float(np.sqrt(challenger_mse if promoted else champion_mse))
-        )
+        build_reference(window.raw, live.spec.sensors, mae=float(np.sqrt(challenger_mse if promoted else champion_mse)))
     )
     newest = window.last_sequence
-    with pipeline.db.session() as session:
+    with live.db.session() as session:
         model = session.get(ModelState, settings.pipeline)
         latest = session.scalar(select(func.max(BatchSummary.sequence)))
         if promoted and (model.version != loaded_version or latest != newest):
@@ -214,11 +212,11 @@ def retrain(pipeline: Pipeline, trigger: str = "manual", drift_event_id: int | N
         decision_id, new_version = decision.id, model.version
     if promoted:
         tracker.set_alias(CHAMPION, challenger_version)
-        pipeline.drop_learner()  # the new champion is loaded on next use
+        live.drop()  # the new champion is loaded on next use
         Path(state.checkpoint_path).unlink(missing_ok=True)
     else:
-        if pipeline.model_version == loaded_version:
-            pipeline.model_version = new_version  # same weights, only the reference moved
+        if live.version == loaded_version:
+            live.version = new_version  # same weights, only the reference moved
         Path(checkpoint).unlink(missing_ok=True)
     tracker.log_metrics(run_id, {"promoted": float(promoted)}, step=0)
     tracker.end_run(run_id)

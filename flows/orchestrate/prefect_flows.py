@@ -1,6 +1,6 @@
 """The Prefect flows: continual_update, retrain and backfill.
 
-They orchestrate; the work is in `flows.pipeline` and the floors below. Tasks that touch files,
+They orchestrate; the work is in `flows.orchestrate.pipeline` and the floors below. Tasks that touch files,
 the database or MLflow retry; a batch's processing is safe to retry because nothing of it is
 visible before its commit and a failure drops the in-memory model back to the committed one.
 """
@@ -20,17 +20,17 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy import select
 
-from flows.drift_report import report_to_mlflow
-from flows.ingest import SUPPORTED_SUFFIXES, read_batch
-from flows.initial_training import train_initial
-from flows.line_work import FileCheck
-from flows.pipeline import BatchResult, Pipeline
-from flows.retraining import retrain
+from flows.ingest.checks import FileCheck
+from flows.ingest.landing import SUPPORTED_SUFFIXES, read_batch
+from flows.ingest.validation import parse_timestamps
+from flows.model.initial_training import train_initial
+from flows.model.retraining import retrain
+from flows.monitor.drift_report import report_to_mlflow
+from flows.monitor.tracking import snapshot_if_due, track_pending
+from flows.orchestrate.pipeline import BatchResult, Pipeline
 from flows.secrets import install_log_masking
 from flows.settings import load_settings
 from flows.storage.models import BatchStatus, DriftEvent
-from flows.tracking import snapshot_if_due, track_pending
-from flows.validation import parse_timestamps
 
 RESOURCE_PREFIX = "lru-online.pipeline."
 install_log_masking()
@@ -47,7 +47,7 @@ def discover_landing(pipeline: Pipeline):
 
 @task(name="initial-training", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def initial_training(pipeline: Pipeline) -> str | None:
-    return train_initial(pipeline)
+    return train_initial(pipeline.live, pipeline.tracker, pipeline.initial_frames())
 
 
 @task(name="process-batch", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
@@ -55,7 +55,7 @@ def process_batch(pipeline: Pipeline, batch_id: int, check: FileCheck | None = N
     try:
         return pipeline.process(batch_id, check)
     except Exception:
-        pipeline.drop_learner()  # a retry starts again from the committed model
+        pipeline.live.drop()  # a retry starts again from the committed model
         raise
 
 
@@ -73,7 +73,7 @@ def report_drift(pipeline: Pipeline, result: BatchResult) -> list[int]:
     event_ids = result.drift_event_ids
     if not event_ids:
         return []
-    state = pipeline.model_state()
+    state = pipeline.live.state()
     settings = pipeline.settings
     report_to_mlflow(
         pipeline.db,
@@ -134,9 +134,9 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
         discovery = discover_landing(pipeline)
         if discovery.duplicates:
             logger.info("%d duplicate arrivals filed away: %s", len(discovery.duplicates), discovery.duplicates[:5])
-        if pipeline.model_state() is None and initial_training(pipeline) is None:
+        if pipeline.live.state() is None and initial_training(pipeline) is None:
             logger.info("no valid batch to train an initial model on yet")
-        pending = pipeline.ledger.pending() if pipeline.model_state() is not None else []
+        pending = pipeline.ledger.pending() if pipeline.live.state() is not None else []
         pending = pending[:max_batches] if max_batches else pending
         files = [(batch_id, Path(pipeline.ledger.get(batch_id).source_file)) for batch_id in pending]
         work = (pipeline.connect_dask() if files else None) or pipeline.local_work
@@ -202,7 +202,7 @@ def retrain_flow(
     settings = load_settings(config, workdir)
     pipeline = Pipeline(settings)
     try:
-        outcome = retrain(pipeline, trigger=trigger, drift_event_id=drift_event_id)
+        outcome = retrain(pipeline.live, pipeline.tracker, trigger=trigger, drift_event_id=drift_event_id)
         get_run_logger().info("retrain: %s", outcome.reason)
         return asdict(outcome)
     finally:

@@ -20,7 +20,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
 from flows import faults
-from flows.drift_detectors import Detection
 from flows.storage.database import Database
 from flows.storage.models import Batch, BatchStatus, BatchSummary, DriftEvent, EntityState, ModelState, SequenceMetrics
 
@@ -105,7 +104,8 @@ class PartCommit:
     entities: list[str]  # every line with rows in the part
     lines: list[LineUpdate]  # the lines with rows to learn from (not all late)
     metrics: dict[str, float]  # the part's figures across its lines, for MLflow
-    detections: list[Detection]
+    # Drift detections: dicts of entity, detector, feature, value, threshold, event_time (ISO).
+    detections: list[dict]
     drift_action: str  # what a detection does: retrain | event_emitted | recorded
 
 
@@ -239,14 +239,14 @@ def _record_detections(session, pipeline: str, part: PartCommit, sequence: int |
             pipeline=pipeline,
             batch_id=part.batch_id,
             sequence=sequence,
-            entity=detection.entity,
-            detector=detection.detector,
-            feature=detection.feature,
-            value=detection.value,
-            threshold=detection.threshold,
-            event_time=datetime.fromisoformat(detection.event_time),
+            entity=detection["entity"],
+            detector=detection["detector"],
+            feature=detection["feature"],
+            value=detection["value"],
+            threshold=detection["threshold"],
+            event_time=datetime.fromisoformat(detection["event_time"]),
             action=part.drift_action,
-            details=json_safe({**detection.__dict__, "sequence": sequence, "batch_id": part.batch_id}),
+            details=json_safe({**detection, "sequence": sequence, "batch_id": part.batch_id}),
         )
         for detection in part.detections
     ]

@@ -68,8 +68,8 @@ def simulate(
     ] = False,
 ) -> None:
     """Writes simulated factory logs into the landing folder (ground truth beside it)."""
-    from flows.simulator import SimulationConfig
-    from flows.simulator import simulate as run_simulation
+    from flows.ingest.simulator import SimulationConfig
+    from flows.ingest.simulator import simulate as run_simulation
 
     settings = _settings(config, workdir)
     sim = SimulationConfig(entities=entities, batches=batches, rows_per_batch=rows, seed=seed, plant_files=plant_files)
@@ -90,7 +90,7 @@ def simulate(
 def run(config: ConfigOption = None, workdir: WorkdirOption = None, max_batches: int | None = None) -> None:
     """Runs continual_update once now over the landing folder."""
     settings = _settings(config, workdir)
-    from flows.prefect_flows import continual_update
+    from flows.orchestrate.prefect_flows import continual_update
 
     result = continual_update(config=_config_arg(config), workdir=str(settings.workdir), max_batches=max_batches)
     typer.echo(json.dumps(result["run"]))
@@ -107,9 +107,9 @@ def backfill(
     if not source.is_dir():
         typer.echo(f"error: {source} is not a folder", err=True)
         raise typer.Exit(2)
-    from flows.prefect_flows import backfill as backfill_flow
-    from flows.prefect_flows import backfill_files
-    from flows.progress import LedgerProgress
+    from flows.orchestrate.prefect_flows import backfill as backfill_flow
+    from flows.orchestrate.prefect_flows import backfill_files
+    from flows.orchestrate.progress import LedgerProgress
 
     with LedgerProgress(settings, files=len(backfill_files(source))):
         result = backfill_flow(source=str(source.resolve()), config=_config_arg(config), workdir=str(settings.workdir))
@@ -120,7 +120,7 @@ def backfill(
 def retrain(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
     """Trains a challenger on the recent window now; promotes it only if it wins."""
     settings = _settings(config, workdir)
-    from flows.prefect_flows import retrain_flow
+    from flows.orchestrate.prefect_flows import retrain_flow
 
     outcome = retrain_flow(config=_config_arg(config), workdir=str(settings.workdir), trigger="manual")
     typer.echo(outcome["reason"])
@@ -134,7 +134,7 @@ def serve(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
     them; otherwise this process serves them until stopped.
     """
     settings = _settings(config, workdir)
-    from flows.deployments import deploy_to_work_pool, serve_deployments
+    from flows.orchestrate.deployments import deploy_to_work_pool, serve_deployments
 
     if settings.prefect.work_pool:
         for flow_name, deployment_id in deploy_to_work_pool(settings, _config_arg(config)).items():
@@ -176,7 +176,7 @@ def status(
 ) -> None:
     """Where every batch and row ended up, drift events and the model registry."""
     settings = _settings(config, workdir)
-    from flows.status import pipeline_status
+    from flows.monitor.status import pipeline_status
 
     report = pipeline_status(settings)
     if as_json:
@@ -214,8 +214,8 @@ def demo(
     settings = _settings(None, workdir)
     if not any(settings.paths.landing.iterdir()) and not (workdir / "ground_truth.json").exists():
         simulate(workdir=workdir, config=None)
-    from flows.prefect_flows import continual_update
-    from flows.status import pipeline_status
+    from flows.monitor.status import pipeline_status
+    from flows.orchestrate.prefect_flows import continual_update
 
     continual_update(workdir=str(workdir))
     report = pipeline_status(settings)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from flows.pipeline import Pipeline
+from flows.monitor.tracking import CHALLENGER, CHAMPION, Tracker
 from flows.settings import Settings
-from flows.storage.database import masked
-from flows.tracking import CHALLENGER, CHAMPION
+from flows.storage.database import Database, masked
+from flows.storage.ledger import Ledger
 
 
 def pipeline_status(settings: Settings) -> dict:
-    pipeline = Pipeline(settings)
+    db = Database(settings.database_url)
     try:
-        accounting = pipeline.ledger.accounting()
-        tracker = pipeline.tracker
+        db.migrate()
+        accounting = Ledger(db, settings.paths.archive, settings.paths.quarantine).accounting()
+        tracker = Tracker(settings)
         versions = tracker.versions()
         return {
             "pipeline": settings.pipeline,
@@ -28,7 +29,7 @@ def pipeline_status(settings: Settings) -> dict:
             "tracking_uri": masked(settings.tracking.tracking_uri),
         }
     finally:
-        pipeline.close()
+        db.dispose()
 
 
 def balanced(status: dict) -> bool:

@@ -12,14 +12,14 @@ from pathlib import Path
 from sqlalchemy import select, update
 
 from flows.settings import Settings
-from flows.storage.database import Database
+from flows.storage.database import Database, masked
 from flows.storage.models import ModelState, SequenceMetrics
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-REGISTRY_MODEL_CODE = Path(__file__).resolve().parent / "registry_model.py"
+REGISTRY_MODEL_CODE = Path(__file__).resolve().parents[1] / "model" / "registry_model.py"
 
 
 def _quiet_mlflow() -> None:
@@ -123,9 +123,7 @@ class Tracker:
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
 
-        from flows.fleet import feature_spec
-
-        spec = feature_spec(self.settings)
+        spec = self.settings.feature_spec
         inputs = Schema([ColSpec("double", name) for name in [*spec.input_names, "dt"]])
         outputs = Schema(
             [ColSpec("float", f"h{k + 1}_{s}") for k in range(self.settings.model.horizon) for s in spec.sensors]
@@ -135,9 +133,7 @@ class Tracker:
     def _input_example(self):
         import pandas as pd
 
-        from flows.fleet import feature_spec
-
-        spec = feature_spec(self.settings)
+        spec = self.settings.feature_spec
         example = pd.DataFrame(0.0, index=range(4), columns=[*spec.input_names, "dt"])
         example["dt"] = 1.0
         return example
@@ -224,3 +220,23 @@ def snapshot_if_due(db: Database, tracker: Tracker, settings: Settings) -> str |
             .execution_options(synchronize_session=False)
         )
     return version
+
+
+def flat_settings(settings) -> dict:
+    """The settings as flat MLflow params; URLs with their passwords masked."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        elif isinstance(value, list):
+            flat[prefix] = str(value)[:500]
+        else:
+            flat[prefix] = str(value)
+
+    walk("", settings.model_dump(mode="json", exclude={"log_schema"}))
+    flat["database_url"] = masked(settings.database_url)
+    flat["tracking.tracking_uri"] = masked(settings.tracking.tracking_uri)
+    flat["log_schema.sensors"] = ",".join(settings.log_schema.sensor_names)
+    return flat

@@ -25,7 +25,7 @@ time-varying lam, summed per tile for a time-invariant one (the tiles' sums are 
 So it reads the output gradient and the states and writes the adjoint: 24 bytes per element.
 
 Triton has no complex type: tensors are viewed as interleaved float32 (re, im) pairs. Importing
-this module needs triton; `lru_online.scan.dispatch` imports it only for CUDA tensors, and the
+this module needs triton; `lru_online.linear_scan.dispatch` imports it only for CUDA tensors, and the
 tests run the kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lru_online.scan.dispatch import ScanBackend
+from lru_online.linear_scan.backend import ScanBackend, grad_h0
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,6 @@ def tiling_for(channels: int) -> Tiling:
     block = min(256, max(32, triton.next_power_of_2(channels)))
     return Tiling(chunk=16, block=block, num_warps=max(1, block // 64))
 
-
-# Set by the benchmark's sweep to time one tiling through the autograd path; None: tiling_for(N).
-TILING_OVERRIDE: Tiling | None = None
 
 # A tile's status word: 0 until it publishes its aggregate, then its inclusive prefix as well.
 _AGGREGATE = tl.constexpr(1)
@@ -327,7 +324,7 @@ def linear_scan(
     in-order programs would otherwise never happen.
     """
     h = out if out is not None else torch.empty_like(x)
-    tiling = tiling or TILING_OVERRIDE or tiling_for(x.shape[-1])
+    tiling = tiling or tiling_for(x.shape[-1])
     _launch(lam, x, h0, h, reverse=False, tiling=tiling, publish_prefix=publish_prefix)
     return h
 
@@ -347,7 +344,7 @@ def adjoint_scan(
     also the gradient of x; with the forward `states` (and its h0) also the gradient of lam."""
     adjoint = out if out is not None else torch.empty_like(grad_h)
     batch, length, channels = grad_h.shape
-    tiling = tiling or TILING_OVERRIDE or tiling_for(channels)
+    tiling = tiling or tiling_for(channels)
     lam_grad = None
     if states is not None:
         if lam.dim() == 3:
@@ -364,31 +361,33 @@ def adjoint_scan(
     return adjoint, lam_grad
 
 
-def triton_forward(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-    return linear_scan(lam, x, h0)
+def with_tiling(tiling: Tiling | None = None) -> ScanBackend:
+    """The Triton backend with a fixed tiling (None: `tiling_for` the channels), to hand to
+    `scan(..., backend=...)`: the benchmark's sweep and the interpreter's tests time or check
+    other tilings through the autograd path this way."""
+
+    def forward(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+        return linear_scan(lam, x, h0, tiling=tiling)
+
+    def backward(
+        lam: torch.Tensor,
+        h: torch.Tensor,
+        h0: torch.Tensor | None,
+        grad_h: torch.Tensor,
+        grad_last: torch.Tensor | None,
+        need_lam: bool,
+        need_h0: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        adjoint, grad_lam = adjoint_scan(lam, grad_h, grad_last, h if need_lam else None, h0, tiling=tiling)
+        return adjoint, grad_lam, grad_h0(lam, adjoint) if need_h0 else None
+
+    return ScanBackend(
+        name="triton",
+        forward=forward,
+        backward=backward,
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.complex64}),
+    )
 
 
-def triton_backward(
-    lam: torch.Tensor,
-    h: torch.Tensor,
-    h0: torch.Tensor | None,
-    grad_h: torch.Tensor,
-    grad_last: torch.Tensor | None,
-    need_lam: bool,
-    need_h0: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    adjoint, grad_lam = adjoint_scan(lam, grad_h, grad_last, h if need_lam else None, h0)
-    grad_h0 = None
-    if need_h0:
-        first_decay = lam[:, 0] if lam.dim() == 3 else lam
-        grad_h0 = first_decay.conj() * adjoint[:, 0]
-    return adjoint, grad_lam, grad_h0
-
-
-BACKEND = ScanBackend(
-    name="triton",
-    forward=triton_forward,
-    backward=triton_backward,
-    devices=frozenset({"cuda"}),
-    dtypes=frozenset({torch.complex64}),
-)
+BACKEND = with_tiling(None)

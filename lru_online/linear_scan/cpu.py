@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lru_online.linear_scan.backend import grad_h0
+
 try:
     from lru_online import _cscan
 except ImportError:  # built at install time when a C compiler is present
@@ -232,7 +234,4 @@ def cpu_backward(
         )
     if grad_lam is not None and not time_varying:
         grad_lam = grad_lam.sum(dim=(0, 1))
-    grad_h0 = None
-    if need_h0:
-        grad_h0 = (lam[:, 0] if time_varying else lam).conj() * grad_x[:, 0]
-    return grad_x, grad_lam, grad_h0
+    return grad_x, grad_lam, grad_h0(lam, grad_x) if need_h0 else None

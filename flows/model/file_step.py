@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
-from flows.drift_detectors import Detection, LineDrift, check_lines
+from flows.monitor.drift_detectors import Detection, LineDrift, check_lines
 from flows.settings import DriftSettings
 from lru_online import OnlineLearner, RecurrentState
 
@@ -69,12 +69,6 @@ class FinishedLines:
     detections: list[Detection]
     seconds: dict[str, float]  # drift, output
     worker: str | None = None  # the Dask worker that ran it (None: the driver)
-
-
-def split_groups(entities: list[str], groups: int) -> list[list[str]]:
-    """Sorted lines in `groups` contiguous chunks of near-equal size (empty chunks dropped)."""
-    ordered = sorted(entities)
-    return [list(chunk) for chunk in np.array_split(np.array(ordered, dtype=object), groups) if len(chunk)]
 
 
 def prepare_lines(

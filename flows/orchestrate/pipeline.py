@@ -2,17 +2,16 @@
 
 A file is processed part by part (a part is the whole file unless it holds more than
 `ingest.chunk_rows` rows), every part in one fleet step over all of its lines
-(`flows.file_step`), committed in one transaction (`flows.line_states`). The Prefect flows in
-`flows.prefect_flows` call `process` as a task.
+(`flows.model.file_step`), committed in one transaction (`flows.storage.line_states`). The Prefect flows in
+`flows.orchestrate.prefect_flows` call `process` as a task.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +19,21 @@ import pandas as pd
 
 from features import FeatureBatch
 from flows import faults
-from flows.file_step import FinishedLines, ScoredLines, learn_lines, score_lines
-from flows.fleet import feature_spec, load_learner, save_checkpoint
-from flows.ingest import BatchReadError, discover, iter_batch
-from flows.ledger import DiscoveryResult, Ledger
-from flows.line_states import LineUpdate, PartCommit, StaleModel, commit_part, read_carried
-from flows.line_work import DaskLineWork, FileCheck, LocalLineWork
+from flows.ingest.checks import FileCheck
+from flows.ingest.landing import BatchReadError, discover, iter_batch
+from flows.model.file_step import FinishedLines, ScoredLines, learn_lines, score_lines
+from flows.model.fleet import save_checkpoint
+from flows.model.live import CheckpointRefused, LiveModel
+from flows.orchestrate.line_work import DaskLineWork, LocalLineWork
 from flows.settings import Settings
 from flows.storage.database import Database
-from flows.storage.models import Batch, BatchStatus, ModelState
-from lru_online import OnlineLearner
+from flows.storage.ledger import DiscoveryResult, Ledger
+from flows.storage.line_states import LineUpdate, PartCommit, StaleModel, commit_part, read_carried
+from flows.storage.models import Batch, BatchStatus
 
 log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 3
 DRIFT_ACTIONS = {"retrain": "retrain", "event": "event_emitted", "record": "recorded"}
-
-
-class CheckpointRefused(RuntimeError):
-    """A checkpoint that would need pickle code execution to load."""
 
 
 @dataclass
@@ -74,19 +70,18 @@ class Pipeline:
         self.db = Database(settings.database_url)
         self.db.migrate()
         self.ledger = Ledger(self.db, settings.paths.archive, settings.paths.quarantine)
-        self.spec = feature_spec(settings)
+        self.spec = settings.feature_spec
         self._validator = None
         self._tracker = None
+        self.live = LiveModel(settings, self.db)
         self.local_work = LocalLineWork()
         self.dask_work: DaskLineWork | None = None
-        self.learner: OnlineLearner | None = None
-        self.model_version: int | None = None  # model_state.version the learner was loaded at
 
     # --- lazily built adapters (GE, MLflow and Dask take seconds to start) -----------------
     @property
     def validator(self):
         if self._validator is None:
-            from flows.validation import validator_for
+            from flows.ingest.validation import validator_for
 
             self._validator = validator_for(self.settings.log_schema)
         return self._validator
@@ -94,7 +89,7 @@ class Pipeline:
     @property
     def tracker(self):
         if self._tracker is None:
-            from flows.tracking import Tracker
+            from flows.monitor.tracking import Tracker
 
             self._tracker = Tracker(self.settings)
         return self._tracker
@@ -109,37 +104,6 @@ class Pipeline:
         if self.dask_work is not None:
             self.dask_work.close()
         self.db.dispose()
-
-    # --- the live model -------------------------------------------------------------------
-    def model_state(self) -> ModelState | None:
-        with self.db.session() as session:
-            return session.get(ModelState, self.settings.pipeline)
-
-    def load_live_model(self) -> OnlineLearner:
-        state = self.model_state()
-        if state is None:
-            raise RuntimeError("no live model yet: run initial training first")
-        if self.learner is None or self.model_version != state.version:
-            try:
-                self.learner = load_learner(Path(state.checkpoint_path), self.settings)
-            except FileNotFoundError:
-                # A concurrent run committed a newer checkpoint and removed this one.
-                raise StaleModel(f"checkpoint {state.checkpoint_path} was replaced") from None
-            except pickle.UnpicklingError as error:
-                raise CheckpointRefused(
-                    f"checkpoint {state.checkpoint_path} holds more than tensors and plain data; "
-                    f"refused to load it: {str(error).splitlines()[0]}"
-                ) from None
-            self.model_version = state.version
-        return self.learner
-
-    def drop_learner(self) -> None:
-        """Forgets the in-memory model: the next use loads the committed one."""
-        self.learner = None
-
-    def reference(self) -> dict:
-        state = self.model_state()
-        return state.reference if state is not None and state.reference else {}
 
     # --- discovery ------------------------------------------------------------------------
     def discover(self) -> DiscoveryResult:
@@ -163,9 +127,21 @@ class Pipeline:
     def _chunks(self, batch: Batch) -> Iterator[pd.DataFrame]:
         return iter_batch(Path(batch.source_file), self.settings.log_schema, self.settings.ingest.chunk_rows)
 
+    def initial_frames(self) -> list[pd.DataFrame]:
+        """The validated rows of the first `initial_training.batches` valid pending files (their
+        first parts); the invalid ones on the way end in quarantine."""
+        frames = []
+        for batch_id in self.ledger.pending():
+            rows, _ = self.read_and_validate(self.ledger.get(batch_id))
+            if rows is not None:
+                frames.append(rows)
+            if len(frames) == self.settings.initial_training.batches:
+                break
+        return frames
+
     def read_and_validate(self, batch: Batch) -> tuple[pd.DataFrame | None, BatchResult | None]:
         """The validated rows of a file's first part, or the quarantine result when the file is
-        unreadable or invalid (used by initial training)."""
+        unreadable or invalid."""
         name = Path(batch.source_file).name
         try:
             frame = next(self._chunks(batch))
@@ -281,15 +257,15 @@ class Pipeline:
                         part.index,
                         attempt + 1,
                     )
-                    self.drop_learner()
+                    self.live.drop()
             raise RuntimeError(f"batch {batch.id}: gave up after {COMMIT_ATTEMPTS} conflicting commits")
         finally:
             self.ledger.release_all(leases)
 
     def _learn_and_commit(self, batch: Batch, part: FilePart, work) -> BatchResult:
-        learner = self.load_live_model()
-        model_version = self.model_version
-        model = self.model_state()
+        learner = self.live.load()
+        model_version = self.live.version
+        model = self.live.state()
         timings = {"validate": part.validate_seconds}
         entities = [entity for group in part.groups for entity in group]
 
@@ -352,7 +328,7 @@ class Pipeline:
             entities=entities,
             lines=lines,
             metrics=metrics,
-            detections=[d for f in finished for d in f.detections],
+            detections=[asdict(d) for f in finished for d in f.detections],
             drift_action=DRIFT_ACTIONS[self.settings.drift.on_detect],
         )
         try:
@@ -364,7 +340,7 @@ class Pipeline:
         timings["commit"] = time.perf_counter() - tick
         faults.checkpoint("committed")
         if lines or committed.drift_event_ids:
-            self.model_version = committed.model_version
+            self.live.version = committed.model_version
         # Registered versions keep their own copy in MLflow; only the newest one is live.
         if lines and committed.previous_checkpoint != str(checkpoint):
             Path(committed.previous_checkpoint).unlink(missing_ok=True)
@@ -387,19 +363,6 @@ class Pipeline:
         """One Parquet file per part of a file (per line group when the lines are split)."""
         suffix = f"-group-{group:03d}" if groups > 1 else ""
         return self.settings.paths.output / "batches" / f"batch-{batch_id:08d}-part-{part:04d}{suffix}.parquet"
-
-    # --- model state bookkeeping ----------------------------------------------------------
-    def update_model_state(self, change) -> None:
-        """Applies `change(model_state)` in a transaction, keeping the loaded learner current
-        when the change does not touch its checkpoint."""
-        with self.db.session() as session:
-            state = session.get(ModelState, self.settings.pipeline)
-            before, checkpoint = state.version, state.checkpoint_path
-            change(state)
-            session.flush()
-            after, same_checkpoint = state.version, state.checkpoint_path == checkpoint
-        if same_checkpoint and self.model_version == before:
-            self.model_version = after
 
 
 def _accumulate(total: BatchResult, part: BatchResult) -> None:

@@ -8,28 +8,11 @@ and time when lam is time-invariant).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
-from lru_online.scan import chunked, cpu
-from lru_online.scan.reference import reference_scan
-
-ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
-
-
-@dataclass(frozen=True)
-class ScanBackend:
-    """A way to run the scan: `forward(lam, x, h0) -> h`, optionally a fused `backward`."""
-
-    name: str
-    forward: ForwardFn
-    backward: BackwardFn | None
-    devices: frozenset[str]
-    dtypes: frozenset[torch.dtype] = frozenset({torch.complex64, torch.complex128})
-
+from lru_online.linear_scan import chunked, cpu
+from lru_online.linear_scan.backend import ForwardFn, ScanBackend, grad_h0
+from lru_online.linear_scan.reference import reference_scan
 
 _BACKENDS: dict[str, ScanBackend] = {}
 
@@ -59,7 +42,7 @@ def _load_gpu_backend(device_type: str) -> None:
     if device_type != "cuda" or "triton" in _BACKENDS:
         return
     try:
-        from lru_online.scan import triton_backend
+        from lru_online.linear_scan import triton_backend
     except ImportError:
         return
     register_backend(triton_backend.BACKEND)
@@ -100,10 +83,7 @@ def gradients_from_adjoint(
     """(grad_x, grad_lam, grad_h0) from the adjoint a: grad_x = a, grad_h0 = conj(lam_0) a_0,
     grad_lam_t = a_t conj(h_{t-1}), summed over batch and time for a time-invariant lam."""
     time_varying = lam.dim() == 3
-    grad_lam = grad_h0 = None
-    if need_h0:
-        first_decay = lam[:, 0] if time_varying else lam
-        grad_h0 = first_decay.conj() * adjoint[:, 0]
+    grad_lam = None
     if need_lam:
         start = h0 if h0 is not None else torch.zeros_like(h[:, 0])
         previous = torch.cat([start.unsqueeze(1), h[:, :-1]], dim=1)
@@ -111,7 +91,7 @@ def gradients_from_adjoint(
             grad_lam = adjoint * previous.conj()
         else:
             grad_lam = torch.einsum("btn,btn->n", adjoint, previous.conj())
-    return adjoint, grad_lam, grad_h0
+    return adjoint, grad_lam, grad_h0(lam, adjoint) if need_h0 else None
 
 
 class _ScanFunction(torch.autograd.Function):
@@ -164,7 +144,7 @@ def scan(
     x: torch.Tensor,
     h0: torch.Tensor | None = None,
     *,
-    backend: str | None = None,
+    backend: str | ScanBackend | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solves h_t = lam_t * h_{t-1} + x_t for all t.
 
@@ -172,18 +152,22 @@ def scan(
         lam: complex (N,) time-invariant decay, or (B, T, N) per-step decay.
         x: complex (B, T, N) inputs, T >= 1.
         h0: complex (B, N) state before the first step; zeros when None.
-        backend: force "reference", "chunked", "cpu" or "triton"; by default the fastest
-            backend for x's device.
+        backend: force "reference", "chunked", "cpu" or "triton", or hand in a ScanBackend
+            (the Triton kernel with another tiling, say: `triton_backend.with_tiling`); by
+            default the fastest backend for x's device.
 
     Returns:
         All states (B, T, N) and the last state (B, N), differentiable in lam, x and h0.
     """
     _check(lam, x, h0)
-    name = backend or _default_backend(x.device.type, x.dtype)
-    if name == "reference":
-        return reference_scan(lam, x, h0)
-    _load_gpu_backend(x.device.type)
-    chosen = _BACKENDS.get(name)
+    if isinstance(backend, ScanBackend):
+        chosen, name = backend, backend.name
+    else:
+        name = backend or _default_backend(x.device.type, x.dtype)
+        if name == "reference":
+            return reference_scan(lam, x, h0)
+        _load_gpu_backend(x.device.type)
+        chosen = _BACKENDS.get(name)
     if chosen is None:
         raise ValueError(f"scan: unknown or unavailable backend {name!r}; have {available_backends(x.device)}")
     if x.device.type not in chosen.devices:
