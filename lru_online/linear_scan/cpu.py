@@ -1,10 +1,13 @@
 """Compiled CPU scan: the C kernels of csrc/scan.c, split over threads.
 
 With at least as many batch rows as threads, each thread scans whole rows: one pass over
-memory, like a copy. With fewer rows (one machine's long history), time is cut into one stretch
-per thread; each stretch is scanned from a zero state in parallel, the states entering the
-stretches are chained in a tiny sequential step, and a parallel fix-up adds each carried-in
-state times the decay products. The backward pass is the same plan run in reverse time.
+memory, like a copy. With fewer rows (one machine's long history) and three threads or more,
+time is cut into one stretch per thread; each stretch is scanned from a zero state in parallel,
+the states entering the stretches are chained in a tiny sequential step, and a fix-up adds each
+carried-in state times the decay products. That fix-up is a second pass as costly as the scan,
+so the critical path is 2T/threads: on two threads no better than one, and one thread scans
+alone there. (Splitting channels instead was tried: the threads then fault in the same pages of
+the fresh output and ran slower than one.) The backward pass is the same plan in reverse time.
 Threads own contiguous memory, which matters: first-touch page faults of a fresh output
 dominate a scan on this hardware, and they only run in parallel on disjoint pages.
 """
@@ -27,6 +30,8 @@ except ImportError:  # built at install time when a C compiler is present
 _PARALLEL_MIN_ELEMENTS = 1 << 16
 # Shorter stretches of time are not worth a fix-up pass.
 _MIN_STRETCH = 1024
+# A split in time costs a second pass (the fix-up): it pays off from three threads on.
+_MIN_STRETCH_THREADS = 3
 
 # Outputs this large are advised onto transparent huge pages before their first touch.
 _HUGE_PAGE_MIN_BYTES = 8 << 20
@@ -77,6 +82,8 @@ def _plan(batch: int, length: int, channels: int) -> _Plan:
         return _Plan([(0, batch)], [(0, length)])
     if batch >= threads:
         return _Plan(_split(batch, threads), [(0, length)])
+    if threads < _MIN_STRETCH_THREADS:
+        return _Plan([(0, batch)], [(0, length)])
     stretches = min(threads, max(1, length // _MIN_STRETCH))
     return _Plan([(0, batch)], _split(length, stretches))
 

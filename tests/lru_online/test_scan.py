@@ -199,3 +199,38 @@ def test_bad_h0_and_backend_are_named():
         scan(lam, x, torch.zeros(3, 4, dtype=torch.complex64))
     with pytest.raises(ValueError, match="unknown or unavailable backend 'nope'"):
         scan(lam, x, backend="nope")
+
+
+@needs_kernel
+def test_the_plan_splits_time_only_where_it_can_win():
+    """A split in time costs a second pass (the fix-up), so its critical path is 2T/threads:
+    no better than one thread on two. Rows are split whenever there are enough of them."""
+    from lru_online.linear_scan import cpu
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu._plan(1, 65_536, 256) == cpu._Plan([(0, 1)], [(0, 65_536)])
+        assert cpu._plan(4, 65_536, 256).rows == [(0, 2), (2, 4)]
+        torch.set_num_threads(4)
+        assert len(cpu._plan(1, 65_536, 256).stretches) == 4
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernel
+def test_a_fix_up_that_decays_to_nothing_still_gives_the_scan():
+    """Carried-in states decay into subnormal numbers within a stretch (here after ~100 steps);
+    the fix-up flushes them to zero and stops, and the states still equal the step loop."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        gen = torch.Generator().manual_seed(3)
+        lam = torch.polar(torch.full((8,), 0.3, dtype=torch.float64), torch.rand(8, generator=gen, dtype=torch.float64))
+        x = torch.randn(1, 20_000, 8, dtype=torch.complex128, generator=gen)
+        for dtype in (torch.complex64, torch.complex128):
+            h, _ = scan(lam.to(dtype), x.to(dtype), backend="cpu")
+            tolerance = TOLERANCE[dtype]
+            assert relative_error(h, numpy_scan(lam, x, None)) <= 10 * tolerance
+    finally:
+        torch.set_num_threads(previous)
