@@ -24,6 +24,7 @@ from flows.ingest.landing import BatchReadError, discover, iter_batch
 from flows.model.file_step import FinishedLines, ScoredLines, learn_lines, score_lines
 from flows.model.fleet import save_checkpoint
 from flows.model.live import CheckpointRefused, LiveModel
+from flows.monitor.drift_report import ReportWriter
 from flows.orchestrate.line_work import DaskLineWork, LocalLineWork
 from flows.settings import Settings
 from flows.storage.database import Database
@@ -74,6 +75,7 @@ class Pipeline:
         self._validator = None
         self._tracker = None
         self.live = LiveModel(settings, self.db)
+        self.reports = ReportWriter(settings)
         self.local_work = LocalLineWork()
         self.dask_work: DaskLineWork | None = None
 
@@ -101,6 +103,7 @@ class Pipeline:
         return self.dask_work
 
     def close(self) -> None:
+        self.reports.close()
         if self.dask_work is not None:
             self.dask_work.close()
         self.db.dispose()

@@ -25,7 +25,6 @@ from flows.ingest.landing import SUPPORTED_SUFFIXES, read_batch
 from flows.ingest.validation import parse_timestamps
 from flows.model.initial_training import train_initial
 from flows.model.retraining import retrain
-from flows.monitor.drift_report import report_to_mlflow
 from flows.monitor.tracking import snapshot_if_due, track_pending
 from flows.orchestrate.pipeline import BatchResult, Pipeline
 from flows.secrets import install_log_masking
@@ -69,22 +68,13 @@ def track_batches(pipeline: Pipeline, started_at: datetime) -> int:
 @task(name="report-drift", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def report_drift(pipeline: Pipeline, result: BatchResult) -> list[int]:
     """The drift events a committed file recorded (its detectors ran in the fleet step and
-    restarted with the commit): their report and values to MLflow, a warning to the run log."""
+    restarted with the commit): their values to MLflow and a warning to the run log now, their
+    report (pictures and JSON) from the helper process; the run waits for it before it ends."""
     event_ids = result.drift_event_ids
     if not event_ids:
         return []
     state = pipeline.live.state()
-    settings = pipeline.settings
-    report_to_mlflow(
-        pipeline.db,
-        pipeline.tracker,
-        state.online_run_id,
-        event_ids,
-        state.reference or {},
-        pipeline.spec.sensors,
-        settings.drift,
-        settings.pipeline,
-    )
+    pipeline.reports.submit(state.online_run_id, event_ids, state.reference or {})
     with pipeline.db.session() as session:
         events = list(session.scalars(select(DriftEvent).where(DriftEvent.sequence == result.sequence)))
     pipeline.tracker.log_metrics(
@@ -153,6 +143,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
             if result.status == BatchStatus.PROCESSED:
                 timings.append({"batch_id": batch_id, "rows": result.rows_scored, "seconds": result.timings})
                 _after_commit(pipeline, result, counts, config, started)
+        pipeline.reports.wait()  # a report that failed fails the run, as any task would
         return {"run": counts, "processed_files": timings, **pipeline.ledger.accounting()}
     finally:
         pipeline.ledger.release(run_lease)

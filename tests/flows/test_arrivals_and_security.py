@@ -57,6 +57,7 @@ def _run(config: str, api_url: str, log: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_on_one_work_folder(tmp_path, prefect_api):
     from prefect.settings import PREFECT_API_URL
 

@@ -7,9 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from flows.ingest.simulator import SimulationConfig, simulate
 from flows.monitor.status import balanced, pipeline_status
 from tests.flows.helpers import small_config
+
+# A backfill through the command line in a subprocess: about 20 s.
+pytestmark = pytest.mark.slow
 
 
 def test_backfill_replays_in_time_order_with_a_progress_bar(tmp_path, prefect_api):

@@ -22,6 +22,9 @@ from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
 from tests.flows.helpers import small_config, small_plant
 
+# Seven runs in subprocesses, each killed at a stage: about a minute.
+pytestmark = pytest.mark.slow
+
 
 # Files of 1,100 rows are read in parts of 1,000, so kills land between and inside parts too.
 def _plant(workdir: Path):

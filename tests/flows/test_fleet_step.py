@@ -47,6 +47,7 @@ def _lines_reordered(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(_o=frame["entity"].map(order), _p=position).sort_values(["_p", "_o"]).drop(columns=["_o", "_p"])
 
 
+@pytest.mark.slow
 def test_a_lines_scores_do_not_depend_on_the_other_lines_of_its_file(tmp_path, prefect_api):
     original = _scores_of_last_file(tmp_path, "original", lambda f: f)
     shuffled = _scores_of_last_file(tmp_path, "shuffled", _lines_reordered)

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from tests.flows.helpers import small_config
+
+# A million-row file through the pipeline twice: about 50 s.
+pytestmark = pytest.mark.slow
 
 DRIVER = textwrap.dedent(
     """

@@ -72,6 +72,7 @@ def _state(settings):
         db.dispose()
 
 
+@pytest.mark.slow
 def test_a_run_with_dask_ends_exactly_like_one_without(tmp_path, prefect_api, cluster):
     """Plant files of five lines, so each file's lines split over both workers."""
     runs = {}

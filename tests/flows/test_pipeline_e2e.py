@@ -16,6 +16,9 @@ from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, DriftEvent, RetrainDecision
 from tests.flows.helpers import small_config, small_plant
 
+# A whole simulated plant with drifts and retraining: about 30 s.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def plant(tmp_path_factory, prefect_api):
@@ -76,6 +79,19 @@ def test_drift_is_detected_after_the_abrupt_change_within_the_delay(plant):
     assert timely, f"no detection within {settings.drift.max_delay_batches} batches of the abrupt drift: {events}"
     # Nothing fires while the plant is unchanged.
     assert all(pd.Timestamp(e.event_time) >= pd.Timestamp(gradual["time"]) for e in events)
+
+
+def test_every_drift_event_has_its_report_in_mlflow(plant):
+    settings, _, _ = plant
+    db = Database(settings.database_url)
+    with db.session() as session:
+        events = list(session.scalars(select(DriftEvent)))
+    assert events and all(e.report_uri for e in events), [e.report_uri for e in events]
+    tracker = Tracker(settings)
+    for uri in sorted({e.report_uri for e in events}):
+        run_id, path = uri.removeprefix("runs:/").split("/", 1)
+        files = {item.path.rsplit("/", 1)[-1] for item in tracker.client.list_artifacts(run_id, path)}
+        assert files == {"feature_distributions.png", "error_over_time.png", "drift_summary.json"}, uri
 
 
 def _batch_index(settings, event_time) -> int:
