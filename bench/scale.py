@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def simulate_plant(folder: Path, lines: int, batches: int, rows: int) -> list[Pa
     from flows.ingest.simulator import SimulationConfig, simulate
     from flows.settings import load_settings
 
+    shutil.rmtree(folder, ignore_errors=True)  # a reused --workdir: the plant is simulated again
     settings = load_settings(workdir=folder / "sim")
     raw = folder / "files"
     config = SimulationConfig(
@@ -76,6 +78,9 @@ def simulate_plant(folder: Path, lines: int, batches: int, rows: int) -> list[Pa
 def write_config(profile: str, workdir: Path, extra: dict) -> Path:
     from flows.settings import derive_config
 
+    # Every profile starts from an empty work folder: in a reused --workdir the files of the last
+    # run would already be processed, and it would report that run's figures again.
+    shutil.rmtree(workdir, ignore_errors=True)
     return derive_config(ROOT / "configs" / f"{profile}.yaml", workdir, {**OVERRIDES, **extra})
 
 
@@ -128,12 +133,13 @@ def model_step_against_per_line(settings, checkpoint: str, batch) -> dict:
     from flows.ingest.landing import read_batch
     from flows.ingest.validation import parse_timestamps
     from flows.model.fleet import load_learner
+    from flows.storage.work_folder import resolved_path
 
     spec = settings.feature_spec
-    rows = read_batch(Path(batch.stored_at), settings.log_schema)
+    rows = read_batch(resolved_path(settings.workdir, batch.stored_at), settings.log_schema)
     rows[spec.timestamp_column] = parse_timestamps(rows[spec.timestamp_column])
     features, _ = build_features(rows, spec, {})
-    base = load_learner(Path(checkpoint), settings)
+    base = load_learner(resolved_path(settings.workdir, checkpoint), settings)
 
     fleet = copy.deepcopy(base)
     u, y, dt, steps = features.tensors()

@@ -2,7 +2,8 @@
 
 Stages of one batch in `continual_update`, in order: ledger (after the ledger row exists),
 validated, features, scored, updated (model updated, nothing committed), in_commit (inside the
-database transaction, before it commits), committed (committed, before MLflow logging).
+database transaction, before it commits), committed (committed, before MLflow logging). And of a recovery of the live
+model: restored (the registry's checkpoint written, the live model not yet pointed at it).
 LRU_ONLINE_KILL_AFTER=<n> lets the stage pass n times before the kill.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 import os
 import signal
 
-STAGES = ("ledger", "validated", "features", "scored", "updated", "in_commit", "committed")
+BATCH_STAGES = ("ledger", "validated", "features", "scored", "updated", "in_commit", "committed")
+RECOVERY_STAGES = ("restored",)
+STAGES = BATCH_STAGES + RECOVERY_STAGES
 _passes: dict[str, int] = {}
 
 

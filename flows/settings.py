@@ -233,6 +233,13 @@ class IngestSettings(_Section):
     chunk_rows: int = Field(200_000, ge=1000)
 
 
+class RecoverySettings(_Section):
+    # When the live checkpoint is missing or unreadable: "restore" the newest registered version
+    # of the live model in the run itself (recorded, shown by `status`), or "fail" with an error
+    # naming the file and leave it to `lru-online recover`.
+    on_missing_checkpoint: Literal["restore", "fail"] = "restore"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LRU_ONLINE_", env_nested_delimiter="__", extra="forbid")
 
@@ -251,6 +258,7 @@ class Settings(BaseSettings):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
 
     @classmethod
     def settings_customise_sources(

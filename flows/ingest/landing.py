@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -92,7 +93,9 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8-sig", newline="")
 
 
-def _check_header(path: Path, schema: LogSchema) -> None:
+def _check_header(path: Path, schema: LogSchema) -> int:
+    """Refuses an empty header, one split by another delimiter or repeating a name; returns the
+    number of fields the header holds."""
     name = path.name
     with _open_text(path) as handle:
         first = handle.readline()
@@ -106,6 +109,74 @@ def _check_header(path: Path, schema: LogSchema) -> None:
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     if repeated:
         raise BatchReadError(f"{name}: header row repeats column(s) {repeated}")
+    return len(columns)
+
+
+def _check_utf8(path: Path, compression: str | None) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with pa.input_stream(str(path), compression=compression) as stream:
+        while block := stream.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                where = offset + error.start
+                raise BatchReadError(f"{path.name}: not UTF-8 text at byte {where} (a binary file?)") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise BatchReadError(f"{path.name}: not UTF-8 text at byte {offset} (ends inside a character)") from None
+
+
+# Rows of a wrong field count named in the message; the rest are counted.
+NAMED_ROWS = 5
+
+
+def _check_fields(path: Path, fields: int) -> None:
+    """Refuses a CSV file with a row of more or fewer fields than its header: pandas would read
+    the short rows' missing fields as missing values, shifting nothing but losing the fact that
+    the row is broken. A short last row means the file was cut off while written or copied.
+
+    One streamed pass of Arrow's CSV parser (field counts only; a single column is converted)."""
+    import pyarrow.csv as pa_csv
+
+    wrong: list[tuple[int, int]] = []  # (data row, fields) as the parser meets them
+
+    def note(row) -> str:
+        wrong.append(((row.number or 0) - 1, row.actual_columns))
+        return "skip"
+
+    names = [f"c{i}" for i in range(fields)]
+    with path.open("rb") as probe:
+        compression = "gzip" if probe.read(2) == GZIP_MAGIC else None
+    _check_utf8(path, compression)  # a binary file is that, before its field counts are anything
+    good = 0
+    with pa.input_stream(str(path), compression=compression) as stream:
+        reader = pa_csv.open_csv(
+            stream,
+            read_options=pa_csv.ReadOptions(column_names=names, skip_rows=1, use_threads=False, block_size=1 << 22),
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True, invalid_row_handler=note),
+            convert_options=pa_csv.ConvertOptions(include_columns=names[:1], column_types={names[0]: pa.string()}),
+        )
+        for block in reader:
+            good += block.num_rows
+    if not wrong:
+        return
+    last_row, last_fields = wrong[-1]
+    cut_off = last_fields < fields and last_row == good + len(wrong)
+    broken = wrong[:-1] if cut_off else wrong
+    parts = []
+    if broken:
+        named = ", ".join(f"row {row} has {count}" for row, count in broken[:NAMED_ROWS])
+        more = f" and {len(broken) - NAMED_ROWS} more rows" if len(broken) > NAMED_ROWS else ""
+        parts.append(f"{len(broken)} rows do not hold the header's {fields} fields: {named}{more}")
+    if cut_off:
+        parts.append(
+            f"the file ends in the middle of row {last_row} ({last_fields} of {fields} fields): "
+            f"cut off while being written or copied"
+        )
+    raise BatchReadError(f"{path.name}: " + "; ".join(parts))
 
 
 def iter_batch(path: Path, schema: LogSchema, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -130,7 +201,7 @@ def iter_batch(path: Path, schema: LogSchema, chunk_rows: int) -> Iterator[pd.Da
                 produced += len(frame)
                 yield _tidy(frame, schema)
         else:
-            _check_header(path, schema)
+            _check_fields(path, _check_header(path, schema))
             with _open_text(path) as handle:
                 reader = pd.read_csv(
                     handle,

@@ -24,6 +24,8 @@ ORDER_COLUMN = "__timestamp_in_order"
 # Helper column: whether a text timestamp names its time zone like the majority of the batch.
 ZONE_COLUMN = "__timestamp_zone_consistent"
 _ZONED = r"(?:Z|[+-]\d{2}:?\d{2})$"
+# Helper column per label column: whether the label is 0, 1 or empty.
+LABEL_PREFIX = "__label_valid_"
 NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "float16", "float32", "float64", "Int64", "Float64"]
 SAMPLE_ROWS = 5
 
@@ -93,6 +95,8 @@ class BatchValidator:
             ex.ExpectColumnValuesToBeInSet(column=ZONE_COLUMN, value_set=[True]),
             ex.ExpectCompoundColumnsToBeUnique(column_list=[entity, ts]),
         ]
+        for label in schema.label_columns:
+            expectations.append(ex.ExpectColumnValuesToBeInSet(column=LABEL_PREFIX + label, value_set=[True]))
         for sensor in schema.sensors:
             expectations += [
                 ex.ExpectColumnValuesToBeInTypeList(column=sensor.name, type_list=NUMERIC_TYPES),
@@ -121,6 +125,16 @@ class BatchValidator:
             prepared[ORDER_COLUMN] = ~(previous.notna() & current.notna() & (current < previous))
         else:
             prepared[ORDER_COLUMN] = True
+        for label in schema.label_columns:
+            # A label is 0, 1 or empty; numbers as text ("1", "0.0") count as numbers. Valid
+            # columns go on as numbers, so "1" and 1 are one label downstream.
+            if label not in prepared:
+                prepared[LABEL_PREFIX + label] = True
+                continue
+            raw = prepared[label]
+            numbers = pd.to_numeric(raw, errors="coerce")
+            prepared[LABEL_PREFIX + label] = raw.isna() | numbers.isin([0, 1])
+            prepared[label] = numbers
         return prepared
 
     def validate(self, frame: pd.DataFrame, file_name: str, row_offset: int = 0) -> ValidationOutcome:
@@ -154,18 +168,23 @@ class BatchValidator:
                 continue
             if kind == "expect_column_values_to_be_between" and column in not_numeric:
                 continue
-            reason, rows = self._explain(item, prepared, file_name, row_offset)
+            reason, rows = self._explain(item, prepared, frame, file_name, row_offset)
             reasons.append(reason)
             bad_rows.update(rows[:SAMPLE_ROWS])
         if reasons:
             samples = [_row_dict(frame, i, row_offset) for i in sorted(bad_rows)[:SAMPLE_ROWS]]
             return ValidationOutcome(False, reasons, samples)
-        ordered = prepared.drop(columns=[ORDER_COLUMN, ZONE_COLUMN]).sort_values(
+        helpers = [ORDER_COLUMN, ZONE_COLUMN, *(LABEL_PREFIX + label for label in self.schema.label_columns)]
+        ordered = prepared.drop(columns=helpers).sort_values(
             [self.schema.entity_column, self.schema.timestamp_column], kind="stable"
         )
         return ValidationOutcome(True, frame=ordered.reset_index(drop=True))
 
-    def _explain(self, item, frame: pd.DataFrame, file_name: str, row_offset: int) -> tuple[str, list[int]]:
+    def _explain(
+        self, item, frame: pd.DataFrame, original: pd.DataFrame, file_name: str, row_offset: int
+    ) -> tuple[str, list[int]]:
+        """The one-line reason of a failed expectation and its rows; `frame` is what GE saw,
+        `original` the rows as read."""
         config = item.expectation_config
         kind = config.type
         column = config.kwargs.get("column")
@@ -216,6 +235,15 @@ class BatchValidator:
             return (
                 f"{file_name}: column '{self.schema.timestamp_column}': {count} timestamps differ from the rest in "
                 f"carrying a time zone (mixed naive and zoned times) at {where}",
+                rows,
+            )
+        if kind == "expect_column_values_to_be_in_set" and column.startswith(LABEL_PREFIX):
+            label = column[len(LABEL_PREFIX) :]
+            shown = original[label].iloc[rows[:3]] if label in original else []
+            values = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in shown)
+            return (
+                f"{file_name}: column '{label}': {count} of {total} labels are not 0, 1 or empty at {where} "
+                f"(e.g. {values})",
                 rows,
             )
         if kind == "expect_compound_columns_to_be_unique":

@@ -20,6 +20,7 @@ from flows.model.reference import build_reference
 from flows.monitor.tracking import CHAMPION, Tracker, flat_settings
 from flows.storage.line_states import json_safe
 from flows.storage.models import ModelState
+from flows.storage.work_folder import stored_path
 from lru_online.learner import forecast_error, lines_per_step_for
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def train_initial(live: LiveModel, tracker: Tracker, picked: list[pd.DataFrame])
             session.add(
                 ModelState(
                     pipeline=settings.pipeline,
-                    checkpoint_path=str(checkpoint),
+                    checkpoint_path=stored_path(settings.workdir, checkpoint),
                     champion_version=version,
                     online_run_id=online_run,
                     reference=json_safe(reference),
@@ -77,6 +78,7 @@ def train_initial(live: LiveModel, tracker: Tracker, picked: list[pd.DataFrame])
     except IntegrityError:
         log.warning("another run finished initial training first; using its model")
         tracker.end_run(online_run, "KILLED")
+        checkpoint.unlink(missing_ok=True)
         return live.state().champion_version
     log.info("initial model: version %s from %d batches (%d rows)", version, len(picked), len(raw))
     return version

@@ -7,6 +7,7 @@ memory is reloaded only when that version moves under it (another run's commit, 
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,11 +16,23 @@ from flows.settings import Settings
 from flows.storage.database import Database
 from flows.storage.line_states import StaleModel
 from flows.storage.models import ModelState
+from flows.storage.work_folder import remove_inside, resolved_path
 from lru_online import OnlineLearner
 
 
 class CheckpointRefused(RuntimeError):
     """A checkpoint that would need pickle code execution to load."""
+
+
+class CheckpointMissing(RuntimeError):
+    """The committed live checkpoint is gone or unreadable; the message names the file."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"the live model's checkpoint {path} {why}; `lru-online recover` restores the live model "
+            f"from the registry (recovery.on_missing_checkpoint: restore does it in the run)"
+        )
+        self.path = path
 
 
 class LiveModel:
@@ -40,18 +53,40 @@ class LiveModel:
         if state is None:
             raise RuntimeError("no live model yet: run initial training first")
         if self.learner is None or self.version != state.version:
+            path = self.checkpoint(state)
             try:
-                self.learner = load_learner(Path(state.checkpoint_path), self.settings)
+                self.learner = load_learner(path, self.settings)
             except FileNotFoundError:
-                # A concurrent run committed a newer checkpoint and removed this one.
-                raise StaleModel(f"checkpoint {state.checkpoint_path} was replaced") from None
+                if self._moved_on(state):  # a concurrent run committed a newer one and removed it
+                    raise StaleModel(f"checkpoint {path} was replaced") from None
+                raise CheckpointMissing(path, "does not exist") from None
             except pickle.UnpicklingError as error:
+                if not zipfile.is_zipfile(path):  # torch writes zip archives: this is no checkpoint
+                    raise CheckpointMissing(path, "cannot be read (not a checkpoint file)") from None
                 raise CheckpointRefused(
-                    f"checkpoint {state.checkpoint_path} holds more than tensors and plain data; "
+                    f"checkpoint {path} holds more than tensors and plain data; "
                     f"refused to load it: {str(error).splitlines()[0]}"
                 ) from None
+            except (RuntimeError, EOFError, OSError, KeyError) as error:
+                if self._moved_on(state):
+                    raise StaleModel(f"checkpoint {path} was replaced") from None
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise CheckpointMissing(path, f"cannot be read ({reason})") from None
             self.version = state.version
         return self.learner
+
+    def checkpoint(self, state: ModelState) -> Path:
+        """The live checkpoint's file in this work folder."""
+        return resolved_path(self.settings.workdir, state.checkpoint_path)
+
+    def _moved_on(self, loaded: ModelState) -> bool:
+        current = self.state()
+        return current is not None and current.version != loaded.version
+
+    def remove_checkpoint(self, stored: str) -> None:
+        """Deletes a checkpoint no longer live; never a file outside this work folder's
+        checkpoints (a path stored by another folder's run)."""
+        remove_inside(self.settings.paths.checkpoints, resolved_path(self.settings.workdir, stored))
 
     def drop(self) -> None:
         """Forgets the in-memory learner: the next use loads the committed one."""

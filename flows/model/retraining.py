@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +27,7 @@ from flows.model.reference import build_reference
 from flows.monitor.tracking import CHALLENGER, CHAMPION, Tracker, flat_settings
 from flows.storage.line_states import json_safe
 from flows.storage.models import BatchSummary, EntityState, ModelState, RetrainDecision
+from flows.storage.work_folder import resolved_path, stored_path
 from lru_online import OnlineLearner
 from lru_online.learner import lines_per_step_for
 
@@ -91,7 +91,7 @@ def _load_window(live: LiveModel) -> RecentWindow | None:
     ]
     frames = []
     for path, group in summaries.groupby("features_path", sort=False):
-        frame = pd.read_parquet(path, columns=columns)
+        frame = pd.read_parquet(resolved_path(live.settings.workdir, path), columns=columns)
         frame[spec.entity_column] = frame[spec.entity_column].astype(str)
         tags = group[["entity", "sequence", "held_out"]].rename(columns={"entity": spec.entity_column})
         frames.append(frame.merge(tags, on=spec.entity_column, how="inner"))
@@ -190,7 +190,7 @@ def retrain(
                 .execution_options(synchronize_session=False),
                 [{"key": entity, "hidden": hidden} for entity, hidden in challenger_states.items()],
             )
-            model.checkpoint_path = str(checkpoint)
+            model.checkpoint_path = stored_path(settings.workdir, checkpoint)
             model.champion_version = challenger_version
         model.reference = reference
         model.drift_since_sequence = latest or 0
@@ -213,11 +213,11 @@ def retrain(
     if promoted:
         tracker.set_alias(CHAMPION, challenger_version)
         live.drop()  # the new champion is loaded on next use
-        Path(state.checkpoint_path).unlink(missing_ok=True)
+        live.remove_checkpoint(state.checkpoint_path)
     else:
         if live.version == loaded_version:
             live.version = new_version  # same weights, only the reference moved
-        Path(checkpoint).unlink(missing_ok=True)
+        checkpoint.unlink(missing_ok=True)  # this run's own file, just written
     tracker.log_metrics(run_id, {"promoted": float(promoted)}, step=0)
     tracker.end_run(run_id)
     log.info("retrain (%s): %s", trigger, reason)

@@ -5,27 +5,24 @@ error over its recent batches with the drift events marked, and a JSON summary. 
 per file with detections, so it may read the line's output file back.
 
 In a fleet some line drifts every few files, and drawing takes a few hundred milliseconds of
-matplotlib, which holds the GIL: `ReportWriter` draws in one helper process beside the driver,
-so the next file does not wait for the pictures.
+matplotlib, which holds the GIL: reports are drawn by the run's helper process
+(`flows.monitor.helper`), so the next file does not wait for the pictures.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import func, select, update
 
-from flows.settings import DriftSettings, Settings
+from flows.settings import DriftSettings
 from flows.storage.database import Database
 from flows.storage.models import BatchSummary, DriftEvent
+from flows.storage.work_folder import resolved_path
 
 # Batches of the line's history shown in the error plot.
 HISTORY_BATCHES = 200
@@ -40,7 +37,9 @@ def write_report(
     sensors: tuple[str, ...],
     settings: DriftSettings,
     pipeline: str,
+    root: Path,
 ) -> None:
+    """`root`: the work folder the stored output paths are relative to."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state
 
     first = events[0]
@@ -68,7 +67,7 @@ def write_report(
                 .distinct()
             )
         )
-    batch = pd.read_parquet(newest.features_path, filters=[("entity", "==", entity)])
+    batch = pd.read_parquet(resolved_path(root, newest.features_path), filters=[("entity", "==", entity)])
 
     # Fixed margins: a layout engine costs more than the drawing.
     figure = Figure(figsize=(3.2 * len(sensors), 2.8))
@@ -129,6 +128,7 @@ def report_to_mlflow(
     sensors: tuple[str, ...],
     settings: DriftSettings,
     pipeline: str,
+    root: Path,
 ) -> str:
     """Writes the report of the detections `event_ids` (one file part's) into the run's
     artifacts and records where on each event. The report shows the first line that fired;
@@ -152,100 +152,8 @@ def report_to_mlflow(
             .all()
         )
     with tempfile.TemporaryDirectory() as tmp:
-        write_report(db, Path(tmp), events, fired, reference, sensors, settings, pipeline)
+        write_report(db, Path(tmp), events, fired, reference, sensors, settings, pipeline, root)
         uri = tracker.log_artifacts(run_id, Path(tmp), f"drift/event-{event_ids[0]:05d}")
     with db.session() as session:
         session.execute(update(DriftEvent).where(DriftEvent.sequence == first.sequence).values(report_uri=uri))
     return uri
-
-
-class ReportWriter:
-    """Drift reports written, in order, by one helper process started at the first report of a
-    run (`python -m flows.monitor.drift_report`, jobs as JSON lines on its stdin): a process of
-    its own, not multiprocessing's, which would import the caller's main script again."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._helper: subprocess.Popen | None = None
-        self._pending = 0
-
-    def submit(self, run_id: str, event_ids: list[int], reference: dict) -> None:
-        if self._helper is None:
-            self._helper = subprocess.Popen(
-                [sys.executable, "-m", "flows.monitor.drift_report"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        # The job goes in a file: a line longer than the pipe's buffer would block the driver until
-        # the helper, still importing at its first job, reads it.
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, prefix="drift-report-") as job:
-            json.dump({"settings": self.settings.model_dump(mode="json"), "run_id": run_id,
-                       "events": event_ids, "reference": reference}, job)  # fmt: skip
-        self._helper.stdin.write(job.name + "\n")
-        self._helper.stdin.flush()
-        self._pending += 1
-
-    def wait(self) -> None:
-        """Waits for every report submitted; raises the first failure (after waiting for all)."""
-        failures = []
-        while self._pending:
-            self._pending -= 1
-            line = self._helper.stdout.readline()
-            answer = json.loads(line) if line else {"error": "the drift report helper exited"}
-            if "error" in answer:
-                failures.append(answer["error"])
-        if failures:
-            raise RuntimeError(f"drift report failed: {failures[0]}")
-
-    def close(self) -> None:
-        """Waits for the reports still being written, without raising, and ends the helper."""
-        if self._helper is None:
-            return
-        try:
-            self.wait()
-        except RuntimeError:
-            pass  # raised by wait() already where the run could still fail
-        finally:
-            self._helper.stdin.close()
-            self._helper.wait(timeout=60)
-            self._helper = None
-
-
-def _serve(jobs: IO[str], answers: IO[str]) -> None:
-    """The helper's loop: one report per job file named on a line, one answer line each."""
-    from flows.monitor.tracking import Tracker
-
-    opened: dict[str, tuple] = {}  # per settings: database and MLflow client, kept between jobs
-    for line in jobs:
-        path = Path(line.strip())
-        try:
-            job = json.loads(path.read_text())
-            path.unlink()
-            key = json.dumps(job["settings"], sort_keys=True)
-            if key not in opened:
-                settings = Settings.model_validate(job["settings"])
-                opened[key] = (settings, Database(settings.database_url), Tracker(settings))
-            settings, db, tracker = opened[key]
-            uri = report_to_mlflow(
-                db,
-                tracker,
-                job["run_id"],
-                job["events"],
-                job["reference"],
-                settings.feature_spec.sensors,
-                settings.drift,
-                settings.pipeline,
-            )
-            answer = {"uri": uri}
-        except Exception as error:  # reported to the run, which fails on it
-            answer = {"error": f"{type(error).__name__}: {error}"}
-        answers.write(json.dumps(answer) + "\n")
-        answers.flush()
-
-
-if __name__ == "__main__":
-    # Answers go out on the real stdout; anything a library prints goes to stderr instead.
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    _serve(sys.stdin, answers)

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from flows.monitor.tracking import CHALLENGER, CHAMPION, Tracker
 from flows.settings import Settings
 from flows.storage.database import Database, masked
 from flows.storage.ledger import Ledger
+from flows.storage.models import ModelRecovery
 
 
 def pipeline_status(settings: Settings) -> dict:
     db = Database(settings.database_url)
     try:
         db.migrate()
-        accounting = Ledger(db, settings.paths.archive, settings.paths.quarantine).accounting()
+        accounting = Ledger(db, settings.workdir, settings.paths.archive, settings.paths.quarantine).accounting()
         tracker = Tracker(settings)
         versions = tracker.versions()
+        with db.session() as session:
+            recoveries = [
+                {
+                    "at": r.recovered_at.isoformat(timespec="seconds"),
+                    "restored_version": r.restored_version,
+                    "restored_kind": r.restored_kind,
+                    "missing_checkpoint": r.missing_checkpoint,
+                    "reason": r.reason,
+                    "trigger": r.trigger,
+                    "mlflow_run_id": r.mlflow_run_id,
+                }
+                for r in session.scalars(select(ModelRecovery).order_by(ModelRecovery.id))
+            ]
         return {
             "pipeline": settings.pipeline,
             **accounting,
@@ -22,6 +38,7 @@ def pipeline_status(settings: Settings) -> dict:
             "versions": versions,
             "champion_version": tracker.alias_version(CHAMPION),
             "challenger_version": tracker.alias_version(CHALLENGER),
+            "recoveries": recoveries,
             "paths": {
                 name: str(getattr(settings.paths, name)) for name in ("landing", "quarantine", "archive", "output")
             },

@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from flows.settings import Settings
 from flows.storage.database import Database, masked
 from flows.storage.models import ModelState, SequenceMetrics
+from flows.storage.work_folder import resolved_path
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Tracker:
 
         experiment = self.client.get_experiment_by_name(settings.tracking.experiment)
         if experiment is not None:
+            relocate_copied_store(settings, experiment.artifact_location)
             return experiment.experiment_id
         location = settings.tracking.artifact_location
         try:
@@ -162,6 +164,64 @@ class Tracker:
         )
 
 
+# MLflow's own records of where artifacts lie, by (table, column).
+ARTIFACT_LOCATIONS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+    ("logged_models", "artifact_location"),
+)
+
+
+def relocate_copied_store(settings: Settings, recorded: str) -> bool:
+    """Points the embedded MLflow store of a copied (or moved) work folder at its own artifacts.
+
+    MLflow records artifact locations as absolute URIs, so in a copy they still name the
+    original's folder: the copy's runs would write into it and its registry would read from it
+    (and break once the original is gone). When both the tracking database and the artifact
+    folder belong to this work folder, the artifacts were copied along and the recorded prefix
+    is rewritten in MLflow's tables. True when something was rewritten."""
+    location = settings.tracking.artifact_location
+    uri = settings.tracking.tracking_uri
+    if not location or "://" in location or not uri.startswith("sqlite:///"):
+        return False
+    database = Path(uri.removeprefix("sqlite:///"))
+    folder = Path(location).expanduser().resolve()
+    if not (database.is_relative_to(settings.workdir) and folder.is_relative_to(settings.workdir)):
+        return False
+    wanted = folder.as_uri()
+    if recorded.rstrip("/") == wanted or not recorded.startswith("file://") or not folder.is_dir():
+        return False
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(uri)
+    try:
+        tables = inspect(engine)
+        with engine.begin() as connection:
+            for table, column in ARTIFACT_LOCATIONS:
+                if table not in tables.get_table_names():
+                    continue
+                if column not in {c["name"] for c in tables.get_columns(table)}:
+                    continue
+                connection.execute(
+                    text(
+                        f"UPDATE {table} SET {column} = :new || substr({column}, :cut) "
+                        f"WHERE substr({column}, 1, :length) = :old"
+                    ),
+                    {
+                        "new": wanted,
+                        "old": recorded.rstrip("/"),
+                        "cut": len(recorded.rstrip("/")) + 1,
+                        "length": len(recorded.rstrip("/")),
+                    },  # fmt: skip
+                )
+    finally:
+        engine.dispose()
+    log.warning("MLflow artifacts recorded under %s now point at this work folder's %s", recorded, wanted)
+    return True
+
+
 def _artifact_uri(location: str) -> str:
     if "://" in location:
         return location
@@ -209,7 +269,7 @@ def snapshot_if_due(db: Database, tracker: Tracker, settings: Settings) -> str |
         state = session.get(ModelState, settings.pipeline)
         if not every or state is None or state.batches_since_snapshot < every:
             return None
-        run_id, checkpoint = state.online_run_id, Path(state.checkpoint_path)
+        run_id, checkpoint = state.online_run_id, resolved_path(settings.workdir, state.checkpoint_path)
     version = tracker.register(run_id, checkpoint, "snapshot")
     with db.session() as session:
         # Not a new model: the version lock stays, so the loaded learner stays current.

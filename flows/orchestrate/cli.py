@@ -38,6 +38,9 @@ def _settings(config: Path | None, workdir: Path | None):
 
     try:
         settings = load_settings(config, workdir)
+        # Prefect's local state (flow runs of the local API) belongs to the work folder, so one
+        # plant's history is not split from, or mixed with, another's in ~/.prefect.
+        os.environ.setdefault("PREFECT_HOME", str(settings.workdir / ".prefect"))
         if settings.prefect.api_url:
             # Flows started from here report to the configured server instead of a local API.
             os.environ["PREFECT_API_URL"] = settings.prefect.api_url
@@ -127,6 +130,27 @@ def retrain(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
 
 
 @app.command()
+def recover(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
+    """Restores a missing or unreadable live checkpoint from the registry's newest live version."""
+    settings = _settings(config, workdir)
+    from flows.model.recovery import NoRegisteredVersion, NothingToRecover, restore_live_model
+    from flows.orchestrate.pipeline import Pipeline
+
+    pipeline = Pipeline(settings)
+    try:
+        recovery = restore_live_model(pipeline.live, pipeline.tracker, pipeline.ledger, trigger="command")
+    except NothingToRecover as nothing:
+        typer.echo(str(nothing))
+        return
+    except NoRegisteredVersion as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        pipeline.close()
+    typer.echo(recovery.describe())
+
+
+@app.command()
 def serve(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
     """Deploys continual_update on its schedule and retrain on the drift event.
 
@@ -187,6 +211,11 @@ def status(
 
 def _summary(report: dict) -> str:
     b, r = report["batches"], report["rows"]
+    recoveries = [
+        f"recovered: {item['at']} live model restored from version {item['restored_version']} "
+        f"({item['restored_kind']}, by {item['trigger']}): {item['reason']}"
+        for item in report.get("recoveries", [])
+    ]
     return "\n".join(
         [
             f"batches: {b['processed']} processed, {b['quarantined']} quarantined, {b['duplicate']} duplicate, "
@@ -195,6 +224,7 @@ def _summary(report: dict) -> str:
             f" + {r['late']} late",
             f"drift events: {report['drift_events']}",
             f"model versions: {report['model_versions']}, champion: version {report['champion_version']}",
+            *recoveries,
         ]
     )
 
@@ -209,7 +239,6 @@ def demo(
     import time
 
     workdir = workdir.resolve()
-    os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
     started = time.perf_counter()
     settings = _settings(None, workdir)
     if not any(settings.paths.landing.iterdir()) and not (workdir / "ground_truth.json").exists():

@@ -8,6 +8,7 @@ A file is processed part by part (a part is the whole file unless it holds more 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -23,14 +24,15 @@ from flows.ingest.checks import FileCheck
 from flows.ingest.landing import BatchReadError, discover, iter_batch
 from flows.model.file_step import FinishedLines, ScoredLines, learn_lines, score_lines
 from flows.model.fleet import save_checkpoint
-from flows.model.live import CheckpointRefused, LiveModel
-from flows.monitor.drift_report import ReportWriter
+from flows.model.live import CheckpointMissing, CheckpointRefused, LiveModel
+from flows.monitor.helper import MonitorHelper
 from flows.orchestrate.line_work import DaskLineWork, LocalLineWork
 from flows.settings import Settings
 from flows.storage.database import Database
 from flows.storage.ledger import DiscoveryResult, Ledger
 from flows.storage.line_states import LineUpdate, PartCommit, StaleModel, commit_part, read_carried
 from flows.storage.models import Batch, BatchStatus
+from flows.storage.work_folder import stored_path
 
 log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 3
@@ -70,12 +72,12 @@ class Pipeline:
         settings.ensure_folders()
         self.db = Database(settings.database_url)
         self.db.migrate()
-        self.ledger = Ledger(self.db, settings.paths.archive, settings.paths.quarantine)
+        self.ledger = Ledger(self.db, settings.workdir, settings.paths.archive, settings.paths.quarantine)
         self.spec = settings.feature_spec
         self._validator = None
         self._tracker = None
         self.live = LiveModel(settings, self.db)
-        self.reports = ReportWriter(settings)
+        self.monitor = MonitorHelper(settings)
         self.local_work = LocalLineWork()
         self.dask_work: DaskLineWork | None = None
 
@@ -103,7 +105,7 @@ class Pipeline:
         return self.dask_work
 
     def close(self) -> None:
-        self.reports.close()
+        self.monitor.close()
         if self.dask_work is not None:
             self.dask_work.close()
         self.db.dispose()
@@ -128,7 +130,8 @@ class Pipeline:
 
     # --- one file -------------------------------------------------------------------------
     def _chunks(self, batch: Batch) -> Iterator[pd.DataFrame]:
-        return iter_batch(Path(batch.source_file), self.settings.log_schema, self.settings.ingest.chunk_rows)
+        source = self.ledger.path(batch.source_file)
+        return iter_batch(source, self.settings.log_schema, self.settings.ingest.chunk_rows)
 
     def initial_frames(self) -> list[pd.DataFrame]:
         """The validated rows of the first `initial_training.batches` valid pending files (their
@@ -182,7 +185,7 @@ class Pipeline:
             return self._process_parts(batch, result, self._checked_part(batch, check), self.local_work, started)
         try:
             return self._process_parts(batch, result, self._checked_part(batch, check), self.connect_dask(), started)
-        except (StaleModel, CheckpointRefused):
+        except (StaleModel, CheckpointRefused, CheckpointMissing):
             raise
         except Exception as error:  # a lost worker, say: the ledger tells what was committed
             log.warning("batch %s on Dask failed (%s); processing it in the driver", batch_id, error)
@@ -265,8 +268,23 @@ class Pipeline:
         finally:
             self.ledger.release_all(leases)
 
+    def _live_learner(self):
+        """The live learner; a missing or unreadable checkpoint is restored from the registry
+        first when `recovery.on_missing_checkpoint` says so."""
+        try:
+            return self.live.load()
+        except CheckpointMissing as missing:
+            if self.settings.recovery.on_missing_checkpoint != "restore":
+                raise
+            log.warning("%s: restoring it from the registry", missing)
+            from flows.model.recovery import NothingToRecover, restore_live_model
+
+            with contextlib.suppress(NothingToRecover):  # another process restored it meanwhile
+                restore_live_model(self.live, self.tracker, self.ledger, trigger="run")
+            return self.live.load()
+
     def _learn_and_commit(self, batch: Batch, part: FilePart, work) -> BatchResult:
-        learner = self.live.load()
+        learner = self._live_learner()
         model_version = self.live.version
         model = self.live.state()
         timings = {"validate": part.validate_seconds}
@@ -315,7 +333,7 @@ class Pipeline:
             worker_seconds = {k: sum(f.seconds[k] for f in finished) for k in ("drift", "output")}
             share = finish_seconds / max(sum(worker_seconds.values()), 1e-9)
             timings.update({k: v * share for k, v in worker_seconds.items()})
-            lines = _line_updates([prepared[i] for i in learned], scored, finished)
+            lines = _line_updates([prepared[i] for i in learned], scored, finished, self.settings.workdir)
             metrics = _part_metrics(scored, features, finished, late)
             metrics.update({f"seconds_{k}": v for k, v in timings.items()})
             metrics["rows_per_second"] = metrics["rows"] / max(sum(timings.values()), 1e-9)
@@ -335,7 +353,8 @@ class Pipeline:
             drift_action=DRIFT_ACTIONS[self.settings.drift.on_detect],
         )
         try:
-            committed = commit_part(self.db, self.settings.pipeline, commit, carried, model_version, checkpoint)
+            stored = stored_path(self.settings.workdir, checkpoint) if checkpoint is not None else None
+            committed = commit_part(self.db, self.settings.pipeline, commit, carried, model_version, stored)
         except BaseException:
             if checkpoint is not None:
                 checkpoint.unlink(missing_ok=True)
@@ -345,8 +364,8 @@ class Pipeline:
         if lines or committed.drift_event_ids:
             self.live.version = committed.model_version
         # Registered versions keep their own copy in MLflow; only the newest one is live.
-        if lines and committed.previous_checkpoint != str(checkpoint):
-            Path(committed.previous_checkpoint).unlink(missing_ok=True)
+        if lines and committed.previous_checkpoint != stored:
+            self.live.remove_checkpoint(committed.previous_checkpoint)
         if part.last:
             self.ledger.finish_move(batch.id)
         return BatchResult(
@@ -381,7 +400,7 @@ def _accumulate(total: BatchResult, part: BatchResult) -> None:
         total.timings[key] = total.timings.get(key, 0.0) + value
 
 
-def _line_updates(prepared: list, scored: ScoredLines, finished: list[FinishedLines]) -> list[LineUpdate]:
+def _line_updates(prepared: list, scored: ScoredLines, finished: list[FinishedLines], root: Path) -> list[LineUpdate]:
     updates = []
     for group, done in zip(prepared, finished, strict=True):
         features = group.features
@@ -400,7 +419,7 @@ def _line_updates(prepared: list, scored: ScoredLines, finished: list[FinishedLi
                     last_ts=last,
                     metrics=done.metrics[entity],
                     drift_stats=done.drift_stats[entity],
-                    output_path=str(done.output_path),
+                    output_path=stored_path(root, done.output_path),
                 )
             )
     return updates

@@ -74,7 +74,7 @@ def report_drift(pipeline: Pipeline, result: BatchResult) -> list[int]:
     if not event_ids:
         return []
     state = pipeline.live.state()
-    pipeline.reports.submit(state.online_run_id, event_ids, state.reference or {})
+    pipeline.monitor.report(state.online_run_id, event_ids, state.reference or {})
     with pipeline.db.session() as session:
         events = list(session.scalars(select(DriftEvent).where(DriftEvent.sequence == result.sequence)))
     pipeline.tracker.log_metrics(
@@ -128,7 +128,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
             logger.info("no valid batch to train an initial model on yet")
         pending = pipeline.ledger.pending() if pipeline.live.state() is not None else []
         pending = pending[:max_batches] if max_batches else pending
-        files = [(batch_id, Path(pipeline.ledger.get(batch_id).source_file)) for batch_id in pending]
+        files = [(batch_id, pipeline.ledger.path(pipeline.ledger.get(batch_id).source_file)) for batch_id in pending]
         work = (pipeline.connect_dask() if files else None) or pipeline.local_work
         checked = work.checked_ahead(settings, files)
         progress = _Progress(len(files))
@@ -143,7 +143,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
             if result.status == BatchStatus.PROCESSED:
                 timings.append({"batch_id": batch_id, "rows": result.rows_scored, "seconds": result.timings})
                 _after_commit(pipeline, result, counts, config, started)
-        pipeline.reports.wait()  # a report that failed fails the run, as any task would
+        pipeline.monitor.wait()  # a report or tracking that failed fails the run, as a task would
         return {"run": counts, "processed_files": timings, **pipeline.ledger.accounting()}
     finally:
         pipeline.ledger.release(run_lease)
@@ -170,10 +170,11 @@ class _Progress:
 def _after_commit(pipeline: Pipeline, result: BatchResult, counts: dict, config: str | None, started: datetime) -> None:
     """Tracking and drift for a committed file; drift retrains or emits the event as configured."""
     settings = pipeline.settings
-    track_batches(pipeline, started)
-    event_ids = report_drift(pipeline, result)
-    if not event_ids:
+    pipeline.monitor.track(started)  # logged by the helper process while the next file runs
+    snapshot_if_due(pipeline.db, pipeline.tracker, settings)
+    if not result.drift_event_ids:
         return
+    event_ids = report_drift(pipeline, result)
     counts["drift_events"] += len(event_ids)
     if settings.drift.on_detect == "retrain":
         retrain_flow(config=config, workdir=str(settings.workdir), trigger="drift", drift_event_id=event_ids[0])

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from flows.ingest.landing import LandedFile, content_hash
 from flows.storage.database import Database
 from flows.storage.models import Arrival, Batch, DriftEvent, Lease
+from flows.storage.work_folder import resolved_path, stored_path
 
 LEASE_SECONDS = 600
 
@@ -92,10 +93,16 @@ class DiscoveryResult:
 
 
 class Ledger:
-    def __init__(self, db: Database, archive: Path, quarantine: Path) -> None:
+    def __init__(self, db: Database, root: Path, archive: Path, quarantine: Path) -> None:
+        """`root`: the work folder; paths inside it are stored relative to it."""
         self.db = db
+        self.root = root
         self.archive = archive
         self.quarantine = quarantine
+
+    def path(self, stored: str) -> Path:
+        """The file a path stored in the ledger names, in this work folder."""
+        return resolved_path(self.root, stored)
 
     # --- arrivals -------------------------------------------------------------------------
     def record(self, landed: LandedFile) -> tuple[str, int]:
@@ -105,7 +112,7 @@ class Ledger:
         away, is a duplicate arrival: counted, archived, never processed again.
         """
         digest = content_hash(landed.path)
-        path = str(landed.path.resolve())
+        path = stored_path(self.root, landed.path.resolve())
         try:
             return self._record(landed, digest, path)
         except IntegrityError:
@@ -153,12 +160,13 @@ class Ledger:
         with self.db.session() as session:
             batch = session.scalar(select(Batch).where(Batch.content_hash == digest))
             if batch is None:
-                batch = Batch(content_hash=digest, source_file=str(path.absolute()), size_bytes=0, status="pending")
+                stored = stored_path(self.root, path)
+                batch = Batch(content_hash=digest, source_file=stored, size_bytes=0, status="pending")
                 session.add(batch)
                 session.flush()
                 session.add(
                     Arrival(
-                        path=str(path.absolute()),
+                        path=stored,
                         content_hash=digest,
                         size_bytes=0,
                         outcome="new",
@@ -173,11 +181,11 @@ class Ledger:
         """Completes the move of a finished batch's file that a crash left in the landing folder."""
         with self.db.session() as session:
             batch = session.get(Batch, batch_id)
-            source = Path(batch.source_file)
+            source = self.path(batch.source_file)
             if not source.exists() and not source.is_symlink():
                 return
             folder = self.quarantine if batch.status == "quarantined" else self.archive
-            batch.stored_at = str(move_into(source, folder))
+            batch.stored_at = stored_path(self.root, move_into(source, folder))
 
     # --- lifecycle ------------------------------------------------------------------------
     def pending(self) -> list[int]:
@@ -199,12 +207,12 @@ class Ledger:
             batch.rows_received += rows
             batch.rows_quarantined += rows
             batch.processed_at = datetime.now(UTC)
-        source = Path(batch.source_file)
+        source = self.path(batch.source_file)
         if not source.exists() and not source.is_symlink():
             return None
         stored = move_into(source, self.quarantine)
         with self.db.session() as session:
-            session.get(Batch, batch_id).stored_at = str(stored)
+            session.get(Batch, batch_id).stored_at = stored_path(self.root, stored)
         return stored
 
     # --- leases ---------------------------------------------------------------------------

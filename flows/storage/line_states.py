@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import bindparam, func, insert, select, update
@@ -124,10 +123,11 @@ def commit_part(
     part: PartCommit,
     loaded: CarriedLines,
     model_version: int,
-    checkpoint: Path | None,
+    checkpoint: str | None,
 ) -> Committed:
-    """One transaction: line states, the live checkpoint, the ledger, the summaries, the part's
-    metrics and drift events. Raises StaleModel when a line, the model or the batch moved on."""
+    """One transaction: line states, the live checkpoint (as stored: relative to the work
+    folder), the ledger, the summaries, the part's metrics and drift events. Raises StaleModel
+    when a line, the model or the batch moved on."""
     try:
         with db.session() as session:
             model = session.get(ModelState, pipeline)
@@ -136,7 +136,7 @@ def commit_part(
             previous = model.checkpoint_path
             sequence = None
             if part.lines:
-                model.checkpoint_path = str(checkpoint)
+                model.checkpoint_path = checkpoint
                 model.batches_since_snapshot += 1
                 sequence = (session.scalar(select(func.max(BatchSummary.sequence))) or 0) + 1
                 _write_lines(session, part.lines, loaded)

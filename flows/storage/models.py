@@ -142,6 +142,23 @@ class ModelState(Base):
     __mapper_args__ = {"version_id_col": version}
 
 
+class ModelRecovery(Base):
+    """A live model restored from the registry after its checkpoint went missing or unreadable."""
+
+    __tablename__ = "model_recoveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(200))
+    missing_checkpoint: Mapped[str] = mapped_column(Text)  # as stored: relative to the work folder
+    reason: Mapped[str] = mapped_column(Text)
+    restored_version: Mapped[str] = mapped_column(String(50))
+    restored_kind: Mapped[str | None] = mapped_column(String(30))  # initial | snapshot | challenger
+    checkpoint_path: Mapped[str] = mapped_column(Text)  # the restored checkpoint
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    trigger: Mapped[str] = mapped_column(String(30))  # run | command
+    recovered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class BatchSummary(Base):
     """Per-line figures of each committed batch part: the line's history for retraining and
     drift reports."""

@@ -29,6 +29,7 @@ from flows.secrets import install_log_masking, mask_secrets
 from flows.settings import load_settings
 from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, ModelState
+from flows.storage.work_folder import resolved_path
 from tests.flows.helpers import small_config, small_plant
 
 runner = CliRunner()
@@ -101,7 +102,7 @@ def test_a_tampered_checkpoint_is_refused_not_executed(tmp_path, prefect_api):
     continual_update(config=config)
     db = Database(settings.database_url)
     with db.session() as session:
-        checkpoint = Path(session.get(ModelState, settings.pipeline).checkpoint_path)
+        checkpoint = resolved_path(settings.workdir, session.get(ModelState, settings.pipeline).checkpoint_path)
     marker = tmp_path / "pwned"
     import torch
 

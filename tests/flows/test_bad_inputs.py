@@ -18,6 +18,7 @@ from flows.monitor.status import balanced, pipeline_status
 from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import Batch, EntityState
+from flows.storage.work_folder import resolved_path
 from tests.flows.helpers import small_config
 
 ROWS = 40
@@ -77,6 +78,15 @@ def _naive_and_zoned(entity: str) -> bytes:
     data = frame(entity)
     data.loc[:4, "timestamp"] = data.loc[:4, "timestamp"].str.rstrip("Z")
     return csv_bytes(data)
+
+
+def _drop_last_field(content: bytes, rows: tuple[int, ...]) -> bytes:
+    """The data rows `rows` (1-based) lose their last field, as a writer that skips empty
+    trailing values would leave them."""
+    lines = content.split(b"\n")
+    for row in rows:
+        lines[row] = lines[row].rsplit(b",", 1)[0]
+    return b"\n".join(lines)
 
 
 def _late(entity: str) -> bytes:
@@ -192,7 +202,60 @@ CASES = [
         "ragged.csv",
         csv_bytes(frame("c-ragged")) + b"c-ragged,2026-02-01T01:00:00Z,1,2,3,4,5,0,extra,fields\n",
         "quarantined",
-        "ragged.csv: malformed CSV",
+        "ragged.csv: 1 rows do not hold the header's 8 fields: row 41 has 10",
+    ),
+    Case(
+        "short-rows.csv",
+        lambda tmp: _drop_last_field(csv_bytes(frame("c-short")), rows=(3, 7)),
+        "quarantined",
+        "short-rows.csv: 2 rows do not hold the header's 8 fields: row 3 has 7, row 7 has 7",
+    ),
+    Case(
+        "cut-off.csv",
+        csv_bytes(frame("c-cut")).rstrip(b"\n").rsplit(b",", 3)[0],
+        "quarantined",
+        "cut-off.csv: the file ends in the middle of row 40 (5 of 8 fields)",
+    ),
+    Case(
+        "cut-off.csv.gz",
+        gzip.compress(csv_bytes(frame("c-cutgz"))[:-9]),
+        "quarantined",
+        "cut-off.csv.gz: the file ends in the middle of row 40",
+    ),
+    Case(
+        "trailing-comma.csv",
+        csv_bytes(frame("c-trail")).replace(b"\n", b",\n").replace(b"anomaly,\n", b"anomaly\n", 1),
+        "quarantined",
+        "40 rows do not hold the header's 8 fields: row 1 has 9",
+    ),
+    Case(
+        "label-seven.csv",
+        with_column("c-l7", "anomaly", [0] * 5 + [7] + [0] * (ROWS - 6)),
+        "quarantined",
+        "column 'anomaly': 1 of 40 labels are not 0, 1 or empty at rows 6 (e.g. 7",
+    ),
+    Case(
+        "label-inf.csv",
+        with_column("c-linf", "anomaly", [np.inf] + [0.0] * (ROWS - 1)),
+        "quarantined",
+        "column 'anomaly': 1 of 40 labels are not 0, 1 or empty at rows 1 (e.g. inf)",
+    ),
+    Case(
+        "label-huge.csv",
+        with_column("c-lhuge", "anomaly", [1e300, 1e300] + [1.0] * (ROWS - 2)),
+        "quarantined",
+        "column 'anomaly': 2 of 40 labels are not 0, 1 or empty at rows 1, 2 (e.g. 1e+300",
+    ),
+    Case(
+        "label-text.csv",
+        with_column("c-ltext", "anomaly", ["yes"] + [0] * (ROWS - 1)),
+        "quarantined",
+        "column 'anomaly': 1 of 40 labels are not 0, 1 or empty at rows 1 (e.g. 'yes')",
+    ),
+    Case(
+        "label-empty-and-digits.csv",
+        with_column("c-lok", "anomaly", [None, "1", "0.0"] + [0] * (ROWS - 3)),
+        "processed",
     ),
     Case(
         "repeated-header.csv",
@@ -272,3 +335,13 @@ def test_the_run_went_on_and_every_row_is_counted(landed):
         "link-out.csv"
     }
     assert set(status["paths"]) == {"landing", "quarantine", "archive", "output"}
+
+
+def test_valid_labels_go_on_as_numbers(landed):
+    """Empty, "1" and "0.0" are valid labels; the output holds them as numbers, so a "1" read as
+    text and a 1 read as a number are one label downstream."""
+    settings, ledger, _ = landed
+    batch = ledger["label-empty-and-digits.csv"]
+    output = pd.read_parquet(resolved_path(settings.workdir, batch.output_path))
+    labels = output[output["entity"] == "c-lok"].sort_values("timestamp")["label_anomaly"].to_numpy()
+    assert np.isnan(labels[0]) and labels[1:4].tolist() == [1.0, 0.0, 0.0]

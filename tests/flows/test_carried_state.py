@@ -15,6 +15,7 @@ from flows.ingest.validation import parse_timestamps
 from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
+from flows.storage.work_folder import resolved_path
 from lru_online import OnlineLearner, RecurrentState
 from tests.flows.helpers import small_config, small_plant
 
@@ -37,7 +38,8 @@ def test_batches_one_by_one_equal_one_pass(tmp_path, prefect_api):
         entity = session.get(EntityState, "line-1")
         checkpoint = session.get(ModelState, settings.pipeline).checkpoint_path
     assert len(batches) == 6 and all(b.status == "processed" for b in batches)
-    streamed_scores = np.concatenate([pd.read_parquet(s.features_path)["score"].to_numpy() for s in summaries])
+    outputs = [pd.read_parquet(resolved_path(settings.workdir, s.features_path)) for s in summaries]
+    streamed_scores = np.concatenate([output["score"].to_numpy() for output in outputs])
     streamed_state = RecurrentState.from_bytes(entity.hidden_state)
 
     # One pass over the concatenated rows, from fresh feature and model states.
@@ -45,7 +47,7 @@ def test_batches_one_by_one_equal_one_pass(tmp_path, prefect_api):
     rows = pd.concat([originals[Path(b.source_file).name] for b in batches], ignore_index=True)
     rows[spec.timestamp_column] = parse_timestamps(rows[spec.timestamp_column])
     features, _ = build_features(rows, spec, {})
-    learner = OnlineLearner.load_checkpoint(checkpoint)
+    learner = OnlineLearner.load_checkpoint(resolved_path(settings.workdir, checkpoint))
     u, y, dt, steps = features.tensors()
     whole = learner.score(u, y, None, dt, steps)
 

@@ -88,7 +88,7 @@ def test_killed_at_every_stage_in_turn_then_rerun(tmp_path, reference):
     from prefect.settings import PREFECT_API_URL
 
     settings, config = _plant(tmp_path / "killed")
-    for stage in faults.STAGES:
+    for stage in faults.BATCH_STAGES:
         # The stage passes once (something gets done), then the process dies there.
         code, output = _cli(
             config, settings.workdir, PREFECT_API_URL.value(), LRU_ONLINE_KILL_AT=stage, LRU_ONLINE_KILL_AFTER="1"

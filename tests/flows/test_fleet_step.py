@@ -15,6 +15,7 @@ from flows.ingest.landing import read_batch
 from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import BatchSummary, ModelState
+from flows.storage.work_folder import resolved_path
 from lru_online import OnlineLearner
 from tests.flows.helpers import small_config, small_plant
 
@@ -37,7 +38,8 @@ def _scores_of_last_file(root: Path, name: str, change) -> pd.DataFrame:
     with db.session() as session:
         path = session.scalars(select(BatchSummary.features_path).order_by(BatchSummary.sequence.desc())).first()
     db.dispose()
-    return pd.read_parquet(path, columns=["entity", "timestamp", "score"]).set_index(["entity", "timestamp"])
+    output = pd.read_parquet(resolved_path(settings.workdir, path), columns=["entity", "timestamp", "score"])
+    return output.set_index(["entity", "timestamp"])
 
 
 def _lines_reordered(frame: pd.DataFrame) -> pd.DataFrame:
@@ -76,7 +78,7 @@ def test_short_batches_keep_refreshing_the_replay_reservoir(tmp_path, prefect_ap
     db = Database(settings.database_url)
     with db.session() as session:
         checkpoint = session.get(ModelState, settings.pipeline).checkpoint_path
-    learner = OnlineLearner.load_checkpoint(checkpoint)
+    learner = OnlineLearner.load_checkpoint(resolved_path(settings.workdir, checkpoint))
     seen_at = sorted(int(w["update_index"]) for w in learner.replay.windows)
     initial_updates = 2  # the initial training's epochs
     live = [index for index in seen_at if index >= initial_updates]

@@ -14,6 +14,7 @@ from flows.monitor.tracking import CHAMPION, Tracker
 from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import Batch, BatchSummary, DriftEvent, RetrainDecision
+from flows.storage.work_folder import resolved_path
 from tests.flows.helpers import small_config, small_plant
 
 # A whole simulated plant with drifts and retraining: about 30 s.
@@ -132,7 +133,7 @@ def _champion_holdout_mse(settings, decision) -> float:
             newest[summary.entity] = summary
     residuals = []
     for summary in newest.values():
-        rows = pd.read_parquet(summary.features_path)
+        rows = pd.read_parquet(resolved_path(settings.workdir, summary.features_path))
         rows = rows[rows["entity"] == summary.entity]
         residuals.append(rows.filter(like="residual_").to_numpy().ravel())
     values = np.concatenate(residuals)

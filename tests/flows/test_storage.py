@@ -60,7 +60,7 @@ def test_times_come_back_in_utc(db):
 
 
 def test_ledger_records_new_and_duplicate_arrivals(db, tmp_path):
-    ledger = Ledger(db, tmp_path / "archive", tmp_path / "quarantine")
+    ledger = Ledger(db, tmp_path, tmp_path / "archive", tmp_path / "quarantine")
     original = tmp_path / "a.csv"
     original.write_text("entity,timestamp\nx,1\n")
     copy = tmp_path / "copy of a.csv"
@@ -86,7 +86,7 @@ def test_ledger_records_new_and_duplicate_arrivals(db, tmp_path):
 def test_lease_is_exclusive_until_released_expired_or_its_owner_dies(db, tmp_path):
     import socket
 
-    ledger = Ledger(db, tmp_path / "archive", tmp_path / "quarantine")
+    ledger = Ledger(db, tmp_path, tmp_path / "archive", tmp_path / "quarantine")
     assert ledger.acquire("entity:line-1") and ledger.acquire("entity:line-1")  # renewing is fine
     with db.session() as session:
         session.get(Lease, "entity:line-1").owner = "other-host:1:abcd"
@@ -104,7 +104,7 @@ def test_lease_is_exclusive_until_released_expired_or_its_owner_dies(db, tmp_pat
 
 
 def test_a_files_leases_are_taken_all_or_none_in_few_statements(db, tmp_path):
-    ledger = Ledger(db, tmp_path / "archive", tmp_path / "quarantine")
+    ledger = Ledger(db, tmp_path, tmp_path / "archive", tmp_path / "quarantine")
     names = [f"entity:line-{i:04d}" for i in range(3000)]  # more than one statement's chunk
     statements = []
     sa.event.listen(db.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
