@@ -56,6 +56,15 @@ def move_into(source: Path, folder: Path) -> Path:
     return target
 
 
+def _new_batch(session: Session, digest: str, path: str, size_bytes: int) -> int:
+    """A pending ledger row for new content and its first arrival; the row's id."""
+    batch = Batch(content_hash=digest, source_file=path, size_bytes=size_bytes, status="pending")
+    session.add(batch)
+    session.flush()
+    session.add(Arrival(path=path, content_hash=digest, size_bytes=size_bytes, outcome="new", batch_id=batch.id))
+    return batch.id
+
+
 # Leases per statement: far below SQLite's and Postgres' limits on bound parameters.
 LEASE_CHUNK = 2000
 
@@ -122,19 +131,7 @@ class Ledger:
         with self.db.session() as session:
             batch = session.scalar(select(Batch).where(Batch.content_hash == digest))
             if batch is None:
-                batch = Batch(content_hash=digest, source_file=path, size_bytes=landed.size_bytes, status="pending")
-                session.add(batch)
-                session.flush()
-                session.add(
-                    Arrival(
-                        path=path,
-                        content_hash=digest,
-                        size_bytes=landed.size_bytes,
-                        outcome="new",
-                        batch_id=batch.id,
-                    )
-                )
-                return "new", batch.id
+                return "new", _new_batch(session, digest, path, landed.size_bytes)
             if batch.source_file == path and batch.status == "pending":
                 return "pending", batch.id
             if batch.source_file == path and batch.stored_at is None:
@@ -159,21 +156,7 @@ class Ledger:
         digest = hashlib.sha256(f"refused:{path.resolve(strict=False)}:{target}".encode()).hexdigest()
         with self.db.session() as session:
             batch = session.scalar(select(Batch).where(Batch.content_hash == digest))
-            if batch is None:
-                stored = stored_path(self.root, path)
-                batch = Batch(content_hash=digest, source_file=stored, size_bytes=0, status="pending")
-                session.add(batch)
-                session.flush()
-                session.add(
-                    Arrival(
-                        path=stored,
-                        content_hash=digest,
-                        size_bytes=0,
-                        outcome="new",
-                        batch_id=batch.id,
-                    )
-                )
-            batch_id = batch.id
+            batch_id = batch.id if batch else _new_batch(session, digest, stored_path(self.root, path), 0)
         self.quarantine_batch(batch_id, [reason], [], rows=0)
         return batch_id
 
