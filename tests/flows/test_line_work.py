@@ -95,4 +95,6 @@ def test_a_run_with_dask_ends_exactly_like_one_without(tmp_path, prefect_api, cl
     assert local["batches"]["quarantined"] == 1 and local["batches"]["processed"] == 13
     assert dask_lines == local_lines  # hidden, feature and drift states byte for byte
     assert dask_drift == local_drift
-    assert set(local_workers) == {0.0} and set(dask_workers) == {2.0}  # every file's lines on both workers
+    # Every file's line groups ran on the workers, spread over both; the scheduler may still
+    # steal a group onto the other worker now and then (allow_other_workers), so not every file.
+    assert set(local_workers) == {0.0} and set(dask_workers) <= {1.0, 2.0} and 2.0 in dask_workers
