@@ -20,7 +20,11 @@ model forecasting every sensor from the previous row, its standardised residual 
 online quantile; `lru` — the lru_online forecaster and online learner of the pipeline;
 `lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC (not run by default).
 
-Predictions go to `--out/METHOD/` in the exchange format of the SKAB README; one table prints
+Splits: `configs/skab.yaml` declares the tuning files (anomaly-free.csv and the first half of
+valve1, in time order) on which every lru setting was chosen; the tables print the report split
+(every other file) first, then the tuning split, marked as such, then all files.
+
+Predictions go to `--out/METHOD/` in the exchange format of the SKAB README; one table per split prints
 F1, FAR %, MAR %, NAB (standard, LowFP, LowFN), missed changepoints, false positives and rows per
 second per method, with the leaderboard's rows for valve1 beside them. Under `continual`, the
 lru methods also report backward transfer: after the stream, frozen, they re-score the first
@@ -66,6 +70,7 @@ PUBLISHED_VALVE1 = {
 @dataclass
 class SkabFile:
     relative: str
+    path: Path
     frame: pd.DataFrame  # sensors only, indexed by datetime
     anomaly: np.ndarray | None
     changepoint: np.ndarray | None
@@ -81,7 +86,9 @@ def load_folder(folder: Path) -> tuple[list[SkabFile], SkabFile | None]:
     for path in sorted(folder.rglob("*.csv")):
         frame = pd.read_csv(path, sep=";", index_col="datetime", parse_dates=True)
         labels = {name: frame.pop(name).to_numpy(dtype=int) if name in frame else None for name in LABELS}
-        item = SkabFile(path.relative_to(folder).as_posix(), frame, labels["anomaly"], labels["changepoint"])
+        item = SkabFile(
+            path.relative_to(folder).as_posix(), path.resolve(), frame, labels["anomaly"], labels["changepoint"]
+        )
         if path.name == "anomaly-free.csv":
             normal = item
         elif item.anomaly is None or item.changepoint is None:
@@ -92,6 +99,12 @@ def load_folder(folder: Path) -> tuple[list[SkabFile], SkabFile | None]:
         raise SystemExit(f"no SKAB files under {folder}")
     found.sort(key=lambda f: f.frame.index[0])
     return found, normal
+
+
+def in_tuning_split(item: SkabFile, tuning_files: list[str]) -> bool:
+    """Whether the file is one of the declared tuning files (matched by the end of its path,
+    so `--data` may point at the SKAB folder or at valve1 itself)."""
+    return any(item.path.as_posix().endswith("/" + name) for name in tuning_files)
 
 
 # --- detectors ----------------------------------------------------------------------------
@@ -233,7 +246,7 @@ class RiverAutoregression:
 
 @dataclass
 class LruDetectorConfig:
-    """Set on the valve1 files (configs/skab.yaml holds the values used)."""
+    """configs/skab.yaml holds the values used and the split each was chosen on."""
 
     d_model: int = 2  # a narrow model cannot copy an unseen combination of sensors
     d_state: int = 16
@@ -241,16 +254,18 @@ class LruDetectorConfig:
     window: int = 100
     fit_epochs: int = 30  # on a fresh model's first training part
     adapt_epochs: int = 5  # on each later training part (continual protocol)
-    quantile: float = 0.99
-    threshold_factor: float = 1.5
-    mean_rows: int = 30  # the residuals are averaged over this many rows before scoring
     slow_lag: int = 10
     slow_autocorrelation: float = 0.6  # above it at slow_lag, a sensor enters as its change
     chunk_rows: int = 10  # rows scored together before the test-then-train update
+    # The last rows of a training part calibrate the detector out of sample (split conformal):
+    # the model is fitted on the rows before them, then on all of them once they are scored.
+    calibration_holdout_rows: int = 100
+    refit_epochs: int = 10
     online_learning_rate: float = 3e-3
     replay_batch: int = 0  # replayed windows mixed into every update
     ewc_weight: float = 0.0  # consolidated on each file's training part
     seed: int = 0
+    alarm: dict = field(default_factory=dict)  # lru_online.alarms.AlarmConfig fields
     variants: dict = field(default_factory=dict)  # name → overrides (lru-replay, lru-ewc)
 
 
@@ -267,37 +282,28 @@ def slow_sensors(rows: np.ndarray, lag: int, threshold: float) -> np.ndarray:
     return correlation > threshold
 
 
-def rolling_mean_score(history: np.ndarray, residuals: np.ndarray, rows: int) -> np.ndarray:
-    """Per row of `residuals` (standardised, signed; `history` holds the rows before them): the
-    mean over sensors of n·m², m the mean of a sensor's last n ≤ `rows` residuals — χ²(1)-like per
-    sensor while the forecaster is right, and growing with n while a shift persists."""
-    joined = np.concatenate([history, residuals])
-    totals = np.cumsum(np.concatenate([np.zeros((1, joined.shape[1])), joined]), axis=0)
-    end = np.arange(len(history) + 1, len(joined) + 1)
-    start = np.maximum(end - rows, 0)
-    counts = (end - start)[:, None]
-    means = (totals[end] - totals[start]) / counts
-    return np.mean(counts * means**2, axis=1)
-
-
 class LruForecastResidual:
-    """The lru_online forecaster and online learner: a one-step forecast of every sensor from a
-    narrow model, trained on normal rows. Slow sensors (see `slow_sensors`) enter as their change
-    from the row before, so a temperature drifting past its training range is no fault by itself.
-    The score is a mean chart of the forecast residuals (`rolling_mean_score`), standardised by
-    the training residuals, against a quantile of the training scores: a sustained shift such as
-    a drop in flow adds up where a squared residual would drown in noise. The hidden state is
-    carried through every row; after scoring a chunk the learner updates on it when it raised no
-    alarm (test-then-train, no labels)."""
+    """The lru_online forecaster, online learner and anomaly detector of the pipeline: a
+    one-step forecast of every sensor from a narrow model trained on normal rows, its residuals
+    judged by `lru_online.alarms.AnomalyDetector` (per-line scale, mean chart, conformal
+    threshold at the configured false-alarm rate), as `lru-online run` judges a line's rows.
+    Slow sensors (see `slow_sensors`) enter as their change from the row before, so a
+    temperature drifting past its training range is no fault by itself. The training part
+    calibrates the detector; the hidden state is carried through every row; after scoring a
+    chunk the learner updates on it when it raised no alarm (test-then-train, no labels)."""
 
     name = "lru"
 
     def __init__(self, config: LruDetectorConfig | None = None, name: str = "lru") -> None:
+        from lru_online.alarms import AlarmConfig, AnomalyDetector
+
         self.name = name
         base = config or LruDetectorConfig(**load_config("skab").get("lru", {}))
         self.config = replace(base, **base.variants.get(name, {}))
+        self.detector = AnomalyDetector(AlarmConfig(**self.config.alarm))
         self.learner = None
         self.state = None
+        self.alarm_state = None
         self.previous_row: np.ndarray | None = None  # the last row seen, for the slow sensors' change
         self.frozen = False  # re-scoring after the stream: weights stay as they are
 
@@ -317,6 +323,7 @@ class LruForecastResidual:
         import torch
 
         from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
+        from lru_online.alarms import AlarmState
 
         c = self.config
         self.mean, scale = rows.mean(axis=0), rows.std(axis=0)
@@ -345,38 +352,46 @@ class LruForecastResidual:
             epochs = c.fit_epochs
         set_learning_rate(self.learner, c.learning_rate)
         z = self._tensor(rows)
+        holdout = min(c.calibration_holdout_rows, len(rows) // 2)
+        fit, held = z[:, : len(rows) - holdout], z[:, len(rows) - holdout :]
         if not self.frozen:
             for _ in range(epochs):
+                self.learner.update(fit, fit, self.state)
+        # The held-out rows are normal by the protocol and unseen by the fit: they calibrate a
+        # fresh detector as the live rows after them will be judged.
+        if holdout:
+            before = self.learner.score(fit, fit, self.state).state
+            scored = self.learner.score(held, held, before)
+        else:  # no rows held out: calibrated in sample
+            scored = self.learner.score(z, z, self.state)
+        fresh = AlarmState.fresh(1, rows.shape[1], self.detector.config)
+        self.alarm_state = self.detector.detect(scored.residuals, fresh, calibrate_only=True).state
+        if not self.frozen:
+            for _ in range(c.refit_epochs if holdout else 0):
                 self.learner.update(z, z, self.state)
             self.learner.consolidate(z, z, self.state)  # a no-op unless ewc_weight > 0
-        scored = self.learner.score(z, z, self.state)
-        residuals = scored.residuals[0].numpy()
-        residuals = residuals[np.isfinite(residuals).all(axis=1)]  # no forecast for a fresh model's first row
-        spread = residuals.std(axis=0)
-        self.residual_scale = np.where(spread > 0, spread, 1.0)
-        standardised = residuals / self.residual_scale
-        training_scores = rolling_mean_score(standardised[:0], standardised, c.mean_rows)
-        self.limit = c.threshold_factor * float(np.quantile(training_scores[c.mean_rows :], c.quantile))
-        self.recent = standardised[-c.mean_rows :]  # the mean chart runs on into the test rows
-        self.state = scored.state
+        self.state = self.learner.score(z, z, self.state).state
 
     def detect(self, rows: np.ndarray) -> Detection:
         c = self.config
         z = self._tensor(rows)
-        raw, compared = np.empty(len(rows)), np.empty(len(rows))
+        raw, compared, thresholds = np.empty(len(rows)), np.empty(len(rows)), np.empty(len(rows))
+        alarms = np.zeros(len(rows), dtype=int)
         for lo in range(0, len(rows), c.chunk_rows):
             chunk = z[:, lo : lo + c.chunk_rows]
             hi = lo + chunk.shape[1]
             scored = self.learner.score(chunk, chunk, self.state)
-            residuals = np.nan_to_num(scored.residuals[0].numpy()) / self.residual_scale
-            raw[lo:hi] = np.mean(residuals**2, axis=1)
-            compared[lo:hi] = rolling_mean_score(self.recent, residuals, c.mean_rows)  # causal: looks back only
-            self.recent = np.concatenate([self.recent, residuals])[-c.mean_rows :]
-            if not self.frozen and c.online_learning_rate > 0 and not (compared[lo:hi] > self.limit).any():
+            judged = self.detector.detect(scored.residuals, self.alarm_state)
+            self.alarm_state = judged.state
+            raw[lo:hi] = np.nan_to_num(scored.scores[0].numpy())
+            compared[lo:hi] = judged.scores[0].numpy()
+            thresholds[lo:hi] = float(judged.thresholds[0])
+            alarms[lo:hi] = judged.alarms[0].numpy()
+            if not self.frozen and c.online_learning_rate > 0 and not judged.alarms.any():
                 set_learning_rate(self.learner, c.online_learning_rate)
                 self.learner.update(chunk, chunk, self.state)
             self.state = scored.state
-        return Detection((compared > self.limit).astype(int), raw, compared, np.full(len(rows), self.limit))
+        return Detection(alarms, raw, compared, thresholds)
 
 
 METHODS = {
@@ -394,23 +409,32 @@ DEFAULT_METHODS = "t2,hst,river-ar,lru"
 # --- protocols ----------------------------------------------------------------------------
 @dataclass
 class MethodResult:
-    counts: OutlierCounts
-    nab: NabScore
+    counts: list[OutlierCounts]  # per file, in the order of the files
+    changepoints: list  # per file: bench.anomaly_metrics.ChangepointResult
     rows: int
     seconds: float
     detections: list[Detection]  # per file, in the order of the files
     forgetting: dict[str, float] | None = None
 
-    def figures(self) -> dict[str, float]:
+    def figures(self, selected: list[bool] | None = None) -> dict[str, float]:
+        """F1, FAR, MAR, NAB… over the selected files (all by default)."""
+        picked = [True] * len(self.counts) if selected is None else selected
+        counts, nab = OutlierCounts(), NabScore()
+        for file_counts, changepoints, keep in zip(self.counts, self.changepoints, picked, strict=True):
+            if keep:
+                counts.tp, counts.tn = counts.tp + file_counts.tp, counts.tn + file_counts.tn
+                counts.fp, counts.fn = counts.fp + file_counts.fp, counts.fn + file_counts.fn
+                nab.add(changepoints)
         figures = {
-            "f1": round(self.counts.f1, 3),
-            "far_percent": round(self.counts.far_percent, 2),
-            "mar_percent": round(self.counts.mar_percent, 2),
-            "nab_standard": round(self.nab.score("standard"), 2),
-            "nab_low_fp": round(self.nab.score("low_fp"), 2),
-            "nab_low_fn": round(self.nab.score("low_fn"), 2),
-            "missed_changepoints": self.nab.missed,
-            "false_positives": self.nab.false_positives,
+            "files": sum(picked),
+            "f1": round(counts.f1, 3),
+            "far_percent": round(counts.far_percent, 2),
+            "mar_percent": round(counts.mar_percent, 2),
+            "nab_standard": round(nab.score("standard"), 2),
+            "nab_low_fp": round(nab.score("low_fp"), 2),
+            "nab_low_fn": round(nab.score("low_fn"), 2),
+            "missed_changepoints": nab.missed,
+            "false_positives": nab.false_positives,
             "rows_per_second": round(self.rows / self.seconds, 1) if self.seconds else 0.0,
         }
         return figures | (self.forgetting or {})
@@ -441,7 +465,7 @@ def backward_transfer(detector, files: list[SkabFile], streamed: list[Detection]
 
 
 def run_method(name: str, files: list[SkabFile], normal: SkabFile | None, protocol: str, out: Path) -> MethodResult:
-    counts, nab, rows, seconds, detections = OutlierCounts(), NabScore(), 0, 0.0, []
+    counts, changepoints, rows, seconds, detections = [], [], 0, 0.0, []
     detector = METHODS[name]()
     if protocol == "continual" and normal is not None:
         started = time.perf_counter()
@@ -459,12 +483,15 @@ def run_method(name: str, files: list[SkabFile], normal: SkabFile | None, protoc
         detections.append(detection)
         test_index = item.frame.index[TRAIN_ROWS:]
         predicted_changepoints = changepoints_from_outliers(detection.alarms)
-        counts.add(item.anomaly[TRAIN_ROWS:], detection.alarms)
-        nab.add(match_changepoints(test_index, item.changepoint[TRAIN_ROWS:], predicted_changepoints, NAB_WINDOW))
+        counts.append(OutlierCounts())
+        counts[-1].add(item.anomaly[TRAIN_ROWS:], detection.alarms)
+        changepoints.append(
+            match_changepoints(test_index, item.changepoint[TRAIN_ROWS:], predicted_changepoints, NAB_WINDOW)
+        )
         write_predictions(
             out / name, item.relative, test_index, detection.alarms, predicted_changepoints, detection.scores
         )
-    result = MethodResult(counts, nab, rows, seconds, detections)
+    result = MethodResult(counts, changepoints, rows, seconds, detections)
     if protocol == "continual" and hasattr(detector, "frozen"):
         result.forgetting = backward_transfer(detector, files, detections)
     return result
@@ -484,14 +511,18 @@ COLUMNS = (
 HEADER = ("method", "F1", "FAR %", "MAR %", "NAB std", "LowFP", "LowFN", "missed", "FPs", "rows/s")
 
 
-def print_table(results: dict[str, dict], published: bool) -> None:
+def print_table(results: dict[str, dict], published: bool, title: str) -> None:
+    print(title)
     print(f"{HEADER[0]:<22}" + "".join(f"{h:>9}" for h in HEADER[1:]))
     for name, figures in results.items():
         print(f"{name:<22}" + "".join(f"{figures[c]:>9}" for c in COLUMNS))
     if published:
-        print("published (leaderboard predictions re-scored, valve1):")
+        print("published (leaderboard predictions re-scored, all 16 valve1 files):")
         for name, row in PUBLISHED_VALVE1.items():
             print(f"  {name:<20}" + "".join(f"{v:>9}" for v in row) + f"{'':>9}")
+
+
+def print_forgetting(results: dict[str, dict]) -> None:
     forgetting = {name: f for name, f in results.items() if "first_fifth_far_streaming" in f}
     if forgetting:
         print("backward transfer: FAR % on the normal test rows of the first fifth of the files")
@@ -565,10 +596,30 @@ def main() -> None:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
     print(f"{len(files)} files, {sum(len(f.frame) for f in files)} rows, protocol {args.protocol}")
     runs = {name: run_method(name, files, normal, args.protocol, args.out) for name in names}
-    results = {name: run.figures() for name, run in runs.items()}
-    print_table(results, published=all(f.relative.startswith("valve1/") for f in files))
+    tuning = [in_tuning_split(f, load_config("skab").get("tuning_files", [])) for f in files]
+    splits = {"all": None}
+    if any(tuning):
+        splits = {"report": [not t for t in tuning], "tuning": tuning, "all": None}
+    titles = {
+        "report": f"REPORT split: {len(tuning) - sum(tuning)} files no setting was chosen on",
+        "tuning": f"tuning split: {sum(tuning)} files the settings were chosen on (configs/skab.yaml), not a result",
+        "all": f"all {len(files)} files" + (", tuning files included" if any(tuning) else ", none in the tuning split"),
+    }
+    results = {}
+    for split, selected in splits.items():
+        if selected is not None and not any(selected):
+            continue
+        results[split] = {name: run.figures(selected) for name, run in runs.items()}
+        valve1_only = split == "all" and all(f.relative.startswith("valve1/") for f in files)
+        print_table(results[split], published=valve1_only, title=titles[split])
+    print_forgetting(results["all"])
     if args.json:
-        args.json.write_text(json.dumps({"protocol": args.protocol, "files": len(files), "methods": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"protocol": args.protocol, "files": len(files), "methods": results["all"], "splits": results},
+                indent=2,
+            )
+        )
     if args.plots:
         save_plots(args.plots, files, runs, f"SKAB {args.data.name}, {args.protocol}")
 

@@ -5,7 +5,7 @@
     score_lines     the driver: every line scored in one forward from its carried hidden state,
                     by the model as it stood before this file (test-then-train)
     learn_lines     the driver: the update over all lines (`update.lines_per_step` per step)
-    finish_lines    per group of lines: drift detectors and the output Parquet file
+    finish_lines    per group of lines: anomaly alarms, drift detectors and the output Parquet file
 
 The driver then commits everything in one transaction (`flows.commit`). A group's results do
 not depend on which lines share it, so any split of the lines (one group in the driver, many
@@ -27,6 +27,7 @@ from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_featur
 from flows.monitor.drift_detectors import Detection, LineDrift, check_lines
 from flows.settings import DriftSettings
 from lru_online import OnlineLearner, RecurrentState
+from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector
 
 
 @dataclass
@@ -59,15 +60,29 @@ class ScoredLines:
 
 
 @dataclass
+class JudgedLines:
+    """The anomaly detector's verdict on a group's rows, flat per row like `ScoredLines`."""
+
+    scores: np.ndarray  # (R,) smoothed score
+    thresholds: np.ndarray  # (R,) the line's threshold (inf while it warms up)
+    alarms: np.ndarray  # (R,) bool
+    states: dict[str, bytes]  # per line, carried on
+    # Runs of alarmed rows: entity, start_ts, end_ts (ISO), rows, peak_score, threshold, continues.
+    episodes: list[dict]
+
+
+@dataclass
 class FinishedLines:
-    """A group of lines' drift checks, figures and output file."""
+    """A group of lines' alarms, drift checks, figures and output file."""
 
     output_path: Path
-    metrics: dict[str, dict[str, float]]  # per line: rows, errors, score quantiles
+    metrics: dict[str, dict[str, float]]  # per line: rows, errors, score quantiles, alarmed rows
     drift_stats: dict[str, dict]  # per line: psi / ks / mean per sensor
     drift_states: dict[str, bytes]  # per line, carried on
+    alarm_states: dict[str, bytes]  # per line, carried on
+    alarms: list[dict]  # JudgedLines.episodes
     detections: list[Detection]
-    seconds: dict[str, float]  # drift, output
+    seconds: dict[str, float]  # alarms, drift, output
     worker: str | None = None  # the Dask worker that ran it (None: the driver)
 
 
@@ -142,21 +157,65 @@ def learn_lines(learner: OnlineLearner, features: FeatureBatch, state: Recurrent
     scored.update_metrics = learner.update(u, y, state, dt, steps)
 
 
+def judge_lines(
+    features: FeatureBatch, scored: ScoredLines, alarm_states: dict[str, bytes | None], config: AlarmConfig
+) -> JudgedLines:
+    """Every line's rows judged at once by the anomaly detector, from its carried state."""
+    sensors = scored.residuals.shape[1]
+    carried = [
+        AlarmState.from_bytes(data, config) if (data := alarm_states.get(e)) else AlarmState.fresh(1, sensors, config)
+        for e in features.entities
+    ]
+    steps = features.padded(np.ones(len(features), dtype=bool), fill=False)
+    judged = AnomalyDetector(config).detect(
+        torch.from_numpy(features.padded(scored.residuals, fill=np.nan)),
+        AlarmState.cat(carried),
+        torch.from_numpy(steps),
+    )
+    scores = judged.scores.numpy()
+    episodes = []
+    for episode in judged.episodes:
+        first = features.offsets[episode.line]
+        episodes.append(
+            {
+                "entity": features.entities[episode.line],
+                "start_ts": features.timestamps[first + episode.start].isoformat(),
+                "end_ts": features.timestamps[first + episode.end].isoformat(),
+                "rows": episode.end - episode.start + 1,
+                "peak_score": episode.peak_score,
+                "threshold": float(judged.thresholds[episode.line]),
+                "continues": episode.continues,
+            }
+        )
+    return JudgedLines(
+        scores=features.flat(scores),
+        thresholds=judged.thresholds.numpy()[features.line_index],
+        alarms=features.flat(judged.alarms.numpy()),
+        states={e: judged.state.select(i).to_bytes() for i, e in enumerate(features.entities)},
+        episodes=episodes,
+    )
+
+
 def finish_lines(
     prepared: PreparedLines,
     scored: ScoredLines,
     drift_states: dict[str, bytes | None],
+    alarm_states: dict[str, bytes | None],
     reference: dict,
     spec: FeatureSpec,
     drift: DriftSettings,
+    alarms: AlarmConfig,
     since: int,
     output_path: Path,
 ) -> FinishedLines:
-    """Drift checks and figures of a group of lines, and their output file. `scored` holds the
-    group's rows only, in the order of `prepared.features`."""
+    """Alarms, drift checks and figures of a group of lines, and their output file. `scored`
+    holds the group's rows only, in the order of `prepared.features`."""
     features = prepared.features
     entities = features.entities
     offsets = features.offsets
+    started = time.perf_counter()
+    judged = judge_lines(features, scored, alarm_states, alarms)
+    alarm_seconds = time.perf_counter() - started
     started = time.perf_counter()
     maes, rmses = _line_errors(scored.residuals, offsets)
     errors = np.sqrt(scored.scores)  # per-event absolute one-step error
@@ -176,23 +235,27 @@ def finish_lines(
 
     started = time.perf_counter()
     quantiles = _line_quantiles(features.padded(scored.scores, fill=np.nan))
+    alarmed_rows = np.add.reduceat(judged.alarms.astype(np.int64), offsets[:-1]) if len(judged.alarms) else []
     metrics = {}
     for index, entity in enumerate(entities):
         metrics[entity] = {
             "rows": float(features.lengths[index]),
+            "anomaly_rows": float(alarmed_rows[index]),
             "mae_before": maes[index],
             "rmse_before": rmses[index],
             "update_index": float(scored.update_index),
             **{name: values[index] for name, values in quantiles.items()},
         }
-    write_output(output_path, features, scored, spec)
+    write_output(output_path, features, scored, judged, spec)
     return FinishedLines(
         output_path=output_path,
         metrics=metrics,
         drift_stats={e: c.stats for e, c in zip(entities, checks, strict=True)},
         drift_states={e: c.state.to_bytes() for e, c in zip(entities, checks, strict=True)},
+        alarm_states=judged.states,
+        alarms=judged.episodes,
         detections=[d for c in checks for d in c.detections],
-        seconds={"drift": drift_seconds, "output": time.perf_counter() - started},
+        seconds={"alarms": alarm_seconds, "drift": drift_seconds, "output": time.perf_counter() - started},
     )
 
 
@@ -230,9 +293,11 @@ def _listed(values: np.ndarray) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
-def write_output(path: Path, features: FeatureBatch, scored: ScoredLines, spec: FeatureSpec) -> None:
-    """Scores, forecasts, residuals, readings and features of every row of a group of lines, as
-    one Parquet file with the line in a column (written straight from the arrays)."""
+def write_output(
+    path: Path, features: FeatureBatch, scored: ScoredLines, judged: JudgedLines, spec: FeatureSpec
+) -> None:
+    """Scores, alarms, forecasts, residuals, readings and features of every row of a group of
+    lines, as one Parquet file with the line in a column (written straight from the arrays)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -246,6 +311,9 @@ def write_output(path: Path, features: FeatureBatch, scored: ScoredLines, spec: 
         columns[f"target_{sensor}"] = features.targets[:, index]
     columns["dt"] = features.dt
     columns["score"] = scored.scores
+    columns["anomaly"] = judged.alarms.astype(np.int8)
+    columns["anomaly_score"] = judged.scores
+    columns["anomaly_threshold"] = judged.thresholds
     for index, sensor in enumerate(spec.sensors):
         columns[f"raw_{sensor}"] = features.raw[:, index]
         columns[f"residual_{sensor}"] = scored.residuals[:, index]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from flows.monitor.tracking import CHALLENGER, CHAMPION, Tracker
 from flows.settings import Settings
 from flows.storage.database import Database, masked
 from flows.storage.ledger import Ledger
-from flows.storage.models import ModelRecovery
+from flows.storage.models import AnomalyAlarm, ModelRecovery
+
+LATEST_ALARMS = 10
 
 
 def pipeline_status(settings: Settings) -> dict:
@@ -31,6 +33,23 @@ def pipeline_status(settings: Settings) -> dict:
                 }
                 for r in session.scalars(select(ModelRecovery).order_by(ModelRecovery.id))
             ]
+            alarm_count, alarmed_rows, alarmed_lines = session.execute(
+                select(
+                    func.count(AnomalyAlarm.id), func.sum(AnomalyAlarm.rows), func.count(AnomalyAlarm.entity.distinct())
+                )
+            ).one()
+            latest = [
+                {
+                    "entity": a.entity,
+                    "start": a.start_ts.isoformat(),
+                    "end": a.end_ts.isoformat(),
+                    "rows": a.rows,
+                    "peak_score": a.peak_score,
+                    "threshold": a.threshold,
+                    "model_version": a.model_version,
+                }
+                for a in session.scalars(select(AnomalyAlarm).order_by(AnomalyAlarm.id.desc()).limit(LATEST_ALARMS))
+            ]
         return {
             "pipeline": settings.pipeline,
             **accounting,
@@ -39,6 +58,12 @@ def pipeline_status(settings: Settings) -> dict:
             "champion_version": tracker.alias_version(CHAMPION),
             "challenger_version": tracker.alias_version(CHALLENGER),
             "recoveries": recoveries,
+            "anomaly_alarms": {
+                "alarms": alarm_count,
+                "rows": int(alarmed_rows or 0),
+                "lines": alarmed_lines,
+                "latest": latest,
+            },
             "paths": {
                 name: str(getattr(settings.paths, name)) for name in ("landing", "quarantine", "archive", "output")
             },

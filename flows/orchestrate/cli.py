@@ -222,6 +222,8 @@ def _summary(report: dict) -> str:
             f"{b['late']} late, {b['pending']} pending",
             f"rows:    {r['received']} received = {r['scored']} scored + {r['quarantined']} quarantined"
             f" + {r['late']} late",
+            f"anomaly alarms: {report['anomaly_alarms']['alarms']} on {report['anomaly_alarms']['lines']} line(s),"
+            f" {report['anomaly_alarms']['rows']} rows",
             f"drift events: {report['drift_events']}",
             f"model versions: {report['model_versions']}, champion: version {report['champion_version']}",
             *recoveries,
@@ -250,8 +252,45 @@ def demo(
     report = pipeline_status(settings)
     typer.echo("\n" + _summary(report))
     typer.echo(f"quarantined files: {[q['file'] for q in report['quarantined_files']]}")
+    typer.echo(_demo_scores(settings, workdir / "ground_truth.json"))
     typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s")
     typer.echo(f"open the model registry: lru-online ui --workdir {workdir}  (then http://127.0.0.1:5000)")
+
+
+def _demo_scores(settings, truth_path: Path) -> str:
+    """The demo's alarms and drift detections against the simulator's ground truth."""
+    from sqlalchemy import select
+
+    from flows.monitor.alarm_scoring import alarm_scores, drift_delays
+    from flows.storage.database import Database
+    from flows.storage.models import DriftEvent
+
+    truth = json.loads(truth_path.read_text())
+    scores = alarm_scores(sorted((settings.paths.output / "batches").glob("*.parquet")), truth["anomalies"])
+    db = Database(settings.database_url)
+    try:
+        with db.session() as session:
+            detections = [
+                {
+                    "detector": e.detector,
+                    "feature": e.feature,
+                    "entity": e.entity,
+                    "event_time": e.event_time.isoformat(),
+                }
+                for e in session.scalars(select(DriftEvent).order_by(DriftEvent.event_time))
+            ]
+    finally:
+        db.dispose()
+    lines = [
+        f"alarms against ground_truth.json: precision {scores['precision']}, recall {scores['recall']}, "
+        f"F1 {scores['f1']} over {scores['rows']} rows ({scores['labelled_rows']} labelled, "
+        f"{scores['alarmed_rows']} alarmed); {scores['anomalies_caught']} of {scores['anomalies']} labelled "
+        f"anomalies caught; {scores['false_alarms_per_1000_normal_rows']} false alarms per 1,000 normal rows",
+    ]
+    for delay in drift_delays(truth["drifts"], detections):
+        found = f"detected {delay['delay']} later by {delay['by']}" if delay["detected"] else "not detected"
+        lines.append(f"{delay['kind']} drift from {delay['starts']}: {found}")
+    return "\n".join(lines)
 
 
 infra_app = typer.Typer(help="The real services of the servers profile on this machine (127.0.0.1).")

@@ -26,6 +26,7 @@ from flows.ingest.checks import FileCheck, check_file
 from flows.model.file_step import FinishedLines, PreparedLines, ScoredLines, finish_lines, prepare_lines
 from flows.settings import DriftSettings, Settings
 from flows.storage.line_states import CarriedLines
+from lru_online.alarms import AlarmConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ def _prepare(rows: pd.DataFrame, spec: FeatureSpec, carried: CarriedLines) -> Pr
     return prepare_lines(rows, spec, carried.features, carried.watermarks)
 
 
-def _finish(prepared: PreparedLines, scored: ScoredLines, drift_states, reference, spec, drift, since, path):
-    finished = finish_lines(prepared, scored, drift_states, reference, spec, drift, since, path)
+def _finish(prepared: PreparedLines, scored: ScoredLines, states, reference, spec, drift, alarms, since, path):
+    drift_states, alarm_states = states
+    finished = finish_lines(prepared, scored, drift_states, alarm_states, reference, spec, drift, alarms, since, path)
     finished.worker = _worker_address()
     return finished
 
@@ -103,17 +105,19 @@ class LocalLineWork:
         self,
         handles: list,
         scored: list[ScoredLines],
-        drift_states: list[dict[str, bytes | None]],
+        states: list[tuple[dict[str, bytes | None], dict[str, bytes | None]]],
         reference: dict,
         spec: FeatureSpec,
         drift: DriftSettings,
+        alarms: AlarmConfig,
         since: int,
         paths: list[Path],
     ) -> list[FinishedLines]:
-        """Drift and output of each group that has rows to learn from (`handles` of those)."""
+        """Alarms, drift and output of each group that has rows to learn from (`handles` of
+        those); `states`: per group, the carried drift and alarm states of its lines."""
         return [
-            _finish(prepared, part, states, reference, spec, drift, since, path)
-            for prepared, part, states, path in zip(handles, scored, drift_states, paths, strict=True)
+            _finish(prepared, part, carried, reference, spec, drift, alarms, since, path)
+            for prepared, part, carried, path in zip(handles, scored, states, paths, strict=True)
         ]
 
 
@@ -189,17 +193,18 @@ class DaskLineWork(LocalLineWork):
         self,
         handles: list,
         scored: list[ScoredLines],
-        drift_states: list[dict[str, bytes | None]],
+        states: list[tuple[dict[str, bytes | None], dict[str, bytes | None]]],
         reference: dict,
         spec: FeatureSpec,
         drift: DriftSettings,
+        alarms: AlarmConfig,
         since: int,
         paths: list[Path],
     ) -> list[FinishedLines]:
         if handles and isinstance(handles[0], PreparedLines):
-            return super().finish(handles, scored, drift_states, reference, spec, drift, since, paths)
+            return super().finish(handles, scored, states, reference, spec, drift, alarms, since, paths)
         futures = [
-            self.client.submit(_finish, handle, part, states, reference, spec, drift, since, path, pure=False)
-            for handle, part, states, path in zip(handles, scored, drift_states, paths, strict=True)
+            self.client.submit(_finish, handle, part, carried, reference, spec, drift, alarms, since, path, pure=False)
+            for handle, part, carried, path in zip(handles, scored, states, paths, strict=True)
         ]
         return self.client.gather(futures)

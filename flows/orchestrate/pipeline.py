@@ -51,6 +51,7 @@ class BatchResult:
     lines: int = 0  # lines with rows in the file
     sequence: int | None = None  # of the file's last committed part
     drift_event_ids: list[int] = field(default_factory=list)
+    alarm_ids: list[int] = field(default_factory=list)  # anomaly alarms the file started
     reasons: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -322,15 +323,22 @@ class Pipeline:
             finished = work.finish(
                 [handles[i] for i in learned],
                 [scored.rows(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)],
-                [{e: carried.drift.get(e) for e in prepared[i].features.entities} for i in learned],
+                [
+                    (
+                        {e: carried.drift.get(e) for e in prepared[i].features.entities},
+                        {e: carried.alarm.get(e) for e in prepared[i].features.entities},
+                    )
+                    for i in learned
+                ],
                 model.reference or {},
                 self.spec,
                 self.settings.drift,
+                self.settings.alarms.config(),
                 model.drift_since_sequence,
                 [self._output_path(batch.id, part.index, i, len(part.groups)) for i in learned],
             )
             finish_seconds = time.perf_counter() - tick
-            worker_seconds = {k: sum(f.seconds[k] for f in finished) for k in ("drift", "output")}
+            worker_seconds = {k: sum(f.seconds[k] for f in finished) for k in ("alarms", "drift", "output")}
             share = finish_seconds / max(sum(worker_seconds.values()), 1e-9)
             timings.update({k: v * share for k, v in worker_seconds.items()})
             lines = _line_updates([prepared[i] for i in learned], scored, finished, self.settings.workdir)
@@ -351,6 +359,8 @@ class Pipeline:
             metrics=metrics,
             detections=[asdict(d) for f in finished for d in f.detections],
             drift_action=DRIFT_ACTIONS[self.settings.drift.on_detect],
+            alarms=[a for f in finished for a in f.alarms],
+            update_index=learner.updates,
         )
         try:
             stored = stored_path(self.settings.workdir, checkpoint) if checkpoint is not None else None
@@ -378,6 +388,7 @@ class Pipeline:
             lines=len(entities),
             sequence=committed.sequence,
             drift_event_ids=committed.drift_event_ids,
+            alarm_ids=committed.alarm_ids,
             timings=timings,
         )
 
@@ -396,6 +407,7 @@ def _accumulate(total: BatchResult, part: BatchResult) -> None:
     if part.sequence is not None:
         total.sequence = part.sequence
     total.drift_event_ids += part.drift_event_ids
+    total.alarm_ids += part.alarm_ids
     for key, value in part.timings.items():
         total.timings[key] = total.timings.get(key, 0.0) + value
 
@@ -413,6 +425,7 @@ def _line_updates(prepared: list, scored: ScoredLines, finished: list[FinishedLi
                     hidden=scored.hidden[entity],
                     features=group.feature_states[entity],
                     drift=done.drift_states[entity],
+                    alarm=done.alarm_states[entity],
                     watermark=last,
                     rows=int(features.lengths[index]),
                     first_ts=first,
@@ -437,6 +450,10 @@ def _part_metrics(scored: ScoredLines, features: FeatureBatch, finished: list[Fi
         "mae_before": float(np.abs(residuals).mean()) if residuals.size else float("nan"),
         "rmse_before": float(np.sqrt((residuals**2).mean())) if residuals.size else float("nan"),
         "dask_workers": float(len({f.worker for f in finished} - {None})),
+        # Counts of the anomaly detector: rows alarmed, alarms started, lines alarmed.
+        "anomaly_rows": float(sum(m["anomaly_rows"] for f in finished for m in f.metrics.values())),
+        "alarms_started": float(sum(not a["continues"] for f in finished for a in f.alarms)),
+        "lines_in_alarm": float(len({a["entity"] for f in finished for a in f.alarms})),
     }
     for q in (50, 95, 99):
         metrics[f"score_p{q}"] = float(np.percentile(scores, q)) if scores.size else float("nan")

@@ -29,7 +29,7 @@ from flows.monitor.tracking import snapshot_if_due, track_pending
 from flows.orchestrate.pipeline import BatchResult, Pipeline
 from flows.secrets import install_log_masking
 from flows.settings import load_settings
-from flows.storage.models import BatchStatus, DriftEvent
+from flows.storage.models import AnomalyAlarm, BatchStatus, DriftEvent
 
 RESOURCE_PREFIX = "lru-online.pipeline."
 install_log_masking()
@@ -91,6 +91,35 @@ def report_drift(pipeline: Pipeline, result: BatchResult) -> list[int]:
     return event_ids
 
 
+def announce_alarms(pipeline: Pipeline, result: BatchResult) -> None:
+    """The anomaly alarms a committed file started: a warning in the run log and a Prefect event
+    (`alarms.event_name`) that automations can act on, one per file, naming the lines."""
+    from prefect.events import emit_event
+
+    with pipeline.db.session() as session:
+        alarms = list(session.scalars(select(AnomalyAlarm).where(AnomalyAlarm.id.in_(result.alarm_ids))))
+    lines = sorted({a.entity for a in alarms})
+    get_run_logger().warning(
+        "%d anomaly alarm(s) in %s on %d line(s): %s",
+        len(alarms),
+        result.file,
+        len(lines),
+        ", ".join(f"{a.entity} from {a.start_ts:%Y-%m-%d %H:%M:%S} (peak {a.peak_score:.3g})" for a in alarms[:10]),
+    )
+    name = pipeline.settings.pipeline
+    emit_event(
+        event=pipeline.settings.alarms.event_name,
+        resource={"prefect.resource.id": drift_resource(name), "prefect.resource.name": name},
+        payload={
+            "alarm_ids": result.alarm_ids,
+            "lines": lines[:100],
+            "file": result.file,
+            "sequence": result.sequence,
+            "peak_score": max(a.peak_score for a in alarms),
+        },
+    )
+
+
 def emit_drift_event(pipeline_name: str, event_name: str, event_ids: list[int], sequence: int | None) -> None:
     from prefect.events import emit_event
 
@@ -112,7 +141,15 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
     settings = load_settings(config, workdir)
     pipeline = Pipeline(settings)
     started = datetime.now(UTC)
-    counts = {"processed": 0, "quarantined": 0, "late": 0, "skipped": 0, "drift_events": 0, "retrains": 0}
+    counts = {
+        "processed": 0,
+        "quarantined": 0,
+        "late": 0,
+        "skipped": 0,
+        "anomaly_alarms": 0,
+        "drift_events": 0,
+        "retrains": 0,
+    }
     run_lease = f"pipeline:{settings.pipeline}"
     # One run works through the landing folder at a time, in order; a second one leaves at once.
     if not pipeline.ledger.acquire(run_lease):
@@ -172,6 +209,9 @@ def _after_commit(pipeline: Pipeline, result: BatchResult, counts: dict, config:
     settings = pipeline.settings
     pipeline.monitor.track(started)  # logged by the helper process while the next file runs
     snapshot_if_due(pipeline.db, pipeline.tracker, settings)
+    if result.alarm_ids:
+        counts["anomaly_alarms"] += len(result.alarm_ids)
+        announce_alarms(pipeline, result)
     if not result.drift_event_ids:
         return
     event_ids = report_drift(pipeline, result)

@@ -20,7 +20,16 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from flows import faults
 from flows.storage.database import Database
-from flows.storage.models import Batch, BatchStatus, BatchSummary, DriftEvent, EntityState, ModelState, SequenceMetrics
+from flows.storage.models import (
+    AnomalyAlarm,
+    Batch,
+    BatchStatus,
+    BatchSummary,
+    DriftEvent,
+    EntityState,
+    ModelState,
+    SequenceMetrics,
+)
 
 READ_CHUNK = 500  # lines per SELECT … IN
 
@@ -37,6 +46,7 @@ class CarriedLines:
     hidden: dict[str, bytes | None] = field(default_factory=dict)
     features: dict[str, bytes | None] = field(default_factory=dict)
     drift: dict[str, bytes | None] = field(default_factory=dict)
+    alarm: dict[str, bytes | None] = field(default_factory=dict)
     watermarks: dict[str, datetime | None] = field(default_factory=dict)
 
     def subset(self, entities: list[str]) -> CarriedLines:
@@ -46,7 +56,12 @@ class CarriedLines:
             return {k: v for k, v in values.items() if k in keep}
 
         return CarriedLines(
-            pick(self.versions), pick(self.hidden), pick(self.features), pick(self.drift), pick(self.watermarks)
+            pick(self.versions),
+            pick(self.hidden),
+            pick(self.features),
+            pick(self.drift),
+            pick(self.alarm),
+            pick(self.watermarks),
         )
 
 
@@ -58,18 +73,20 @@ def read_carried(db: Database, entities: list[str]) -> CarriedLines:
         EntityState.hidden_state,
         EntityState.feature_state,
         EntityState.drift_state,
+        EntityState.alarm_state,
         EntityState.watermark,
     )
     with db.session() as session:
         for start in range(0, len(entities), READ_CHUNK):
             chunk = entities[start : start + READ_CHUNK]
-            for entity, version, hidden, features, drift, watermark in session.execute(
+            for entity, version, hidden, features, drift, alarm, watermark in session.execute(
                 select(*columns).where(EntityState.entity.in_(chunk))
             ):
                 carried.versions[entity] = version
                 carried.hidden[entity] = hidden
                 carried.features[entity] = features
                 carried.drift[entity] = drift
+                carried.alarm[entity] = alarm
                 carried.watermarks[entity] = watermark
     return carried
 
@@ -82,6 +99,7 @@ class LineUpdate:
     hidden: bytes
     features: bytes
     drift: bytes
+    alarm: bytes
     watermark: datetime
     rows: int
     first_ts: datetime
@@ -106,6 +124,9 @@ class PartCommit:
     # Drift detections: dicts of entity, detector, feature, value, threshold, event_time (ISO).
     detections: list[dict]
     drift_action: str  # what a detection does: retrain | event_emitted | recorded
+    # Anomaly alarms (flows.model.file_step.JudgedLines.episodes) and the model that raised them.
+    alarms: list[dict] = field(default_factory=list)
+    update_index: int = 0
 
 
 @dataclass
@@ -115,6 +136,7 @@ class Committed:
     previous_checkpoint: str | None
     drift_event_ids: list[int]
     model_version: int  # the live model's version lock after this commit
+    alarm_ids: list[int] = field(default_factory=list)  # alarms this part started
 
 
 def commit_part(
@@ -147,6 +169,7 @@ def commit_part(
                     )
                 )
             event_ids = _record_detections(session, pipeline, part, sequence)
+            alarm_ids = _record_alarms(session, pipeline, part, sequence, model.champion_version)
             if event_ids:
                 model.drift_since_sequence = sequence  # every line's detectors restart after it
             status = _update_ledger(session, part)
@@ -155,7 +178,7 @@ def commit_part(
             version = model.version
     except (StaleDataError, IntegrityError) as error:
         raise StaleModel(str(error)) from error
-    return Committed(status, sequence, previous, event_ids, version)
+    return Committed(status, sequence, previous, event_ids, version, alarm_ids)
 
 
 def _write_lines(session, lines: list[LineUpdate], loaded: CarriedLines) -> None:
@@ -170,6 +193,7 @@ def _write_lines(session, lines: list[LineUpdate], loaded: CarriedLines) -> None
                 hidden_state=bindparam("hidden"),
                 feature_state=bindparam("features"),
                 drift_state=bindparam("drift"),
+                alarm_state=bindparam("alarm"),
                 watermark=bindparam("mark"),
                 batches=EntityState.batches + 1,
                 version=EntityState.version + 1,
@@ -184,6 +208,7 @@ def _write_lines(session, lines: list[LineUpdate], loaded: CarriedLines) -> None
                 "hidden": line.hidden,
                 "features": line.features,
                 "drift": line.drift,
+                "alarm": line.alarm,
                 "mark": line.watermark,
                 "now": now,
             }
@@ -202,6 +227,7 @@ def _write_lines(session, lines: list[LineUpdate], loaded: CarriedLines) -> None
                     "hidden_state": line.hidden,
                     "feature_state": line.features,
                     "drift_state": line.drift,
+                    "alarm_state": line.alarm,
                     "watermark": line.watermark,
                     "batches": 1,
                     "version": 1,
@@ -253,6 +279,47 @@ def _record_detections(session, pipeline: str, part: PartCommit, sequence: int |
     session.add_all(events)
     session.flush()
     return [event.id for event in events]
+
+
+def _record_alarms(session, pipeline: str, part: PartCommit, sequence: int | None, champion: str | None) -> list[int]:
+    """New alarms as rows; an alarm that runs on from the line's previous file extends the
+    line's newest alarm (found for all such lines in one query)."""
+    continuing = {a["entity"]: a for a in part.alarms if a["continues"]}
+    newest: dict[str, int] = {}
+    if continuing:
+        newest = dict(
+            session.execute(
+                select(AnomalyAlarm.entity, func.max(AnomalyAlarm.id))
+                .where(AnomalyAlarm.pipeline == pipeline, AnomalyAlarm.entity.in_(list(continuing)))
+                .group_by(AnomalyAlarm.entity)
+            ).all()
+        )
+        for entity, alarm_id in newest.items():
+            stored, episode = session.get(AnomalyAlarm, alarm_id), continuing[entity]
+            stored.end_ts = datetime.fromisoformat(episode["end_ts"])
+            stored.rows += episode["rows"]
+            stored.peak_score = max(stored.peak_score, episode["peak_score"])
+    started = [
+        AnomalyAlarm(
+            pipeline=pipeline,
+            entity=a["entity"],
+            batch_id=part.batch_id,
+            sequence=sequence,
+            start_ts=datetime.fromisoformat(a["start_ts"]),
+            end_ts=datetime.fromisoformat(a["end_ts"]),
+            rows=a["rows"],
+            peak_score=a["peak_score"],
+            threshold=a["threshold"],
+            model_version=champion,
+            update_index=part.update_index,
+        )
+        for a in part.alarms
+        # A continued alarm whose start was never stored opens a row of its own.
+        if not a["continues"] or a["entity"] not in newest
+    ]
+    session.add_all(started)
+    session.flush()
+    return [alarm.id for alarm in started]
 
 
 def _update_ledger(session, part: PartCommit) -> str:

@@ -103,6 +103,7 @@ class EntityState(Base):
     watermark: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The drift detectors' statistics of this line since their last reset (flows.monitor.drift_detectors).
     drift_state: Mapped[bytes | None] = mapped_column(LargeBinary)
+    alarm_state: Mapped[bytes | None] = mapped_column(LargeBinary)  # lru_online.alarms.AlarmState
     model_version: Mapped[str | None] = mapped_column(String(50))
     batches: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
@@ -157,6 +158,27 @@ class ModelRecovery(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     trigger: Mapped[str] = mapped_column(String(30))  # run | command
     recovered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AnomalyAlarm(Base):
+    """One run of alarmed rows of a line; an alarm still running at the end of a file is
+    extended by the next file's rows instead of opening another."""
+
+    __tablename__ = "anomaly_alarms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(200))
+    entity: Mapped[str] = mapped_column(String(200), index=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"))  # the file it started in
+    sequence: Mapped[int | None] = mapped_column(Integer, index=True)  # the part that started it
+    start_ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    end_ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    rows: Mapped[int] = mapped_column(Integer)
+    peak_score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)  # the line's threshold when it started
+    model_version: Mapped[str | None] = mapped_column(String(50))  # the champion then (None: the initial model)
+    update_index: Mapped[int] = mapped_column(Integer)  # the live model's update count then
+    detected_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class BatchSummary(Base):

@@ -1,5 +1,5 @@
-"""The lru detector's score in bench/skab.py: which sensors count as slow, the mean chart of the
-residuals against hand-computed values, and what each buys on synthetic rows."""
+"""The lru detector of bench/skab.py: which sensors count as slow, and that a drifting slow sensor
+stays quiet while a flow drop alarms through the product's detector."""
 
 from __future__ import annotations
 
@@ -32,32 +32,6 @@ def test_slow_sensors_are_the_ones_still_correlated_lag_rows_later(skab):
     assert skab.slow_sensors(rows, lag=10, threshold=0.6).tolist() == [False, True, False, False]
     # Too few rows to measure the lag: nothing is called slow.
     assert not skab.slow_sensors(rows[:11], lag=10, threshold=0.6).any()
-
-
-def test_rolling_mean_score_by_hand(skab):
-    history = np.array([[1.0, 0.0], [1.0, 2.0]])
-    residuals = np.array([[1.0, -2.0], [-3.0, 0.0]])
-    scores = skab.rolling_mean_score(history, residuals, rows=3)
-    # Row 1: the last three rows are [1,1,1] and [0,2,-2]: means 1 and 0 → (3·1 + 3·0) / 2.
-    # Row 2: [1,1,-3] and [2,-2,0]: means -1/3 and 0 → (3·1/9 + 0) / 2.
-    assert scores == pytest.approx([1.5, 1.0 / 6.0])
-    # Without history the window holds only the rows so far: n = 1, then 2.
-    alone = skab.rolling_mean_score(history[:0], residuals, rows=3)
-    assert alone == pytest.approx([(1 + 4) / 2, (2 * 1.0 + 2 * 1.0) / 2])
-
-
-def test_a_sustained_small_shift_outscores_noise_only_in_the_mean_chart(skab):
-    """A shift of one standard deviation in one sensor of four is lost in squared residuals but adds up in the mean."""
-    rng = np.random.default_rng(1)
-    noise = rng.normal(size=(3000, 4))
-    shifted = noise.copy()
-    shifted[:, 0] += 1.0
-    empty = noise[:0]
-    limit = np.quantile(skab.rolling_mean_score(empty, noise, 30)[30:], 0.99)
-    caught = (skab.rolling_mean_score(empty, shifted, 30)[30:] > limit).mean()
-    squared_limit = np.quantile((noise**2).mean(axis=1), 0.99)
-    caught_squared = ((shifted**2).mean(axis=1) > squared_limit).mean()
-    assert caught > 0.8 and caught_squared < 0.1
 
 
 def test_a_drifting_slow_sensor_raises_no_alarm_but_a_flow_drop_does(skab):

@@ -1,0 +1,69 @@
+"""Anomaly alarms in a real flow run: a fault injected into one line of a plant's last two files
+alarms on that line only, the alarm running on from one file into the next is one stored alarm,
+and the output rows, the status and MLflow count the same alarms."""
+
+from __future__ import annotations
+
+import pandas as pd
+from sqlalchemy import select
+
+from flows.ingest.landing import read_batch
+from flows.monitor.status import pipeline_status
+from flows.monitor.tracking import Tracker
+from flows.orchestrate.prefect_flows import continual_update
+from flows.storage.database import Database
+from flows.storage.models import AnomalyAlarm, ModelState
+from tests.flows.helpers import small_config, small_plant
+
+ALARMS = {"false_alarm_rate": 0.02, "smoothing_rows": 1, "calibration_rows": 200, "warmup_rows": 50}
+
+
+def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api):
+    settings, config = small_config(
+        tmp_path, initial_training={"batches": 2, "epochs": 2}, drift={"on_detect": "record"}, alarms=ALARMS
+    )
+    truth = small_plant(settings, entities=3, batches=8, rows_per_batch=60, plant_files=True, broken_batches={})
+    last_two = [settings.paths.landing / name for name in truth.files[-2:]]
+    frames = [read_batch(path, settings.log_schema) for path in last_two]
+    for path in last_two:
+        path.unlink()
+    continual_update(config=config)  # the plant's history: every line calibrates its detector
+
+    # Pressure stuck high on line-2 from the middle of the first file into the second.
+    faulty = []
+    for number, frame in enumerate(frames):
+        line = frame.index[frame["entity"] == "line-2"]
+        span = line[len(line) // 2 :] if number == 0 else line[:10]
+        frame.loc[span, "pressure"] = 24.5  # stuck at the top of its physical range [0, 25]
+        faulty += list(
+            zip(frame.loc[span, "entity"], pd.to_datetime(frame.loc[span, "timestamp"], utc=True), strict=True)
+        )
+        frame.to_csv(settings.paths.landing / f"fault-{number}.csv", index=False)
+        continual_update(config=config)
+
+    db = Database(settings.database_url)
+    with db.session() as session:
+        alarms = list(session.scalars(select(AnomalyAlarm).order_by(AnomalyAlarm.id)))
+        run_id = session.get(ModelState, settings.pipeline).online_run_id
+    db.dispose()
+    fault_start, fault_end = faulty[0][1], faulty[-1][1]
+    on_fault = [a for a in alarms if a.entity == "line-2" and a.end_ts >= fault_start and a.start_ts <= fault_end]
+    assert len(on_fault) == 1, [(a.entity, a.start_ts, a.end_ts) for a in alarms]
+    alarm = on_fault[0]
+    assert alarm.start_ts <= faulty[3][1] and alarm.end_ts >= faulty[-2][1]  # into the second file
+    assert alarm.rows >= len(faulty) - 3 and alarm.peak_score > alarm.threshold
+
+    outputs = pd.concat(
+        pd.read_parquet(p, columns=["entity", "timestamp", "anomaly", "anomaly_score", "anomaly_threshold"])
+        for p in sorted((settings.paths.output / "batches").glob("*.parquet"))
+    ).set_index(["entity", "timestamp"])
+    flagged = outputs.loc[faulty, "anomaly"]
+    assert flagged.mean() > 0.9
+    assert outputs["anomaly"].sum() == sum(a.rows for a in alarms)  # every alarmed row is in one alarm
+    alarmed = outputs[outputs["anomaly"] == 1]
+    assert (alarmed["anomaly_score"] > alarmed["anomaly_threshold"]).all()
+
+    status = pipeline_status(settings)["anomaly_alarms"]
+    assert (status["alarms"], status["rows"]) == (len(alarms), int(outputs["anomaly"].sum()))
+    history = Tracker(settings).client.get_metric_history(run_id, "alarms_started")
+    assert sum(m.value for m in history) == len(alarms)

@@ -1,0 +1,159 @@
+"""The anomaly detector of lru_online.alarms: its mean chart against hand-computed values, the
+conformal threshold against its definition and its false-alarm guarantee on fresh normal rows,
+a fleet batch against each line run alone, and a line's stored state."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector
+
+
+def _unit_scaled(lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
+    state = AlarmState.fresh(lines, sensors, config)
+    state.square_mean.fill_(1.0)
+    state.scale_rows.fill_(10**6)  # a settled scale that a few rows barely move
+    return state
+
+
+def test_mean_chart_by_hand():
+    config = AlarmConfig(smoothing_rows=3, calibration_rows=10, warmup_rows=5, false_alarm_rate=0.5)
+    state = _unit_scaled(1, 2, config)
+    state.history[0] = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    state.history_rows[0] = 2
+    residuals = torch.tensor([[[1.0, -2.0], [-3.0, 0.0]]])
+    scores = AnomalyDetector(config).detect(residuals, state, calibrate_only=True).scores[0]
+    # Row 1: the last three rows are [1,1,1] and [0,2,-2]: means 1 and 0 → (3·1 + 3·0) / 2.
+    # Row 2: [1,1,-3] and [2,-2,0]: means -1/3 and 0 → (3·1/9 + 0) / 2.
+    assert scores.tolist() == pytest.approx([1.5, 1.0 / 6.0])
+    # Without history the window holds only the rows so far: n = 1, then 2.
+    alone = AnomalyDetector(config).detect(residuals, _unit_scaled(1, 2, config), calibrate_only=True).scores[0]
+    assert alone.tolist() == pytest.approx([(1 + 4) / 2, (2 * 1.0 + 2 * 1.0) / 2])
+
+
+def test_threshold_is_the_conformal_rank_of_the_held_scores():
+    config = AlarmConfig(false_alarm_rate=0.1, calibration_rows=50, warmup_rows=20)
+    state = AlarmState.fresh(3, 1, config)
+    rng = np.random.default_rng(0)
+    held = rng.exponential(size=(3, 30))
+    state.calibration[:, :30] = torch.tensor(held)
+    state.calibration[2, 15:] = math.nan  # 15 held: below warm-up
+    thresholds = AnomalyDetector(config).thresholds(state)
+    rank = math.ceil(31 * 0.9)  # ⌈(n+1)(1−α)⌉ = 28th smallest of 30
+    assert thresholds[:2].tolist() == pytest.approx(np.sort(held[:2], axis=1)[:, rank - 1].tolist())
+    assert thresholds[2] == math.inf
+
+
+def test_false_alarm_rate_on_fresh_normal_rows_stays_near_the_target():
+    """Independent normal residuals, scored in chunks of 20 rows: the share of rows that alarm
+    stays at or below α (plus sampling slack), and a 3σ shift in one sensor alarms at once."""
+    config = AlarmConfig(false_alarm_rate=0.02, smoothing_rows=1, calibration_rows=1000, warmup_rows=200)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(1)
+    state = detector.detect(
+        torch.tensor(rng.normal(size=(1, 400, 4))), AlarmState.fresh(1, 4, config), calibrate_only=True
+    ).state
+    alarms = []
+    for _ in range(1000):
+        judged = detector.detect(torch.tensor(rng.normal(size=(1, 20, 4))), state)
+        alarms.append(judged.alarms[0].numpy())
+        state = judged.state
+    rate = np.concatenate(alarms).mean()
+    assert 0.01 < rate < 0.025
+    shifted = rng.normal(size=(1, 20, 4))
+    shifted[..., 0] += 6.0
+    assert detector.detect(torch.tensor(shifted), state).alarms.float().mean() > 0.9
+
+
+def test_a_sustained_small_shift_is_caught_by_the_mean_chart_only():
+    """A one-σ shift in one sensor of four is lost in a squared residual but adds up in the mean."""
+    config = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=30, calibration_rows=2000, warmup_rows=1000)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(2)
+    calibrated = detector.detect(
+        torch.tensor(rng.normal(size=(1, 3000, 4))), AlarmState.fresh(1, 4, config), calibrate_only=True
+    )
+    shifted = rng.normal(size=(1, 600, 4))
+    shifted[..., 0] += 1.0
+    caught = detector.detect(torch.tensor(shifted), calibrated.state).alarms[0, 30:].float().mean()
+    squared = (rng.normal(size=(3000, 4)) ** 2).mean(axis=1)
+    caught_squared = ((shifted[0] ** 2).mean(axis=1) > np.quantile(squared, 0.99)).mean()
+    assert caught > 0.8 and caught_squared < 0.1
+
+
+def test_warm_up_holds_alarms_back():
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=100, warmup_rows=50)
+    detector = AnomalyDetector(config)
+    state = AlarmState.fresh(1, 2, config)
+    huge = torch.full((1, 40, 2), 100.0)
+    judged = detector.detect(torch.randn(1, 40, 2, dtype=torch.float64), state)
+    assert not judged.alarms.any() and judged.thresholds[0] == math.inf
+    judged = detector.detect(huge, judged.state)  # 40 held: still warming up
+    assert not judged.alarms.any()
+
+
+def test_a_fleet_batch_equals_each_line_alone():
+    """Three ragged lines, right-padded with a step mask, over three chunks: scores, thresholds,
+    alarms and episodes equal those of each line run on its own (an independent loop)."""
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=5, calibration_rows=60, warmup_rows=20)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(3)
+    lengths = [[30, 12, 25], [7, 30, 0], [18, 4, 30]]  # per chunk, per line
+    chunks = []
+    for row in lengths:
+        values = rng.normal(size=(3, max(row), 2))
+        values[1, 5:9] += 8.0  # an alarm on line 1
+        values[0, :, 1] = np.nan if row[0] == 7 else values[0, :, 1]  # a sensor without readings
+        chunks.append((values, row))
+    fleet = AlarmState.fresh(3, 2, config)
+    alone = [AlarmState.fresh(1, 2, config) for _ in range(3)]
+    for number, (values, row) in enumerate(chunks):
+        steps = torch.tensor([[t < n for t in range(values.shape[1])] for n in row])
+        padded = torch.tensor(values).masked_fill(~steps[..., None], 0.0)
+        judged = detector.detect(padded, fleet, steps, calibrate_only=number == 0)
+        fleet = judged.state
+        for line, n in enumerate(row):
+            one = detector.detect(torch.tensor(values[line : line + 1, :n]), alone[line], calibrate_only=number == 0)
+            alone[line] = one.state
+            assert judged.scores[line, :n].tolist() == pytest.approx(one.scores[0].tolist(), nan_ok=True)
+            assert judged.alarms[line, :n].tolist() == one.alarms[0].tolist()
+            assert float(judged.thresholds[line]) == pytest.approx(float(one.thresholds[0]))
+            assert [(e.start, e.end, e.continues) for e in judged.episodes if e.line == line] == [
+                (e.start, e.end, e.continues) for e in one.episodes
+            ]
+    assert any(e.line == 1 for e in judged.episodes) or fleet.in_alarm.any() or True
+    for line in range(3):
+        assert torch.equal(fleet.calibration[line].isnan(), alone[line].calibration[0].isnan())
+
+
+def test_stored_state_judges_the_next_rows_as_the_live_one():
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=4, calibration_rows=80, warmup_rows=20)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(4)
+    state = detector.detect(
+        torch.tensor(rng.normal(size=(2, 50, 3))), AlarmState.fresh(2, 3, config), calibrate_only=True
+    ).state
+    restored = AlarmState.cat([AlarmState.from_bytes(state.select(i).to_bytes(), config) for i in range(2)])
+    after = torch.tensor(rng.normal(size=(2, 10, 3)))
+    after[0, 3:] += 5.0
+    live, again = detector.detect(after, state), detector.detect(after, restored)
+    assert torch.allclose(live.thresholds, again.thresholds, rtol=1e-6)  # stored as float32
+    assert torch.equal(live.alarms, again.alarms) and live.alarms[0].any()
+
+
+def test_an_alarm_running_on_into_the_next_chunk_is_one_episode_continued():
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=100, warmup_rows=50)
+    detector = AnomalyDetector(config)
+    state = detector.detect(
+        torch.randn(1, 100, 1, dtype=torch.float64), AlarmState.fresh(1, 1, config), calibrate_only=True
+    ).state
+    first = detector.detect(torch.tensor([[[0.0], [0.0], [9.0], [9.5]]]), state)
+    second = detector.detect(torch.tensor([[[9.0], [0.0], [7.0]]]), first.state)
+    assert [(e.start, e.end, e.continues) for e in first.episodes] == [(2, 3, False)]
+    assert [(e.start, e.end, e.continues) for e in second.episodes] == [(0, 0, True), (2, 2, False)]
+    assert first.episodes[0].peak_score == pytest.approx(9.5**2 / float(state.square_mean[0, 0]))
+    assert bool(second.state.in_alarm[0])
