@@ -21,8 +21,10 @@ def alarm_scores(output_files: list[Path], labelled: list[dict]) -> dict:
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["entity", "timestamp", "anomaly"])
     rows = rows.sort_values(["entity", "timestamp"], kind="stable").reset_index(drop=True)
     labels = pd.DataFrame(labelled, columns=["entity", "timestamp"])
-    keys = set(zip(labels["entity"], pd.to_datetime(labels["timestamp"], utc=True, format="ISO8601"), strict=True))
-    truth = pd.Series([(e, t) in keys for e, t in zip(rows["entity"], rows["timestamp"], strict=True)], dtype=bool)
+    labelled_keys = pd.MultiIndex.from_arrays(
+        [labels["entity"], pd.to_datetime(labels["timestamp"], utc=True, format="ISO8601")]
+    )
+    truth = pd.Series(pd.MultiIndex.from_frame(rows[["entity", "timestamp"]]).isin(labelled_keys), dtype=bool)
     alarm = rows["anomaly"].astype(bool)
     tp, fp, fn = int((truth & alarm).sum()), int((~truth & alarm).sum()), int((truth & ~alarm).sum())
     precision = tp / (tp + fp) if tp + fp else 0.0

@@ -287,18 +287,17 @@ def _record_alarms(session, pipeline: str, part: PartCommit, sequence: int | Non
     continuing = {a["entity"]: a for a in part.alarms if a["continues"]}
     newest: dict[str, int] = {}
     if continuing:
-        newest = dict(
-            session.execute(
-                select(AnomalyAlarm.entity, func.max(AnomalyAlarm.id))
-                .where(AnomalyAlarm.pipeline == pipeline, AnomalyAlarm.entity.in_(list(continuing)))
-                .group_by(AnomalyAlarm.entity)
-            ).all()
+        latest_ids = (
+            select(func.max(AnomalyAlarm.id))
+            .where(AnomalyAlarm.pipeline == pipeline, AnomalyAlarm.entity.in_(list(continuing)))
+            .group_by(AnomalyAlarm.entity)
         )
-        for entity, alarm_id in newest.items():
-            stored, episode = session.get(AnomalyAlarm, alarm_id), continuing[entity]
+        for stored in session.scalars(select(AnomalyAlarm).where(AnomalyAlarm.id.in_(latest_ids))):
+            episode = continuing[stored.entity]
             stored.end_ts = datetime.fromisoformat(episode["end_ts"])
             stored.rows += episode["rows"]
             stored.peak_score = max(stored.peak_score, episode["peak_score"])
+            newest[stored.entity] = stored.id
     started = [
         AnomalyAlarm(
             pipeline=pipeline,

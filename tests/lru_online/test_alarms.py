@@ -20,6 +20,13 @@ def _unit_scaled(lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
     return state
 
 
+def _calibrated(detector: AnomalyDetector, rows: np.ndarray | torch.Tensor) -> AlarmState:
+    """The state after `rows` (B, T, S) were taken as normal."""
+    rows = torch.as_tensor(rows)
+    fresh = AlarmState.fresh(rows.shape[0], rows.shape[2], detector.config)
+    return detector.detect(rows, fresh, calibrate_only=True).state
+
+
 def test_mean_chart_by_hand():
     config = AlarmConfig(smoothing_rows=3, calibration_rows=10, warmup_rows=5, false_alarm_rate=0.5)
     state = _unit_scaled(1, 2, config)
@@ -54,9 +61,7 @@ def test_false_alarm_rate_on_fresh_normal_rows_stays_near_the_target():
     config = AlarmConfig(false_alarm_rate=0.02, smoothing_rows=1, calibration_rows=1000, warmup_rows=200)
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(1)
-    state = detector.detect(
-        torch.tensor(rng.normal(size=(1, 400, 4))), AlarmState.fresh(1, 4, config), calibrate_only=True
-    ).state
+    state = _calibrated(detector, rng.normal(size=(1, 400, 4)))
     alarms = []
     for _ in range(1000):
         judged = detector.detect(torch.tensor(rng.normal(size=(1, 20, 4))), state)
@@ -74,12 +79,10 @@ def test_a_sustained_small_shift_is_caught_by_the_mean_chart_only():
     config = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=30, calibration_rows=2000, warmup_rows=1000)
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(2)
-    calibrated = detector.detect(
-        torch.tensor(rng.normal(size=(1, 3000, 4))), AlarmState.fresh(1, 4, config), calibrate_only=True
-    )
+    calibrated = _calibrated(detector, rng.normal(size=(1, 3000, 4)))
     shifted = rng.normal(size=(1, 600, 4))
     shifted[..., 0] += 1.0
-    caught = detector.detect(torch.tensor(shifted), calibrated.state).alarms[0, 30:].float().mean()
+    caught = detector.detect(torch.tensor(shifted), calibrated).alarms[0, 30:].float().mean()
     squared = (rng.normal(size=(3000, 4)) ** 2).mean(axis=1)
     caught_squared = ((shifted[0] ** 2).mean(axis=1) > np.quantile(squared, 0.99)).mean()
     assert caught > 0.8 and caught_squared < 0.1
@@ -134,9 +137,7 @@ def test_stored_state_judges_the_next_rows_as_the_live_one():
     config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=4, calibration_rows=80, warmup_rows=20)
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(4)
-    state = detector.detect(
-        torch.tensor(rng.normal(size=(2, 50, 3))), AlarmState.fresh(2, 3, config), calibrate_only=True
-    ).state
+    state = _calibrated(detector, rng.normal(size=(2, 50, 3)))
     restored = AlarmState.cat([AlarmState.from_bytes(state.select(i).to_bytes(), config) for i in range(2)])
     after = torch.tensor(rng.normal(size=(2, 10, 3)))
     after[0, 3:] += 5.0
@@ -148,9 +149,7 @@ def test_stored_state_judges_the_next_rows_as_the_live_one():
 def test_an_alarm_running_on_into_the_next_chunk_is_one_episode_continued():
     config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=100, warmup_rows=50)
     detector = AnomalyDetector(config)
-    state = detector.detect(
-        torch.randn(1, 100, 1, dtype=torch.float64), AlarmState.fresh(1, 1, config), calibrate_only=True
-    ).state
+    state = _calibrated(detector, torch.randn(1, 100, 1, dtype=torch.float64))
     first = detector.detect(torch.tensor([[[0.0], [0.0], [9.0], [9.5]]]), state)
     second = detector.detect(torch.tensor([[[9.0], [0.0], [7.0]]]), first.state)
     assert [(e.start, e.end, e.continues) for e in first.episodes] == [(2, 3, False)]
