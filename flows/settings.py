@@ -244,8 +244,18 @@ class PrefectSettings(_Section):
     # Deployments register on this work pool; null: `lru-online serve` serves them itself.
     work_pool: str | None = None
     deployment_prefix: str = "lru-online"
+    # `serve` without api_url or work_pool starts a Prefect server of the work folder on this
+    # port of 127.0.0.1: its scheduler and automations run the deployments and the drift trigger.
+    local_port: int = Field(4200, ge=1, le=65535)
     # A Dask scheduler: batch files are read and validated on its workers, in parallel.
     dask_address: str | None = None
+
+
+class ValidationSettings(_Section):
+    # Stored GE validation results (and Data Docs pages) of quarantined files: the newest this many.
+    keep_results: int = Field(200, ge=1)
+    # `lru-online docs` serves the Data Docs on this port of 127.0.0.1.
+    docs_port: int = Field(8765, ge=1, le=65535)
 
 
 class IngestSettings(_Section):
@@ -281,6 +291,7 @@ class Settings(BaseSettings):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
 
     @classmethod

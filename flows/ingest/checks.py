@@ -34,8 +34,9 @@ class FileCheck:
         return self.read_error is not None or self.outcome is not None
 
 
-def check_file(path: Path, schema: LogSchema, chunk_rows: int, groups: int = 1) -> FileCheck:
-    """Reads and validates a one-part file; on success its rows, split into line groups."""
+def check_file(path: Path, schema: LogSchema, suite_file: Path, chunk_rows: int, groups: int = 1) -> FileCheck:
+    """Reads and validates a one-part file against `suite_file`; on success its rows, split
+    into line groups."""
     chunks = iter_batch(path, schema, chunk_rows)
     try:
         first = next(chunks)
@@ -43,7 +44,7 @@ def check_file(path: Path, schema: LogSchema, chunk_rows: int, groups: int = 1) 
             return FileCheck()
     except BatchReadError as error:
         return FileCheck(read_error=str(error))
-    outcome = validator_for(schema).validate(first, path.name)
+    outcome = validator_for(schema, suite_file).validate(first, path.name)
     check = FileCheck(len(first), outcome)
     if outcome.success:
         rows = outcome.frame

@@ -1,9 +1,10 @@
-"""Great Expectations validation of a log batch, with a suite generated from the schema.
+"""Great Expectations validation of a log batch against the work folder's expectation suite
+(`flows.ingest.expectations`: generated from the log schema, edited by the user at will).
 
-Expectations: every required column exists; sensors are numeric; each sensor's non-null
-fraction is at least 1 - max_null_fraction; readings lie in the physical range; entity and
-timestamp are present; timestamps parse, are not in the future and do not decrease within an
-entity; no (entity, timestamp) pair repeats. A failure names the file, the column and the rows.
+Validation runs on an in-memory (ephemeral) context, so Dask workers never write to the work
+folder; the result of a failing batch travels back with its outcome and the driver stores it in
+the work folder's GE project (`flows.ingest.validation_docs`). A failure names the file, the
+column and the rows.
 """
 
 from __future__ import annotations
@@ -11,22 +12,18 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from flows.ingest.expectations import FUTURE_COLUMN, LABEL_PREFIX, ORDER_COLUMN, ZONE_COLUMN, load_suite
 from flows.settings import LogSchema
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
-# Helper column: False where a timestamp is earlier than the one before it in the same entity.
-ORDER_COLUMN = "__timestamp_in_order"
-# Helper column: whether a text timestamp names its time zone like the majority of the batch.
-ZONE_COLUMN = "__timestamp_zone_consistent"
 _ZONED = r"(?:Z|[+-]\d{2}:?\d{2})$"
-# Helper column per label column: whether the label is 0, 1 or empty.
-LABEL_PREFIX = "__label_valid_"
-NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "float16", "float32", "float64", "Int64", "Float64"]
 SAMPLE_ROWS = 5
 
 
@@ -36,6 +33,7 @@ class ValidationOutcome:
     reasons: list[str] = field(default_factory=list)
     sample_rows: list[dict] = field(default_factory=list)
     frame: pd.DataFrame | None = None  # parsed timestamps, sorted by entity and time, on success
+    result: object | None = None  # GE's ExpectationSuiteValidationResult of a failure, for its store
 
 
 def parse_timestamps(values: pd.Series) -> pd.Series:
@@ -50,62 +48,35 @@ def parse_timestamps(values: pd.Series) -> pd.Series:
 
 
 class BatchValidator:
-    def __init__(self, schema: LogSchema) -> None:
+    """Runs one expectation suite on log batches of one schema."""
+
+    def __init__(self, schema: LogSchema, suite) -> None:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self.schema = schema
-        self._gx = gx
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         asset = context.data_sources.add_pandas("landing").add_dataframe_asset(name="log_batch")
-        self._batch_definition = asset.add_batch_definition_whole_dataframe("whole_batch")
-        self._context = context
-        self._count = 0
-        self._definition = None
-        self._built_at: pd.Timestamp | None = None
+        batch_definition = asset.add_batch_definition_whole_dataframe("whole_batch")
+        suite = context.suites.add(suite)
+        self._definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{suite.name}_run", data=batch_definition, suite=suite)
+        )
+        self._results = context.validation_results_store
 
-    def _current_definition(self):
-        """The validation definition, rebuilt when its 'not in the future' bound gets stale."""
-        now = pd.Timestamp.now(tz="UTC")
-        if self._definition is None or now - self._built_at > pd.Timedelta(minutes=5):
-            if self._definition is not None:
-                self._context.validation_definitions.delete(self._definition.name)
-                self._context.suites.delete(self._definition.suite.name)
-            suite = self._suite(now)
-            self._definition = self._context.validation_definitions.add(
-                self._gx.ValidationDefinition(name=f"{suite.name}_run", data=self._batch_definition, suite=suite)
-            )
-            self._built_at = now
-        return self._definition
+    def _run(self, prepared: pd.DataFrame, result_format: str, file_name: str):
+        from great_expectations.core.run_identifier import RunIdentifier
 
-    def _suite(self, now: pd.Timestamp):
-        gx = self._gx
-        schema = self.schema
-        ex = gx.expectations
-        entity, ts = schema.entity_column, schema.timestamp_column
-        expectations = [ex.ExpectColumnToExist(column=c) for c in [entity, ts, *schema.sensor_names]]
-        expectations += [
-            ex.ExpectColumnValuesToNotBeNull(column=entity),
-            ex.ExpectColumnValuesToNotBeNull(column=ts),
-            ex.ExpectColumnValuesToBeBetween(
-                column=ts, max_value=(now + pd.Timedelta(seconds=schema.max_future_seconds)).isoformat()
-            ),
-            ex.ExpectColumnValuesToBeInSet(column=ORDER_COLUMN, value_set=[True]),
-            ex.ExpectColumnValuesToBeInSet(column=ZONE_COLUMN, value_set=[True]),
-            ex.ExpectCompoundColumnsToBeUnique(column_list=[entity, ts]),
-        ]
-        for label in schema.label_columns:
-            expectations.append(ex.ExpectColumnValuesToBeInSet(column=LABEL_PREFIX + label, value_set=[True]))
-        for sensor in schema.sensors:
-            expectations += [
-                ex.ExpectColumnValuesToBeInTypeList(column=sensor.name, type_list=NUMERIC_TYPES),
-                ex.ExpectColumnValuesToNotBeNull(column=sensor.name, mostly=1.0 - sensor.max_null_fraction),
-                ex.ExpectColumnValuesToBeBetween(column=sensor.name, min_value=sensor.min, max_value=sensor.max),
-            ]
-        self._count += 1
-        suite = gx.ExpectationSuite(name=f"factory_log_{self._count}", expectations=expectations)
-        return self._context.suites.add(suite)
+        result = self._definition.run(
+            batch_parameters={"dataframe": prepared},
+            result_format={"result_format": result_format},
+            run_id=RunIdentifier(run_name=file_name, run_time=datetime.now(UTC)),
+        )
+        # GE keeps every result in the context's store; in memory that only grows.
+        for key in self._results.list_keys():
+            self._results.remove_key(key)
+        return result
 
     def _prepared(self, frame: pd.DataFrame) -> pd.DataFrame:
         schema = self.schema
@@ -119,6 +90,10 @@ class BatchValidator:
                 zoned = raw.astype("string").str.strip().str.contains(_ZONED, regex=True).fillna(True)
                 prepared[ZONE_COLUMN] = zoned == (zoned.mean() >= 0.5)
             prepared[schema.timestamp_column] = parse_timestamps(raw)
+            latest = pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=schema.max_future_seconds)
+            prepared[FUTURE_COLUMN] = ~(prepared[schema.timestamp_column] > latest)
+        else:
+            prepared[FUTURE_COLUMN] = True
         if schema.entity_column in prepared and schema.timestamp_column in prepared:
             previous = prepared.groupby(schema.entity_column, sort=False)[schema.timestamp_column].shift()
             current = prepared[schema.timestamp_column]
@@ -141,15 +116,10 @@ class BatchValidator:
         """Validates one part of a file; `row_offset` is the number of data rows before it, so
         reasons name rows as they are numbered in the file."""
         prepared = self._prepared(frame)
-        definition = self._current_definition()
         # A pass/fail run costs about half of a detailed one; details only for failures.
-        result = definition.run(
-            batch_parameters={"dataframe": prepared}, result_format={"result_format": "BOOLEAN_ONLY"}
-        )
+        result = self._run(prepared, "BOOLEAN_ONLY", file_name)
         if not result.success:
-            result = definition.run(
-                batch_parameters={"dataframe": prepared}, result_format={"result_format": "COMPLETE"}
-            )
+            result = self._run(prepared, "COMPLETE", file_name)
         missing = {c for c in [self.schema.entity_column, self.schema.timestamp_column, *self.schema.sensor_names]}
         missing -= set(prepared.columns)
         # A text column fails its range check too, without counts; its type failure says it all.
@@ -173,8 +143,16 @@ class BatchValidator:
             bad_rows.update(rows[:SAMPLE_ROWS])
         if reasons:
             samples = [_row_dict(frame, i, row_offset) for i in sorted(bad_rows)[:SAMPLE_ROWS]]
-            return ValidationOutcome(False, reasons, samples)
-        helpers = [ORDER_COLUMN, ZONE_COLUMN, *(LABEL_PREFIX + label for label in self.schema.label_columns)]
+            result.meta.update(
+                {"file": file_name, "row_offset": row_offset, "reasons": reasons, "sample_rows": samples}
+            )
+            return ValidationOutcome(False, reasons, samples, result=result)
+        helpers = [
+            ORDER_COLUMN,
+            ZONE_COLUMN,
+            FUTURE_COLUMN,
+            *(LABEL_PREFIX + label for label in self.schema.label_columns),
+        ]
         ordered = prepared.drop(columns=helpers).sort_values(
             [self.schema.entity_column, self.schema.timestamp_column], kind="stable"
         )
@@ -212,13 +190,12 @@ class BatchValidator:
                 f"(more than the allowed {allowed:.0%}), first at {where}",
                 rows,
             )
+        if kind == "expect_column_values_to_be_in_set" and column == FUTURE_COLUMN:
+            ts = self.schema.timestamp_column
+            values = ", ".join(str(v) for v in frame[ts].iloc[rows[:3]])
+            return f"{file_name}: column '{ts}': {count} timestamps in the future at {where} ({values})", rows
         if kind == "expect_column_values_to_be_between":
             values = ", ".join(str(v) for v in (detail.get("partial_unexpected_list") or [])[:3])
-            if column == self.schema.timestamp_column:
-                return (
-                    f"{file_name}: column '{column}': {count} timestamps in the future at {where} ({values})",
-                    rows,
-                )
             low, high = config.kwargs.get("min_value"), config.kwargs.get("max_value")
             return (
                 f"{file_name}: column '{column}': {count} of {total} values outside the physical range "
@@ -277,14 +254,16 @@ def _row_dict(frame: pd.DataFrame, index: int, offset: int) -> dict:
 _validators = threading.local()
 
 
-def validator_for(schema: LogSchema) -> BatchValidator:
-    """One validator per schema and thread: building the GE context takes seconds, so a Dask
-    worker builds it once and reuses it for every file it checks. Not shared across threads:
-    two validations running at once on one GE context mix up their results."""
-    key = schema.model_dump_json()
-    cache = getattr(_validators, "by_schema", None)
+def validator_for(schema: LogSchema, suite_file: Path) -> BatchValidator:
+    """One validator per schema, suite file and thread: building the GE context takes seconds,
+    so a Dask worker builds it once and reuses it for every file it checks, until the suite
+    file changes. Not shared across threads: two validations running at once on one GE context
+    mix up their results."""
+    key = (schema.model_dump_json(), str(suite_file), suite_file.stat().st_mtime_ns)
+    cache = getattr(_validators, "by_suite", None)
     if cache is None:
-        cache = _validators.by_schema = {}
+        cache = _validators.by_suite = {}
     if key not in cache:
-        cache[key] = BatchValidator(schema)
+        cache.clear()  # an edited suite replaces the one before it
+        cache[key] = BatchValidator(schema, load_suite(suite_file))
     return cache[key]

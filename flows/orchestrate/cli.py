@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -44,6 +45,13 @@ def _settings(config: Path | None, workdir: Path | None):
         if settings.prefect.api_url:
             # Flows started from here report to the configured server instead of a local API.
             os.environ["PREFECT_API_URL"] = settings.prefect.api_url
+        elif "PREFECT_API_URL" not in os.environ:
+            from flows.orchestrate.local_server import running_server_url
+
+            # While `serve` runs the work folder's Prefect server, report to it rather than
+            # open its database beside it with a temporary API.
+            if served := running_server_url(settings.workdir):
+                os.environ["PREFECT_API_URL"] = served
         from flows.storage.database import Database
 
         Database(settings.database_url).migrate()
@@ -155,15 +163,73 @@ def serve(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
     """Deploys continual_update on its schedule and retrain on the drift event.
 
     With `prefect.work_pool` set they register on the server's work pool and its workers run
-    them; otherwise this process serves them until stopped.
+    them. Otherwise this process serves them until stopped, against `prefect.api_url` when set,
+    else against a Prefect server of the work folder that it starts and stops itself.
     """
     settings = _settings(config, workdir)
-    from flows.orchestrate.deployments import deploy_to_work_pool, serve_deployments
+    from flows.orchestrate.local_server import LocalPrefectServer, ServerUnavailable, running_server_url
 
+    try:
+        if served := running_server_url(settings.workdir):
+            raise ServerUnavailable(
+                f"{settings.workdir} is already served at {served}: stop that `lru-online serve` first"
+            )
+        api_url = os.environ.get("PREFECT_API_URL")
+        if settings.prefect.work_pool or api_url:
+            _serve_on_server(settings, config, api_url)
+            return
+        server = LocalPrefectServer(settings.workdir, settings.prefect.local_port)
+        typer.echo(f"starting a Prefect server of {settings.workdir} on {server.ui_url} ...")
+        with server:
+            # Before Prefect is imported: its settings are read once, at import.
+            os.environ["PREFECT_API_URL"] = server.api_url
+            _serve_here(
+                settings, config, server.ui_url, f"Ctrl+C or SIGTERM stops serving and the server ({server.home})."
+            )
+    except ServerUnavailable as refusal:
+        typer.echo(f"error: cannot schedule: {refusal}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _serve_on_server(settings, config: Path | None, api_url: str | None) -> None:
+    """Deployments on a Prefect server that runs elsewhere: on its work pool, or served here."""
+    from flows.orchestrate.local_server import ServerUnavailable, api_answers
+
+    if not api_url:
+        raise ServerUnavailable(
+            f"prefect.work_pool is {settings.prefect.work_pool!r} but no Prefect server is set: set prefect.api_url"
+        )
+    if not api_answers(api_url):
+        raise ServerUnavailable(f"the Prefect API at {api_url} does not answer (is its server running?)")
     if settings.prefect.work_pool:
+        from flows.orchestrate.deployments import deploy_to_work_pool
+
         for flow_name, deployment_id in deploy_to_work_pool(settings, _config_arg(config)).items():
             typer.echo(f"{flow_name}: deployment {deployment_id} on work pool {settings.prefect.work_pool}")
         return
+    _serve_here(settings, config, api_url.removesuffix("/api"), "Ctrl+C or SIGTERM stops serving.")
+
+
+def _serve_here(settings, config: Path | None, ui_url: str, how_to_stop: str) -> None:
+    from flows.orchestrate.deployments import serve_deployments
+
+    every = (
+        f"cron {settings.schedule.cron!r}"
+        if settings.schedule.cron
+        else f"every {settings.schedule.interval_seconds} s"
+    )
+    prefix = settings.prefect.deployment_prefix
+    typer.echo(
+        "\n".join(
+            [
+                f"Prefect UI: {ui_url}/deployments (flow runs: {ui_url}/runs)",
+                f"MLflow UI:  lru-online ui --workdir {settings.workdir}  (then http://127.0.0.1:5000)",
+                f"deployment continual-update/{prefix}-continual-update runs {every};",
+                f"deployment retrain/{prefix}-retrain runs on the event {settings.drift.event_name}.",
+                how_to_stop,
+            ]
+        )
+    )
     serve_deployments(settings, _config_arg(config))
 
 
@@ -291,6 +357,74 @@ def _demo_scores(settings, truth_path: Path) -> str:
         found = f"detected {delay['delay']} later by {delay['by']}" if delay["detected"] else "not detected"
         lines.append(f"{delay['kind']} drift from {delay['starts']}: {found}")
     return "\n".join(lines)
+
+
+validation_app = typer.Typer(help="The Great Expectations suite that landing files are validated against.")
+app.add_typer(validation_app, name="validation")
+
+
+@validation_app.command("init")
+def validation_init(
+    config: ConfigOption = None,
+    workdir: WorkdirOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing suite (edits in it are lost).")] = False,
+) -> None:
+    """Generates the expectation suite from the log schema into <workdir>/gx."""
+    settings = _settings(config, workdir)
+    from flows.ingest.expectations import SuiteExists, write_suite
+
+    try:
+        path = write_suite(settings.workdir, settings.log_schema, replace=force)
+    except SuiteExists as exists:
+        typer.echo(f"error: {exists}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {path}")
+
+
+@validation_app.command("show")
+def validation_show(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
+    """Prints the suite file and its expectations, one per line."""
+    settings = _settings(config, workdir)
+    from flows.ingest.expectations import generated_from_other_schema, load_suite, suite_path
+
+    path = suite_path(settings.workdir)
+    if not path.exists():
+        typer.echo(f"no suite at {path} yet: `lru-online validation init` writes it (the first run does too)")
+        raise typer.Exit(1)
+    suite = load_suite(path)
+    typer.echo(f"{path}: suite {suite.name!r}, {len(suite.expectations)} expectations")
+    if generated_from_other_schema(path, settings.log_schema):
+        typer.echo("  (not generated from the configured log schema: edited, or the schema changed)")
+    for expectation in suite.expectations:
+        config_ = expectation.configuration
+        arguments = {k: v for k, v in config_.kwargs.items() if k not in ("batch_id",)}
+        shown = ", ".join(f"{k}={v}" for k, v in arguments.items())
+        typer.echo(f"  {config_.type}({shown})" + (f"  # {expectation.notes}" if expectation.notes else ""))
+
+
+@app.command()
+def docs(
+    config: ConfigOption = None,
+    workdir: WorkdirOption = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: validation.docs_port).")] = None,
+) -> None:
+    """Serves the Great Expectations Data Docs of quarantined files on 127.0.0.1."""
+    import functools
+    import http.server
+
+    settings = _settings(config, workdir)
+    from flows.ingest.validation_docs import docs_site
+
+    site = docs_site(settings.workdir)
+    if not (site / "index.html").exists():
+        typer.echo(f"no Data Docs in {site} yet: they are built when a file is quarantined")
+        raise typer.Exit(1)
+    port = port or settings.validation.docs_port
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+        typer.echo(f"Data Docs on http://127.0.0.1:{port}/index.html (Ctrl+C stops)")
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
 
 
 infra_app = typer.Typer(help="The real services of the servers profile on this machine (127.0.0.1).")

@@ -7,6 +7,7 @@ and the pool's workers run them; the drift trigger is then an automation on the 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from uuid import UUID
 
@@ -73,10 +74,53 @@ def build_deployments(settings: Settings, config: str | None) -> list:
     ]
 
 
-def serve_deployments(settings: Settings, config: str | None) -> None:
-    from prefect import serve
+# Flow runs this process runs at once: a continual_update and a retrain. More updates would only
+# wait on the pipeline's lease, each in a process of its own.
+SERVED_RUNS_AT_ONCE = 2
 
-    serve(*build_deployments(settings, config))
+
+def serve_deployments(settings: Settings, config: str | None) -> None:
+    """Serves both deployments from this process until SIGINT or SIGTERM. Either stops it
+    cleanly: runs in progress are cancelled (a file's work is committed whole or not at all) and
+    the schedules paused, so no runs pile up while nothing serves them."""
+    import asyncio
+
+    runner = _runner_stopped_by_sigterm()(limit=SERVED_RUNS_AT_ONCE, pause_on_shutdown=True)
+    for deployment in build_deployments(settings, config):
+        runner.add_deployment(deployment)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: the runner has stopped on its way out
+            asyncio.run(runner.start())
+    finally:
+        _send_queued_logs_and_events()
+
+
+def _send_queued_logs_and_events() -> None:
+    """Prefect sends run logs and events from background queues; they go out now, while the
+    API (perhaps this command's own server) still answers."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=5)
+
+
+def _runner_stopped_by_sigterm() -> type:
+    """Prefect's Runner, with a SIGTERM handler that really stops it. Prefect 3.8's own handler
+    calls the async `stop` from inside the event loop, where it only makes a coroutine: the runner
+    never stops its runs, Python warns that the coroutine was never awaited, and `sys.exit`
+    cuts the loop short."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    class SigtermStoppableRunner(Runner):
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            self._logger.info("SIGTERM received, stopping")
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(lambda: setattr(self, "_stopping_task", loop.create_task(self.astop())))
+
+    return SigtermStoppableRunner
 
 
 def deploy_to_work_pool(settings: Settings, config: str | None) -> dict[str, UUID]:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from features import FeatureSpec
 from flows.ingest.checks import FileCheck, check_file
+from flows.ingest.expectations import suite_path
 from flows.model.file_step import FinishedLines, PreparedLines, ScoredLines, finish_lines, prepare_lines
 from flows.settings import DriftSettings, Settings
 from flows.storage.line_states import CarriedLines
@@ -74,14 +75,14 @@ class LocalLineWork:
     ) -> Iterator[tuple[int, FileCheck | None]]:
         from concurrent.futures import ThreadPoolExecutor
 
-        schema, chunk_rows = settings.log_schema, settings.ingest.chunk_rows
+        schema, chunk_rows, suite = settings.log_schema, settings.ingest.chunk_rows, suite_path(settings.workdir)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="check-ahead") as pool:
             waiting: deque = deque()
             queue = iter(files)
 
             def submit_next() -> None:
                 for batch_id, path in queue:
-                    waiting.append((batch_id, pool.submit(check_file, path, schema, chunk_rows, 1)))
+                    waiting.append((batch_id, pool.submit(check_file, path, schema, suite, chunk_rows, 1)))
                     return
 
             submit_next()
@@ -143,11 +144,11 @@ class DaskLineWork(LocalLineWork):
         worker, say): the driver then checks the file itself."""
         waiting: deque = deque()
         queue = iter(files)
-        schema, chunk_rows = settings.log_schema, settings.ingest.chunk_rows
+        schema, chunk_rows, suite = settings.log_schema, settings.ingest.chunk_rows, suite_path(settings.workdir)
 
         def submit_next() -> None:
             for batch_id, path in queue:
-                full = self.client.submit(check_file, path, schema, chunk_rows, self.groups, pure=False)
+                full = self.client.submit(check_file, path, schema, suite, chunk_rows, self.groups, pure=False)
                 waiting.append((batch_id, full, self.client.submit(_summary, full, pure=False)))
                 return
 

@@ -21,7 +21,9 @@ import pandas as pd
 from features import FeatureBatch
 from flows import faults
 from flows.ingest.checks import FileCheck
+from flows.ingest.expectations import ensure_suite, generated_from_other_schema
 from flows.ingest.landing import BatchReadError, discover, iter_batch
+from flows.ingest.validation import ValidationOutcome
 from flows.model.file_step import FinishedLines, ScoredLines, learn_lines, score_lines
 from flows.model.fleet import save_checkpoint
 from flows.model.live import CheckpointMissing, CheckpointRefused, LiveModel
@@ -53,6 +55,7 @@ class BatchResult:
     drift_event_ids: list[int] = field(default_factory=list)
     alarm_ids: list[int] = field(default_factory=list)  # anomaly alarms the file started
     reasons: list[str] = field(default_factory=list)
+    validation_page: str | None = None  # the Data Docs page of a quarantined file's failed validation
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -75,7 +78,10 @@ class Pipeline:
         self.db.migrate()
         self.ledger = Ledger(self.db, settings.workdir, settings.paths.archive, settings.paths.quarantine)
         self.spec = settings.feature_spec
-        self._validator = None
+        # Runs validate against the work folder's suite file; the first run generates it.
+        self.suite_file = ensure_suite(settings.workdir, settings.log_schema)
+        self._suite_checked = False
+        self._validation_docs = None
         self._tracker = None
         self.live = LiveModel(settings, self.db)
         self.monitor = MonitorHelper(settings)
@@ -85,11 +91,27 @@ class Pipeline:
     # --- lazily built adapters (GE, MLflow and Dask take seconds to start) -----------------
     @property
     def validator(self):
-        if self._validator is None:
-            from flows.ingest.validation import validator_for
+        """The validator of the suite file as it is now (an edit applies from the next file)."""
+        from flows.ingest.validation import validator_for
 
-            self._validator = validator_for(self.settings.log_schema)
-        return self._validator
+        validator = validator_for(self.settings.log_schema, self.suite_file)
+        if not self._suite_checked:
+            self._suite_checked = True
+            if generated_from_other_schema(self.suite_file, self.settings.log_schema):
+                log.warning(
+                    "%s was not generated from the configured log schema (edited, or the schema changed); "
+                    "`lru-online validation init --force` regenerates it",
+                    self.suite_file,
+                )
+        return validator
+
+    @property
+    def validation_docs(self):
+        if self._validation_docs is None:
+            from flows.ingest.validation_docs import ValidationDocs
+
+            self._validation_docs = ValidationDocs(self.settings.workdir, self.settings.validation.keep_results)
+        return self._validation_docs
 
     @property
     def tracker(self):
@@ -156,12 +178,32 @@ class Pipeline:
             return None, self._quarantine(batch.id, name, [str(error)], [], rows=0)
         outcome = self.validator.validate(frame, name)
         if not outcome.success:
-            return None, self._quarantine(batch.id, name, outcome.reasons, outcome.sample_rows, rows=len(frame))
+            return None, self._quarantine(batch.id, name, outcome.reasons, outcome.sample_rows, len(frame), outcome)
         return outcome.frame, None
 
-    def _quarantine(self, batch_id: int, name: str, reasons: list[str], samples: list[dict], rows: int) -> BatchResult:
-        self.ledger.quarantine_batch(batch_id, reasons, samples, rows=rows)
-        return BatchResult(batch_id, name, BatchStatus.QUARANTINED, rows, rows_quarantined=rows, reasons=reasons)
+    def _quarantine(
+        self,
+        batch_id: int,
+        name: str,
+        reasons: list[str],
+        samples: list[dict],
+        rows: int,
+        outcome: ValidationOutcome | None = None,
+    ) -> BatchResult:
+        """Quarantines the file; a failed validation's result is stored with its Data Docs page."""
+        page = None
+        if outcome is not None and outcome.result is not None:
+            page = self.validation_docs.record(outcome.result)
+        self.ledger.quarantine_batch(batch_id, reasons, samples, rows=rows, validation_page=page)
+        return BatchResult(
+            batch_id,
+            name,
+            BatchStatus.QUARANTINED,
+            rows,
+            rows_quarantined=rows,
+            reasons=reasons,
+            validation_page=str(page) if page else None,
+        )
 
     def process(self, batch_id: int, check: FileCheck | None = None) -> BatchResult:
         """Validates, scores and learns from one pending file, part by part, committing each part.
@@ -198,7 +240,8 @@ class Pipeline:
         if check.read_error:
             yield self._quarantine(batch.id, name, [check.read_error], [], rows=0)
         elif not check.outcome.success:
-            yield self._quarantine(batch.id, name, check.outcome.reasons, check.outcome.sample_rows, check.rows)
+            outcome = check.outcome
+            yield self._quarantine(batch.id, name, outcome.reasons, outcome.sample_rows, check.rows, outcome)
         else:
             yield FilePart(0, check.groups, check.parts, True, 0.0)
 
@@ -222,7 +265,7 @@ class Pipeline:
                     remaining = (
                         len(frame) + (len(upcoming) if upcoming is not None else 0) + sum(len(c) for c in chunks)
                     )
-                    yield self._quarantine(batch.id, name, outcome.reasons, outcome.sample_rows, remaining)
+                    yield self._quarantine(batch.id, name, outcome.reasons, outcome.sample_rows, remaining, outcome)
                     return
                 rows = outcome.frame
                 entities = sorted(rows[self.spec.entity_column].astype(str).unique())

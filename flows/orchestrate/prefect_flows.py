@@ -176,7 +176,8 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
             progress.advance()
             counts[result.status] = counts.get(result.status, 0) + 1
             if result.status == BatchStatus.QUARANTINED:
-                logger.warning("quarantined %s: %s", result.file, "; ".join(result.reasons)[:500])
+                page = f" (Data Docs: {result.validation_page})" if result.validation_page else ""
+                logger.warning("quarantined %s: %s%s", result.file, "; ".join(result.reasons)[:500], page)
             if result.status == BatchStatus.PROCESSED:
                 timings.append({"batch_id": batch_id, "rows": result.rows_scored, "seconds": result.timings})
                 _after_commit(pipeline, result, counts, config, started)

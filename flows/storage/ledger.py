@@ -179,13 +179,17 @@ class Ledger:
         with self.db.session() as session:
             return session.get(Batch, batch_id)
 
-    def quarantine_batch(self, batch_id: int, reasons: list[str], samples: list[dict], rows: int) -> Path | None:
-        """Marks the batch quarantined (reasons, sample rows) and moves its file to quarantine/."""
+    def quarantine_batch(
+        self, batch_id: int, reasons: list[str], samples: list[dict], rows: int, validation_page: Path | None = None
+    ) -> Path | None:
+        """Marks the batch quarantined (reasons, sample rows, the Data Docs page of its failed
+        validation) and moves its file to quarantine/."""
         with self.db.session() as session:
             batch = session.get(Batch, batch_id)
             batch.status = "quarantined"
             batch.reasons = reasons
             batch.sample_rows = samples
+            batch.validation_page = stored_path(self.root, validation_page) if validation_page else None
             # Parts committed before the failing one keep their counts; the rest is quarantined.
             batch.rows_received += rows
             batch.rows_quarantined += rows
@@ -254,7 +258,7 @@ class Ledger:
             ).one()
             drift_events = session.scalar(select(func.count()).select_from(DriftEvent))
             quarantined = session.execute(
-                select(Batch.source_file, Batch.stored_at, Batch.reasons)
+                select(Batch.source_file, Batch.stored_at, Batch.reasons, Batch.validation_page)
                 .where(Batch.status == "quarantined")
                 .order_by(Batch.id)
             ).all()
@@ -269,7 +273,12 @@ class Ledger:
             "rows": {"received": sums[0], "scored": sums[1], "quarantined": sums[2], "late": sums[3]},
             "drift_events": drift_events,
             "quarantined_files": [
-                {"file": Path(source).name, "stored_at": stored, "reasons": reasons or []}
-                for source, stored, reasons in quarantined
+                {
+                    "file": Path(source).name,
+                    "stored_at": stored,
+                    "reasons": reasons or [],
+                    "validation_page": str(resolved_path(self.root, page)) if page else None,
+                }
+                for source, stored, reasons, page in quarantined
             ],
         }

@@ -73,6 +73,8 @@ class Batch(Base):
     # a rerun after a crash resumes after the last committed part.
     parts_done: Mapped[int] = mapped_column(Integer, default=0)
     stored_at: Mapped[str | None] = mapped_column(Text)  # archive or quarantine path
+    # The Data Docs page of a quarantined file's failed validation (relative to the work folder).
+    validation_page: Mapped[str | None] = mapped_column(Text)
     output_path: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

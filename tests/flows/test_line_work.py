@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from flows.ingest.checks import check_file
+from flows.ingest.expectations import ensure_suite, suite_path
 from flows.monitor.status import pipeline_status
 from flows.orchestrate.line_work import DaskLineWork
 from flows.orchestrate.prefect_flows import continual_update
@@ -32,12 +33,15 @@ def test_checks_on_dask_match_checks_in_the_driver_and_keep_the_order(tmp_path, 
     )
     (settings.paths.landing / "junk.csv").write_bytes(b"\x00\x01\x02 not a log")
     files = list(enumerate(sorted(settings.paths.landing.iterdir())))
+    ensure_suite(settings.workdir, settings.log_schema)  # a pipeline's first run writes it
     work = DaskLineWork(cluster)
     try:
         remote = list(work.checked_ahead(settings, files))
         assert [batch_id for batch_id, _ in remote] == [batch_id for batch_id, _ in files]
         for (_, path), (_, check) in zip(files, remote, strict=True):
-            local = check_file(path, settings.log_schema, settings.ingest.chunk_rows, work.groups)
+            local = check_file(
+                path, settings.log_schema, suite_path(settings.workdir), settings.ingest.chunk_rows, work.groups
+            )
             assert check.read_error == local.read_error, path.name
             assert check.rows == local.rows and check.groups == local.groups
             if local.outcome is None:

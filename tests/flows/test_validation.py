@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flows.ingest.expectations import suite_from_schema
 from flows.ingest.landing import BatchReadError, discover, read_batch
 from flows.ingest.validation import BatchValidator
 from flows.settings import LogSchema
@@ -15,7 +16,7 @@ SCHEMA = LogSchema()
 
 @pytest.fixture(scope="module")
 def validator():
-    return BatchValidator(SCHEMA)
+    return BatchValidator(SCHEMA, suite_from_schema(SCHEMA))
 
 
 def _good(n: int = 30) -> pd.DataFrame:
