@@ -57,7 +57,11 @@ def _default_sensors() -> list[SensorSpec]:
 
 class LogSchema(_Section):
     entity_column: str = "entity"
+    # Files of one machine often have no line column: then every row belongs to this line.
+    single_line: str | None = None
     timestamp_column: str = "timestamp"
+    # The field separator of CSV files (SKAB's files use ';').
+    delimiter: str = Field(",", min_length=1, max_length=1)
     sensors: list[SensorSpec] = Field(default_factory=_default_sensors, min_length=1)
     label_columns: list[str] = Field(default_factory=lambda: ["anomaly"])
     # Timestamps later than now + this are refused as clock errors.

@@ -124,10 +124,18 @@ def write_suite(workdir: Path, schema: LogSchema, replace: bool = False) -> Path
 
 
 def ensure_suite(workdir: Path, schema: LogSchema) -> Path:
-    """The suite file, generated from `schema` when the work folder has none yet."""
+    """The suite file, generated from `schema` when the work folder has none yet (under a lock:
+    two first runs may start at once)."""
+    import fcntl
+
     path = suite_path(workdir)
-    if not path.exists():
-        write_suite(workdir, schema)
+    if path.exists():
+        return path
+    workdir.mkdir(parents=True, exist_ok=True)
+    with (workdir / ".gx-init.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            write_suite(workdir, schema)
     return path
 
 

@@ -101,11 +101,14 @@ def _check_header(path: Path, schema: LogSchema) -> int:
         first = handle.readline()
     if not first.strip():
         raise BatchReadError(f"{name}: the file is empty (no header, no rows)")
-    header = next(csv.reader([first]))
+    header = next(csv.reader([first], delimiter=schema.delimiter))
     columns = [c.strip() for c in header]
-    if len(columns) == 1 and any(sep in first for sep in (";", "\t", "|")):
-        found = next(sep for sep in (";", "\t", "|") if sep in first)
-        raise BatchReadError(f"{name}: header row holds one column split by {found!r}; the delimiter must be ','")
+    others = [sep for sep in (",", ";", "\t", "|") if sep != schema.delimiter and sep in first]
+    if len(columns) == 1 and others:
+        raise BatchReadError(
+            f"{name}: header row holds one column split by {others[0]!r}; the delimiter must be "
+            f"{schema.delimiter!r} (log_schema.delimiter)"
+        )
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     if repeated:
         raise BatchReadError(f"{name}: header row repeats column(s) {repeated}")
@@ -133,7 +136,7 @@ def _check_utf8(path: Path, compression: str | None) -> None:
 NAMED_ROWS = 5
 
 
-def _check_fields(path: Path, fields: int) -> None:
+def _check_fields(path: Path, fields: int, delimiter: str) -> None:
     """Refuses a CSV file with a row of more or fewer fields than its header: pandas would read
     the short rows' missing fields as missing values, shifting nothing but losing the fact that
     the row is broken. A short last row means the file was cut off while written or copied.
@@ -156,7 +159,7 @@ def _check_fields(path: Path, fields: int) -> None:
         reader = pa_csv.open_csv(
             stream,
             read_options=pa_csv.ReadOptions(column_names=names, skip_rows=1, use_threads=False, block_size=1 << 22),
-            parse_options=pa_csv.ParseOptions(newlines_in_values=True, invalid_row_handler=note),
+            parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=note),
             convert_options=pa_csv.ConvertOptions(include_columns=names[:1], column_types={names[0]: pa.string()}),
         )
         for block in reader:
@@ -201,10 +204,11 @@ def iter_batch(path: Path, schema: LogSchema, chunk_rows: int) -> Iterator[pd.Da
                 produced += len(frame)
                 yield _tidy(frame, schema)
         else:
-            _check_fields(path, _check_header(path, schema))
+            _check_fields(path, _check_header(path, schema), schema.delimiter)
             with _open_text(path) as handle:
                 reader = pd.read_csv(
                     handle,
+                    sep=schema.delimiter,
                     chunksize=chunk_rows,
                     dtype={schema.entity_column: str, schema.timestamp_column: str},
                 )
@@ -227,6 +231,8 @@ def iter_batch(path: Path, schema: LogSchema, chunk_rows: int) -> Iterator[pd.Da
 
 def _tidy(frame: pd.DataFrame, schema: LogSchema) -> pd.DataFrame:
     frame.columns = [str(c).strip() for c in frame.columns]
+    if schema.single_line is not None and schema.entity_column not in frame:
+        frame.insert(0, schema.entity_column, schema.single_line)
     if schema.entity_column in frame:
         frame[schema.entity_column] = frame[schema.entity_column].astype("string")
     return frame

@@ -35,11 +35,13 @@ def write_report(
     lines_fired: dict[str, int],
     reference: dict,
     sensors: tuple[str, ...],
+    entity_column: str,
     settings: DriftSettings,
     pipeline: str,
     root: Path,
 ) -> None:
-    """`root`: the work folder the stored output paths are relative to."""
+    """`root`: the work folder the stored output paths are relative to; `entity_column`: the
+    line column of the stored features (the log schema's)."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state
 
     first = events[0]
@@ -67,7 +69,7 @@ def write_report(
                 .distinct()
             )
         )
-    batch = pd.read_parquet(resolved_path(root, newest.features_path), filters=[("entity", "==", entity)])
+    batch = pd.read_parquet(resolved_path(root, newest.features_path), filters=[(entity_column, "==", entity)])
 
     # Fixed margins: a layout engine costs more than the drawing.
     figure = Figure(figsize=(3.2 * len(sensors), 2.8))
@@ -126,6 +128,7 @@ def report_to_mlflow(
     event_ids: list[int],
     reference: dict,
     sensors: tuple[str, ...],
+    entity_column: str,
     settings: DriftSettings,
     pipeline: str,
     root: Path,
@@ -152,7 +155,7 @@ def report_to_mlflow(
             .all()
         )
     with tempfile.TemporaryDirectory() as tmp:
-        write_report(db, Path(tmp), events, fired, reference, sensors, settings, pipeline, root)
+        write_report(db, Path(tmp), events, fired, reference, sensors, entity_column, settings, pipeline, root)
         uri = tracker.log_artifacts(run_id, Path(tmp), f"drift/event-{event_ids[0]:05d}")
     with db.session() as session:
         session.execute(update(DriftEvent).where(DriftEvent.sequence == first.sequence).values(report_uri=uri))

@@ -116,6 +116,7 @@ def _serve(jobs: IO[str], answers: IO[str]) -> None:
                     job["events"],
                     job["reference"],
                     settings.feature_spec.sensors,
+                    settings.log_schema.entity_column,
                     settings.drift,
                     settings.pipeline,
                     settings.workdir,

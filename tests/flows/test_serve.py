@@ -79,8 +79,9 @@ def test_serve_schedules_updates_triggers_retrain_and_stops_cleanly(tmp_path):
         prefect={"local_port": port},
         # The drift event, not the update run itself, starts retrain: through the deployment trigger.
         drift={"on_detect": "event"},
+        initial_training={"batches": 4, "epochs": 2},
     )
-    small_plant(settings, rows_per_batch=120)
+    small_plant(settings, rows_per_batch=80)
     staged = tmp_path / "staged"
     shutil.move(settings.paths.landing, staged)
     settings.paths.landing.mkdir()

@@ -1,6 +1,7 @@
 """Great Expectations validation of log batches, and reading files, with named failures."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 from flows.ingest.expectations import suite_from_schema
 from flows.ingest.landing import BatchReadError, discover, read_batch
 from flows.ingest.validation import BatchValidator
-from flows.settings import LogSchema
+from flows.settings import LogSchema, load_settings
 
 SCHEMA = LogSchema()
 
@@ -109,6 +110,24 @@ def test_reading_files(tmp_path):
     ]:
         with pytest.raises(BatchReadError, match=message.replace(".", r"\.")):
             read_batch(tmp_path / name, SCHEMA)
+
+
+SKAB = Path(__file__).resolve().parents[3] / "shared" / "data" / "skab"
+
+
+def test_a_users_own_format_semicolons_and_no_line_column():
+    """SKAB's real files under configs/skab_backfill.yaml: `;`-separated, no line column."""
+    schema = load_settings(Path(__file__).resolve().parents[2] / "configs" / "skab_backfill.yaml").log_schema
+    path = SKAB / "valve1" / "8.csv"
+    rows = read_batch(path, schema)
+    raw = pd.read_csv(path, sep=";")
+    assert len(rows) == len(raw) and set(rows["line"]) == {"skab-testbed"}
+    assert np.array_equal(rows["Volume Flow RateRMS"].to_numpy(), raw["Volume Flow RateRMS"].to_numpy())
+    outcome = BatchValidator(schema, suite_from_schema(schema)).validate(rows, path.name)
+    assert outcome.success, outcome.reasons
+    assert outcome.frame["datetime"].iloc[0] == pd.Timestamp(raw["datetime"].iloc[0], tz="UTC")
+    with pytest.raises(BatchReadError, match="split by ';'; the delimiter must be ','"):
+        read_batch(path, SCHEMA)
 
 
 def test_discovery_skips_partial_files_and_refuses_escaping_links(tmp_path):

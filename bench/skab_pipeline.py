@@ -1,0 +1,196 @@
+"""The pipeline's own anomaly alarms on SKAB's real logs, through `lru-online backfill`.
+
+    python bench/skab_pipeline.py --data DIR --out DIR [--split report|tuning|all]
+                                  [--config configs/skab_backfill.yaml]
+
+Stages anomaly-free.csv and the split's valve1 files (the splits of configs/skab.yaml: tuning =
+anomaly-free plus valve1 0-7, report = valve1 8-15) into `OUT/stream`, then runs the real
+command, `lru-online backfill OUT/stream -c CONFIG -w OUT/work`: one line carried across the
+files in time order, anomaly-free.csv (first in time) trains the initial model, every row is
+scored before the model learns from it, and the product's detector (`alarms:`) raises the
+alarms. The labels are read only here, for scoring.
+
+Printed per group of rows: row-level precision, recall and F1 of the `anomaly` flag against
+SKAB's `anomaly` label, FAR, false alarms per 1,000 normal rows and the alarm episodes stored.
+valve1 rows are scored on SKAB's test part (rows 400 to the end of each file) and on all rows.
+Beside them, measured in the same run on the same test rows: Hotelling's T² of bench/skab.py,
+fitted on each file's first 400 rows (the leaderboard's per-file protocol, which the stream
+does not get: it never sees a file before scoring it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from skab import TRAIN_ROWS, HotellingT2, SkabFile, in_tuning_split, load_folder  # noqa: E402
+
+
+@dataclass
+class Counts:
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def add(self, truth: np.ndarray, flags: np.ndarray) -> None:
+        truth, flags = truth.astype(bool), flags.astype(bool)
+        self.tp += int((truth & flags).sum())
+        self.fp += int((~truth & flags).sum())
+        self.fn += int((truth & ~flags).sum())
+        self.tn += int((~truth & ~flags).sum())
+
+    def figures(self) -> dict[str, float]:
+        precision = self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+        recall = self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+        normal = self.fp + self.tn
+        return {
+            "rows": self.tp + self.fp + self.fn + self.tn,
+            "labelled": self.tp + self.fn,
+            "precision": round(precision, 3),
+            "recall": round(recall, 3),
+            "f1": round(self.tp / (self.tp + (self.fp + self.fn) / 2), 3) if self.tp + self.fp + self.fn else 0.0,
+            "far_percent": round(100 * self.fp / normal, 2) if normal else 0.0,
+            "false_alarms_per_1000_normal_rows": round(1000 * self.fp / normal, 2) if normal else 0.0,
+        }
+
+
+def staged_files(data: Path, split: str) -> tuple[list[SkabFile], SkabFile]:
+    tuning = yaml.safe_load((ROOT / "configs" / "skab.yaml").read_text())["tuning_files"]
+    files, normal = load_folder(data)
+    if normal is None:
+        raise SystemExit(f"{data}: no anomaly-free.csv; the stream needs it to train the initial model")
+    if split != "all":
+        files = [f for f in files if in_tuning_split(f, tuning) == (split == "tuning")]
+    if not files:
+        raise SystemExit(f"{data}: no SKAB experiment files in the {split} split")
+    return files, normal
+
+
+def stream_name(item: SkabFile) -> str:
+    return item.relative.replace("/", "__")
+
+
+def backfill(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) -> tuple[float, str]:
+    stream, work = out / "stream", out / "work"
+    for folder in (stream, work):
+        shutil.rmtree(folder, ignore_errors=True)
+    stream.mkdir(parents=True)
+    for item in [normal, *files]:
+        shutil.copyfile(item.path, stream / stream_name(item))
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "flows", "backfill", str(stream), "-c", str(config), "-w", str(work)],
+        cwd=ROOT,
+        env={**os.environ, "PREFECT_HOME": str(work / ".prefect"), "PREFECT_LOGGING_LEVEL": "WARNING"},
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"backfill failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout.strip().splitlines()[-1]
+
+
+def scored_rows(work: Path, timestamp_column: str) -> pd.DataFrame:
+    frames = [pd.read_parquet(p) for p in sorted((work / "output" / "batches").glob("*.parquet"))]
+    rows = pd.concat(frames, ignore_index=True)
+    return rows.set_index(timestamp_column).sort_index()
+
+
+def alarm_episodes(work: Path) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    import sqlite3
+
+    with sqlite3.connect(work / "lru_online.db") as connection:
+        found = connection.execute("SELECT start_ts, end_ts FROM anomaly_alarms ORDER BY start_ts").fetchall()
+    return [(pd.Timestamp(start, tz="UTC"), pd.Timestamp(end, tz="UTC")) for start, end in found]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="SKAB data folder (anomaly-free/, valve1/, ...)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--split", choices=("report", "tuning", "all"), default="report")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "skab_backfill.yaml")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    files, normal = staged_files(args.data, args.split)
+    seconds, summary = backfill(files, normal, args.config.resolve(), out)
+    rows = scored_rows(out / "work", yaml.safe_load(args.config.read_text())["log_schema"]["timestamp_column"])
+    episodes = alarm_episodes(out / "work")
+
+    groups = {
+        "valve1 test rows (400-end)": Counts(),
+        "valve1 all rows": Counts(),
+        "t2 (per-file fit), test rows": Counts(),
+    }
+    free = Counts()
+    labelled_runs, caught = 0, 0
+    for item in files:
+        index = item.frame.index.tz_localize("UTC")
+        flags = rows["anomaly"].reindex(index)
+        if flags.isna().any():
+            raise SystemExit(f"{item.relative}: {int(flags.isna().sum())} rows have no scored output row")
+        flags = flags.to_numpy(dtype=int)
+        groups["valve1 test rows (400-end)"].add(item.anomaly[TRAIN_ROWS:], flags[TRAIN_ROWS:])
+        groups["valve1 all rows"].add(item.anomaly, flags)
+        baseline = HotellingT2()
+        baseline.adapt(item.sensors[:TRAIN_ROWS])
+        groups["t2 (per-file fit), test rows"].add(
+            item.anomaly[TRAIN_ROWS:], baseline.detect(item.sensors[TRAIN_ROWS:]).alarms
+        )
+        starts = np.flatnonzero(np.diff(np.concatenate([[0], item.anomaly])) == 1)
+        ends = np.flatnonzero(np.diff(np.concatenate([item.anomaly, [0]])) == -1)
+        for start, end in zip(starts, ends, strict=True):
+            labelled_runs += 1
+            caught += bool(flags[start : end + 1].any())
+    free_flags = rows["anomaly"].reindex(normal.frame.index.tz_localize("UTC")).to_numpy(dtype=int)
+    free.add(np.zeros(len(free_flags), dtype=int), free_flags)
+
+    import torch
+
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"split {args.split}: anomaly-free.csv + {len(files)} valve1 files; backfill {seconds:.0f} s; {summary}")
+    header = (
+        f"{'rows scored':<32} {'rows':>7} {'labelled':>8} {'prec':>6} {'recall':>6} {'F1':>6} {'FAR %':>6} "
+        f"{'FA/1000':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, counts in [*groups.items(), ("anomaly-free.csv (trained on)", free)]:
+        f = counts.figures()
+        print(
+            f"{name:<32} {f['rows']:>7} {f['labelled']:>8} {f['precision']:>6.3f} {f['recall']:>6.3f} {f['f1']:>6.3f} "
+            f"{f['far_percent']:>6.2f} {f['false_alarms_per_1000_normal_rows']:>8.2f}"
+        )
+    print(f"labelled anomalies (runs of label 1) with an alarm inside: {caught} of {labelled_runs}")
+    print(f"alarm episodes stored (anomaly_alarms): {len(episodes)}")
+    report = {
+        "split": args.split,
+        "files": [f.relative for f in files],
+        "backfill_seconds": round(seconds, 1),
+        "groups": {name: counts.figures() for name, counts in groups.items()},
+        "anomaly_free": free.figures(),
+        "anomalies_caught": caught,
+        "anomalies": labelled_runs,
+        "alarm_episodes": len(episodes),
+    }
+    (out / "skab_pipeline.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
