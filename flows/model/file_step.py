@@ -97,9 +97,7 @@ def prepare_lines(
     started = time.perf_counter()
     entity = rows[spec.entity_column].astype(str)
     received = entity.value_counts().to_dict()
-    marks = entity.map({e: pd.Timestamp(w) for e, w in watermarks.items() if w is not None})
-    stamps = pd.to_datetime(rows[spec.timestamp_column], utc=True)
-    late_rows = (stamps <= pd.to_datetime(marks, utc=True)).to_numpy()
+    late_rows = late_mask(rows, spec, watermarks)
     late = entity[late_rows].value_counts().to_dict()
     fresh = rows[~late_rows]
     if fresh.empty:
@@ -112,6 +110,14 @@ def prepare_lines(
     features, states = build_features(fresh, spec, carried)
     encoded = {e: state.to_bytes() for e, state in states.items()}
     return PreparedLines(_counts(received), _counts(late), features, encoded, time.perf_counter() - started)
+
+
+def late_mask(rows: pd.DataFrame, spec: FeatureSpec, watermarks: dict[str, datetime | None]) -> np.ndarray:
+    """(rows,) bool: the rows at or before their line's watermark (its newest event so far)."""
+    entity = rows[spec.entity_column].astype(str)
+    marks = entity.map({e: pd.Timestamp(w) for e, w in watermarks.items() if w is not None})
+    stamps = pd.to_datetime(rows[spec.timestamp_column], utc=True)
+    return (stamps <= pd.to_datetime(marks, utc=True)).to_numpy()
 
 
 def _counts(values: dict) -> dict[str, int]:

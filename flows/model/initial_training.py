@@ -17,6 +17,7 @@ from features.windows import concatenate
 from flows.model.fleet import new_learner, save_checkpoint
 from flows.model.live import LiveModel
 from flows.model.reference import build_reference
+from flows.model.registry_package import register_version
 from flows.monitor.tracking import CHAMPION, Tracker, flat_settings
 from flows.storage.line_states import json_safe
 from flows.storage.models import ModelState
@@ -58,7 +59,9 @@ def train_initial(live: LiveModel, tracker: Tracker, picked: list[pd.DataFrame])
     for epoch, loss in enumerate(losses):
         tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch)
     tracker.log_metrics(run_id, {"train_mae": reference["mae"], "rows": float(len(raw))}, step=0)
-    version = tracker.register(run_id, checkpoint, "initial", f"Initial training on {len(picked)} batches")
+    version = register_version(
+        tracker, settings, run_id, checkpoint, "initial", f"Initial training on {len(picked)} batches"
+    )
     tracker.set_alias(CHAMPION, version)
     tracker.end_run(run_id)
     online_run = tracker.start_run("online-updates", "online", params=flat_settings(settings))

@@ -1,38 +1,42 @@
-"""MLflow pyfunc wrapper of a registered lru-online checkpoint ("models from code").
+"""MLflow pyfunc wrapper of a registered lru-online version ("models from code").
 
 MLflow stores this file with each registered version, so no Python object is pickled into the
-registry. Loading reads the checkpoint with `torch.load(weights_only=True)`. `predict` takes
-one entity's feature rows in time order (the `z_*`, `fresh_*`, `log1p_dt` columns and `dt`),
-runs the model from a zero state and returns the forecasts.
+registry. A version's artifacts: the checkpoint (read with `torch.load(weights_only=True)`), the
+scoring setup (`scoring.json`: the log's columns, the time scale, the alarm settings) and, for
+versions registered from a running pipeline, every line's carried states (`lines.parquet`).
+
+`predict` takes raw log rows as they land (entity, timestamp, sensors; any lines, any order)
+and returns per row the forecasts, the score, the anomaly flag and its threshold, each known
+line starting where the pipeline left it (params `carried_states=False`: every line fresh).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pandas as pd
-import torch
 from mlflow.pyfunc import PythonModel
 
 
 class LRUCheckpointModel(PythonModel):
     def load_context(self, context) -> None:
+        from flows.model.registry_package import ScoringSetup, read_lines
+        from flows.storage.line_states import CarriedLines
         from lru_online import OnlineLearner
 
         self.learner = OnlineLearner.load_checkpoint(context.artifacts["checkpoint"])
         self.learner.model.eval()
+        self.setup = ScoringSetup.from_json(Path(context.artifacts["scoring"]).read_text())
+        lines = context.artifacts.get("lines")
+        self.lines = read_lines(Path(lines)) if lines else CarriedLines()
 
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        config = self.learner.model.config
-        inputs = [c for c in model_input.columns if c.startswith(("z_", "fresh_")) or c == "log1p_dt"]
-        if len(inputs) != config.n_inputs:
-            raise ValueError(f"expected {config.n_inputs} feature columns (z_*, fresh_*, log1p_dt), got {inputs}")
-        u = torch.tensor(model_input[inputs].to_numpy(), dtype=torch.float32)[None]
-        dt = torch.tensor(model_input["dt"].to_numpy(), dtype=torch.float32)[None] if "dt" in model_input else None
-        with torch.no_grad():
-            forecast, _ = self.learner.model(u, None, dt)
-        flat = forecast[0].reshape(len(model_input), -1).numpy()
-        names = [f"h{k + 1}_{c[2:]}" for k in range(config.horizon) for c in inputs[: config.n_targets]]
-        return pd.DataFrame(flat, columns=names, index=model_input.index)
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from flows.model.raw_scoring import score_raw_rows
+        from flows.storage.line_states import CarriedLines
+
+        carried = self.lines if (params or {}).get("carried_states", True) else CarriedLines()
+        return score_raw_rows(self.learner, model_input, self.setup.spec, self.setup.alarms, carried)
 
 
 mlflow.models.set_model(LRUCheckpointModel())

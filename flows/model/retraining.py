@@ -24,6 +24,7 @@ from features import FeatureBatch
 from flows.model.fleet import new_learner, save_checkpoint
 from flows.model.live import LiveModel
 from flows.model.reference import build_reference
+from flows.model.registry_package import carried_by_every_line, register_version
 from flows.monitor.tracking import CHALLENGER, CHAMPION, Tracker, flat_settings
 from flows.storage.line_states import json_safe
 from flows.storage.models import BatchSummary, EntityState, ModelState, RetrainDecision
@@ -166,7 +167,10 @@ def retrain(
         tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch)
     tracker.log_metrics(run_id, {"champion_mse": champion_mse, "challenger_mse": challenger_mse}, step=0)
     checkpoint = save_checkpoint(challenger, settings.paths.checkpoints, "challenger")
-    challenger_version = tracker.register(run_id, checkpoint, "challenger", reason)
+    with live.db.session() as session:
+        lines = carried_by_every_line(session)
+    lines.hidden.update(challenger_states)  # the challenger read each recent window itself
+    challenger_version = register_version(tracker, settings, run_id, checkpoint, "challenger", reason, lines)
     tracker.set_alias(CHALLENGER, challenger_version)
 
     reference = json_safe(

@@ -1,5 +1,5 @@
 """MLflow adapter: the experiment, the online run, metrics, registry versions and aliases; and
-the logging of committed parts' metrics (one step per part) and of registry snapshots."""
+the logging of committed parts' metrics (one step per part)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,11 @@ from sqlalchemy import select, update
 from flows.settings import Settings
 from flows.storage.database import Database, masked
 from flows.storage.models import ModelState, SequenceMetrics
-from flows.storage.work_folder import resolved_path
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-REGISTRY_MODEL_CODE = Path(__file__).resolve().parents[1] / "model" / "registry_model.py"
 
 
 def _quiet_mlflow() -> None:
@@ -102,17 +100,27 @@ class Tracker:
         return f"runs:/{run_id}/{artifact_path}"
 
     # --- registry -------------------------------------------------------------------------
-    def register(self, run_id: str, checkpoint: Path, kind: str, description: str = "") -> str:
-        """Logs the checkpoint as a pyfunc model in `run_id` and registers a new version."""
+    def register(
+        self,
+        run_id: str,
+        code: Path,
+        artifacts: dict[str, str],
+        kind: str,
+        description: str = "",
+        signature=None,
+        input_example=None,
+    ) -> str:
+        """Logs a pyfunc model (MLflow's "models from code": `code` is stored, nothing is
+        pickled) with its artifacts in `run_id` and registers it as a new version."""
         with self._mlflow.start_run(run_id=run_id):
             info = self._mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(REGISTRY_MODEL_CODE),
-                artifacts={"checkpoint": str(checkpoint)},
+                python_model=str(code),
+                artifacts=artifacts,
                 pip_requirements=["lru-online", "torch==2.13.0", "pandas"],
                 registered_model_name=self.model_name,
-                signature=self._signature(),
-                input_example=self._input_example(),
+                signature=signature,
+                input_example=input_example,
                 await_registration_for=60,
             )
         version = str(info.registered_model_version)
@@ -120,25 +128,6 @@ class Tracker:
         if description:
             self.client.update_model_version(self.model_name, version, description=description)
         return version
-
-    def _signature(self):
-        from mlflow.models import ModelSignature
-        from mlflow.types import ColSpec, Schema
-
-        spec = self.settings.feature_spec
-        inputs = Schema([ColSpec("double", name) for name in [*spec.input_names, "dt"]])
-        outputs = Schema(
-            [ColSpec("float", f"h{k + 1}_{s}") for k in range(self.settings.model.horizon) for s in spec.sensors]
-        )
-        return ModelSignature(inputs=inputs, outputs=outputs)
-
-    def _input_example(self):
-        import pandas as pd
-
-        spec = self.settings.feature_spec
-        example = pd.DataFrame(0.0, index=range(4), columns=[*spec.input_names, "dt"])
-        example["dt"] = 1.0
-        return example
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.model_name, alias, version)
@@ -260,26 +249,6 @@ def track_pending(db: Database, tracker: Tracker, pipeline: str, started_at: dat
         with db.session() as session:
             session.execute(update(SequenceMetrics).where(SequenceMetrics.sequence.in_(done)).values(tracked=True))
     return len(done)
-
-
-def snapshot_if_due(db: Database, tracker: Tracker, settings: Settings) -> str | None:
-    """Registers the live model as a new version every `snapshot_every` processed parts."""
-    every = settings.tracking.snapshot_every
-    with db.session() as session:
-        state = session.get(ModelState, settings.pipeline)
-        if not every or state is None or state.batches_since_snapshot < every:
-            return None
-        run_id, checkpoint = state.online_run_id, resolved_path(settings.workdir, state.checkpoint_path)
-    version = tracker.register(run_id, checkpoint, "snapshot")
-    with db.session() as session:
-        # Not a new model: the version lock stays, so the loaded learner stays current.
-        session.execute(
-            update(ModelState)
-            .where(ModelState.pipeline == settings.pipeline)
-            .values(batches_since_snapshot=0)
-            .execution_options(synchronize_session=False)
-        )
-    return version
 
 
 def flat_settings(settings) -> dict:

@@ -24,8 +24,9 @@ from flows.ingest.checks import FileCheck
 from flows.ingest.landing import SUPPORTED_SUFFIXES, read_batch
 from flows.ingest.validation import parse_timestamps
 from flows.model.initial_training import train_initial
+from flows.model.registry_package import snapshot_if_due
 from flows.model.retraining import retrain
-from flows.monitor.tracking import snapshot_if_due, track_pending
+from flows.monitor.tracking import track_pending
 from flows.orchestrate.pipeline import BatchResult, Pipeline
 from flows.secrets import install_log_masking
 from flows.settings import load_settings
