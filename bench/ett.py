@@ -16,12 +16,19 @@ training rows; errors are on standardised values.
 The driver enforces the protocol: a method is handed the series cut at the last row it may see,
 for forecasting and for learning alike.
 
-Methods: `lru` — the lru_online forecaster and online learner of the pipeline, carrying its
-state through the whole series (configs/ett.yaml: its `protocols` section sets the model's shape
-per protocol — LRU blocks under fsnet, the linear path alone under delayed); `linear` — NLinear
-on the last 60 rows, updated by SGD every step; `persistence` — the last row repeated; `snarimax`
-— river's SNARIMAX on `OT` alone (reported on `OT`); `lru-replay`, `lru-ewc` — the lru with the
-learner's replay or EWC, for the forgetting comparison (not run by default).
+Methods: `lru` — one configuration for every series and both protocols (configs/ett.yaml): an
+online ensemble, as OneNet does, of the lru_online forecaster with LRU blocks (`lru-blocks`),
+the forecaster's linear path alone (`lru-linear`), the online NLinear and persistence, combined
+per horizon step and column by their recent losses (bench/loss_weights.py), each LRU carrying
+its state through the whole series; `linear` — NLinear on the last 60 rows, updated by SGD every
+step; `persistence` — the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone
+(reported on `OT`); `lru-blocks`, `lru-linear` — one member alone; `lru-replay`, `lru-ewc` —
+the lru with the learner's replay or EWC, for the forgetting comparison (not run by default).
+
+Splits: the combination's two settings were chosen on the first 20 % of the stream (windows
+starting at rows 3600–5759, `python bench/ett_tune.py`); the report split is the rest. The table
+prints the report split, the whole stream (the published protocol, comparable with the papers)
+and the tuning split (not a result) apart.
 
 Forgetting (backward transfer): after the stream, each learning method is frozen and re-scores
 the first fifth of the online windows; the table gives the MSE it had there while streaming and
@@ -46,8 +53,11 @@ import numpy as np
 import pandas as pd
 
 from bench.common import load_config, pyplot, set_learning_rate
+from bench.loss_weights import CombineConfig, LossWeights
 
 TRAIN_END, VALID_END, STREAM_END = 2880, 3600, 14400
+# Windows starting before this row are the tuning split (the first 20 % of the stream).
+TUNING_END = VALID_END + (STREAM_END - VALID_END) // 5
 LOOKBACK = 60
 TARGET_COLUMN = "OT"
 # Cumulative MSE on ETTh2 at H = 1 / 24 / 48 (ett/README.md; FSNet and OneNet papers).
@@ -144,8 +154,13 @@ def true_windows(series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
     return np.stack([series[s : s + horizon] for s in starts])
 
 
-def run_stream(method: Method, series: np.ndarray, protocol: Protocol, forgetting: bool = True) -> StreamResult:
+def run_stream(
+    method: Method, series: np.ndarray, protocol: Protocol, forgetting: bool = True, until: int | None = None
+) -> StreamResult:
+    """The protocol's windows (those starting before `until`, when given), test then train."""
     horizon, starts = protocol.horizon, protocol.starts()
+    if until is not None:
+        starts = range(starts.start, min(starts.stop, until))
     method.fit(series[:VALID_END], horizon)
     pred = np.empty((len(starts), horizon, series.shape[1]), dtype=np.float32)
     started = time.perf_counter()
@@ -310,22 +325,27 @@ class LruConfig:
     ewc_weight: float = 0.0
     ewc_every: int = 720  # online steps between EWC consolidations
     seed: int = 0
+    linear_path: dict = field(default_factory=dict)  # fields the `lru-linear` member changes
     variants: dict = field(default_factory=dict)  # method name → fields it changes
-    protocols: dict = field(default_factory=dict)  # protocol name → fields it changes
 
 
 class LruStreamMethod(Method):
     """The lru_online forecaster and online learner: at each event it forecasts the next H rows;
     the state is carried through every row of the series. Online, each step backpropagates the
     newly learnable window's loss through the `window` rows before it, starting from the carried
-    state there; replay and EWC are the learner's own."""
+    state there; replay and EWC are the learner's own.
+
+    member "blocks": the configured LRU blocks; "linear": the model's linear path alone (the
+    config's `linear_path` fields). `variant` names a `variants` entry (lru-replay, lru-ewc)."""
 
     learns = True
 
-    def __init__(self, config: LruConfig | None = None, name: str = "lru", protocol: str | None = None) -> None:
+    def __init__(self, config: LruConfig | None = None, member: str = "blocks", variant: str | None = None) -> None:
+        if member not in ("blocks", "linear"):
+            raise ValueError(f"member must be blocks or linear, got {member!r}")
         base = config or LruConfig(**load_config("ett").get("lru", {}))
-        for_protocol = replace(base, **base.protocols.get(protocol, {}))
-        self.config = replace(for_protocol, **base.variants.get(name, {}))
+        shaped = replace(base, **base.linear_path) if member == "linear" else base
+        self.config = replace(shaped, **base.variants.get(variant, {})) if variant else shaped
 
     def fit(self, series: np.ndarray, horizon: int) -> None:
         import torch
@@ -490,20 +510,131 @@ def change_targets(history: np.ndarray, first: int, end: int, horizon: int):
     return torch.from_numpy(np.where(mask, values, 0.0).astype(np.float32))[None], torch.from_numpy(mask.copy())[None]
 
 
-# Each builds a fresh method, given the index of the target column and the protocol's name.
+@dataclass
+class EnsembleConfig:
+    """configs/ett.yaml `ensemble`: the members of the `lru` method and how they are combined."""
+
+    members: tuple[str, ...] = ("lru-blocks", "lru-linear", "linear", "persistence")
+    half_life: float = 12.0
+    temperature: float = 8.0
+
+
+class OnlineEnsemble(Method):
+    """Forecasters side by side, combined per horizon step and column by their recent losses
+    (bench/loss_weights.py). Each member forecasts and learns under the protocol as if alone; a
+    window's forecasts are judged when the window is learned, so under `delayed` the weights
+    use only targets that have arrived. The losses start from each member's error on the
+    validation rows."""
+
+    learns = True
+
+    def __init__(self, members: dict[str, Method], combine: CombineConfig, record: bool = False) -> None:
+        self.members = members
+        self.combine_config = combine
+        self.record = record  # keep every window's member forecasts (for bench/ett_tune.py)
+
+    def fit(self, series: np.ndarray, horizon: int) -> None:
+        valid = range(TRAIN_END, VALID_END - horizon + 1)
+        truth = true_windows(series, valid, horizon)
+        losses = []
+        for member in self.members.values():
+            member.fit(series, horizon)
+            losses.append(np.mean((member.rescore(series, valid, horizon) - truth) ** 2, axis=0))
+        self.starting_losses = np.stack(losses)
+        self.weights = LossWeights(self.starting_losses, self.combine_config)
+        self.pending: dict[int, np.ndarray] = {}  # window start → member forecasts (K, H, C)
+        self.recorded: list[tuple[int, np.ndarray]] = []
+        self.report_weights = np.zeros(len(self.members))
+        self.report_windows = 0
+
+    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
+        forecasts = np.stack([member.forecast(history, horizon) for member in self.members.values()])
+        self.pending[len(history)] = forecasts
+        if self.record:
+            self.recorded.append((len(history), forecasts))
+        if len(history) >= TUNING_END:
+            self.report_weights += self.weights.weights().mean(axis=(1, 2))
+            self.report_windows += 1
+        return self.weights.combine(forecasts).astype(np.float32)
+
+    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
+        for member in self.members.values():
+            if member.learns:
+                member.learn(history, window, horizon)
+        forecasts = self.pending.pop(window, None)
+        if forecasts is not None:  # None: a window from before the stream began
+            self.weights.observe(forecasts, history[window : window + horizon])
+
+    def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
+        forecasts = np.stack([member.rescore(series, starts, horizon) for member in self.members.values()])
+        return np.einsum("khc,knhc->nhc", self.weights.weights(), forecasts)
+
+    def mean_report_weights(self) -> dict[str, float]:
+        """Each member's weight, averaged over horizon steps, columns and report windows."""
+        share = self.report_weights / max(self.report_windows, 1)
+        return {name: float(w) for name, w in zip(self.members, share, strict=True)}
+
+
+def replay_combination(
+    recorded: list[tuple[int, np.ndarray]],
+    starting_losses: np.ndarray,
+    series: np.ndarray,
+    protocol: Protocol,
+    combine: CombineConfig,
+) -> np.ndarray:
+    """The ensemble's forecasts (n, H, C) for recorded member forecasts under other combination
+    settings: the members do not depend on them, so tuning needs no second stream."""
+    weights = LossWeights(starting_losses, combine)
+    by_start = dict(recorded)
+    out = []
+    for start, forecasts in recorded:
+        out.append(weights.combine(forecasts))
+        window = protocol.window_to_learn(start)
+        if window in by_start:
+            weights.observe(by_start[window], series[window : window + protocol.horizon])
+    return np.stack(out).astype(np.float32)
+
+
+MEMBERS: dict[str, Callable[[str | None], Method]] = {
+    "lru-blocks": lambda variant: LruStreamMethod(member="blocks", variant=variant),
+    "lru-linear": lambda variant: LruStreamMethod(member="linear", variant=variant),
+    "linear": lambda variant: OnlineNLinear(),
+    "persistence": lambda variant: Persistence(),
+}
+
+
+def ensemble(variant: str | None = None, record: bool = False) -> OnlineEnsemble:
+    """The configured `lru` method (configs/ett.yaml `ensemble`), its LRU members with a variant."""
+    data = load_config("ett").get("ensemble", {})
+    config = EnsembleConfig(**{**data, "members": tuple(data.get("members", EnsembleConfig.members))})
+    unknown = set(config.members) - set(MEMBERS)
+    if unknown:
+        raise ValueError(f"configs/ett.yaml ensemble.members: unknown {sorted(unknown)}; known: {sorted(MEMBERS)}")
+    members = {name: MEMBERS[name](variant) for name in config.members}
+    return OnlineEnsemble(members, CombineConfig(config.half_life, config.temperature), record)
+
+
+# Each builds a fresh method, given the index of the target column and the protocol's name (the
+# same configuration serves both protocols).
 METHODS: dict[str, Callable[[int, str], Method]] = {
-    "lru": lambda target, protocol: LruStreamMethod(protocol=protocol),
+    "lru": lambda target, protocol: ensemble(),
     "linear": lambda target, protocol: OnlineNLinear(),
     "persistence": lambda target, protocol: Persistence(),
     "snarimax": lambda target, protocol: RiverSnarimax(target),
-    "lru-replay": lambda target, protocol: LruStreamMethod(name="lru-replay", protocol=protocol),
-    "lru-ewc": lambda target, protocol: LruStreamMethod(name="lru-ewc", protocol=protocol),
+    "lru-blocks": lambda target, protocol: LruStreamMethod(member="blocks"),
+    "lru-linear": lambda target, protocol: LruStreamMethod(member="linear"),
+    "lru-replay": lambda target, protocol: ensemble(variant="lru-replay"),
+    "lru-ewc": lambda target, protocol: ensemble(variant="lru-ewc"),
 }
 DEFAULT_METHODS = "lru,linear,persistence,snarimax"
 
 
 # --- figures --------------------------------------------------------------------------------
+SPLITS = {"report": lambda start: start >= TUNING_END, "tuning": lambda start: start < TUNING_END}
+
+
 def figures(result: StreamResult, target: int) -> dict[str, float]:
+    """Errors over the whole stream (the published protocol) and over each split."""
     error = result.pred - result.true
     out = {
         "mse": float(np.mean(error**2)),
@@ -512,6 +643,12 @@ def figures(result: StreamResult, target: int) -> dict[str, float]:
         "ot_mae": float(np.mean(np.abs(error[..., target]))),
         "ms_per_step": 1000 * result.seconds / len(result.start),
     }
+    for split, inside in SPLITS.items():
+        part = error[inside(result.start)]
+        out[f"{split}_mse"] = float(np.mean(part**2))
+        out[f"{split}_mae"] = float(np.mean(np.abs(part)))
+        out[f"{split}_ot_mse"] = float(np.mean(part[..., target] ** 2))
+        out[f"{split}_ot_mae"] = float(np.mean(np.abs(part[..., target])))
     if result.frozen_first_fifth is not None:
         fifth = len(result.frozen_first_fifth)
         out["first_fifth_streaming_mse"] = float(np.mean(error[:fifth] ** 2))
@@ -520,28 +657,49 @@ def figures(result: StreamResult, target: int) -> dict[str, float]:
 
 
 def print_table(results: dict[str, dict[int, dict]], horizons: list[int], etth2: bool) -> None:
-    header = ("method", "H", "MSE", "MAE", "÷persist", "OT MSE", "OT MAE", "ms/step", "fifth:stream", "fifth:frozen")
-    print(f"{header[0]:<14}{header[1]:>4}" + "".join(f"{h:>13}" for h in header[2:]))
-    for horizon in horizons:
-        persistence = results.get("persistence", {}).get(horizon, {}).get("mse")
+    """The report split, the whole stream (with the published rows) and the tuning split apart."""
+    sections = (
+        ("report", f"report split: windows starting at rows {TUNING_END} to {STREAM_END} - H (the last 80 %)"),
+        ("", "whole stream, the published protocol (its first 20 % is the tuning split)"),
+        (
+            "tuning",
+            f"tuning split: windows starting at rows {VALID_END} to {TUNING_END - 1}, where configs/ett.yaml's "
+            "combination was chosen — not a result",
+        ),
+    )
+    for prefix, title in sections:
+        key = f"{prefix}_" if prefix else ""
+        print(f"\n{title}")
+        header = ["method", "H", "MSE", "MAE", "÷persist", "OT MSE", "OT MAE"]
+        if not prefix:
+            header += ["ms/step", "fifth:stream", "fifth:frozen"]
+        print(f"{header[0]:<14}{header[1]:>4}" + "".join(f"{h:>13}" for h in header[2:]))
+        for horizon in horizons:
+            persistence = results.get("persistence", {}).get(horizon, {}).get(f"{key}mse")
+            for name, by_horizon in results.items():
+                f = by_horizon[horizon]
+                mse = f[f"{key}mse"]
+                ratio = mse / persistence if persistence and not math.isnan(mse) else math.nan
+                cells = [mse, f[f"{key}mae"], ratio, f[f"{key}ot_mse"], f[f"{key}ot_mae"]]
+                if not prefix:
+                    cells += [
+                        f["ms_per_step"],
+                        f.get("first_fifth_streaming_mse", math.nan),
+                        f.get("first_fifth_frozen_mse", math.nan),
+                    ]
+                print(f"{name:<14}{horizon:>4}" + "".join(f"{v:>13.3f}" for v in cells))
+            if etth2 and not prefix:
+                for name, row in PUBLISHED_ETTH2.items():
+                    if horizon in row:
+                        print(f"  {name + ' (paper)':<12}{horizon:>4}{row[horizon]:>13.3f}")
+    weights = {n: f["member_weights"] for n, by_h in results.items() for h, f in by_h.items() if "member_weights" in f}
+    if weights:
+        print("\nmember weights of the ensembles, mean over horizon steps, columns and report windows")
         for name, by_horizon in results.items():
-            f = by_horizon[horizon]
-            ratio = f["mse"] / persistence if persistence and not math.isnan(f["mse"]) else math.nan
-            cells = (
-                f["mse"],
-                f["mae"],
-                ratio,
-                f["ot_mse"],
-                f["ot_mae"],
-                f["ms_per_step"],
-                f.get("first_fifth_streaming_mse", math.nan),
-                f.get("first_fifth_frozen_mse", math.nan),
-            )
-            print(f"{name:<14}{horizon:>4}" + "".join(f"{v:>13.3f}" for v in cells))
-        if etth2:
-            for name, row in PUBLISHED_ETTH2.items():
-                if horizon in row:
-                    print(f"  {name + ' (paper)':<12}{horizon:>4}{row[horizon]:>13.3f}")
+            for horizon in horizons:
+                shares = by_horizon[horizon].get("member_weights")
+                if shares:
+                    print(f"{name:<14}{horizon:>4}  " + "  ".join(f"{m} {w:.2f}" for m, w in shares.items()))
 
 
 def save_plots(folder: Path, results: dict[str, dict[int, StreamResult]], columns: tuple[str, ...], label: str) -> None:
@@ -576,6 +734,12 @@ def save_plots(folder: Path, results: dict[str, dict[int, StreamResult]], column
         plt.close(fig)
 
 
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -605,6 +769,8 @@ def main() -> None:
             result = run_stream(method, series.values, Protocol(args.protocol, horizon))
             streams.setdefault(name, {})[horizon] = result
             results.setdefault(name, {})[horizon] = figures(result, target)
+            if isinstance(method, OnlineEnsemble):
+                results[name][horizon]["member_weights"] = method.mean_report_weights()
             folder = args.out / name
             folder.mkdir(parents=True, exist_ok=True)
             np.savez(
@@ -623,8 +789,12 @@ def main() -> None:
                     "data": args.data.name,
                     "protocol": args.protocol,
                     # NaN (snarimax has no all-column error) as null: strict JSON readers refuse NaN.
+                    "splits": {
+                        "tuning": f"windows starting at rows {VALID_END} to {TUNING_END - 1}",
+                        "report": f"windows starting at rows {TUNING_END} to {STREAM_END} - H",
+                    },
                     "methods": {
-                        name: {str(h): {k: None if math.isnan(v) else v for k, v in f.items()} for h, f in by_h.items()}
+                        name: {str(h): {k: _json_safe(v) for k, v in f.items()} for h, f in by_h.items()}
                         for name, by_h in results.items()
                     },
                 },

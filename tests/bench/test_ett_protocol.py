@@ -170,16 +170,104 @@ def test_the_linear_path_reads_the_changes_of_the_rows(ett, inputs, channel_inde
     np.testing.assert_array_equal(read, changes.T[..., None] if channel_independent else changes[None])
 
 
-def test_a_protocol_and_a_variant_change_their_fields(ett):
+def test_the_linear_member_and_a_variant_change_their_fields(ett):
     config = ett.LruConfig(
         n_layers=2,
-        protocols={"delayed": {"n_layers": 0, "linear_state": 16}},
+        linear_path={"n_layers": 0, "linear_state": 16},
         variants={"lru-ewc": {"ewc_weight": 5.0}},
     )
-    delayed_ewc = ett.LruStreamMethod(config, name="lru-ewc", protocol="delayed").config
-    assert (delayed_ewc.n_layers, delayed_ewc.linear_state, delayed_ewc.ewc_weight) == (0, 16, 5.0)
-    fsnet = ett.LruStreamMethod(config, protocol="fsnet").config
-    assert (fsnet.n_layers, fsnet.linear_state, fsnet.ewc_weight) == (2, 0, 0.0)
+    linear_ewc = ett.LruStreamMethod(config, member="linear", variant="lru-ewc").config
+    assert (linear_ewc.n_layers, linear_ewc.linear_state, linear_ewc.ewc_weight) == (0, 16, 5.0)
+    blocks = ett.LruStreamMethod(config).config
+    assert (blocks.n_layers, blocks.linear_state, blocks.ewc_weight) == (2, 0, 0.0)
+
+
+def test_one_configuration_serves_both_protocols(ett):
+    fsnet, delayed = (ett.METHODS["lru"](6, protocol) for protocol in ("fsnet", "delayed"))
+    assert list(fsnet.members) == list(delayed.members) == ["lru-blocks", "lru-linear", "linear", "persistence"]
+    for a, b in zip(fsnet.members.values(), delayed.members.values(), strict=True):
+        assert getattr(a, "config", None) == getattr(b, "config", None)
+    assert fsnet.combine_config == delayed.combine_config
+
+
+def test_loss_weights_follow_the_recent_losses():
+    from bench.loss_weights import CombineConfig, LossWeights
+
+    config = CombineConfig(half_life=2.0, temperature=3.0)
+    weights = LossWeights(np.ones((2, 1, 1)), config)
+    errors = [(0.5, 2.0), (0.1, 3.0), (1.0, 1.0)]  # member errors on three windows
+    losses = [1.0, 1.0]
+    decay = 0.5 ** (1 / 2.0)
+    for error in errors:
+        weights.observe(np.array(error).reshape(2, 1, 1), np.zeros((1, 1)))
+        losses = [decay * loss + (1 - decay) * e**2 for loss, e in zip(losses, error, strict=True)]
+    mean = sum(losses) / 2
+    expected = np.exp([-3.0 * loss / mean for loss in losses])
+    np.testing.assert_allclose(weights.weights()[:, 0, 0], expected / expected.sum(), rtol=1e-12)
+    forecasts = np.array([10.0, 20.0]).reshape(2, 1, 1)
+    assert weights.combine(forecasts)[0, 0] == pytest.approx(float(expected @ [10.0, 20.0] / expected.sum()))
+    assert np.allclose(LossWeights(np.array([[[1.0]], [[9.0]]]), CombineConfig(temperature=0.0)).weights(), 0.5)
+
+
+class Constant:
+    """A forecaster that always says zero: the member the ensemble should learn to ignore."""
+
+    learns = False
+
+    def fit(self, series, horizon):
+        pass
+
+    def forecast(self, history, horizon):
+        return np.zeros((horizon, history.shape[1]), dtype=np.float32)
+
+    def rescore(self, series, starts, horizon):
+        return np.zeros((len(starts), horizon, series.shape[1]), dtype=np.float32)
+
+
+def _small_ensemble(ett, record=False):
+    from bench.loss_weights import CombineConfig
+
+    members = {"persistence": ett.Persistence(), "zero": Constant()}
+    return ett.OnlineEnsemble(members, CombineConfig(half_life=12.0, temperature=4.0), record=record)
+
+
+@pytest.mark.parametrize("protocol", ["fsnet", "delayed"])
+def test_the_ensemble_follows_the_member_that_carries_over(ett, protocol):
+    """On a random walk far from zero, persistence is right and zero is wrong: the weights go to
+    persistence, and the ensemble is about as good as it; the replay of the recorded forecasts
+    (bench/ett_tune.py) gives the same forecasts as the stream."""
+    walk = 5.0 + np.cumsum(np.random.default_rng(5).normal(scale=0.1, size=(14_400, 3)), axis=0).astype(np.float32)
+    method = _small_ensemble(ett, record=True)
+    result = ett.run_stream(method, walk, ett.Protocol(protocol, 4), forgetting=False, until=4000)
+    persistence = float(np.mean((walk[result.start - 1][:, None] - result.true) ** 2))
+    assert float(np.mean((result.pred[50:] - result.true[50:]) ** 2)) < 1.1 * persistence
+    assert method.weights.weights()[0].min() > 0.95
+    replayed = ett.replay_combination(
+        method.recorded, method.starting_losses, walk, ett.Protocol(protocol, 4), method.combine_config
+    )
+    np.testing.assert_allclose(replayed, result.pred, rtol=1e-6)
+
+
+def test_the_ensemble_under_delayed_weighs_only_what_has_arrived(ett):
+    """Its forecasts and weights are the same whatever the rows it has not been handed hold."""
+    walk = 5.0 + np.cumsum(np.random.default_rng(6).normal(scale=0.1, size=(14_400, 3)), axis=0).astype(np.float32)
+    protocol = ett.Protocol("delayed", 4)
+
+    def stream(data):
+        method = _small_ensemble(ett)
+        result = ett.run_stream(method, data, protocol, forgetting=False, until=3640)
+        return result.pred, method.weights.weights()
+
+    forecasts, weights = stream(walk)
+    unseen = walk.copy()
+    unseen[3640:] += 100.0  # after the last row the stretch observes
+    for got, expected in zip(stream(unseen), (forecasts, weights), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    last_target = walk.copy()
+    last_target[3639] += 100.0  # arrives with the last forecast's step, after it was made
+    changed_forecasts, changed_weights = stream(last_target)
+    np.testing.assert_array_equal(changed_forecasts, forecasts)
+    assert not np.array_equal(changed_weights, weights)
 
 
 def test_the_linear_path_needs_changes_among_the_inputs(ett):
