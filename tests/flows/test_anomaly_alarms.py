@@ -1,8 +1,11 @@
 """Anomaly alarms in a real flow run: a fault injected into one line of a plant's last two files
 alarms on that line only, the alarm running on from one file into the next is one stored alarm,
-and the output rows, the status and MLflow count the same alarms."""
+and the output rows, the status, MLflow and the Prefect events read back from the API count
+the same alarms."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import pandas as pd
 from sqlalchemy import select
@@ -19,6 +22,7 @@ ALARMS = {"false_alarm_rate": 0.02, "smoothing_rows": 1, "calibration_rows": 200
 
 
 def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api):
+    started = datetime.now(UTC)
     settings, config = small_config(
         tmp_path, initial_training={"batches": 2, "epochs": 2}, drift={"on_detect": "record"}, alarms=ALARMS
     )
@@ -67,3 +71,35 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
     assert (status["alarms"], status["rows"]) == (len(alarms), int(outputs["anomaly"].sum()))
     history = Tracker(settings).client.get_metric_history(run_id, "alarms_started")
     assert sum(m.value for m in history) == len(alarms)
+
+    # Read back from the Prefect API: one event per file that started alarms, naming them.
+    events = [
+        e
+        for e in _events_named(settings.alarms.event_name, started)
+        if e["resource"]["prefect.resource.name"] == settings.pipeline
+    ]
+    announced = sorted(i for e in events for i in e["payload"]["alarm_ids"])
+    assert announced == sorted(a.id for a in alarms)
+    fault_event = next(e for e in events if alarm.id in e["payload"]["alarm_ids"])
+    assert "line-2" in fault_event["payload"]["lines"] and fault_event["payload"]["file"] == "fault-0.csv"
+
+
+def _events_named(name: str, since: datetime, seconds: float = 30.0) -> list[dict]:
+    """The events of that name since `since` the Prefect API holds (its persister writes them a
+    moment after they are emitted)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + seconds
+    while True:
+        with get_client(sync_client=True) as client:
+            response = client.request(
+                "POST",
+                "/events/filter",
+                json={"filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}}, "limit": 50},
+            )
+        events = response.json()["events"]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
