@@ -15,15 +15,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from features import FeatureSpec
 from flows.model.raw_scoring import output_columns
 from flows.monitor.tracking import Tracker
 from flows.settings import Settings
 from flows.storage.database import Database
-from flows.storage.line_states import CarriedLines
-from flows.storage.models import EntityState, ModelState
+from flows.storage.line_states import CarriedLines, carried_by_every_line
+from flows.storage.models import ModelState
 from flows.storage.work_folder import resolved_path
 from lru_online.alarms import AlarmConfig
 
@@ -161,26 +161,6 @@ def read_lines(path: Path) -> CarriedLines:
         carried.features[entity] = features
         carried.alarm[entity] = alarm
         carried.watermarks[entity] = None if pd.isna(watermark) else watermark.to_pydatetime()
-    return carried
-
-
-def carried_by_every_line(session) -> CarriedLines:
-    """Every line's stored states, read in the caller's session."""
-    carried = CarriedLines()
-    columns = (
-        EntityState.entity,
-        EntityState.version,
-        EntityState.hidden_state,
-        EntityState.feature_state,
-        EntityState.alarm_state,
-        EntityState.watermark,
-    )
-    for entity, version, hidden, features, alarm, watermark in session.execute(select(*columns)):
-        carried.versions[entity] = version
-        carried.hidden[entity] = hidden
-        carried.features[entity] = features
-        carried.alarm[entity] = alarm
-        carried.watermarks[entity] = watermark
     return carried
 
 

@@ -24,9 +24,9 @@ from features import FeatureBatch
 from flows.model.fleet import new_learner, save_checkpoint
 from flows.model.live import LiveModel
 from flows.model.reference import build_reference
-from flows.model.registry_package import carried_by_every_line, register_version
+from flows.model.registry_package import register_version
 from flows.monitor.tracking import CHALLENGER, CHAMPION, Tracker, flat_settings
-from flows.storage.line_states import json_safe
+from flows.storage.line_states import carried_by_every_line, json_safe
 from flows.storage.models import BatchSummary, EntityState, ModelState, RetrainDecision
 from flows.storage.work_folder import resolved_path, stored_path
 from lru_online import OnlineLearner

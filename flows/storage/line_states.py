@@ -65,29 +65,41 @@ class CarriedLines:
         )
 
 
+_CARRIED_COLUMNS = (
+    EntityState.entity,
+    EntityState.version,
+    EntityState.hidden_state,
+    EntityState.feature_state,
+    EntityState.drift_state,
+    EntityState.alarm_state,
+    EntityState.watermark,
+)
+
+
+def _collect(carried: CarriedLines, rows) -> None:
+    for entity, version, hidden, features, drift, alarm, watermark in rows:
+        carried.versions[entity] = version
+        carried.hidden[entity] = hidden
+        carried.features[entity] = features
+        carried.drift[entity] = drift
+        carried.alarm[entity] = alarm
+        carried.watermarks[entity] = watermark
+
+
 def read_carried(db: Database, entities: list[str]) -> CarriedLines:
     carried = CarriedLines()
-    columns = (
-        EntityState.entity,
-        EntityState.version,
-        EntityState.hidden_state,
-        EntityState.feature_state,
-        EntityState.drift_state,
-        EntityState.alarm_state,
-        EntityState.watermark,
-    )
     with db.session() as session:
         for start in range(0, len(entities), READ_CHUNK):
             chunk = entities[start : start + READ_CHUNK]
-            for entity, version, hidden, features, drift, alarm, watermark in session.execute(
-                select(*columns).where(EntityState.entity.in_(chunk))
-            ):
-                carried.versions[entity] = version
-                carried.hidden[entity] = hidden
-                carried.features[entity] = features
-                carried.drift[entity] = drift
-                carried.alarm[entity] = alarm
-                carried.watermarks[entity] = watermark
+            _collect(carried, session.execute(select(*_CARRIED_COLUMNS).where(EntityState.entity.in_(chunk))))
+    return carried
+
+
+def carried_by_every_line(session) -> CarriedLines:
+    """Every line's stored states, read in the caller's session (one transaction with whatever
+    else it reads)."""
+    carried = CarriedLines()
+    _collect(carried, session.execute(select(*_CARRIED_COLUMNS)))
     return carried
 
 
