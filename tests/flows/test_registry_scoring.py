@@ -43,7 +43,7 @@ def test_a_snapshot_version_scores_the_next_file_as_the_pipeline_then_does(tmp_p
         initial_training={"batches": 2, "epochs": 2},
         drift={"on_detect": "record"},
         alarms=ALARMS,
-        tracking={"snapshot_every": 1},
+        tracking={"snapshot_every": 7},  # one snapshot: after the 7 files before the next one
     )
     truth = small_plant(settings, entities=3, batches=8, rows_per_batch=60, plant_files=True, broken_batches={})
     next_file = settings.paths.landing / truth.files[-1]
