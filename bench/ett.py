@@ -552,10 +552,11 @@ class OnlineEnsemble(Method):
         self.pending[len(history)] = forecasts
         if self.record:
             self.recorded.append((len(history), forecasts))
+        weights = self.weights.weights()
         if len(history) >= TUNING_END:
-            self.report_weights += self.weights.weights().mean(axis=(1, 2))
+            self.report_weights += weights.mean(axis=(1, 2))
             self.report_windows += 1
-        return self.weights.combine(forecasts).astype(np.float32)
+        return self.weights.combine(forecasts, weights).astype(np.float32)
 
     def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
         for member in self.members.values():
@@ -692,8 +693,7 @@ def print_table(results: dict[str, dict[int, dict]], horizons: list[int], etth2:
                 for name, row in PUBLISHED_ETTH2.items():
                     if horizon in row:
                         print(f"  {name + ' (paper)':<12}{horizon:>4}{row[horizon]:>13.3f}")
-    weights = {n: f["member_weights"] for n, by_h in results.items() for h, f in by_h.items() if "member_weights" in f}
-    if weights:
+    if any("member_weights" in f for by_horizon in results.values() for f in by_horizon.values()):
         print("\nmember weights of the ensembles, mean over horizon steps, columns and report windows")
         for name, by_horizon in results.items():
             for horizon in horizons:

@@ -42,9 +42,9 @@ class LossWeights:
         weights = np.exp(logits)
         return weights / weights.sum(axis=0, keepdims=True)
 
-    def combine(self, forecasts: np.ndarray) -> np.ndarray:
-        """(K, H, C) forecasts → (H, C)."""
-        return np.einsum("khc,khc->hc", self.weights(), forecasts)
+    def combine(self, forecasts: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """(K, H, C) forecasts → (H, C), by the current weights unless given."""
+        return np.einsum("khc,khc->hc", self.weights() if weights is None else weights, forecasts)
 
     def observe(self, forecasts: np.ndarray, truth: np.ndarray) -> None:
         """One learned window: the K forecasts made for it (K, H, C) and its target (H, C)."""

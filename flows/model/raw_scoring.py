@@ -49,8 +49,8 @@ def score_raw_rows(
     out["late"] = late.astype(np.int64)
     out["anomaly"] = np.zeros(len(frame), dtype=np.int64)
     if not late.all():
-        prepared = prepare_lines(frame, spec, carried.features, carried.watermarks)
-        features = prepared.features
+        # The late rows are decided above, once: the rest go in with no watermark to test.
+        features = prepare_lines(frame[~late], spec, carried.features, {}).features
         scored, _ = score_lines(learner, features, carried.hidden)
         judged = judge_lines(features, scored, carried.alarm, alarms)
         # The builder orders rows by line (sorted ids), then time, stably: the same order here
