@@ -102,7 +102,8 @@ def test_serve_schedules_updates_triggers_retrain_and_stops_cleanly(tmp_path):
         update = _wait(
             lambda: _deployment(client, f"continual-update/{prefix}-continual-update"), 120, "deployment", serving
         )
-        retrain = client.read_deployment_by_name(f"retrain/{prefix}-retrain")
+        # serve creates the two deployments one after the other: wait for the second too.
+        retrain = _wait(lambda: _deployment(client, f"retrain/{prefix}-retrain"), 120, "deployment", serving)
 
         def completed_runs(deployment) -> list:
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
