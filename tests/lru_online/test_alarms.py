@@ -5,11 +5,13 @@ a fleet batch against each line run alone, and a line's stored state."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from lru_online import codec
 from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector
 
 
@@ -102,35 +104,43 @@ def test_warm_up_holds_alarms_back():
 def test_a_fleet_batch_equals_each_line_alone():
     """Three ragged lines, right-padded with a step mask, over three chunks: scores, thresholds,
     alarms and episodes equal those of each line run on its own (an independent loop)."""
-    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=5, calibration_rows=60, warmup_rows=20)
+    config = AlarmConfig(
+        false_alarm_rate=0.05, smoothing_rows=5, calibration_rows=60, warmup_rows=20, recent_rows=2
+    )
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(3)
     lengths = [[30, 12, 25], [7, 30, 0], [18, 4, 30]]  # per chunk, per line
     chunks = []
     for row in lengths:
         values = rng.normal(size=(3, max(row), 2))
-        values[1, 5:9] += 8.0  # an alarm on line 1
+        values[2, 5:9] += 8.0  # an alarm on line 2 once it is warm
         values[0, :, 1] = np.nan if row[0] == 7 else values[0, :, 1]  # a sensor without readings
         chunks.append((values, row))
     fleet = AlarmState.fresh(3, 2, config)
     alone = [AlarmState.fresh(1, 2, config) for _ in range(3)]
+    alarmed_lines = set()
     for number, (values, row) in enumerate(chunks):
         steps = torch.tensor([[t < n for t in range(values.shape[1])] for n in row])
         padded = torch.tensor(values).masked_fill(~steps[..., None], 0.0)
         judged = detector.detect(padded, fleet, steps, calibrate_only=number == 0)
         fleet = judged.state
+        alarmed_lines |= {e.line for e in judged.episodes}
         for line, n in enumerate(row):
             one = detector.detect(torch.tensor(values[line : line + 1, :n]), alone[line], calibrate_only=number == 0)
             alone[line] = one.state
             assert judged.scores[line, :n].tolist() == pytest.approx(one.scores[0].tolist(), nan_ok=True)
+            assert judged.recent_scores[line, :n].tolist() == pytest.approx(one.recent_scores[0].tolist())
             assert judged.alarms[line, :n].tolist() == one.alarms[0].tolist()
             assert float(judged.thresholds[line]) == pytest.approx(float(one.thresholds[0]))
             assert [(e.start, e.end, e.continues) for e in judged.episodes if e.line == line] == [
                 (e.start, e.end, e.continues) for e in one.episodes
             ]
-    assert any(e.line == 1 for e in judged.episodes) or fleet.in_alarm.any() or True
+            assert float(judged.recent_thresholds[line]) == pytest.approx(float(one.recent_thresholds[0]))
+    assert 2 in alarmed_lines
     for line in range(3):
-        assert torch.equal(fleet.calibration[line].isnan(), alone[line].calibration[0].isnan())
+        for name in ("calibration", "recent_calibration"):
+            held, expected = getattr(fleet, name)[line], getattr(alone[line], name)[0]
+            assert held.tolist() == pytest.approx(expected.tolist(), nan_ok=True)
 
 
 def test_stored_state_judges_the_next_rows_as_the_live_one():
@@ -156,3 +166,55 @@ def test_an_alarm_running_on_into_the_next_chunk_is_one_episode_continued():
     assert [(e.start, e.end, e.continues) for e in second.episodes] == [(0, 0, True), (2, 2, False)]
     assert first.episodes[0].peak_score == pytest.approx(9.5**2 / float(state.square_mean[0, 0]))
     assert bool(second.state.in_alarm[0])
+
+
+def _fault_after_calibration(rng: np.random.Generator, detector: AnomalyDetector, shift: float):
+    """3,000 calibration rows, then 400 normal rows, 100 with one sensor shifted, 300 normal."""
+    state = _calibrated(detector, rng.normal(size=(1, 3000, 4)))
+    rows = rng.normal(size=(1, 800, 4))
+    rows[0, 400:500, 0] += shift
+    alarms = []
+    for lo in range(0, 800, 20):  # judged in chunks, as a line's files are
+        judged = detector.detect(torch.tensor(rows[:, lo : lo + 20]), state)
+        alarms.append(judged.alarms[0].numpy())
+        state = judged.state
+    return np.concatenate(alarms)
+
+
+def test_the_short_chart_ends_an_alarm_within_a_few_rows_of_the_fault():
+    """The same rows judged by the long chart alone and with the short chart: a fault alarms in
+    both, but after it ends the long chart alone runs on for most of its window, the pair stops
+    within about the short window, and normal rows alarm no more often."""
+    long_only = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=40, calibration_rows=2000, warmup_rows=1000)
+    paired = replace(long_only, recent_rows=5, recent_false_alarm_rate=0.1)
+    runs = {
+        name: _fault_after_calibration(np.random.default_rng(6), AnomalyDetector(config), shift=3.0)
+        for name, config in (("long", long_only), ("paired", paired))
+    }
+    for alarms in runs.values():
+        assert alarms[410:500].mean() > 0.9
+    assert runs["long"][500:525].all()  # its 40-row window still holds fault rows
+    assert not runs["paired"][500:506].all()  # the fault's alarm ended within 5 rows
+    assert runs["paired"][500:].sum() <= runs["long"][500:].sum() / 3
+    normal = np.r_[0:400, 540:800]
+    assert runs["paired"][normal].sum() <= runs["long"][normal].sum()
+
+
+def test_a_state_stored_before_the_short_chart_warms_it_up_without_vetoing():
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=4, calibration_rows=80, warmup_rows=20, recent_rows=2)
+    detector = AnomalyDetector(config)
+    state = _calibrated(detector, torch.randn(1, 60, 2, dtype=torch.float64))
+    tensors = {k: v for k, v in state._tensors().items() if k != "recent_calibration"}
+    tensors["calibration"] = state.calibration[torch.isfinite(state.calibration)].float()
+    restored = AlarmState.from_bytes(codec.encode(tensors, {"kind": "AlarmState"}), config)
+    assert restored.recent_calibration.isnan().all()
+    assert detector.recent_thresholds(restored)[0] == -math.inf
+    judged = detector.detect(torch.full((1, 3, 2), 50.0, dtype=torch.float64), restored)
+    assert judged.alarms.all()  # the long chart alone decides until the short one is warm
+
+
+def test_recent_rows_must_be_shorter_than_the_window():
+    with pytest.raises(ValueError, match="recent_rows"):
+        AlarmConfig(smoothing_rows=10, recent_rows=10)
+    with pytest.raises(ValueError, match="recent_false_alarm_rate"):
+        AlarmConfig(smoothing_rows=10, recent_rows=3, recent_false_alarm_rate=0.001, calibration_rows=100)
