@@ -38,11 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
 from bench.anomaly_metrics import (
@@ -307,10 +309,8 @@ class LruForecastResidual:
         self.previous_row: np.ndarray | None = None  # the last row seen, for the slow sensors' change
         self.frozen = False  # re-scoring after the stream: weights stay as they are
 
-    def _tensor(self, rows: np.ndarray):
+    def _tensor(self, rows: np.ndarray) -> torch.Tensor:
         """Standardised rows, slow sensors as their standardised change from the row before."""
-        import torch
-
         z = (rows - self.mean) / self.scale
         if self.slow.any():
             first = z[:1] if self.previous_row is None else (self.previous_row[None] - self.mean) / self.scale
@@ -320,8 +320,6 @@ class LruForecastResidual:
         return torch.tensor(z, dtype=torch.float32)[None]
 
     def adapt(self, rows: np.ndarray) -> None:
-        import torch
-
         from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
         from lru_online.alarms import AlarmState
 
@@ -464,16 +462,26 @@ def backward_transfer(detector, files: list[SkabFile], streamed: list[Detection]
     }
 
 
-def run_method(name: str, files: list[SkabFile], normal: SkabFile | None, protocol: str, out: Path) -> MethodResult:
+def run_method(
+    name: str,
+    files: list[SkabFile],
+    normal: SkabFile | None,
+    protocol: str,
+    out: Path | None,
+    make: Callable[[], object] | None = None,
+) -> MethodResult:
+    """One method through the files under the protocol; `make` builds its detector (the
+    method's own by default); predictions go to `out/name/` unless `out` is None."""
+    make = make or METHODS[name]
     counts, changepoints, rows, seconds, detections = [], [], 0, 0.0, []
-    detector = METHODS[name]()
+    detector = make()
     if protocol == "continual" and normal is not None:
         started = time.perf_counter()
         detector.adapt(normal.sensors)
         seconds += time.perf_counter() - started
     for item in files:
         if protocol == "strict":
-            detector = METHODS[name]()
+            detector = make()
         values = item.sensors
         started = time.perf_counter()
         detector.adapt(values[:TRAIN_ROWS])
@@ -488,9 +496,10 @@ def run_method(name: str, files: list[SkabFile], normal: SkabFile | None, protoc
         changepoints.append(
             match_changepoints(test_index, item.changepoint[TRAIN_ROWS:], predicted_changepoints, NAB_WINDOW)
         )
-        write_predictions(
-            out / name, item.relative, test_index, detection.alarms, predicted_changepoints, detection.scores
-        )
+        if out is not None:
+            write_predictions(
+                out / name, item.relative, test_index, detection.alarms, predicted_changepoints, detection.scores
+            )
     result = MethodResult(counts, changepoints, rows, seconds, detections)
     if protocol == "continual" and hasattr(detector, "frozen"):
         result.forgetting = backward_transfer(detector, files, detections)
@@ -594,7 +603,13 @@ def main() -> None:
     unknown = set(names) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
-    print(f"{len(files)} files, {sum(len(f.frame) for f in files)} rows, protocol {args.protocol}")
+    # One thread: the lru is two channels wide, so more threads only add overhead, and its
+    # figures then do not depend on the machine's core count (bench/skab_tune.py runs so too).
+    torch.set_num_threads(1)
+    print(
+        f"{len(files)} files, {sum(len(f.frame) for f in files)} rows, protocol {args.protocol}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread"
+    )
     runs = {name: run_method(name, files, normal, args.protocol, args.out) for name in names}
     tuning = [in_tuning_split(f, load_config("skab").get("tuning_files", [])) for f in files]
     splits = {"all": None}

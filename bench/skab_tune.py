@@ -1,0 +1,102 @@
+"""Chooses the `lru` detector's alarm settings on the tuning split of SKAB.
+
+    python bench/skab_tune.py [--data ../shared/data/skab] [--smoothing-rows 40,60]
+                              [--false-alarm-rates 0.005,0.01] [--recent-rows 0,10,20,30]
+                              [--recent-rates 0.5,0.7,0.85] [--far-limit 12] [--workers 2]
+
+Only the tuning files of `configs/skab.yaml` are loaded (the report split is never run). Every
+setting of the grid runs `bench/skab.py`'s `lru` under the strict protocol from scratch (the
+alarms decide which chunks the learner updates on, so nothing can be replayed), and the rule
+picks the highest F1 among the settings whose FAR stays at or below `--far-limit` %, NAB
+breaking ties. The chosen setting is printed, to be copied into configs/skab.yaml by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bench.common import load_config
+from bench.skab import LruDetectorConfig, LruForecastResidual, in_tuning_split, load_folder, run_method
+
+
+def _figures(alarm: dict, data: Path) -> dict:
+    torch.set_num_threads(1)  # one setting per worker, one core each
+    files, _ = load_folder(data)
+    tuning = [f for f in files if in_tuning_split(f, load_config("skab").get("tuning_files", []))]
+    base = LruDetectorConfig(**load_config("skab").get("lru", {}))
+    config = replace(base, alarm=base.alarm | alarm)
+    result = run_method("lru", tuning, None, "strict", None, make=lambda: LruForecastResidual(config))
+    return result.figures()
+
+
+def grid(args: argparse.Namespace) -> list[dict]:
+    """Every alarm setting to try; the short chart's rate only varies where it is used."""
+    settings = []
+    for smoothing, rate, recent in itertools.product(
+        _ints(args.smoothing_rows), _floats(args.false_alarm_rates), _ints(args.recent_rows)
+    ):
+        if recent >= smoothing:
+            continue
+        base = {"smoothing_rows": smoothing, "false_alarm_rate": rate, "recent_rows": recent}
+        recent_rates = _floats(args.recent_rates) if recent else [None]
+        settings += [base if r is None else base | {"recent_false_alarm_rate": r} for r in recent_rates]
+    return settings
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def choose(results: list[tuple[dict, dict]], far_limit: float) -> tuple[dict, dict] | None:
+    """The highest F1 with FAR ≤ the limit, NAB breaking ties; None when no setting qualifies."""
+    allowed = [r for r in results if r[1]["far_percent"] <= far_limit]
+    return max(allowed, key=lambda r: (r[1]["f1"], r[1]["nab_standard"]), default=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/skab")
+    parser.add_argument("--smoothing-rows", default="40,60")
+    parser.add_argument("--false-alarm-rates", default="0.005,0.01")
+    parser.add_argument("--recent-rows", default="0,10,20,30")
+    parser.add_argument("--recent-rates", default="0.5,0.7,0.85")
+    parser.add_argument("--far-limit", type=float, default=12.0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    settings = grid(args)
+    files, _ = load_folder(args.data)
+    names = [f.relative for f in files if in_tuning_split(f, load_config("skab").get("tuning_files", []))]
+    print(
+        f"tuning split: {len(names)} files ({', '.join(names)}); {len(settings)} settings, "
+        f"{args.workers} workers of 1 thread; torch {torch.__version__}"
+    )
+    with ProcessPoolExecutor(args.workers) as pool:
+        figures = list(pool.map(_figures, settings, itertools.repeat(args.data)))
+    results = list(zip(settings, figures, strict=True))
+    print(f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'F1':>7}{'FAR %':>8}{'MAR %':>8}{'NAB':>7}{'FPs':>5}")
+    for alarm, f in sorted(results, key=lambda r: -r[1]["f1"]):
+        print(
+            f"{alarm['smoothing_rows']:>7}{alarm['false_alarm_rate']:>7}{alarm['recent_rows']:>7}"
+            f"{alarm.get('recent_false_alarm_rate', '-'):>6}{f['f1']:>7}{f['far_percent']:>8}"
+            f"{f['mar_percent']:>8}{f['nab_standard']:>7}{f['false_positives']:>5}"
+        )
+    chosen = choose(results, args.far_limit)
+    if chosen is None:
+        print(f"no setting keeps FAR at or below {args.far_limit} % on the tuning split")
+    else:
+        print(f"chosen (highest F1 with FAR <= {args.far_limit} %): {chosen[0]} -> {chosen[1]}")
+
+
+if __name__ == "__main__":
+    main()
