@@ -1,0 +1,31 @@
+"""bench/skab_tune.py: the grid it walks and the rule that picks from it."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.skab_tune import choose, grid
+
+
+def test_the_grid_varies_the_short_charts_rate_only_where_it_is_used_and_keeps_it_shorter():
+    args = argparse.Namespace(
+        smoothing_rows="10,40", false_alarm_rates="0.01", recent_rows="0,10,20", recent_rates="0.5,0.85"
+    )
+    settings = grid(args)
+    assert {"smoothing_rows": 10, "false_alarm_rate": 0.01, "recent_rows": 0} in settings
+    assert all(s["recent_rows"] < s["smoothing_rows"] for s in settings)
+    assert all(("recent_false_alarm_rate" in s) == (s["recent_rows"] > 0) for s in settings)
+    # smoothing 10: m 0 only; smoothing 40: m 0, then m 10 and 20 at each of the two rates.
+    assert len(settings) == 1 + 1 + 2 * 2
+
+
+def test_the_rule_takes_the_best_f1_within_the_far_limit_and_nab_breaks_ties():
+    results = [
+        ({"name": "noisy"}, {"f1": 0.9, "far_percent": 20.0, "nab_standard": 50.0}),
+        ({"name": "low nab"}, {"f1": 0.8, "far_percent": 11.0, "nab_standard": 30.0}),
+        ({"name": "high nab"}, {"f1": 0.8, "far_percent": 12.0, "nab_standard": 35.0}),
+        ({"name": "weak"}, {"f1": 0.7, "far_percent": 5.0, "nab_standard": 40.0}),
+    ]
+    assert choose(results, far_limit=12.0)[0]["name"] == "high nab"
+    assert choose(results, far_limit=11.5)[0]["name"] == "low nab"
+    assert choose(results, far_limit=1.0) is None
