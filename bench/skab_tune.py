@@ -23,13 +23,18 @@ from pathlib import Path
 import torch
 
 from bench.common import load_config
-from bench.skab import LruDetectorConfig, LruForecastResidual, in_tuning_split, load_folder, run_method
+from bench.skab import (
+    LruDetectorConfig,
+    LruForecastResidual,
+    SkabFile,
+    in_tuning_split,
+    load_folder,
+    run_method,
+)
 
 
-def _figures(alarm: dict, data: Path) -> dict:
+def _figures(alarm: dict, tuning: list[SkabFile]) -> dict:
     torch.set_num_threads(1)  # one setting per worker, one core each
-    files, _ = load_folder(data)
-    tuning = [f for f in files if in_tuning_split(f, load_config("skab").get("tuning_files", []))]
     base = LruDetectorConfig(**load_config("skab").get("lru", {}))
     config = replace(base, alarm=base.alarm | alarm)
     result = run_method("lru", tuning, None, "strict", None, make=lambda: LruForecastResidual(config))
@@ -76,13 +81,14 @@ def main() -> None:
     args = parser.parse_args()
     settings = grid(args)
     files, _ = load_folder(args.data)
-    names = [f.relative for f in files if in_tuning_split(f, load_config("skab").get("tuning_files", []))]
+    tuning = [f for f in files if in_tuning_split(f, load_config("skab").get("tuning_files", []))]
+    names = [f.relative for f in tuning]
     print(
         f"tuning split: {len(names)} files ({', '.join(names)}); {len(settings)} settings, "
         f"{args.workers} workers of 1 thread; torch {torch.__version__}"
     )
     with ProcessPoolExecutor(args.workers) as pool:
-        figures = list(pool.map(_figures, settings, itertools.repeat(args.data)))
+        figures = list(pool.map(_figures, settings, itertools.repeat(tuning)))
     results = list(zip(settings, figures, strict=True))
     print(f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'F1':>7}{'FAR %':>8}{'MAR %':>8}{'NAB':>7}{'FPs':>5}")
     for alarm, f in sorted(results, key=lambda r: -r[1]["f1"]):

@@ -82,7 +82,7 @@ class AlarmState:
     history_rows: torch.Tensor  # (B,) real rows in history
     calibration: torch.Tensor  # (B, K)
     in_alarm: torch.Tensor  # (B,) bool
-    recent_calibration: torch.Tensor  # (B, K)
+    recent_calibration: torch.Tensor  # (B, K), or (B, 0) without `recent_rows`
 
     @classmethod
     def fresh(cls, lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
@@ -93,7 +93,8 @@ class AlarmState:
             torch.zeros(lines, dtype=torch.int64),
             torch.full((lines, config.calibration_rows), float("nan"), dtype=torch.float64),
             torch.zeros(lines, dtype=torch.bool),
-            torch.full((lines, config.calibration_rows), float("nan"), dtype=torch.float64),
+            # No short chart, no buffer: a fleet of lines does not carry one it never uses.
+            torch.full((lines, config.calibration_rows if config.recent_rows else 0), math.nan, dtype=torch.float64),
         )
 
     @property
@@ -140,8 +141,9 @@ class AlarmState:
         # A state stored before the short chart existed has no recent calibration: it warms up.
         for name in ("calibration", "recent_calibration"):
             held = tensors.get(name, torch.empty(0)).to(torch.float64)
-            held = held[: config.calibration_rows]
-            getattr(fresh, name)[0, : len(held)] = held
+            buffer = getattr(fresh, name)
+            held = held[: buffer.shape[1]]
+            buffer[0, : len(held)] = held
         history = tensors["history"].to(torch.float64)
         keep = min(history.shape[1], config.smoothing_rows - 1)  # a changed n keeps the newest rows
         if keep:
