@@ -4,6 +4,7 @@ still feed the replay reservoir."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from sqlalchemy import select
 
 from flows.ingest.landing import read_batch
 from flows.orchestrate.prefect_flows import continual_update
+from flows.settings import load_settings
 from flows.storage.database import Database
 from flows.storage.models import BatchSummary, ModelState
 from flows.storage.work_folder import resolved_path
@@ -22,18 +24,28 @@ from tests.flows.helpers import small_config, small_plant
 PLANT = {"entities": 4, "batches": 6, "rows_per_batch": 30, "plant_files": True, "broken_batches": {}}
 
 
-def _scores_of_last_file(root: Path, name: str, change) -> pd.DataFrame:
-    """A plant whose last file is changed by `change(frame)`; the scores that file got."""
+@pytest.fixture(scope="module")
+def before_last_file(tmp_path_factory, prefect_api) -> tuple[Path, str, Path]:
+    """A plant run up to its last file (held back): the work folder, its config and the file."""
+    root = tmp_path_factory.mktemp("fleet")
     settings, config = small_config(
-        root / name, initial_training={"batches": 2, "epochs": 1}, drift={"on_detect": "record"}
+        root / "base", initial_training={"batches": 2, "epochs": 1}, drift={"on_detect": "record"}
     )
     truth = small_plant(settings, **PLANT)
-    last = settings.paths.landing / truth.files[-1]
-    changed = change(read_batch(last, settings.log_schema))
-    last.unlink()
+    last = root / truth.files[-1]
+    shutil.move(settings.paths.landing / truth.files[-1], last)
     continual_update(config=config)  # everything before the last file
-    changed.to_csv(settings.paths.landing / "last.csv", index=False)
-    continual_update(config=config)
+    return settings.workdir, config, last
+
+
+def _scores_of_last_file(before_last_file, root: Path, change) -> pd.DataFrame:
+    """The scores the last file gets when changed by `change(frame)`, in a copy of the folder
+    that processed everything before it (copied folders run on their own)."""
+    base, config, last = before_last_file
+    shutil.copytree(base, root)
+    settings = load_settings(config, workdir=root)
+    change(read_batch(last, settings.log_schema)).to_csv(settings.paths.landing / "last.csv", index=False)
+    continual_update(config=config, workdir=str(root))
     db = Database(settings.database_url)
     with db.session() as session:
         path = session.scalars(select(BatchSummary.features_path).order_by(BatchSummary.sequence.desc())).first()
@@ -50,15 +62,15 @@ def _lines_reordered(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_a_lines_scores_do_not_depend_on_the_other_lines_of_its_file(tmp_path, prefect_api):
-    original = _scores_of_last_file(tmp_path, "original", lambda f: f)
-    shuffled = _scores_of_last_file(tmp_path, "shuffled", _lines_reordered)
+def test_a_lines_scores_do_not_depend_on_the_other_lines_of_its_file(tmp_path, before_last_file):
+    original = _scores_of_last_file(before_last_file, tmp_path / "original", lambda f: f)
+    shuffled = _scores_of_last_file(before_last_file, tmp_path / "shuffled", _lines_reordered)
 
     def with_a_new_line(frame: pd.DataFrame) -> pd.DataFrame:
         extra = frame[frame["entity"] == "line-2"].assign(entity="line-9")
         return pd.concat([extra, frame[frame["entity"] != "line-3"]])  # one line added, one left out
 
-    grown = _scores_of_last_file(tmp_path, "grown", with_a_new_line)
+    grown = _scores_of_last_file(before_last_file, tmp_path / "grown", with_a_new_line)
     pd.testing.assert_frame_equal(shuffled.sort_index(), original.sort_index(), rtol=1e-5, atol=1e-6)
     kept = original.drop(index="line-3", level="entity").sort_index()
     pd.testing.assert_frame_equal(grown.drop(index="line-9", level="entity").sort_index(), kept, rtol=1e-5, atol=1e-6)

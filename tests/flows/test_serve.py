@@ -81,13 +81,14 @@ def test_serve_schedules_updates_triggers_retrain_and_stops_cleanly(tmp_path):
         drift={"on_detect": "event"},
         initial_training={"batches": 4, "epochs": 2},
     )
-    small_plant(settings, rows_per_batch=80)
+    # 16 batches, the drifts early enough that the second wave holds the abrupt one.
+    small_plant(settings, batches=16, rows_per_batch=80, gradual_drift_start=6, abrupt_drift_batch=11)
     staged = tmp_path / "staged"
     shutil.move(settings.paths.landing, staged)
     settings.paths.landing.mkdir()
     files = sorted(staged.iterdir())
     batch_of = {path: int(path.stem.split("batch-")[1]) for path in files}
-    waves = [[p for p in files if lo <= batch_of[p] < hi] for lo, hi in ((0, 10), (10, 24))]
+    waves = [[p for p in files if lo <= batch_of[p] < hi] for lo, hi in ((0, 8), (8, 16))]
     _land(waves[0], settings.paths.landing)
 
     serving = _cli("serve", "-c", config, env=_environment(PREFECT_RUNNER_POLL_FREQUENCY="1"))
