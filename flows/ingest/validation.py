@@ -58,9 +58,8 @@ class BatchValidator:
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         asset = context.data_sources.add_pandas("landing").add_dataframe_asset(name="log_batch")
-        batch_definition = asset.add_batch_definition_whole_dataframe("whole_batch")
+        self._batch_definition = asset.add_batch_definition_whole_dataframe("whole_batch")
         self._suite = context.suites.add(suite)
-        self._batch_definition = batch_definition
 
     def _run(self, prepared: pd.DataFrame, result_format: str, file_name: str):
         from great_expectations.core.run_identifier import RunIdentifier

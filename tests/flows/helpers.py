@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ def _empty_mlflow_database() -> Path:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     folder = Path(tempfile.mkdtemp(prefix="lru-online-mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, True)
     store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlartifacts"))
     store.engine.dispose()
     return folder / "mlflow.db"
