@@ -22,6 +22,7 @@ ENTRYPOINTS = {
 
 def deployment_specs(settings: Settings, config: str | None) -> dict[str, dict]:
     """Keyword arguments of `to_deployment` / `deploy` for each flow, by flow name."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
     from flows.orchestrate.prefect_flows import drift_resource
@@ -48,6 +49,11 @@ def deployment_specs(settings: Settings, config: str | None) -> dict[str, dict]:
             "parameters": base,
             "tags": tags,
             "description": "Validate, score and learn from new landing files.",
+            # One run takes every pending file, so a run due while another is running has nothing
+            # to add: the server cancels it instead of letting late runs pile up.
+            "concurrency_limit": ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
             **schedule,
         },
         "retrain": {
@@ -57,6 +63,8 @@ def deployment_specs(settings: Settings, config: str | None) -> dict[str, dict]:
             # The trigger's template renders drift_event_id as text; the flow's own parameter
             # validation turns it back into an int, so the server must not refuse it first.
             "enforce_parameter_schema": False,
+            # Drift events during a retrain wait their turn rather than train side by side.
+            "concurrency_limit": ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             "tags": tags,
             "description": "Train a challenger on the recent window; promote it if it wins.",
         },
@@ -74,18 +82,17 @@ def build_deployments(settings: Settings, config: str | None) -> list:
     ]
 
 
-# Flow runs this process runs at once: a continual_update and a retrain. More updates would only
-# wait on the pipeline's lease, each in a process of its own.
-SERVED_RUNS_AT_ONCE = 2
-
-
 def serve_deployments(settings: Settings, config: str | None) -> None:
     """Serves both deployments from this process until SIGINT or SIGTERM. Either stops it
     cleanly: runs in progress are cancelled (a file's work is committed whole or not at all) and
-    the schedules paused, so no runs pile up while nothing serves them."""
+    the schedules paused, so no runs pile up while nothing serves them.
+
+    The runner itself sets no limit: the deployments' own concurrency limits (one update, one
+    retrain) do. A limit here would be shared, and the runner fills it in schedule order, so a
+    backlog of late update runs would keep a drift-triggered retrain from ever starting."""
     import asyncio
 
-    runner = _runner_stopped_by_sigterm()(limit=SERVED_RUNS_AT_ONCE, pause_on_shutdown=True)
+    runner = _runner_stopped_by_sigterm()(limit=None, pause_on_shutdown=True)
     for deployment in build_deployments(settings, config):
         runner.add_deployment(deployment)
     try:

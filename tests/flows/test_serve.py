@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -110,20 +111,24 @@ def test_serve_schedules_updates_triggers_retrain_and_stops_cleanly(tmp_path):
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
             return [run for run in runs if run.state and run.state.is_completed()]
 
-        def wave_done(count: int):
+        def wave_done(count: int, runs_before: int):
+            """The completed update runs once `count` files are settled and a run newer than
+            `runs_before` has finished (the run that settled them may still be closing)."""
             accounting = _accounting(settings)
             settled = sum(accounting["batches"][k] for k in ("processed", "quarantined"))
-            return settled == count and accounting["batches"]["pending"] == 0 and completed_runs(update)
+            runs = completed_runs(update)
+            return settled == count and accounting["batches"]["pending"] == 0 and len(runs) > runs_before and runs
 
-        first_runs = _wait(lambda: wave_done(len(waves[0])), 300, "first wave processed", serving)
+        first_runs = _wait(lambda: wave_done(len(waves[0]), 0), 300, "first wave processed", serving)
         _land(waves[1], settings.paths.landing)  # files land between scheduled runs
-        _wait(lambda: wave_done(len(files)), 300, "second wave processed", serving)
-        runs = completed_runs(update)
-        assert len(runs) >= 2 and len(runs) > len(first_runs)
+        runs = _wait(lambda: wave_done(len(files), len(first_runs)), 300, "second wave processed", serving)
         assert all(run.parameters["workdir"] == str(settings.workdir) for run in runs)
         assert {run.auto_scheduled for run in runs} == {True}
 
         retrains = _wait(lambda: completed_runs(retrain), 240, "retrain started by the drift trigger", serving)
+        # Update runs due while one ran were cancelled by the deployment's limit, not run beside it.
+        spans = sorted((run.start_time, run.end_time) for run in completed_runs(update))
+        assert all(end <= next_start for (_, end), (next_start, _) in pairwise(spans)), spans
 
     (run,) = retrains[:1]
     assert run.parameters["trigger"] == "drift"
