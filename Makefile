@@ -23,9 +23,11 @@ postgres:
 		{ SUDO=$$( [ "$$(id -u)" -ne 0 ] && echo sudo ); \
 		  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
+# One worker per core, each taking whole test files (module fixtures run once) in the order
+# collected, longest files first (tests/conftest.py); torch one thread per worker.
 test: setup postgres
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # Everything but the tests marked slow (whole runs, killed subprocesses, the Triton
 # interpreter, a million-row file) and servers: a few minutes, no services.

@@ -17,6 +17,13 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow or servers tests first, each file's tests kept together: when `make test`
+    spreads files over workers, a long file taken last would run while the others stand idle."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("servers")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order otherwise
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API (a local server) shared by the whole session: flows run for real."""
