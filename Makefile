@@ -23,11 +23,13 @@ postgres:
 		{ SUDO=$$( [ "$$(id -u)" -ne 0 ] && echo sudo ); \
 		  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
-# One worker per core, each taking whole test files (module fixtures run once) in the order
-# collected, longest files first (tests/conftest.py); torch one thread per worker.
+# Two workers (the 2 cores CI has; `-n auto` would read a container's host cores and start a
+# Prefect test server per worker), each taking whole test files (module fixtures run once) in
+# the order collected, longest files first (tests/conftest.py); torch one thread per worker.
+TEST_WORKERS ?= 2
 test: setup postgres
 	$(BIN)/ruff check .
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Everything but the tests marked slow (whole runs, killed subprocesses, the Triton
 # interpreter, a million-row file) and servers: a few minutes, no services.
