@@ -73,20 +73,23 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
     assert sum(m.value for m in history) == len(alarms)
 
     # Read back from the Prefect API: one event per file that started alarms, naming them.
-    events = [
-        e
-        for e in _events_named(settings.alarms.event_name, started)
-        if e["resource"]["prefect.resource.name"] == settings.pipeline
-    ]
-    announced = sorted(i for e in events for i in e["payload"]["alarm_ids"])
-    assert announced == sorted(a.id for a in alarms)
+    expected = sorted(a.id for a in alarms)
+    events = _pipeline_events(
+        settings.alarms.event_name, settings.pipeline, started, until=lambda events: _announced(events) == expected
+    )
+    assert _announced(events) == expected
     fault_event = next(e for e in events if alarm.id in e["payload"]["alarm_ids"])
     assert "line-2" in fault_event["payload"]["lines"] and fault_event["payload"]["file"] == "fault-0.csv"
 
 
-def _events_named(name: str, since: datetime, seconds: float = 30.0) -> list[dict]:
-    """The events of that name since `since` the Prefect API holds (its persister writes them a
-    moment after they are emitted)."""
+def _announced(events: list[dict]) -> list[int]:
+    return sorted(i for e in events for i in e["payload"]["alarm_ids"])
+
+
+def _pipeline_events(name: str, pipeline: str, since: datetime, until, seconds: float = 60.0) -> list[dict]:
+    """The pipeline's events of that name since `since` that the Prefect API holds, once
+    `until(events)` is true or `seconds` have passed: its persister writes events a moment after
+    they are emitted, and not all of a run's at once."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -99,7 +102,7 @@ def _events_named(name: str, since: datetime, seconds: float = 30.0) -> list[dic
                 "/events/filter",
                 json={"filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}}, "limit": 50},
             )
-        events = response.json()["events"]
-        if events or time.monotonic() > deadline:
+        events = [e for e in response.json()["events"] if e["resource"]["prefect.resource.name"] == pipeline]
+        if until(events) or time.monotonic() > deadline:
             return events
         time.sleep(0.5)
