@@ -2,7 +2,8 @@
 
     python bench/skab_tune.py [--data ../shared/data/skab] [--smoothing-rows 40,60]
                               [--false-alarm-rates 0.005,0.01] [--recent-rows 0,10,20,30]
-                              [--recent-rates 0.5,0.7,0.85] [--far-limit 12] [--workers 2]
+                              [--recent-rates 0.5,0.7,0.85] [--bias-rows 0,200]
+                              [--far-limit 12] [--workers 2]
 
 Only the tuning files of `configs/skab.yaml` are loaded (the report split is never run). Every
 setting of the grid runs `bench/skab.py`'s `lru` under the strict protocol from scratch (the
@@ -44,12 +45,12 @@ def _figures(alarm: dict, tuning: list[SkabFile]) -> dict:
 def grid(args: argparse.Namespace) -> list[dict]:
     """Every alarm setting to try; the short chart's rate only varies where it is used."""
     settings = []
-    for smoothing, rate, recent in itertools.product(
-        _ints(args.smoothing_rows), _floats(args.false_alarm_rates), _ints(args.recent_rows)
+    for smoothing, rate, recent, bias in itertools.product(
+        _ints(args.smoothing_rows), _floats(args.false_alarm_rates), _ints(args.recent_rows), _ints(args.bias_rows)
     ):
         if recent >= smoothing:
             continue
-        base = {"smoothing_rows": smoothing, "false_alarm_rate": rate, "recent_rows": recent}
+        base = {"smoothing_rows": smoothing, "false_alarm_rate": rate, "recent_rows": recent, "bias_rows": bias}
         recent_rates = _floats(args.recent_rates) if recent else [None]
         settings += [base if r is None else base | {"recent_false_alarm_rate": r} for r in recent_rates]
     return settings
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--false-alarm-rates", default="0.005,0.01")
     parser.add_argument("--recent-rows", default="0,10,20,30")
     parser.add_argument("--recent-rates", default="0.5,0.7,0.85")
+    parser.add_argument("--bias-rows", default="0,200")
     parser.add_argument("--far-limit", type=float, default=12.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -90,11 +92,11 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         figures = list(pool.map(_figures, settings, itertools.repeat(tuning)))
     results = list(zip(settings, figures, strict=True))
-    print(f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'F1':>7}{'FAR %':>8}{'MAR %':>8}{'NAB':>7}{'FPs':>5}")
+    print(f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'bias':>6}{'F1':>7}{'FAR %':>8}{'MAR %':>8}{'NAB':>7}{'FPs':>5}")
     for alarm, f in sorted(results, key=lambda r: -r[1]["f1"]):
         print(
             f"{alarm['smoothing_rows']:>7}{alarm['false_alarm_rate']:>7}{alarm['recent_rows']:>7}"
-            f"{alarm.get('recent_false_alarm_rate', '-'):>6}{f['f1']:>7}{f['far_percent']:>8}"
+            f"{alarm.get('recent_false_alarm_rate', '-'):>6}{alarm['bias_rows']:>6}{f['f1']:>7}{f['far_percent']:>8}"
             f"{f['mar_percent']:>8}{f['nab_standard']:>7}{f['false_positives']:>5}"
         )
     chosen = choose(results, args.far_limit)

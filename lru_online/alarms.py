@@ -22,6 +22,14 @@ chart of its last m rows also passes that chart's own conformal threshold (rate
 `recent_false_alarm_rate`, calibrated the same way): the alarm then ends within about m rows of
 the fault's end, and a normal row alarms no more often than under either chart alone.
 
+A forecaster that is right on average for a line's steady state leaves a small sustained bias
+in its residuals when the line settles into a slightly different one (after a maintenance stop,
+a valve test): the mean chart adds that bias up over n rows and alarms on normal rows for as
+long as it lasts. With `bias_rows` set, each line's running mean residual over its normal
+chunks (an exponential mean of that span, in rows) is taken off before the chart. A fault's
+chunks alarm and so do not move it; a new steady state that starts between alarms is learned
+within about that many rows.
+
 A chunk of rows (one file of a line) is judged against the threshold as it stood before the
 chunk, then the chunk's normal rows join the calibration: the same test-then-train order as
 the model. Everything is batched over lines (right-padded, with a step mask) and the state
@@ -46,10 +54,13 @@ class AlarmConfig:
     warmup_rows: int = 100  # normal scores a line must hold before it can alarm
     recent_rows: int = 0  # m of the confirming short chart; 0: none
     recent_false_alarm_rate: float = 0.1  # its rate: the last m rows must still be this unusual
+    bias_rows: int = 0  # span of the running mean residual taken off before the chart; 0: none
 
     def __post_init__(self) -> None:
         if self.smoothing_rows < 1 or self.calibration_rows < 1:
             raise ValueError("AlarmConfig.smoothing_rows and calibration_rows must be >= 1")
+        if self.bias_rows < 0:
+            raise ValueError(f"AlarmConfig.bias_rows must be >= 0, got {self.bias_rows}")
         if not 1 <= self.warmup_rows <= self.calibration_rows:
             raise ValueError("AlarmConfig.warmup_rows must be in [1, calibration_rows]")
         if not 0 <= self.recent_rows < self.smoothing_rows:
@@ -83,6 +94,7 @@ class AlarmState:
     calibration: torch.Tensor  # (B, K)
     in_alarm: torch.Tensor  # (B,) bool
     recent_calibration: torch.Tensor  # (B, K), or (B, 0) without `recent_rows`
+    bias: torch.Tensor  # (B, S) running mean residual on normal chunks (zeros without `bias_rows`)
 
     @classmethod
     def fresh(cls, lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
@@ -95,6 +107,7 @@ class AlarmState:
             torch.zeros(lines, dtype=torch.bool),
             # No short chart, no buffer: a fleet of lines does not carry one it never uses.
             torch.full((lines, config.calibration_rows if config.recent_rows else 0), math.nan, dtype=torch.float64),
+            torch.zeros(lines, sensors, dtype=torch.float64),
         )
 
     @property
@@ -110,6 +123,7 @@ class AlarmState:
             "calibration": self.calibration,
             "in_alarm": self.in_alarm,
             "recent_calibration": self.recent_calibration,
+            "bias": self.bias,
         }
 
     def select(self, index: int) -> AlarmState:
@@ -152,6 +166,8 @@ class AlarmState:
         fresh.square_mean = tensors["square_mean"].to(torch.float64)
         fresh.scale_rows = tensors["scale_rows"]
         fresh.in_alarm = tensors["in_alarm"]
+        if "bias" in tensors:  # a state stored before the bias existed starts from none
+            fresh.bias = tensors["bias"].to(torch.float64)
         return fresh
 
 
@@ -208,7 +224,8 @@ class AnomalyDetector:
         """Scores and alarms of B lines' next rows, residuals (B, T, S) (NaN: no forecast or no
         reading), `steps` (B, T) False at padding. `calibrate_only`: every row is taken as
         normal (a line's known-good start); nothing alarms."""
-        residuals = residuals.to(torch.float64)
+        raw_residuals = residuals.to(torch.float64)
+        residuals = raw_residuals - state.bias[:, None, :]
         lines, length, _ = residuals.shape
         steps = torch.ones(lines, length, dtype=torch.bool) if steps is None else steps.to(torch.bool)
         finite = torch.isfinite(residuals) & steps[..., None]
@@ -246,6 +263,7 @@ class AnomalyDetector:
             ),
             self._ends_in_alarm(state.in_alarm, alarms, steps),
             recent_calibration,
+            self._bias_update(state.bias, raw_residuals, finite, alarms.any(1)),
         )
         episodes = self._episodes(alarms, scores, state.in_alarm)
         return AlarmResult(scores, thresholds, alarms, new_state, episodes, recent_scores, recent_thresholds)
@@ -281,6 +299,19 @@ class AnomalyDetector:
         count = weight_old + added
         mean = torch.where(count > 0, (state.square_mean * weight_old + total) / count.clamp(min=1), state.square_mean)
         return mean, state.scale_rows + used.any(-1).sum(1)
+
+    def _bias_update(
+        self, bias: torch.Tensor, residuals: torch.Tensor, finite: torch.Tensor, alarmed: torch.Tensor
+    ) -> torch.Tensor:
+        """Each line's running mean residual, moved by its chunk's mean unless the chunk alarmed:
+        weight 1 − (1 − 1/span)^rows, so chunks of any length forget at the same pace per row."""
+        if not self.config.bias_rows:
+            return bias
+        rows = finite.sum(1)  # (B, S)
+        chunk_mean = torch.where(finite, residuals, 0.0).sum(1) / rows.clamp(min=1)
+        weight = 1.0 - (1.0 - 1.0 / max(self.config.bias_rows, 1)) ** rows.double()
+        weight = torch.where(alarmed[:, None] | (rows == 0), 0.0, weight)
+        return bias + weight * (chunk_mean - bias)
 
     def _history_update(self, state: AlarmState, standard: torch.Tensor, steps: torch.Tensor):
         keep = self.config.smoothing_rows - 1

@@ -9,10 +9,14 @@ from bench.skab_tune import choose, grid
 
 def test_the_grid_varies_the_short_charts_rate_only_where_it_is_used_and_keeps_it_shorter():
     args = argparse.Namespace(
-        smoothing_rows="10,40", false_alarm_rates="0.01", recent_rows="0,10,20", recent_rates="0.5,0.85"
+        smoothing_rows="10,40",
+        false_alarm_rates="0.01",
+        recent_rows="0,10,20",
+        recent_rates="0.5,0.85",
+        bias_rows="0",
     )
     settings = grid(args)
-    assert {"smoothing_rows": 10, "false_alarm_rate": 0.01, "recent_rows": 0} in settings
+    assert {"smoothing_rows": 10, "false_alarm_rate": 0.01, "recent_rows": 0, "bias_rows": 0} in settings
     assert all(s["recent_rows"] < s["smoothing_rows"] for s in settings)
     assert all(("recent_false_alarm_rate" in s) == (s["recent_rows"] > 0) for s in settings)
     # smoothing 10: m 0 only; smoothing 40: m 0, then m 10 and 20 at each of the two rates.

@@ -101,19 +101,21 @@ def test_warm_up_holds_alarms_back():
     assert not judged.alarms.any()
 
 
-def test_a_fleet_batch_equals_each_line_alone():
+@pytest.mark.parametrize("bias_rows", [0, 50])
+def test_a_fleet_batch_equals_each_line_alone(bias_rows):
     """Three ragged lines, right-padded with a step mask, over three chunks: scores, thresholds,
     alarms and episodes equal those of each line run on its own (an independent loop)."""
     config = AlarmConfig(
-        false_alarm_rate=0.05, smoothing_rows=5, calibration_rows=60, warmup_rows=20, recent_rows=2
+        false_alarm_rate=0.05, smoothing_rows=5, calibration_rows=60, warmup_rows=20, recent_rows=2, bias_rows=bias_rows
     )
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(3)
     lengths = [[30, 12, 25], [7, 30, 0], [18, 4, 30]]  # per chunk, per line
     chunks = []
-    for row in lengths:
+    for number, row in enumerate(lengths):
         values = rng.normal(size=(3, max(row), 2))
-        values[2, 5:9] += 8.0  # an alarm on line 2 once it is warm
+        if number:
+            values[2, 5:9] += 8.0  # an alarm on line 2 once it is warm
         values[0, :, 1] = np.nan if row[0] == 7 else values[0, :, 1]  # a sensor without readings
         chunks.append((values, row))
     fleet = AlarmState.fresh(3, 2, config)
@@ -138,19 +140,20 @@ def test_a_fleet_batch_equals_each_line_alone():
             assert float(judged.recent_thresholds[line]) == pytest.approx(float(one.recent_thresholds[0]))
     assert 2 in alarmed_lines
     for line in range(3):
-        for name in ("calibration", "recent_calibration"):
+        for name in ("calibration", "recent_calibration", "bias"):
             held, expected = getattr(fleet, name)[line], getattr(alone[line], name)[0]
             assert held.tolist() == pytest.approx(expected.tolist(), nan_ok=True)
 
 
 def test_stored_state_judges_the_next_rows_as_the_live_one():
-    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=4, calibration_rows=80, warmup_rows=20)
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=4, calibration_rows=80, warmup_rows=20, bias_rows=30)
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(4)
     state = _calibrated(detector, rng.normal(size=(2, 50, 3)))
     restored = AlarmState.cat([AlarmState.from_bytes(state.select(i).to_bytes(), config) for i in range(2)])
     after = torch.tensor(rng.normal(size=(2, 10, 3)))
     after[0, 3:] += 5.0
+    assert torch.equal(restored.bias, state.bias) and state.bias.abs().sum() > 0
     live, again = detector.detect(after, state), detector.detect(after, restored)
     assert torch.allclose(live.thresholds, again.thresholds, rtol=1e-6)  # stored as float32
     assert torch.equal(live.alarms, again.alarms) and live.alarms[0].any()
@@ -206,8 +209,9 @@ def test_a_state_stored_before_the_short_chart_warms_it_up_without_vetoing():
     state = _calibrated(detector, torch.randn(1, 60, 2, dtype=torch.float64))
     tensors = {k: v for k, v in state._tensors().items() if k != "recent_calibration"}
     tensors["calibration"] = state.calibration[torch.isfinite(state.calibration)].float()
+    tensors.pop("bias")  # stored before the bias existed too
     restored = AlarmState.from_bytes(codec.encode(tensors, {"kind": "AlarmState"}), config)
-    assert restored.recent_calibration.isnan().all()
+    assert restored.recent_calibration.isnan().all() and not restored.bias.any()
     assert detector.recent_thresholds(restored)[0] == -math.inf
     judged = detector.detect(torch.full((1, 3, 2), 50.0, dtype=torch.float64), restored)
     assert judged.alarms.all()  # the long chart alone decides until the short one is warm
@@ -218,3 +222,38 @@ def test_recent_rows_must_be_shorter_than_the_window():
         AlarmConfig(smoothing_rows=10, recent_rows=10)
     with pytest.raises(ValueError, match="recent_false_alarm_rate"):
         AlarmConfig(smoothing_rows=10, recent_rows=3, recent_false_alarm_rate=0.001, calibration_rows=100)
+
+
+def test_the_bias_takes_a_new_steady_level_off_but_not_a_fault():
+    """After calibration, a sensor settles 0.6σ higher for good, between two 60-row faults of
+    +4σ. A 40-row mean chart alone alarms on most of the new level's normal rows; with the
+    running mean residual taken off (span 100), the level is learned within a few hundred rows
+    and stops alarming, while both faults still alarm and leave the bias where it was."""
+    base = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=40, calibration_rows=2000, warmup_rows=1000)
+    rng = np.random.default_rng(8)
+    calibration, rows = rng.normal(size=(1, 3000, 3)), rng.normal(size=(1, 1600, 3))
+    rows[0, 100:, 1] += 0.6
+    faults = [(300, 360), (1400, 1460)]
+    for lo, hi in faults:
+        rows[0, lo:hi, 2] += 4.0
+    runs = {}
+    for name, config in (("plain", base), ("bias", replace(base, bias_rows=100))):
+        detector = AnomalyDetector(config)
+        state = _calibrated(detector, calibration)
+        alarms, biases = [], []
+        for lo in range(0, 1600, 20):
+            judged = detector.detect(torch.tensor(rows[:, lo : lo + 20]), state)
+            alarms.append(judged.alarms[0].numpy())
+            biases.append(judged.state.bias[0].numpy().copy())
+            state = judged.state
+        runs[name] = (np.concatenate(alarms), np.stack(biases))
+    for alarms, _ in runs.values():
+        for lo, hi in faults:
+            assert alarms[lo + 20 : hi].mean() > 0.9
+    settled = np.r_[900:1400, 1520:1600]  # normal rows on the new level, well after it began
+    assert runs["plain"][0][settled].mean() > 0.5
+    assert runs["bias"][0][settled].mean() < 0.05
+    bias = runs["bias"][1]
+    assert abs(bias[-1, 1] - 0.6) < 0.15  # the new level, learned
+    assert abs(bias[1460 // 20, 2] - bias[1400 // 20 - 1, 2]) < 0.1  # the second fault left it alone
+    assert not runs["plain"][1].any()  # no bias without bias_rows
