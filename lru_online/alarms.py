@@ -225,7 +225,8 @@ class AnomalyDetector:
         reading), `steps` (B, T) False at padding. `calibrate_only`: every row is taken as
         normal (a line's known-good start); nothing alarms."""
         raw_residuals = residuals.to(torch.float64)
-        residuals = raw_residuals - state.bias[:, None, :]
+        # Without the bias term, no (B, T, S) copy for a subtraction of zeros.
+        residuals = raw_residuals - state.bias[:, None, :] if self.config.bias_rows else raw_residuals
         lines, length, _ = residuals.shape
         steps = torch.ones(lines, length, dtype=torch.bool) if steps is None else steps.to(torch.bool)
         finite = torch.isfinite(residuals) & steps[..., None]
@@ -309,7 +310,7 @@ class AnomalyDetector:
             return bias
         rows = finite.sum(1)  # (B, S)
         chunk_mean = torch.where(finite, residuals, 0.0).sum(1) / rows.clamp(min=1)
-        weight = 1.0 - (1.0 - 1.0 / max(self.config.bias_rows, 1)) ** rows.double()
+        weight = 1.0 - (1.0 - 1.0 / self.config.bias_rows) ** rows.double()
         weight = torch.where(alarmed[:, None] | (rows == 0), 0.0, weight)
         return bias + weight * (chunk_mean - bias)
 
