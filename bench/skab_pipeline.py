@@ -120,19 +120,21 @@ def alarm_episodes(work: Path) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
     return [(pd.Timestamp(start, tz="UTC"), pd.Timestamp(end, tz="UTC")) for start, end in found]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="SKAB data folder (anomaly-free/, valve1/, ...)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--split", choices=("report", "tuning", "all"), default="report")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "skab_backfill.yaml")
-    args = parser.parse_args()
-    out = args.out.resolve()
-    files, normal = staged_files(args.data, args.split)
-    seconds, summary = backfill(files, normal, args.config.resolve(), out)
-    rows = scored_rows(out / "work", yaml.safe_load(args.config.read_text())["log_schema"]["timestamp_column"])
-    episodes = alarm_episodes(out / "work")
+@dataclass
+class PipelineFigures:
+    seconds: float
+    summary: str  # the backfill's own last line (its JSON counts)
+    groups: dict[str, Counts]
+    anomaly_free: Counts
+    anomalies_caught: int
+    anomalies: int
+    alarm_episodes: int
 
+
+def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) -> PipelineFigures:
+    """Streams the files through `lru-online backfill` and scores its alarms against the labels."""
+    seconds, summary = backfill(files, normal, config, out)
+    rows = scored_rows(out / "work", yaml.safe_load(config.read_text())["log_schema"]["timestamp_column"])
     groups = {
         "valve1 test rows (400-end)": Counts(),
         "valve1 all rows": Counts(),
@@ -160,34 +162,52 @@ def main() -> None:
             caught += bool(flags[start : end + 1].any())
     free_flags = rows["anomaly"].reindex(normal.frame.index.tz_localize("UTC")).to_numpy(dtype=int)
     free.add(np.zeros(len(free_flags), dtype=int), free_flags)
+    return PipelineFigures(seconds, summary, groups, free, caught, labelled_runs, len(alarm_episodes(out / "work")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="SKAB data folder (anomaly-free/, valve1/, ...)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--split", choices=("report", "tuning", "all"), default="report")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "skab_backfill.yaml")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    files, normal = staged_files(args.data, args.split)
+    figures = run_split(files, normal, args.config.resolve(), out)
 
     import torch
 
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"split {args.split}: anomaly-free.csv + {len(files)} valve1 files; backfill {seconds:.0f} s; {summary}")
+    print(
+        f"split {args.split}: anomaly-free.csv + {len(files)} valve1 files; "
+        f"backfill {figures.seconds:.0f} s; {figures.summary}"
+    )
     header = (
         f"{'rows scored':<32} {'rows':>7} {'labelled':>8} {'prec':>6} {'recall':>6} {'F1':>6} {'FAR %':>6} "
         f"{'FA/1000':>8}"
     )
     print(header)
     print("-" * len(header))
-    for name, counts in [*groups.items(), ("anomaly-free.csv (trained on)", free)]:
+    for name, counts in [*figures.groups.items(), ("anomaly-free.csv (trained on)", figures.anomaly_free)]:
         f = counts.figures()
         print(
             f"{name:<32} {f['rows']:>7} {f['labelled']:>8} {f['precision']:>6.3f} {f['recall']:>6.3f} {f['f1']:>6.3f} "
             f"{f['far_percent']:>6.2f} {f['false_alarms_per_1000_normal_rows']:>8.2f}"
         )
-    print(f"labelled anomalies (runs of label 1) with an alarm inside: {caught} of {labelled_runs}")
-    print(f"alarm episodes stored (anomaly_alarms): {len(episodes)}")
+    print(
+        f"labelled anomalies (runs of label 1) with an alarm inside: {figures.anomalies_caught} of {figures.anomalies}"
+    )
+    print(f"alarm episodes stored (anomaly_alarms): {figures.alarm_episodes}")
     report = {
         "split": args.split,
         "files": [f.relative for f in files],
-        "backfill_seconds": round(seconds, 1),
-        "groups": {name: counts.figures() for name, counts in groups.items()},
-        "anomaly_free": free.figures(),
-        "anomalies_caught": caught,
-        "anomalies": labelled_runs,
-        "alarm_episodes": len(episodes),
+        "backfill_seconds": round(figures.seconds, 1),
+        "groups": {name: counts.figures() for name, counts in figures.groups.items()},
+        "anomaly_free": figures.anomaly_free.figures(),
+        "anomalies_caught": figures.anomalies_caught,
+        "anomalies": figures.anomalies,
+        "alarm_episodes": figures.alarm_episodes,
     }
     (out / "skab_pipeline.json").write_text(json.dumps(report, indent=2))
 

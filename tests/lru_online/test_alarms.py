@@ -159,6 +159,27 @@ def test_stored_state_judges_the_next_rows_as_the_live_one():
     assert torch.equal(live.alarms, again.alarms) and live.alarms[0].any()
 
 
+def test_a_warm_up_in_small_files_is_held_as_it_is_and_only_then_capped():
+    """A line whose first 100 rows come as ten 10-row files holds all of their scores: the cap
+    (the largest held) comes from the whole warm-up, not the first file. After it, a huge
+    score is held at the cap."""
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=200, warmup_rows=100)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(9)
+    state, scores = AlarmState.fresh(1, 2, config), []
+    for _ in range(10):
+        judged = detector.detect(torch.tensor(rng.normal(size=(1, 10, 2))), state)
+        state = judged.state
+        scores.append(judged.scores[0])
+    scores = torch.cat(scores)
+    held = state.calibration[0][torch.isfinite(state.calibration[0])]
+    assert scores[10:].max() > scores[:10].max()  # a cap from the first file would have bitten
+    assert torch.sort(held).values.tolist() == pytest.approx(torch.sort(scores).values.tolist())
+    huge = torch.tensor([[[30.0, 30.0]]], dtype=torch.float64)
+    after = detector.detect(huge, state).state.calibration[0]
+    assert float(after[torch.isfinite(after)].max()) == pytest.approx(float(scores.max()))
+
+
 def test_an_alarm_running_on_into_the_next_chunk_is_one_episode_continued():
     config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=100, warmup_rows=50)
     detector = AnomalyDetector(config)

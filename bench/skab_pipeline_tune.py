@@ -1,0 +1,95 @@
+"""Chooses the pipeline's alarm settings for SKAB's logs on the tuning split.
+
+    python bench/skab_pipeline_tune.py [--data ../shared/data/skab] [--smoothing-rows 1,10,40]
+                                       [--false-alarm-rates 0.005] [--recent-rows 0,10]
+                                       [--recent-rates 0.7] [--bias-rows 0,200]
+                                       [--far-limit 12] [--workers 2]
+
+Each setting of the grid overrides the `alarms:` section of configs/skab_backfill.yaml and
+streams the tuning split (anomaly-free.csv plus valve1 0-7, configs/skab.yaml) through the real
+`lru-online backfill`, as bench/skab_pipeline.py does; the report split is never run. The rule
+picks the highest F1 on valve1's test rows (400 to the end) among the settings whose FAR there
+stays at or below `--far-limit` %, labelled anomalies caught breaking ties. The chosen setting
+is printed, to be copied into configs/skab_backfill.yaml by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from bench.skab_pipeline import ROOT, PipelineFigures, run_split, staged_files
+from bench.skab_tune import grid
+
+TEST_ROWS = "valve1 test rows (400-end)"
+
+
+def choose(results: list[tuple[dict, PipelineFigures]], far_limit: float) -> tuple[dict, PipelineFigures] | None:
+    """The highest test-row F1 with FAR ≤ the limit, anomalies caught breaking ties."""
+    allowed = [r for r in results if r[1].groups[TEST_ROWS].figures()["far_percent"] <= far_limit]
+    return max(allowed, key=lambda r: (r[1].groups[TEST_ROWS].figures()["f1"], r[1].anomalies_caught), default=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/skab")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "skab_backfill.yaml")
+    parser.add_argument("--smoothing-rows", default="1,10,40")
+    parser.add_argument("--false-alarm-rates", default="0.005")
+    parser.add_argument("--recent-rows", default="0,10")
+    parser.add_argument("--recent-rates", default="0.7")
+    parser.add_argument("--bias-rows", default="0,200")
+    parser.add_argument("--far-limit", type=float, default=12.0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    grid_settings = grid(args)
+    files, normal = staged_files(args.data, "tuning")
+    base = yaml.safe_load(args.config.read_text())
+    # One backfill per worker, one torch thread each.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    print(
+        f"tuning split: anomaly-free.csv + {', '.join(f.relative for f in files)}; {len(grid_settings)} settings, "
+        f"{args.workers} backfills at once, 1 thread each"
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+
+        def run(numbered: tuple[int, dict]) -> PipelineFigures:
+            number, alarm = numbered
+            out = Path(scratch) / f"setting-{number}"
+            out.mkdir()
+            config = out / "config.yaml"
+            config.write_text(yaml.safe_dump(base | {"alarms": base.get("alarms", {}) | alarm}))
+            return run_split(files, normal, config, out)
+
+        with ThreadPoolExecutor(args.workers) as pool:
+            figures = list(pool.map(run, enumerate(grid_settings)))
+    results = list(zip(grid_settings, figures, strict=True))
+    print(
+        f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'bias':>6}{'F1':>7}{'prec':>7}{'recall':>7}"
+        f"{'FAR %':>8}{'free FA/1000':>13}{'caught':>8}"
+    )
+    for alarm, f in sorted(results, key=lambda r: -r[1].groups[TEST_ROWS].figures()["f1"]):
+        test, free = f.groups[TEST_ROWS].figures(), f.anomaly_free.figures()
+        print(
+            f"{alarm['smoothing_rows']:>7}{alarm['false_alarm_rate']:>7}{alarm['recent_rows']:>7}"
+            f"{alarm.get('recent_false_alarm_rate', '-'):>6}{alarm['bias_rows']:>6}"
+            f"{test['f1']:>7}{test['precision']:>7}{test['recall']:>7}{test['far_percent']:>8}"
+            f"{free['false_alarms_per_1000_normal_rows']:>13}{f'{f.anomalies_caught}/{f.anomalies}':>8}"
+        )
+    chosen = choose(results, args.far_limit)
+    if chosen is None:
+        print(f"no setting keeps FAR at or below {args.far_limit} % on the tuning split's test rows")
+    else:
+        print(
+            f"chosen (highest F1 with FAR <= {args.far_limit} %): {chosen[0]} -> "
+            f"{chosen[1].groups[TEST_ROWS].figures()}"
+        )
+
+
+if __name__ == "__main__":
+    main()

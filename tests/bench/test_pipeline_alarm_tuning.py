@@ -1,0 +1,38 @@
+"""The selection rules of bench/skab_pipeline_tune.py and bench/plant_alarm_tune.py."""
+
+from __future__ import annotations
+
+from bench import plant_alarm_tune, skab_pipeline_tune
+from bench.skab_pipeline import Counts, PipelineFigures
+
+
+def _skab(tp: int, fp: int, fn: int, tn: int, caught: int) -> PipelineFigures:
+    return PipelineFigures(0.0, "", {skab_pipeline_tune.TEST_ROWS: Counts(tp, fp, fn, tn)}, Counts(), caught, 8, 0)
+
+
+def test_skab_pipeline_rule_takes_the_best_f1_within_the_far_limit_and_caught_anomalies_break_ties():
+    results = [
+        ({"name": "noisy"}, _skab(tp=90, fp=50, fn=10, tn=50, caught=8)),  # F1 0.72, FAR 50 %
+        ({"name": "fewer caught"}, _skab(tp=50, fp=10, fn=50, tn=90, caught=5)),  # F1 0.625, FAR 10 %
+        ({"name": "more caught"}, _skab(tp=50, fp=10, fn=50, tn=90, caught=7)),
+        ({"name": "quiet"}, _skab(tp=10, fp=0, fn=90, tn=100, caught=2)),
+    ]
+    assert skab_pipeline_tune.choose(results, far_limit=12.0)[0]["name"] == "more caught"
+    assert skab_pipeline_tune.choose(results, far_limit=5.0)[0]["name"] == "quiet"
+    assert skab_pipeline_tune.choose(results, far_limit=60.0)[0]["name"] == "noisy"
+    assert skab_pipeline_tune.choose(results[:1], far_limit=12.0) is None
+
+
+def test_plant_rule_takes_the_best_f1_within_the_false_alarm_limit_and_caught_anomalies_break_ties():
+    def scores(f1: float, false_alarms: float, caught: int) -> dict:
+        return {"f1": f1, "false_alarms_per_1000_normal_rows": false_alarms, "anomalies_caught": caught}
+
+    results = [
+        ({"name": "noisy"}, scores(0.40, 45.0, 90)),
+        ({"name": "fewer caught"}, scores(0.30, 5.0, 60)),
+        ({"name": "more caught"}, scores(0.30, 9.0, 70)),
+        ({"name": "quiet"}, scores(0.10, 1.0, 20)),
+    ]
+    assert plant_alarm_tune.choose(results, max_false_alarms=10.0)[0]["name"] == "more caught"
+    assert plant_alarm_tune.choose(results, max_false_alarms=6.0)[0]["name"] == "fewer caught"
+    assert plant_alarm_tune.choose(results, max_false_alarms=0.5) is None
