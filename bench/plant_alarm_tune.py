@@ -20,16 +20,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
+from bench.common import ROOT, run_in_scratch_folders
+from bench.skab_tune import SETTING_HEADER, add_grid_arguments, setting_cells
 from bench.skab_tune import grid as alarm_grid
 from flows.monitor.alarm_scoring import alarm_scores
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_plant(alarm: dict, seed: int, folder: Path) -> dict:
@@ -61,39 +59,21 @@ def choose(results: list[tuple[dict, dict]], max_false_alarms: float) -> tuple[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--smoothing-rows", default="1,5")
-    parser.add_argument("--false-alarm-rates", default="0.005")
-    parser.add_argument("--bias-rows", default="0,200")
-    parser.add_argument("--recent-rows", default="0")
-    parser.add_argument("--recent-rates", default="0.5")
+    add_grid_arguments(parser, "1,5", "0.005", "0", "0.5", "0,200")
     parser.add_argument("--max-false-alarms", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if args.seed == 7:
         raise SystemExit("seed 7 is the demo's plant, the one its figures are reported on: tune on another")
     grid = alarm_grid(args)
-    os.environ["OMP_NUM_THREADS"] = "1"  # one plant per worker, one torch thread each
     print(f"plant of seed {args.seed}; {len(grid)} settings, {args.workers} plants at once, 1 thread each")
-    with tempfile.TemporaryDirectory() as scratch:
-
-        def run(numbered: tuple[int, dict]) -> dict:
-            number, alarm = numbered
-            folder = Path(scratch) / f"setting-{number}"
-            folder.mkdir()
-            return run_plant(alarm, args.seed, folder)
-
-        with ThreadPoolExecutor(args.workers) as pool:
-            scores = list(pool.map(run, enumerate(grid)))
+    scores = run_in_scratch_folders(grid, lambda alarm, folder: run_plant(alarm, args.seed, folder), args.workers)
     results = list(zip(grid, scores, strict=True))
-    print(
-        f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'bias':>6}{'F1':>7}{'prec':>7}{'recall':>7}{'FA/1000':>9}{'caught':>8}"
-    )
+    print(f"{SETTING_HEADER}{'F1':>7}{'prec':>7}{'recall':>7}{'FA/1000':>9}{'caught':>8}")
     for alarm, s in sorted(results, key=lambda r: -r[1]["f1"]):
         caught = f"{s['anomalies_caught']}/{s['anomalies']}"
         print(
-            f"{alarm['smoothing_rows']:>7}{alarm['false_alarm_rate']:>7}{alarm['recent_rows']:>7}"
-            f"{alarm.get('recent_false_alarm_rate', '-'):>6}{alarm['bias_rows']:>6}"
-            f"{s['f1']:>7}{s['precision']:>7}{s['recall']:>7}"
+            f"{setting_cells(alarm)}{s['f1']:>7}{s['precision']:>7}{s['recall']:>7}"
             f"{s['false_alarms_per_1000_normal_rows']:>9}{caught:>8}"
         )
     chosen = choose(results, args.max_false_alarms)

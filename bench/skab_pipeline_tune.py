@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
-from bench.skab_pipeline import ROOT, PipelineFigures, run_split, staged_files
-from bench.skab_tune import grid
-
-TEST_ROWS = "valve1 test rows (400-end)"
+from bench.common import run_in_scratch_folders
+from bench.skab_pipeline import ROOT, TEST_ROWS, PipelineFigures, run_split, staged_files
+from bench.skab_tune import SETTING_HEADER, add_grid_arguments, grid, setting_cells
 
 
 def choose(results: list[tuple[dict, PipelineFigures]], far_limit: float) -> tuple[dict, PipelineFigures] | None:
@@ -39,46 +36,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/skab")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "skab_backfill.yaml")
-    parser.add_argument("--smoothing-rows", default="1,10,40")
-    parser.add_argument("--false-alarm-rates", default="0.005")
-    parser.add_argument("--recent-rows", default="0,10")
-    parser.add_argument("--recent-rates", default="0.7")
-    parser.add_argument("--bias-rows", default="0,200")
+    add_grid_arguments(parser, "1,10,40", "0.005", "0,10", "0.7", "0,200")
     parser.add_argument("--far-limit", type=float, default=12.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     grid_settings = grid(args)
     files, normal = staged_files(args.data, "tuning")
     base = yaml.safe_load(args.config.read_text())
-    # One backfill per worker, one torch thread each.
-    os.environ["OMP_NUM_THREADS"] = "1"
     print(
         f"tuning split: anomaly-free.csv + {', '.join(f.relative for f in files)}; {len(grid_settings)} settings, "
         f"{args.workers} backfills at once, 1 thread each"
     )
-    with tempfile.TemporaryDirectory() as scratch:
 
-        def run(numbered: tuple[int, dict]) -> PipelineFigures:
-            number, alarm = numbered
-            out = Path(scratch) / f"setting-{number}"
-            out.mkdir()
-            config = out / "config.yaml"
-            config.write_text(yaml.safe_dump(base | {"alarms": base.get("alarms", {}) | alarm}))
-            return run_split(files, normal, config, out)
+    def run(alarm: dict, out: Path) -> PipelineFigures:
+        config = out / "config.yaml"
+        config.write_text(yaml.safe_dump(base | {"alarms": base.get("alarms", {}) | alarm}))
+        return run_split(files, normal, config, out)
 
-        with ThreadPoolExecutor(args.workers) as pool:
-            figures = list(pool.map(run, enumerate(grid_settings)))
+    figures = run_in_scratch_folders(grid_settings, run, args.workers)
     results = list(zip(grid_settings, figures, strict=True))
-    print(
-        f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'bias':>6}{'F1':>7}{'prec':>7}{'recall':>7}"
-        f"{'FAR %':>8}{'free FA/1000':>13}{'caught':>8}"
-    )
+    print(f"{SETTING_HEADER}{'F1':>7}{'prec':>7}{'recall':>7}{'FAR %':>8}{'free FA/1000':>13}{'caught':>8}")
     for alarm, f in sorted(results, key=lambda r: -r[1].groups[TEST_ROWS].figures()["f1"]):
         test, free = f.groups[TEST_ROWS].figures(), f.anomaly_free.figures()
         print(
-            f"{alarm['smoothing_rows']:>7}{alarm['false_alarm_rate']:>7}{alarm['recent_rows']:>7}"
-            f"{alarm.get('recent_false_alarm_rate', '-'):>6}{alarm['bias_rows']:>6}"
-            f"{test['f1']:>7}{test['precision']:>7}{test['recall']:>7}{test['far_percent']:>8}"
+            f"{setting_cells(alarm)}{test['f1']:>7}{test['precision']:>7}{test['recall']:>7}{test['far_percent']:>8}"
             f"{free['false_alarms_per_1000_normal_rows']:>13}{f'{f.anomalies_caught}/{f.anomalies}':>8}"
         )
     chosen = choose(results, args.far_limit)

@@ -42,6 +42,33 @@ def _figures(alarm: dict, tuning: list[SkabFile]) -> dict:
     return result.figures()
 
 
+def add_grid_arguments(
+    parser: argparse.ArgumentParser,
+    smoothing_rows: str,
+    false_alarm_rates: str,
+    recent_rows: str,
+    recent_rates: str,
+    bias_rows: str,
+) -> None:
+    """The alarm grid's options, with a tuner's own defaults."""
+    parser.add_argument("--smoothing-rows", default=smoothing_rows)
+    parser.add_argument("--false-alarm-rates", default=false_alarm_rates)
+    parser.add_argument("--recent-rows", default=recent_rows)
+    parser.add_argument("--recent-rates", default=recent_rates)
+    parser.add_argument("--bias-rows", default=bias_rows)
+
+
+SETTING_HEADER = f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'bias':>6}"
+
+
+def setting_cells(alarm: dict) -> str:
+    """One grid setting as the first cells of a tuner's table row (under SETTING_HEADER)."""
+    return (
+        f"{alarm['smoothing_rows']:>7}{alarm['false_alarm_rate']:>7}{alarm['recent_rows']:>7}"
+        f"{alarm.get('recent_false_alarm_rate', '-'):>6}{alarm['bias_rows']:>6}"
+    )
+
+
 def grid(args: argparse.Namespace) -> list[dict]:
     """Every alarm setting to try; the short chart's rate only varies where it is used."""
     settings = []
@@ -73,11 +100,7 @@ def choose(results: list[tuple[dict, dict]], far_limit: float) -> tuple[dict, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/skab")
-    parser.add_argument("--smoothing-rows", default="40,60")
-    parser.add_argument("--false-alarm-rates", default="0.005,0.01")
-    parser.add_argument("--recent-rows", default="0,10,20,30")
-    parser.add_argument("--recent-rates", default="0.5,0.7,0.85")
-    parser.add_argument("--bias-rows", default="0,200")
+    add_grid_arguments(parser, "40,60", "0.005,0.01", "0,10,20,30", "0.5,0.7,0.85", "0,200")
     parser.add_argument("--far-limit", type=float, default=12.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -92,11 +115,10 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         figures = list(pool.map(_figures, settings, itertools.repeat(tuning)))
     results = list(zip(settings, figures, strict=True))
-    print(f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'bias':>6}{'F1':>7}{'FAR %':>8}{'MAR %':>8}{'NAB':>7}{'FPs':>5}")
+    print(f"{SETTING_HEADER}{'F1':>7}{'FAR %':>8}{'MAR %':>8}{'NAB':>7}{'FPs':>5}")
     for alarm, f in sorted(results, key=lambda r: -r[1]["f1"]):
         print(
-            f"{alarm['smoothing_rows']:>7}{alarm['false_alarm_rate']:>7}{alarm['recent_rows']:>7}"
-            f"{alarm.get('recent_false_alarm_rate', '-'):>6}{alarm['bias_rows']:>6}{f['f1']:>7}{f['far_percent']:>8}"
+            f"{setting_cells(alarm)}{f['f1']:>7}{f['far_percent']:>8}"
             f"{f['mar_percent']:>8}{f['nab_standard']:>7}{f['false_positives']:>5}"
         )
     chosen = choose(results, args.far_limit)
