@@ -1,9 +1,13 @@
-"""Chooses the `lru` detector's alarm settings on the tuning split of SKAB.
+"""Chooses the `lru` detector's alarm settings, and how long it refits, on the tuning split of SKAB.
 
     python bench/skab_tune.py [--data ../shared/data/skab] [--smoothing-rows 40,60]
                               [--false-alarm-rates 0.005,0.01] [--recent-rows 0,10,20,30]
                               [--recent-rates 0.5,0.7,0.85] [--bias-rows 0,200]
-                              [--far-limit 12] [--workers 2]
+                              [--refit-epochs 0,5,10,20] [--far-limit 12] [--workers 2]
+
+`--refit-epochs`: the epochs the forecaster trains on a file's whole training part once its
+held-out rows have calibrated the detector (`LruDetectorConfig.refit_epochs`), crossed with
+every alarm setting.
 
 Only the tuning files of `configs/skab.yaml` are loaded (the report split is never run). Every
 setting of the grid runs `bench/skab.py`'s `lru` under the strict protocol from scratch (the
@@ -34,10 +38,11 @@ from bench.skab import (
 )
 
 
-def _figures(alarm: dict, tuning: list[SkabFile]) -> dict:
+def _figures(setting: tuple[dict, int], tuning: list[SkabFile]) -> dict:
     torch.set_num_threads(1)  # one setting per worker, one core each
+    alarm, refit_epochs = setting
     base = LruDetectorConfig(**load_config("skab").get("lru", {}))
-    config = replace(base, alarm=base.alarm | alarm)
+    config = replace(base, alarm=base.alarm | alarm, refit_epochs=refit_epochs)
     result = run_method("lru", tuning, None, "strict", None, make=lambda: LruForecastResidual(config))
     return result.figures()
 
@@ -83,6 +88,11 @@ def grid(args: argparse.Namespace) -> list[dict]:
     return settings
 
 
+def settings_with_refits(args: argparse.Namespace) -> list[tuple[dict, int]]:
+    """Every alarm setting of the grid at each of `--refit-epochs`."""
+    return list(itertools.product(grid(args), _ints(args.refit_epochs)))
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
@@ -101,10 +111,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/skab")
     add_grid_arguments(parser, "40,60", "0.005,0.01", "0,10,20,30", "0.5,0.7,0.85", "0,200")
+    parser.add_argument("--refit-epochs", default="0,5,10,20")
     parser.add_argument("--far-limit", type=float, default=12.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    settings = grid(args)
+    settings = settings_with_refits(args)
     files, _ = load_folder(args.data)
     tuning = [f for f in files if in_tuning_split(f, load_config("skab").get("tuning_files", []))]
     names = [f.relative for f in tuning]
@@ -115,17 +126,21 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         figures = list(pool.map(_figures, settings, itertools.repeat(tuning)))
     results = list(zip(settings, figures, strict=True))
-    print(f"{SETTING_HEADER}{'F1':>7}{'FAR %':>8}{'MAR %':>8}{'NAB':>7}{'FPs':>5}")
-    for alarm, f in sorted(results, key=lambda r: -r[1]["f1"]):
+    print(f"{SETTING_HEADER}{'refit':>6}{'F1':>7}{'FAR %':>8}{'MAR %':>8}{'NAB':>7}{'FPs':>5}")
+    for (alarm, refit_epochs), f in sorted(results, key=lambda r: -r[1]["f1"]):
         print(
-            f"{setting_cells(alarm)}{f['f1']:>7}{f['far_percent']:>8}"
+            f"{setting_cells(alarm)}{refit_epochs:>6}{f['f1']:>7}{f['far_percent']:>8}"
             f"{f['mar_percent']:>8}{f['nab_standard']:>7}{f['false_positives']:>5}"
         )
     chosen = choose(results, args.far_limit)
     if chosen is None:
         print(f"no setting keeps FAR at or below {args.far_limit} % on the tuning split")
     else:
-        print(f"chosen (highest F1 with FAR <= {args.far_limit} %): {chosen[0]} -> {chosen[1]}")
+        (alarm, refit_epochs), figures = chosen
+        print(
+            f"chosen (highest F1 with FAR <= {args.far_limit} %): alarm {alarm}, "
+            f"refit_epochs {refit_epochs} -> {figures}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.skab_tune import choose, grid
+from bench.skab_tune import choose, grid, settings_with_refits
 
 
 def test_the_grid_varies_the_short_charts_rate_only_where_it_is_used_and_keeps_it_shorter():
@@ -21,6 +21,22 @@ def test_the_grid_varies_the_short_charts_rate_only_where_it_is_used_and_keeps_i
     assert all(("recent_false_alarm_rate" in s) == (s["recent_rows"] > 0) for s in settings)
     # smoothing 10: m 0 only; smoothing 40: m 0, then m 10 and 20 at each of the two rates.
     assert len(settings) == 1 + 1 + 2 * 2
+
+
+def test_every_alarm_setting_is_tried_at_every_refit_length():
+    args = argparse.Namespace(
+        smoothing_rows="40",
+        false_alarm_rates="0.005,0.01",
+        recent_rows="0",
+        recent_rates="0.7",
+        bias_rows="0",
+        refit_epochs="0,10",
+    )
+    settings = settings_with_refits(args)
+    assert len(settings) == 2 * 2
+    assert {refit for _, refit in settings} == {0, 10}
+    for alarm in grid(args):
+        assert [refit for a, refit in settings if a == alarm] == [0, 10]
 
 
 def test_the_rule_takes_the_best_f1_within_the_far_limit_and_nab_breaks_ties():
