@@ -319,10 +319,9 @@ class LruForecastResidual:
         self.previous_row = rows[-1]
         return torch.tensor(z, dtype=torch.float32)[None]
 
-    def adapt(self, rows: np.ndarray) -> None:
-        from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
-        from lru_online.alarms import AlarmState
-
+    def _set_baseline(self, rows: np.ndarray) -> None:
+        """Each sensor's mean and scale, which sensors are slow and the scale of their change,
+        all from a training part: the run's normal that its rows are measured against."""
         c = self.config
         self.mean, scale = rows.mean(axis=0), rows.std(axis=0)
         self.scale = np.where(scale > 0, scale, 1.0)
@@ -330,6 +329,13 @@ class LruForecastResidual:
         self.slow = slow_sensors(standard, c.slow_lag, c.slow_autocorrelation)
         change = np.diff(standard, axis=0).std(axis=0) if len(rows) > 1 else np.ones(rows.shape[1])
         self.change_scale = np.where(change > 0, change, 1.0)
+
+    def adapt(self, rows: np.ndarray) -> None:
+        from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
+        from lru_online.alarms import AlarmState
+
+        c = self.config
+        self._set_baseline(rows)
         self.previous_row = None  # a file's training part starts afresh: no change across files
         epochs = c.adapt_epochs
         if self.learner is None:

@@ -1,0 +1,59 @@
+"""bench/skab_stream_ablation.py: its AUC and the running standardisation its variants use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.skab import LruDetectorConfig
+from bench.skab_stream_ablation import AblatedLru, roc_auc
+
+
+def test_auc_is_the_share_of_labelled_normal_pairs_ordered_right_ties_counting_half():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, size=60).astype(float)  # many ties
+    labels = rng.random(60) < 0.4
+    positive, negative = scores[labels], scores[~labels]
+    pairs = (positive[:, None] > negative[None, :]) + 0.5 * (positive[:, None] == negative[None, :])
+    assert roc_auc(labels.astype(int), scores) == pytest.approx(pairs.mean())
+    assert np.isnan(roc_auc(np.zeros(5, dtype=int), np.arange(5.0)))
+
+
+def _measured(scaling: str, runs: list[np.ndarray]) -> np.ndarray:
+    """Each run's rows through the variant as the protocol feeds them: baseline, then the rows."""
+    detector = AblatedLru(LruDetectorConfig(), scaling, recalibrate=True)
+    for rows in runs:
+        detector._set_baseline(rows)
+        detector.previous_row = None
+        z = detector._tensor(rows)[0].numpy()
+    return z
+
+
+def test_a_running_standardisation_measures_each_row_by_the_rows_up_to_it_per_run_or_over_the_stream():
+    rng = np.random.default_rng(5)
+    first = rng.normal(0.0, 1.0, size=(50, 3))
+    second = rng.normal(4.0, 2.0, size=(40, 3))  # white noise: no sensor is slow
+
+    def causal(history: np.ndarray, rows: int) -> np.ndarray:
+        out = []
+        for t in range(len(history) - rows, len(history)):
+            seen = history[: t + 1]
+            spread = seen.std(axis=0)
+            out.append((history[t] - seen.mean(axis=0)) / np.where(spread > 0, spread, 1.0))
+        return np.array(out)
+
+    per_run = _measured("running-per-run", [first, second])
+    np.testing.assert_allclose(per_run, causal(second, len(second)), rtol=1e-4, atol=1e-5)
+    stream = _measured("running-stream", [first, second])
+    np.testing.assert_allclose(stream, causal(np.concatenate([first, second]), len(second)), rtol=1e-4, atol=1e-5)
+
+
+def test_the_first_runs_baseline_is_kept_for_later_runs_only_in_that_variant():
+    rng = np.random.default_rng(7)
+    first, second = rng.normal(0.0, 1.0, size=(50, 2)), rng.normal(3.0, 1.0, size=(50, 2))
+    kept = _measured("first-run", [first, second])
+    own = _measured("per-run", [first, second])
+    np.testing.assert_allclose(kept, (second - first.mean(axis=0)) / first.std(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(own, (second - second.mean(axis=0)) / second.std(axis=0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="scaling"):
+        AblatedLru(LruDetectorConfig(), "fixed", recalibrate=True)
