@@ -16,6 +16,8 @@ on, as the pipeline does. What a variant changes is how a file's rows are measur
 - `running per run`: each file standardised by the running mean and spread of its rows up to
   each row (river's StandardScaler, restarted per file), not held fixed;
 - `running over the stream`: the same, never restarted (the pipeline's one line);
+- `held after the first rows`: running per file over its first 400 rows (so its training part
+  is measured causally, as a stream must), then held;
 - `calibrated once`: the detector calibrated on anomaly-free.csv only;
 - `slow sensors as levels`: no sensor enters as its change.
 
@@ -38,7 +40,7 @@ from scipy import stats
 from bench.common import load_config
 from bench.skab import TRAIN_ROWS, LruDetectorConfig, LruForecastResidual, in_tuning_split, load_folder, run_method
 
-SCALINGS = ("per-run", "first-run", "running-per-run", "running-stream")
+SCALINGS = ("per-run", "first-run", "running-per-run", "running-stream", "held-per-run")
 
 
 class AblatedLru(LruForecastResidual):
@@ -55,7 +57,7 @@ class AblatedLru(LruForecastResidual):
         first_run = self.seen_rows is None
         if first_run or self.scaling != "first-run":
             super()._set_baseline(rows)  # the slow sensors and their change's scale, at least
-        if first_run or self.scaling == "running-per-run":
+        if first_run or self.scaling in ("running-per-run", "held-per-run"):
             self.seen_rows = np.empty((0, rows.shape[1]))
 
     def adapt(self, rows: np.ndarray) -> None:
@@ -65,13 +67,16 @@ class AblatedLru(LruForecastResidual):
             self.alarm_state = calibrated
 
     def _tensor(self, rows: np.ndarray) -> torch.Tensor:
-        if not self.scaling.startswith("running"):
+        if self.scaling in ("per-run", "first-run"):
             return super()._tensor(rows)
-        # Row t measured by the mean and spread of everything seen up to and including it.
+        # Row t measured by the mean and spread of everything seen up to and including it
+        # (held: of the run's first TRAIN_ROWS rows, once it has seen them).
         history = np.concatenate([self.seen_rows, rows])
         count = np.arange(1, len(history) + 1)[:, None]
         mean = np.cumsum(history, axis=0) / count
         spread = np.sqrt(np.maximum(np.cumsum(history**2, axis=0) / count - mean**2, 0.0))
+        if self.scaling == "held-per-run":
+            mean[TRAIN_ROWS:], spread[TRAIN_ROWS:] = mean[TRAIN_ROWS - 1], spread[TRAIN_ROWS - 1]
         mean, spread = mean[-len(rows) :], np.where(spread[-len(rows) :] > 0, spread[-len(rows) :], 1.0)
         z = (rows - mean) / spread
         if self.slow.any():
@@ -88,6 +93,7 @@ VARIANTS: dict[str, dict] = {
     "baseline of the first run": {"scaling": "first-run", "recalibrate": True},
     "running per run": {"scaling": "running-per-run", "recalibrate": True},
     "running over the stream": {"scaling": "running-stream", "recalibrate": True},
+    "held after the first rows": {"scaling": "held-per-run", "recalibrate": True},
     "calibrated once": {"scaling": "per-run", "recalibrate": False},
     "slow sensors as levels": {"scaling": "per-run", "recalibrate": True, "slow_as_levels": True},
 }

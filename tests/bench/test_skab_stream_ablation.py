@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.skab import LruDetectorConfig
+from bench.skab import TRAIN_ROWS, LruDetectorConfig
 from bench.skab_stream_ablation import AblatedLru, roc_auc
 
 
@@ -46,6 +46,18 @@ def test_a_running_standardisation_measures_each_row_by_the_rows_up_to_it_per_ru
     np.testing.assert_allclose(per_run, causal(second, len(second)), rtol=1e-4, atol=1e-5)
     stream = _measured("running-stream", [first, second])
     np.testing.assert_allclose(stream, causal(np.concatenate([first, second]), len(second)), rtol=1e-4, atol=1e-5)
+
+
+def test_a_held_standardisation_runs_over_a_runs_training_part_then_keeps_its_figures():
+    rng = np.random.default_rng(6)
+    training, test = rng.normal(1.0, 2.0, size=(TRAIN_ROWS, 2)), rng.normal(5.0, 1.0, size=(30, 2))
+    detector = AblatedLru(LruDetectorConfig(), "held-per-run", recalibrate=True)
+    detector._set_baseline(training)
+    detector.previous_row = None
+    during = detector._tensor(training)[0].numpy()
+    after = detector._tensor(test)[0].numpy()
+    np.testing.assert_allclose(during[5], (training[5] - training[:6].mean(0)) / training[:6].std(0), rtol=1e-4)
+    np.testing.assert_allclose(after, (test - training.mean(0)) / training.std(0), rtol=1e-4, atol=1e-5)
 
 
 def test_the_first_runs_baseline_is_kept_for_later_runs_only_in_that_variant():
