@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -195,25 +196,42 @@ class AlarmResult:
     recent_thresholds: torch.Tensor  # (B,) (−inf without `recent_rows` or before its warm-up)
 
 
+class _Calibration(NamedTuple):
+    """What a chart's held scores give each line: its threshold, how many it holds, the largest."""
+
+    threshold: torch.Tensor  # (B,)
+    held: torch.Tensor  # (B,)
+    largest: torch.Tensor  # (B,) −inf while it holds none
+
+
 class AnomalyDetector:
     def __init__(self, config: AlarmConfig | None = None) -> None:
         self.config = config or AlarmConfig()
 
     def thresholds(self, state: AlarmState) -> torch.Tensor:
         """Each line's conformal threshold from its held normal scores (inf before warm-up)."""
-        return self._conformal(state.calibration, self.config.false_alarm_rate, math.inf)
+        return self._conformal(state.calibration, self.config.false_alarm_rate, math.inf).threshold
 
     def recent_thresholds(self, state: AlarmState) -> torch.Tensor:
         """The short chart's thresholds; −inf (no veto) while a line holds too few of its scores."""
-        return self._conformal(state.recent_calibration, self.config.recent_false_alarm_rate, -math.inf)
+        return self._conformal(state.recent_calibration, self.config.recent_false_alarm_rate, -math.inf).threshold
 
-    def _conformal(self, calibration: torch.Tensor, rate: float, unusable: float) -> torch.Tensor:
+    def _conformal(self, calibration: torch.Tensor, rate: float, unusable: float) -> _Calibration:
         held = torch.isfinite(calibration).sum(1)
+        if calibration.shape[1] == 0:  # a chart that is not kept (no short chart): no threshold
+            none = torch.full(held.shape, unusable, dtype=calibration.dtype)
+            return _Calibration(none, held, torch.full_like(none, -math.inf))
         ordered = torch.sort(torch.nan_to_num(calibration, nan=math.inf), dim=1).values
         rank = torch.ceil((held + 1).double() * (1 - rate)).long()
         picked = ordered.gather(1, (rank.clamp(1, ordered.shape[1]) - 1)[:, None])[:, 0]
         usable = (held >= self.config.warmup_rows) & (rank <= held)
-        return torch.where(usable, picked, torch.full_like(picked, unusable))
+        # The held scores sort first (NaN sorts as inf), so the largest sits at held − 1.
+        largest = ordered.gather(1, (held - 1).clamp(min=0)[:, None])[:, 0]
+        return _Calibration(
+            torch.where(usable, picked, torch.full_like(picked, unusable)),
+            held,
+            torch.where(held > 0, largest, torch.full_like(largest, -math.inf)),
+        )
 
     def detect(
         self,
@@ -239,13 +257,17 @@ class AnomalyDetector:
         standard = torch.where(finite, residuals, 0.0) / scale[:, None, :]
 
         scores = torch.where(steps, self._mean_chart(standard, state, self.config.smoothing_rows), math.nan)
-        thresholds = self.thresholds(state)
+        calibrated = self._conformal(state.calibration, self.config.false_alarm_rate, math.inf)
+        thresholds = calibrated.threshold
         recent = self.config.recent_rows
         if recent:
             recent_scores = torch.where(steps, self._mean_chart(standard, state, recent), math.nan)
-            recent_thresholds = self.recent_thresholds(state)
+            recent_calibrated = self._conformal(
+                state.recent_calibration, self.config.recent_false_alarm_rate, -math.inf
+            )
+            recent_thresholds = recent_calibrated.threshold
             recent_calibration = self._calibration_update(
-                state.recent_calibration, self._held(recent_scores, state.recent_calibration), steps
+                state.recent_calibration, self._held(recent_scores, recent_calibrated), steps
             )
         else:
             recent_scores = torch.full_like(scores, math.inf)
@@ -260,7 +282,7 @@ class AnomalyDetector:
             # the scale over itself, and normal rows are not thinned of their largest squares.
             *self._scale_update(state, torch.where(alarms[..., None], square_mean[:, None, :], squares), finite),
             *self._history_update(state, standard, steps),
-            self._calibration_update(state.calibration, self._held(scores, state.calibration), steps),
+            self._calibration_update(state.calibration, self._held(scores, calibrated), steps),
             self._ends_in_alarm(state.in_alarm, alarms, steps),
             recent_calibration,
             self._bias_update(state.bias, raw_residuals, finite, alarms.any(1)),
@@ -268,13 +290,12 @@ class AnomalyDetector:
         episodes = self._episodes(alarms, scores, state.in_alarm)
         return AlarmResult(scores, thresholds, alarms, new_state, episodes, recent_scores, recent_thresholds)
 
-    def _held(self, scores: torch.Tensor, calibration: torch.Tensor) -> torch.Tensor:
+    def _held(self, scores: torch.Tensor, calibrated: _Calibration) -> torch.Tensor:
         """Scores as the calibration holds them: as they are while a line warms up, then capped
         at its largest held score. The cap comes from the whole warm-up, not from whatever
         first chunk a line happened to get (10 rows of a small file are no measure of normal)."""
-        warm = torch.isfinite(calibration).sum(1, keepdim=True) >= self.config.warmup_rows
-        largest = torch.nan_to_num(calibration, nan=-math.inf).max(1, keepdim=True).values
-        return torch.where(warm, torch.minimum(scores, largest), scores)
+        warm = calibrated.held[:, None] >= self.config.warmup_rows
+        return torch.where(warm, torch.minimum(scores, calibrated.largest[:, None]), scores)
 
     def _mean_chart(self, standard: torch.Tensor, state: AlarmState, window: int) -> torch.Tensor:
         """The chart over each row's last `window` ≤ n rows (the history holds the n−1 before)."""

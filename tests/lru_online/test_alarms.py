@@ -57,6 +57,12 @@ def test_threshold_is_the_conformal_rank_of_the_held_scores():
     assert thresholds[2] == math.inf
 
 
+def test_without_a_short_chart_its_thresholds_veto_nothing():
+    config = AlarmConfig(recent_rows=0)
+    thresholds = AnomalyDetector(config).recent_thresholds(AlarmState.fresh(2, 3, config))
+    assert thresholds.tolist() == [-math.inf, -math.inf]
+
+
 def test_false_alarm_rate_on_fresh_normal_rows_stays_near_the_target():
     """Independent normal residuals, scored in chunks of 20 rows: the share of rows that alarm
     stays at or below α (plus sampling slack), and a 3σ shift in one sensor alarms at once."""
