@@ -59,6 +59,18 @@ class OutlierCounts:
         return 100.0 * self.fn / (self.fn + self.tp) if self.fn + self.tp else 0.0
 
 
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic: the chance that a labelled row outscores a normal one."""
+    from scipy import stats
+
+    ranks = stats.rankdata(scores)
+    positive = labels.astype(bool)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    if not n_pos or not n_neg:
+        return float("nan")
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def changepoints_from_outliers(predicted: np.ndarray) -> np.ndarray:
     """Predicted changepoints: where the outlier series switches, its first value kept."""
     predicted = np.asarray(predicted, dtype=int)

@@ -11,7 +11,9 @@ scored before the model learns from it, and the product's detector (`alarms:`) r
 alarms. The labels are read only here, for scoring.
 
 Printed per group of rows: row-level precision, recall and F1 of the `anomaly` flag against
-SKAB's `anomaly` label, FAR, false alarms per 1,000 normal rows and the alarm episodes stored.
+SKAB's `anomaly` label, FAR, false alarms per 1,000 normal rows and the alarm episodes stored;
+per file, the ROC AUC of the per-row forecast error (`score`) on the test rows, which no alarm
+setting can raise.
 valve1 rows are scored on SKAB's test part (rows 400 to the end of each file) and on all rows.
 Beside them, measured in the same run on the same test rows: Hotelling's T² of bench/skab.py,
 fitted on each file's first 400 rows (the leaderboard's per-file protocol, which the stream
@@ -37,6 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from anomaly_metrics import roc_auc  # noqa: E402
 from skab import TRAIN_ROWS, HotellingT2, SkabFile, in_tuning_split, load_folder  # noqa: E402
 
 TEST_ROWS = "valve1 test rows (400-end)"  # the group the leaderboard's protocol scores
@@ -131,6 +134,9 @@ class PipelineFigures:
     anomalies_caught: int
     anomalies: int
     alarm_episodes: int
+    # Per file, test rows: how well the per-row forecast error (`score`) ranks the labelled rows
+    # above the others, whatever the alarm settings (0.5: no better than chance).
+    score_auc: dict[str, float]
 
 
 def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) -> PipelineFigures:
@@ -144,6 +150,7 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
     }
     free = Counts()
     labelled_runs, caught = 0, 0
+    score_auc = {}
     for item in files:
         index = item.frame.index.tz_localize("UTC")
         flags = rows["anomaly"].reindex(index)
@@ -151,6 +158,8 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
             raise SystemExit(f"{item.relative}: {int(flags.isna().sum())} rows have no scored output row")
         flags = flags.to_numpy(dtype=int)
         groups[TEST_ROWS].add(item.anomaly[TRAIN_ROWS:], flags[TRAIN_ROWS:])
+        scores = rows["score"].reindex(index).to_numpy(dtype=float)[TRAIN_ROWS:]
+        score_auc[item.relative] = round(roc_auc(item.anomaly[TRAIN_ROWS:], np.nan_to_num(scores)), 3)
         groups["valve1 all rows"].add(item.anomaly, flags)
         baseline = HotellingT2()
         baseline.adapt(item.sensors[:TRAIN_ROWS])
@@ -164,7 +173,9 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
             caught += bool(flags[start : end + 1].any())
     free_flags = rows["anomaly"].reindex(normal.frame.index.tz_localize("UTC")).to_numpy(dtype=int)
     free.add(np.zeros(len(free_flags), dtype=int), free_flags)
-    return PipelineFigures(seconds, summary, groups, free, caught, labelled_runs, len(alarm_episodes(out / "work")))
+    return PipelineFigures(
+        seconds, summary, groups, free, caught, labelled_runs, len(alarm_episodes(out / "work")), score_auc
+    )
 
 
 def main() -> None:
@@ -201,6 +212,10 @@ def main() -> None:
         f"labelled anomalies (runs of label 1) with an alarm inside: {figures.anomalies_caught} of {figures.anomalies}"
     )
     print(f"alarm episodes stored (anomaly_alarms): {figures.alarm_episodes}")
+    print(
+        "forecast-error ROC AUC per file, test rows (0.5: chance): "
+        + " ".join(f"{name.removesuffix('.csv')} {auc:.2f}" for name, auc in figures.score_auc.items())
+    )
     report = {
         "split": args.split,
         "files": [f.relative for f in files],
@@ -210,6 +225,7 @@ def main() -> None:
         "anomalies_caught": figures.anomalies_caught,
         "anomalies": figures.anomalies,
         "alarm_episodes": figures.alarm_episodes,
+        "score_auc": figures.score_auc,
     }
     (out / "skab_pipeline.json").write_text(json.dumps(report, indent=2))
 

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
+from bench.anomaly_metrics import roc_auc
 from bench.common import load_config
 from bench.skab import TRAIN_ROWS, LruDetectorConfig, LruForecastResidual, in_tuning_split, load_folder, run_method
 
@@ -97,16 +97,6 @@ VARIANTS: dict[str, dict] = {
     "calibrated once": {"scaling": "per-run", "recalibrate": False},
     "slow sensors as levels": {"scaling": "per-run", "recalibrate": True, "slow_as_levels": True},
 }
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney statistic: the chance that a labelled row outscores a normal one."""
-    ranks = stats.rankdata(scores)
-    positive = labels.astype(bool)
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    if not n_pos or not n_neg:
-        return float("nan")
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def run_variant(name: str, data: Path) -> tuple[str, dict, list[float]]:

@@ -12,6 +12,7 @@ from bench.anomaly_metrics import (
     changepoints_from_outliers,
     match_changepoints,
     prediction_file_name,
+    roc_auc,
     scoring_windows,
     write_predictions,
 )
@@ -90,3 +91,13 @@ def test_exchange_format_file(tmp_path):
         "2020-03-09 10:14:34,1,1,2.0",
         "2020-03-09 10:14:35,1,0,3.0",
     ]
+
+
+def test_auc_is_the_share_of_labelled_normal_pairs_ordered_right_ties_counting_half():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, size=60).astype(float)  # many ties
+    labels = rng.random(60) < 0.4
+    positive, negative = scores[labels], scores[~labels]
+    pairs = (positive[:, None] > negative[None, :]) + 0.5 * (positive[:, None] == negative[None, :])
+    assert roc_auc(labels.astype(int), scores) == pytest.approx(pairs.mean())
+    assert np.isnan(roc_auc(np.zeros(5, dtype=int), np.arange(5.0)))

@@ -7,7 +7,7 @@ from bench.skab_pipeline import Counts, PipelineFigures
 
 
 def _skab(tp: int, fp: int, fn: int, tn: int, caught: int) -> PipelineFigures:
-    return PipelineFigures(0.0, "", {skab_pipeline_tune.TEST_ROWS: Counts(tp, fp, fn, tn)}, Counts(), caught, 8, 0)
+    return PipelineFigures(0.0, "", {skab_pipeline_tune.TEST_ROWS: Counts(tp, fp, fn, tn)}, Counts(), caught, 8, 0, {})
 
 
 def test_skab_pipeline_rule_takes_the_best_f1_within_the_far_limit_and_caught_anomalies_break_ties():
