@@ -57,12 +57,17 @@ class AlarmConfig:
     recent_rows: int = 0  # m of the confirming short chart; 0: none
     recent_false_alarm_rate: float = 0.1  # its rate: the last m rows must still be this unusual
     bias_rows: int = 0  # span of the running mean residual taken off before the chart; 0: none
+    # Rows of a file judged together by the pipeline (flows.model.file_step.judge_lines), each
+    # chunk against the threshold as the chunks before it left it; 0: the whole file at once.
+    judge_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.smoothing_rows < 1 or self.calibration_rows < 1:
             raise ValueError("AlarmConfig.smoothing_rows and calibration_rows must be >= 1")
         if self.bias_rows < 0:
             raise ValueError(f"AlarmConfig.bias_rows must be >= 0, got {self.bias_rows}")
+        if self.judge_rows < 0:
+            raise ValueError(f"AlarmConfig.judge_rows must be >= 0, got {self.judge_rows}")
         if not 1 <= self.warmup_rows <= self.calibration_rows:
             raise ValueError("AlarmConfig.warmup_rows must be in [1, calibration_rows]")
         if not 0 <= self.recent_rows < self.smoothing_rows:

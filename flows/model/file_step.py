@@ -166,38 +166,52 @@ def learn_lines(learner: OnlineLearner, features: FeatureBatch, state: Recurrent
 def judge_lines(
     features: FeatureBatch, scored: ScoredLines, alarm_states: dict[str, bytes | None], config: AlarmConfig
 ) -> JudgedLines:
-    """Every line's rows judged at once by the anomaly detector, from its carried state."""
+    """Every line's rows judged at once by the anomaly detector, from its carried state; in
+    chunks of `config.judge_rows` rows when set (all lines a chunk at a time, so a fresh line
+    can alarm within its first file once it holds its warm-up)."""
     sensors = scored.residuals.shape[1]
     carried = [
         AlarmState.from_bytes(data, config) if (data := alarm_states.get(e)) else AlarmState.fresh(1, sensors, config)
         for e in features.entities
     ]
-    steps = features.padded(np.ones(len(features), dtype=bool), fill=False)
-    judged = AnomalyDetector(config).detect(
-        torch.from_numpy(features.padded(scored.residuals, fill=np.nan)),
-        AlarmState.cat(carried),
-        torch.from_numpy(steps),
-    )
-    scores = judged.scores.numpy()
-    episodes = []
-    for episode in judged.episodes:
-        first = features.offsets[episode.line]
-        episodes.append(
-            {
+    detector = AnomalyDetector(config)
+    residuals = torch.from_numpy(features.padded(scored.residuals, fill=np.nan))
+    steps = torch.from_numpy(features.padded(np.ones(len(features), dtype=bool), fill=False))
+    length = residuals.shape[1]
+    size = config.judge_rows or max(length, 1)
+    state = AlarmState.cat(carried)
+    scores, thresholds, alarms, episodes = [], [], [], []
+    latest: dict[int, dict] = {}  # line → its latest episode
+    for lo in range(0, max(length, 1), size):
+        judged = detector.detect(residuals[:, lo : lo + size], state, steps[:, lo : lo + size])
+        state = judged.state
+        scores.append(judged.scores)
+        alarms.append(judged.alarms)
+        thresholds.append(judged.thresholds[:, None].expand_as(judged.scores))
+        for episode in judged.episodes:
+            first = features.offsets[episode.line] + lo
+            end_ts = features.timestamps[first + episode.end].isoformat()
+            rows = episode.end - episode.start + 1
+            if episode.continues and lo > 0:  # the line's latest run, cut by the chunk grid
+                record = latest[episode.line]
+                record.update(end_ts=end_ts, rows=record["rows"] + rows)
+                record["peak_score"] = max(record["peak_score"], episode.peak_score)
+                continue
+            latest[episode.line] = {
                 "entity": features.entities[episode.line],
                 "start_ts": features.timestamps[first + episode.start].isoformat(),
-                "end_ts": features.timestamps[first + episode.end].isoformat(),
-                "rows": episode.end - episode.start + 1,
+                "end_ts": end_ts,
+                "rows": rows,
                 "peak_score": episode.peak_score,
                 "threshold": float(judged.thresholds[episode.line]),
-                "continues": episode.continues,
+                "continues": episode.continues,  # from the file before
             }
-        )
+            episodes.append(latest[episode.line])
     return JudgedLines(
-        scores=features.flat(scores),
-        thresholds=judged.thresholds.numpy()[features.line_index],
-        alarms=features.flat(judged.alarms.numpy()),
-        states={e: judged.state.select(i).to_bytes() for i, e in enumerate(features.entities)},
+        scores=features.flat(torch.cat(scores, 1).numpy()),
+        thresholds=features.flat(torch.cat(thresholds, 1).numpy()),
+        alarms=features.flat(torch.cat(alarms, 1).numpy()),
+        states={e: state.select(i).to_bytes() for i, e in enumerate(features.entities)},
         episodes=episodes,
     )
 
