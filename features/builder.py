@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from features.changes import changes_from_previous
 from features.scaling import ScalerStatistics, last_observed, latest_observed, standardize
 from features.spec import FeatureSpec
 from features.state import EntityFeatureState
@@ -177,9 +178,17 @@ def build_features(
     carried = [states.get(e) or EntityFeatureState() for e in entities]
     sensors = spec.sensors
     raw = rows[list(sensors)].to_numpy(np.float64)[order]
+    measured = raw
+    changing = [sensors.index(name) for name in spec.change_sensors]
+    if changing:
+        previous = np.array(
+            [[s.last_readings.get(sensors[c], np.nan) for c in changing] for s in carried], dtype=np.float64
+        ).reshape(len(entities), len(changing))
+        measured = raw.copy()
+        measured[:, changing], last_readings = changes_from_previous(raw[:, changing], line, offsets, previous)
 
     statistics = ScalerStatistics.from_states([s.scaler for s in carried], sensors)
-    standardised, after = standardize(raw, line, offsets, statistics)
+    standardised, after = standardize(measured, line, offsets, statistics, spec.baseline_rows)
 
     # Carry each sensor's last reading forward (from the previous batch too; 0 before any).
     fresh = ~np.isnan(standardised)
@@ -213,11 +222,16 @@ def build_features(
         for col, sensor in enumerate(sensors):
             if last[index, col] >= 0:
                 last_values[sensor] = float(standardised[last[index, col], col])
+        readings = dict(state.last_readings)
+        for position, col in enumerate(changing):
+            if np.isfinite(last_readings[index, position]):
+                readings[sensors[col]] = float(last_readings[index, position])
         new_states[entity] = EntityFeatureState(
             scaler=after.state(index, sensors),
             last_values=last_values,
             last_timestamp=timestamps[offsets[index + 1] - 1],
             events=state.events + int(counts[index]),
+            last_readings=readings,
         )
     batch = FeatureBatch(
         entities=entities,

@@ -7,7 +7,8 @@ here the same causal values come for all lines at once from per-line cumulative 
 from each line's carried statistics, and the statistics after the batch are those at each
 line's last reading, in river's own state format. Missing readings (NaN) are skipped, as if
 never offered. Sums run per line (pandas' grouped cumsum), so a line's values do not depend on
-which other lines share the batch.
+which other lines share the batch. With a hold (`hold_after`), a line learns only its first
+readings of each sensor and then standardises by them: its baseline.
 """
 
 from __future__ import annotations
@@ -50,19 +51,25 @@ class ScalerStatistics:
 
 
 def standardize(
-    values: np.ndarray, line: np.ndarray, offsets: np.ndarray, carried: ScalerStatistics
+    values: np.ndarray, line: np.ndarray, offsets: np.ndarray, carried: ScalerStatistics, hold_after: int = 0
 ) -> tuple[np.ndarray, ScalerStatistics]:
     """Standardises (R, S) readings causally per line and learns them; NaN stays NaN.
 
     line: (R,) the line index of each row, rows of a line together and in time order;
-    offsets: (L + 1,) where each line's rows start. Returns the standardised readings and the
-    statistics after the batch.
+    offsets: (L + 1,) where each line's rows start. `hold_after` N > 0: a line learns only its
+    first N readings of each sensor, then holds those statistics (a baseline that a fault or a
+    slow drift does not move); 0: it learns every reading, as river does. Returns the
+    standardised readings and the statistics after the batch.
     """
     values = np.asarray(values, dtype=np.float64)
-    observed = ~np.isnan(values)
+    present = ~np.isnan(values)
     count0, mean0, var0 = carried.counts[line], carried.means[line], carried.variances[line]
-    centred = np.where(observed, values - mean0, 0.0)
-    sums = np.concatenate([observed.astype(np.float64), np.where(observed, values, 0.0), centred**2], axis=1)
+    learned = present
+    if hold_after:
+        readings = pd.DataFrame(present.astype(np.float64)).groupby(line, sort=False).cumsum().to_numpy()
+        learned = present & (count0 + readings <= hold_after)
+    centred = np.where(learned, values - mean0, 0.0)
+    sums = np.concatenate([learned.astype(np.float64), np.where(learned, values, 0.0), centred**2], axis=1)
     running = pd.DataFrame(sums).groupby(line, sort=False).cumsum().to_numpy()
     width = values.shape[1]
     counts = count0 + running[:, :width]
@@ -73,10 +80,10 @@ def standardize(
         variances = np.maximum(m2 / counts, 0.0)
         std = np.sqrt(variances)
         scaled = np.where(std > 0, (values - means) / np.where(std > 0, std, 1.0), 0.0)
-    out = np.where(observed, scaled, np.nan)
+    out = np.where(present, scaled, np.nan)
 
-    # The statistics after the batch are those at each line's last reading of each sensor.
-    last = last_observed(latest_observed(observed), offsets)
+    # The statistics after the batch are those at each line's last learned reading of each sensor.
+    last = last_observed(latest_observed(learned), offsets)
     has = last >= 0
     columns = np.broadcast_to(np.arange(width), last.shape)
     pick = np.where(has, last, 0)

@@ -13,6 +13,18 @@ class FeatureSpec:
     # Nominal sampling interval: Δt is expressed in these units.
     time_scale_seconds: float = 10.0
     label_columns: tuple[str, ...] = ()
+    # A line's scaling learns its first `baseline_rows` readings of each sensor, then holds
+    # (0: it keeps learning every reading).
+    baseline_rows: int = 0
+    # Sensors that enter as their change from the line's previous reading (features.changes).
+    change_sensors: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.change_sensors) - set(self.sensors)
+        if unknown:
+            raise ValueError(f"FeatureSpec.change_sensors names no sensor of the log: {sorted(unknown)}")
+        if self.baseline_rows < 0:
+            raise ValueError(f"FeatureSpec.baseline_rows must be >= 0, got {self.baseline_rows}")
 
     @property
     def n_targets(self) -> int:

@@ -21,6 +21,8 @@ class EntityFeatureState:
     last_values: dict[str, float] = field(default_factory=dict)
     last_timestamp: pd.Timestamp | None = None
     events: int = 0
+    # Last raw reading of each sensor that enters as its change (FeatureSpec.change_sensors).
+    last_readings: dict[str, float] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         payload = {
@@ -29,6 +31,7 @@ class EntityFeatureState:
             "last_values": self.last_values,
             "last_timestamp": self.last_timestamp.isoformat() if self.last_timestamp is not None else None,
             "events": self.events,
+            "last_readings": self.last_readings,
         }
         return json.dumps(payload, sort_keys=True, allow_nan=False).encode()
 
@@ -42,6 +45,8 @@ class EntityFeatureState:
             last_values = {str(k): float(v) for k, v in payload["last_values"].items()}
             stamp = payload["last_timestamp"]
             events = int(payload["events"])
+            # A state stored before sensors could enter as changes has none.
+            last_readings = {str(k): float(v) for k, v in payload.get("last_readings", {}).items()}
         except FeatureStateError:
             raise
         except (
@@ -53,6 +58,6 @@ class EntityFeatureState:
             AttributeError,
         ) as error:
             raise FeatureStateError(f"feature state is unreadable: {error}") from error
-        if not all(math.isfinite(v) for v in last_values.values()):
+        if not all(math.isfinite(v) for v in [*last_values.values(), *last_readings.values()]):
             raise FeatureStateError("feature state holds a non-finite carried value")
-        return cls(scaler, last_values, pd.Timestamp(stamp) if stamp else None, events)
+        return cls(scaler, last_values, pd.Timestamp(stamp) if stamp else None, events, last_readings)

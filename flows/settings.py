@@ -37,6 +37,9 @@ class SensorSpec(_Section):
     max: float
     source: str
     max_null_fraction: float = Field(0.6, ge=0.0, le=1.0)
+    # The model sees this sensor as its change from the previous reading, not its level: for a
+    # slow sensor (a temperature) whose level wanders beyond any baseline.
+    as_change: bool = False
 
     @model_validator(mode="after")
     def _range(self) -> SensorSpec:
@@ -59,6 +62,10 @@ class LogSchema(_Section):
     entity_column: str = "entity"
     # Files of one machine often have no line column: then every row belongs to this line.
     single_line: str | None = None
+    # Each file holds one run of its lines (a batch, a test-bench experiment): a line's feature
+    # scaling, hidden state and alarm calibration start afresh with each file, as after a restart
+    # (its drift detectors and watermark carry on).
+    file_is_run: bool = False
     timestamp_column: str = "timestamp"
     # The field separator of CSV files (SKAB's files use ';').
     delimiter: str = Field(",", min_length=1, max_length=1)
@@ -155,6 +162,10 @@ class UpdateSettings(_UpdateFields):
 class FeatureSettings(_Section):
     # Nominal sampling interval: Δt is measured in these units for the model's decay.
     time_scale_seconds: float = Field(10.0, gt=0.0)
+    # A line standardises each sensor by its first `baseline_rows` readings, then holds them, so
+    # a fault or a new operating point is measured against that baseline instead of being
+    # learned into the scaling (0: river's running mean and variance of every reading).
+    baseline_rows: int = Field(0, ge=0)
 
 
 class InitialTrainingSettings(_Section):
@@ -332,6 +343,8 @@ class Settings(BaseSettings):
             sensors=tuple(schema.sensor_names),
             time_scale_seconds=self.features.time_scale_seconds,
             label_columns=tuple(schema.label_columns),
+            baseline_rows=self.features.baseline_rows,
+            change_sensors=tuple(s.name for s in schema.sensors if s.as_change),
         )
 
     @model_validator(mode="after")

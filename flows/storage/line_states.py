@@ -49,6 +49,11 @@ class CarriedLines:
     alarm: dict[str, bytes | None] = field(default_factory=dict)
     watermarks: dict[str, datetime | None] = field(default_factory=dict)
 
+    def new_run(self) -> CarriedLines:
+        """The lines as they start a new run: no hidden state, feature scaling or alarm
+        calibration carried; their drift detectors, watermarks and state versions carry on."""
+        return CarriedLines(dict(self.versions), {}, {}, dict(self.drift), {}, dict(self.watermarks))
+
     def subset(self, entities: list[str]) -> CarriedLines:
         keep = set(entities)
 

@@ -64,6 +64,40 @@ def test_standardizer_equals_river_one_row_at_a_time_for_every_line():
             assert state["vars"][key] == pytest.approx(river.vars[key], rel=1e-9)
 
 
+def test_a_held_standardizer_is_river_learning_each_sensors_first_readings_only():
+    rng = np.random.default_rng(2)
+    hold = 60
+    lines = {"m1": rng.normal(5, 3, (200, 2)), "m2": rng.normal(-2, 0.5, (90, 2))}
+    lines["m1"][100:, 0] += 20.0  # a fault after the baseline: it must not move the scaling
+    for values in lines.values():
+        values[rng.random(values.shape) < 0.25] = np.nan
+    statistics = ScalerStatistics.from_states([{"counts": {}, "means": {}, "vars": {}}] * 2, ("a", "b"))
+    outputs = {name: [] for name in lines}
+    for lo, hi in ((0, 40), (40, 200)):  # the hold is reached in the second batch
+        parts = [values[lo:hi] for values in lines.values()]
+        offsets = np.cumsum([0, *(len(p) for p in parts)])
+        line = np.repeat(np.arange(2), [len(p) for p in parts])
+        out, statistics = standardize(np.vstack(parts), line, offsets, statistics, hold_after=hold)
+        for index, name in enumerate(lines):
+            outputs[name].append(out[offsets[index] : offsets[index + 1]])
+    for index, (name, values) in enumerate(lines.items()):
+        river, expected = StandardScaler(), np.full_like(values, np.nan)
+        learned = dict.fromkeys("ab", 0)
+        for t, row in enumerate(values):
+            present = {k: row[i] for i, k in enumerate("ab") if not np.isnan(row[i])}
+            river.learn_one({k: v for k, v in present.items() if learned[k] < hold})
+            for key in present:
+                learned[key] += 1
+            for key, value in river.transform_one(present).items():
+                expected[t, "ab".index(key)] = value
+        np.testing.assert_allclose(np.vstack(outputs[name]), expected, rtol=1e-9, atol=1e-12, equal_nan=True)
+        state = statistics.state(index, ("a", "b"))
+        for key in "ab":
+            readings = int((~np.isnan(values[:, "ab".index(key)])).sum())
+            assert state["counts"][key] == river.counts[key] == min(hold, readings)
+            assert state["means"][key] == pytest.approx(river.means[key], rel=1e-12)
+
+
 @pytest.mark.parametrize("cuts", [[1], [37, 38], [10, 60, 61, 99]])
 def test_features_stream_exactly_across_batches(cuts):
     rows = _rows(120)

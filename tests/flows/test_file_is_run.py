@@ -1,0 +1,63 @@
+"""`log_schema.file_is_run` in a real flow run: every file of a line starts a new run, so its
+features are built from nothing carried (a held baseline from its own first rows, changes from
+its own first reading) and its alarms calibrate within it (`alarms.judge_rows`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import select
+
+from features import EntityFeatureState, build_features
+from flows.ingest.landing import read_batch
+from flows.orchestrate.prefect_flows import continual_update
+from flows.settings import LogSchema
+from flows.storage.database import Database
+from flows.storage.models import EntityState
+from tests.flows.helpers import small_config, small_plant
+
+SENSORS_AS_CHANGE = ["temperature"]
+
+
+def test_each_file_is_built_afresh_and_a_fresh_line_alarms_within_its_file(tmp_path, prefect_api):
+    schema = LogSchema().model_dump()
+    schema["file_is_run"] = True
+    for sensor in schema["sensors"]:
+        sensor["as_change"] = sensor["name"] in SENSORS_AS_CHANGE
+    settings, config = small_config(
+        tmp_path,
+        log_schema=schema,
+        initial_training={"batches": 2, "epochs": 2},
+        drift={"on_detect": "record"},
+        features={"baseline_rows": 30},
+        alarms={"false_alarm_rate": 0.02, "calibration_rows": 100, "warmup_rows": 30, "judge_rows": 10},
+    )
+    assert settings.feature_spec.change_sensors == tuple(SENSORS_AS_CHANGE)
+    truth = small_plant(settings, entities=2, batches=5, rows_per_batch=80, plant_files=True, broken_batches={})
+    last = settings.paths.landing / truth.files[-1]
+    rows = read_batch(last, settings.log_schema)
+    # A fault in line-2's last file after its baseline: it must alarm within that file.
+    fault = rows.index[rows["entity"] == "line-2"][50:70]
+    rows.loc[fault, "pressure"] = 24.5
+    last.unlink()
+    rows.to_csv(settings.paths.landing / "last.csv", index=False)
+    continual_update(config=config)
+
+    outputs = pd.concat(pd.read_parquet(p) for p in sorted((settings.paths.output / "batches").glob("*.parquet")))
+    alone, states = build_features(rows, settings.feature_spec, {})  # the file with nothing carried
+    expected = alone.to_frame(settings.feature_spec).set_index(["entity", "timestamp"])
+    got = outputs.set_index(["entity", "timestamp"]).loc[expected.index]
+    z_columns = [c for c in expected.columns if c.startswith("z_")]
+    np.testing.assert_allclose(got[z_columns].to_numpy(), expected[z_columns].to_numpy(), rtol=1e-5, atol=1e-5)
+
+    db = Database(settings.database_url)
+    with db.session() as session:
+        lines = session.scalars(select(EntityState))
+        stored = {line.entity: EntityFeatureState.from_bytes(line.feature_state) for line in lines}
+    db.dispose()
+    for entity, state in states.items():
+        assert stored[entity].events == state.events == int((rows["entity"] == entity).sum())
+        assert stored[entity].scaler == state.scaler
+
+    faulty = got.loc[[("line-2", t) for t in pd.to_datetime(rows.loc[fault, "timestamp"], utc=True)]]
+    assert faulty["anomaly"].mean() > 0.5  # a line alarms in the file its run started with
