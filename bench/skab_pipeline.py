@@ -5,10 +5,11 @@
 
 Stages anomaly-free.csv and the split's valve1 files (the splits of configs/skab.yaml: tuning =
 anomaly-free plus valve1 0-7, report = valve1 8-15) into `OUT/stream`, then runs the real
-command, `lru-online backfill OUT/stream -c CONFIG -w OUT/work`: one line carried across the
-files in time order, anomaly-free.csv (first in time) trains the initial model, every row is
-scored before the model learns from it, and the product's detector (`alarms:`) raises the
-alarms. The labels are read only here, for scoring.
+command, `lru-online backfill OUT/stream -c CONFIG -w OUT/work`: one line through the files
+in time order (with the default config each file a run of it: `log_schema.file_is_run`),
+anomaly-free.csv (first in time) trains the initial model, every row is scored before the
+model learns from it, and the product's detector (`alarms:`) raises the alarms. The labels are
+read only here, for scoring.
 
 Printed per group of rows: row-level precision, recall and F1 of the `anomaly` flag against
 SKAB's `anomaly` label, FAR, false alarms per 1,000 normal rows and the alarm episodes stored;
@@ -16,8 +17,8 @@ per file, the ROC AUC of the per-row forecast error (`score`) on the test rows, 
 setting can raise.
 valve1 rows are scored on SKAB's test part (rows 400 to the end of each file) and on all rows.
 Beside them, measured in the same run on the same test rows: Hotelling's T² of bench/skab.py,
-fitted on each file's first 400 rows (the leaderboard's per-file protocol, which the stream
-does not get: it never sees a file before scoring it).
+fitted on each file's first 400 rows (the leaderboard's per-file protocol; the stream scores
+those rows too, before it learns from them).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@
 Each setting of the grid overrides the `alarms:` section of configs/skab_backfill.yaml and
 streams the tuning split (anomaly-free.csv plus valve1 0-7, configs/skab.yaml) through the real
 `lru-online backfill`, as bench/skab_pipeline.py does; the report split is never run. The rule
-picks the highest F1 on valve1's test rows (400 to the end) among the settings whose FAR there
-stays at or below `--far-limit` %, labelled anomalies caught breaking ties. The chosen setting
+picks the highest F1 on valve1's test rows (400 to the end) among the settings whose FAR stays at
+or below `--far-limit` % over every normal row it judges: valve1's test rows and anomaly-free.csv
+(normal data of the tuning split too, and one of the figures the issue asks of the stream);
+labelled anomalies caught break ties. The chosen setting
 is printed, to be copied into configs/skab_backfill.yaml by hand.
 """
 
@@ -22,13 +24,20 @@ from pathlib import Path
 import yaml
 
 from bench.common import run_in_scratch_folders
-from bench.skab_pipeline import ROOT, TEST_ROWS, PipelineFigures, run_split, staged_files
+from bench.skab_pipeline import ROOT, TEST_ROWS, Counts, PipelineFigures, run_split, staged_files
 from bench.skab_tune import SETTING_HEADER, add_grid_arguments, grid, setting_cells
 
 
+def normal_far_percent(figures: PipelineFigures) -> float:
+    """FAR over every normal row the rule judges: valve1's test rows and anomaly-free.csv's."""
+    test, free = figures.groups[TEST_ROWS], figures.anomaly_free
+    return Counts(0, test.fp + free.fp, 0, test.tn + free.tn).figures()["far_percent"]
+
+
 def choose(results: list[tuple[dict, PipelineFigures]], far_limit: float) -> tuple[dict, PipelineFigures] | None:
-    """The highest test-row F1 with FAR ≤ the limit, anomalies caught breaking ties."""
-    allowed = [r for r in results if r[1].groups[TEST_ROWS].figures()["far_percent"] <= far_limit]
+    """The highest test-row F1 with FAR ≤ the limit over valve1's test rows and anomaly-free.csv
+    together, anomalies caught breaking ties."""
+    allowed = [r for r in results if normal_far_percent(r[1]) <= far_limit]
     return max(allowed, key=lambda r: (r[1].groups[TEST_ROWS].figures()["f1"], r[1].anomalies_caught), default=None)
 
 
@@ -55,12 +64,16 @@ def main() -> None:
 
     figures = run_in_scratch_folders(grid_settings, run, args.workers)
     results = list(zip(grid_settings, figures, strict=True))
-    print(f"{SETTING_HEADER}{'F1':>7}{'prec':>7}{'recall':>7}{'FAR %':>8}{'free FA/1000':>13}{'caught':>8}")
+    print(
+        f"{SETTING_HEADER}{'F1':>7}{'prec':>7}{'recall':>7}{'FAR %':>8}{'free FA/1000':>13}{'FAR both %':>11}"
+        f"{'caught':>8}"
+    )
     for alarm, f in sorted(results, key=lambda r: -r[1].groups[TEST_ROWS].figures()["f1"]):
         test, free = f.groups[TEST_ROWS].figures(), f.anomaly_free.figures()
         print(
             f"{setting_cells(alarm)}{test['f1']:>7}{test['precision']:>7}{test['recall']:>7}{test['far_percent']:>8}"
-            f"{free['false_alarms_per_1000_normal_rows']:>13}{f'{f.anomalies_caught}/{f.anomalies}':>8}"
+            f"{free['false_alarms_per_1000_normal_rows']:>13}{normal_far_percent(f):>11}"
+            f"{f'{f.anomalies_caught}/{f.anomalies}':>8}"
         )
     chosen = choose(results, args.far_limit)
     if chosen is None:

@@ -6,8 +6,9 @@ from bench import plant_alarm_tune, skab_pipeline_tune
 from bench.skab_pipeline import Counts, PipelineFigures
 
 
-def _skab(tp: int, fp: int, fn: int, tn: int, caught: int) -> PipelineFigures:
-    return PipelineFigures(0.0, "", {skab_pipeline_tune.TEST_ROWS: Counts(tp, fp, fn, tn)}, Counts(), caught, 8, 0, {})
+def _skab(tp: int, fp: int, fn: int, tn: int, caught: int, free: Counts | None = None) -> PipelineFigures:
+    test_rows = {skab_pipeline_tune.TEST_ROWS: Counts(tp, fp, fn, tn)}
+    return PipelineFigures(0.0, "", test_rows, free or Counts(), caught, 8, 0, {})
 
 
 def test_skab_pipeline_rule_takes_the_best_f1_within_the_far_limit_and_caught_anomalies_break_ties():
@@ -21,6 +22,14 @@ def test_skab_pipeline_rule_takes_the_best_f1_within_the_far_limit_and_caught_an
     assert skab_pipeline_tune.choose(results, far_limit=5.0)[0]["name"] == "quiet"
     assert skab_pipeline_tune.choose(results, far_limit=60.0)[0]["name"] == "noisy"
     assert skab_pipeline_tune.choose(results[:1], far_limit=12.0) is None
+
+
+def test_skab_pipeline_rule_counts_the_anomaly_free_files_false_alarms_with_the_test_rows():
+    quiet_on_valve1 = _skab(tp=90, fp=5, fn=10, tn=95, caught=8, free=Counts(fp=300, tn=700))  # 305 / 1100
+    quiet_everywhere = _skab(tp=60, fp=5, fn=40, tn=95, caught=6, free=Counts(fp=20, tn=980))  # 25 / 1100
+    assert skab_pipeline_tune.normal_far_percent(quiet_on_valve1) == round(100 * 305 / 1100, 2)
+    results = [({"name": "loud on anomaly-free"}, quiet_on_valve1), ({"name": "quiet"}, quiet_everywhere)]
+    assert skab_pipeline_tune.choose(results, far_limit=12.0)[0]["name"] == "quiet"
 
 
 def test_plant_rule_takes_the_best_f1_within_the_false_alarm_limit_and_caught_anomalies_break_ties():
