@@ -12,7 +12,7 @@ import logging
 import pandas as pd
 from sqlalchemy.exc import IntegrityError
 
-from features import EntityFeatureState, build_features
+from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
 from features.windows import concatenate
 from flows.model.fleet import new_learner, save_checkpoint
 from flows.model.live import LiveModel
@@ -27,6 +27,18 @@ from lru_online.learner import forecast_error, lines_per_step_for
 log = logging.getLogger(__name__)
 
 
+def training_features(picked: list[pd.DataFrame], spec: FeatureSpec, file_is_run: bool) -> list[FeatureBatch]:
+    """The features of the picked files in order, each line's feature state carried from file
+    to file, as the stream carries it; when each file is a run, each starts from nothing."""
+    states: dict[str, EntityFeatureState] = {}
+    parts = []
+    for rows in picked:
+        features, after = build_features(rows, spec, {} if file_is_run else states)
+        states.update(after)
+        parts.append(features)
+    return parts
+
+
 def train_initial(live: LiveModel, tracker: Tracker, picked: list[pd.DataFrame]) -> str | None:
     """Fits the first model on the validated rows of the first files and registers it; returns
     its registry version (None: no rows yet)."""
@@ -35,12 +47,7 @@ def train_initial(live: LiveModel, tracker: Tracker, picked: list[pd.DataFrame])
     if not picked:
         return None
 
-    states: dict[str, EntityFeatureState] = {}
-    parts = []
-    for rows in picked:
-        features, after = build_features(rows, spec, states)
-        states.update(after)
-        parts.append(features)
+    parts = training_features(picked, spec, settings.log_schema.file_is_run)
     # Every line's rows of the picked files as one sequence, all lines in one padded batch.
     sequences = concatenate(parts)
     u, y, dt, steps = sequences.tensors()

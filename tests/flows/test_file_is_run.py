@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import select
 
-from features import EntityFeatureState, build_features
+from features import EntityFeatureState, FeatureSpec, build_features
 from flows.ingest.landing import read_batch
+from flows.model.initial_training import training_features
 from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import LogSchema
 from flows.storage.database import Database
@@ -61,3 +62,24 @@ def test_each_file_is_built_afresh_and_a_fresh_line_alarms_within_its_file(tmp_p
 
     faulty = got.loc[[("line-2", t) for t in pd.to_datetime(rows.loc[fault, "timestamp"], utc=True)]]
     assert faulty["anomaly"].mean() > 0.5  # a line alarms in the file its run started with
+
+
+def test_initial_training_builds_each_file_afresh_when_it_is_a_run():
+    spec = FeatureSpec("entity", "timestamp", ("a",), time_scale_seconds=1.0, baseline_rows=5)
+    rng = np.random.default_rng(8)
+    files = [
+        pd.DataFrame(
+            {
+                "entity": "line-1",
+                "timestamp": pd.date_range(f"2026-01-0{day}", periods=12, freq="1s", tz="UTC"),
+                "a": rng.normal(10.0 * day, 1.0, 12),
+            }
+        )
+        for day in (1, 2)
+    ]
+    runs = training_features(files, spec, file_is_run=True)
+    carried = training_features(files, spec, file_is_run=False)
+    alone = build_features(files[1], spec, {})[0]
+    np.testing.assert_array_equal(runs[1].inputs, alone.inputs)
+    np.testing.assert_array_equal(runs[0].inputs, carried[0].inputs)
+    assert not np.allclose(carried[1].inputs, alone.inputs)  # carried: the first file's baseline
