@@ -52,9 +52,8 @@ class ScoringSetup:
     def from_json(cls, text: str) -> ScoringSetup:
         data = json.loads(text)
         features = data["features"]
-        spec = FeatureSpec(
-            **{**features, "sensors": tuple(features["sensors"]), "label_columns": tuple(features["label_columns"])}
-        )
+        lists = ("sensors", "label_columns", "change_sensors")  # JSON gives lists back
+        spec = FeatureSpec(**{**features, **{name: tuple(features[name]) for name in lists if name in features}})
         return cls(spec, AlarmConfig(**data["alarms"]))
 
 

@@ -11,10 +11,12 @@ from sqlalchemy import select
 from features import EntityFeatureState, FeatureSpec, build_features
 from flows.ingest.landing import read_batch
 from flows.model.initial_training import training_features
+from flows.model.registry_package import ScoringSetup
 from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import LogSchema
 from flows.storage.database import Database
 from flows.storage.models import EntityState
+from lru_online.alarms import AlarmConfig
 from tests.flows.helpers import small_config, small_plant
 
 SENSORS_AS_CHANGE = ["temperature"]
@@ -83,3 +85,10 @@ def test_initial_training_builds_each_file_afresh_when_it_is_a_run():
     np.testing.assert_array_equal(runs[1].inputs, alone.inputs)
     np.testing.assert_array_equal(runs[0].inputs, carried[0].inputs)
     assert not np.allclose(carried[1].inputs, alone.inputs)  # carried: the first file's baseline
+
+
+def test_the_per_run_feature_and_alarm_settings_travel_with_a_registered_version():
+    spec = FeatureSpec("line", "datetime", ("a", "b"), baseline_rows=400, change_sensors=("b",))
+    setup = ScoringSetup(spec, AlarmConfig(judge_rows=10, warmup_rows=400, calibration_rows=512))
+    restored = ScoringSetup.from_json(setup.to_json())
+    assert restored == setup and restored.spec.change_sensors == ("b",)
