@@ -39,6 +39,14 @@ def training_features(picked: list[pd.DataFrame], spec: FeatureSpec, file_is_run
     return parts
 
 
+def training_sequences(picked: list[pd.DataFrame], spec: FeatureSpec, file_is_run: bool) -> FeatureBatch:
+    """Every line's rows of the picked files as one sequence, all lines in one padded batch;
+    when each file is a run, each line's run is a sequence of its own (its hidden state starts
+    at zero, as the stream's does)."""
+    parts = training_features(picked, spec, file_is_run)
+    return FeatureBatch.stack(parts) if file_is_run else concatenate(parts)
+
+
 def train_initial(live: LiveModel, tracker: Tracker, picked: list[pd.DataFrame]) -> str | None:
     """Fits the first model on the validated rows of the first files and registers it; returns
     its registry version (None: no rows yet)."""
@@ -47,9 +55,7 @@ def train_initial(live: LiveModel, tracker: Tracker, picked: list[pd.DataFrame])
     if not picked:
         return None
 
-    parts = training_features(picked, spec, settings.log_schema.file_is_run)
-    # Every line's rows of the picked files as one sequence, all lines in one padded batch.
-    sequences = concatenate(parts)
+    sequences = training_sequences(picked, spec, settings.log_schema.file_is_run)
     u, y, dt, steps = sequences.tensors()
     learner = new_learner(settings, spec)
     groups = lines_per_step_for(len(sequences.entities), settings.initial_training.steps_per_window)

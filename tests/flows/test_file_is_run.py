@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from features import EntityFeatureState, FeatureSpec, build_features
 from flows.ingest.landing import read_batch
-from flows.model.initial_training import training_features
+from flows.model.initial_training import training_features, training_sequences
 from flows.model.registry_package import ScoringSetup
 from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import LogSchema
@@ -85,6 +85,10 @@ def test_initial_training_builds_each_file_afresh_when_it_is_a_run():
     np.testing.assert_array_equal(runs[1].inputs, alone.inputs)
     np.testing.assert_array_equal(runs[0].inputs, carried[0].inputs)
     assert not np.allclose(carried[1].inputs, alone.inputs)  # carried: the first file's baseline
+    sequences = training_sequences(files, spec, file_is_run=True)
+    assert sequences.entities == ["line-1", "line-1"] and sequences.lengths.tolist() == [12, 12]
+    np.testing.assert_array_equal(sequences.inputs[12:], alone.inputs)
+    assert training_sequences(files, spec, file_is_run=False).lengths.tolist() == [24]
 
 
 def test_the_per_run_feature_and_alarm_settings_travel_with_a_registered_version():
