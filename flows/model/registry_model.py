@@ -7,7 +7,8 @@ versions registered from a running pipeline, every line's carried states (`lines
 
 `predict` takes raw log rows as they land (entity, timestamp, sensors; any lines, any order)
 and returns per row the forecasts, the score, the anomaly flag and its threshold, each known
-line starting where the pipeline left it (params `carried_states=False`: every line fresh).
+line starting where the pipeline left it (params `carried_states=False`: every line fresh; the
+default when each file is a run of its lines).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class LRUCheckpointModel(PythonModel):
         from flows.model.raw_scoring import score_raw_rows
         from flows.storage.line_states import CarriedLines
 
-        carried = self.lines if (params or {}).get("carried_states", True) else CarriedLines()
+        carried = self.lines if self.setup.starts_from_stored_states(params) else CarriedLines()
         return score_raw_rows(self.learner, model_input, self.setup.spec, self.setup.alarms, carried)
 
 

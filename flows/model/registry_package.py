@@ -39,14 +39,24 @@ class ScoringSetup:
 
     spec: FeatureSpec
     alarms: AlarmConfig
+    # Each file one run of its lines (log_schema.file_is_run): a request then starts its lines
+    # afresh unless the caller asks for the stored states.
+    file_is_run: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ScoringSetup:
         # Labels are the pipeline's evaluation aid, not inputs: raw rows need not carry them.
-        return cls(replace(settings.feature_spec, label_columns=()), settings.alarms.config())
+        spec = replace(settings.feature_spec, label_columns=())
+        return cls(spec, settings.alarms.config(), settings.log_schema.file_is_run)
+
+    def starts_from_stored_states(self, params: dict | None) -> bool:
+        """Whether a request's known lines start where the pipeline left them (param
+        `carried_states`; by default yes, unless each file is a run)."""
+        return bool((params or {}).get("carried_states", not self.file_is_run))
 
     def to_json(self) -> str:
-        return json.dumps({"features": asdict(self.spec), "alarms": asdict(self.alarms)}, indent=2)
+        data = {"features": asdict(self.spec), "alarms": asdict(self.alarms), "file_is_run": self.file_is_run}
+        return json.dumps(data, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ScoringSetup:
@@ -54,7 +64,7 @@ class ScoringSetup:
         features = data["features"]
         lists = ("sensors", "label_columns", "change_sensors")  # JSON gives lists back
         spec = FeatureSpec(**{**features, **{name: tuple(features[name]) for name in lists if name in features}})
-        return cls(spec, AlarmConfig(**data["alarms"]))
+        return cls(spec, AlarmConfig(**data["alarms"]), bool(data.get("file_is_run", False)))
 
 
 def register_version(
@@ -84,7 +94,8 @@ def register_version(
 
 def signature(setup: ScoringSetup, horizon: int):
     """Raw log rows in; per row the forecasts, the score and the alarm out. The parameter
-    `carried_states` (default true) starts each known line where the pipeline left it."""
+    `carried_states` (default true, false when each file is a run) starts each known line
+    where the pipeline left it."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import AnyType
@@ -105,7 +116,7 @@ def signature(setup: ScoringSetup, horizon: int):
             *(ColSpec(kind, name) for name, kind in output_columns(spec, horizon).items()),
         ]
     )
-    params = ParamSchema([ParamSpec("carried_states", "boolean", True)])
+    params = ParamSchema([ParamSpec("carried_states", "boolean", not setup.file_is_run)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 

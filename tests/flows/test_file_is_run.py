@@ -4,6 +4,8 @@ its own first reading) and its alarms calibrate within it (`alarms.judge_rows`).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 from sqlalchemy import select
@@ -11,7 +13,7 @@ from sqlalchemy import select
 from features import EntityFeatureState, FeatureSpec, build_features
 from flows.ingest.landing import read_batch
 from flows.model.initial_training import training_features, training_sequences
-from flows.model.registry_package import ScoringSetup
+from flows.model.registry_package import ScoringSetup, signature
 from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import LogSchema
 from flows.storage.database import Database
@@ -91,8 +93,20 @@ def test_initial_training_builds_each_file_afresh_when_it_is_a_run():
     assert training_sequences(files, spec, file_is_run=False).lengths.tolist() == [24]
 
 
-def test_the_per_run_feature_and_alarm_settings_travel_with_a_registered_version():
+def test_the_per_run_settings_travel_with_a_registered_version_and_a_request_is_a_new_run():
     spec = FeatureSpec("line", "datetime", ("a", "b"), baseline_rows=400, change_sensors=("b",))
-    setup = ScoringSetup(spec, AlarmConfig(judge_rows=10, warmup_rows=400, calibration_rows=512))
+    setup = ScoringSetup(spec, AlarmConfig(judge_rows=10, warmup_rows=400, calibration_rows=512), file_is_run=True)
     restored = ScoringSetup.from_json(setup.to_json())
     assert restored == setup and restored.spec.change_sensors == ("b",)
+    assert not restored.starts_from_stored_states(None)  # a request is a run of its own
+    assert restored.starts_from_stored_states({"carried_states": True})
+    (param,) = signature(restored, horizon=1).params.params
+    assert param.name == "carried_states" and param.default is False
+
+    continuous = ScoringSetup(spec, AlarmConfig())
+    assert continuous.starts_from_stored_states(None) and not continuous.starts_from_stored_states(
+        {"carried_states": False}
+    )
+    stored_before = json.loads(continuous.to_json())
+    del stored_before["file_is_run"]  # a version registered before the setting existed
+    assert ScoringSetup.from_json(json.dumps(stored_before)) == continuous
