@@ -335,9 +335,8 @@ class Pipeline:
         entities = [entity for group in part.groups for entity in group]
 
         tick = time.perf_counter()
-        carried = read_carried(self.db, entities)
-        if self.settings.log_schema.file_is_run and part.index == 0:
-            carried = carried.new_run()
+        new_run = self.settings.log_schema.file_is_run and part.index == 0
+        carried = read_carried(self.db, entities, new_run=new_run)
         timings["read_state"] = time.perf_counter() - tick
         tick = time.perf_counter()
         handles = work.prepare(part.groups, part.rows, self.spec, carried)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, null, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -48,11 +48,6 @@ class CarriedLines:
     drift: dict[str, bytes | None] = field(default_factory=dict)
     alarm: dict[str, bytes | None] = field(default_factory=dict)
     watermarks: dict[str, datetime | None] = field(default_factory=dict)
-
-    def new_run(self) -> CarriedLines:
-        """The lines as they start a new run: no hidden state, feature scaling or alarm
-        calibration carried; their drift detectors, watermarks and state versions carry on."""
-        return CarriedLines(dict(self.versions), {}, {}, dict(self.drift), {}, dict(self.watermarks))
 
     def subset(self, entities: list[str]) -> CarriedLines:
         keep = set(entities)
@@ -91,12 +86,27 @@ def _collect(carried: CarriedLines, rows) -> None:
         carried.watermarks[entity] = watermark
 
 
-def read_carried(db: Database, entities: list[str]) -> CarriedLines:
+# A new run of a line carries no hidden state, feature scaling or alarm calibration (its drift
+# detectors, watermark and state version carry on): those columns are not read at all.
+_NEW_RUN_COLUMNS = (
+    EntityState.entity,
+    EntityState.version,
+    null(),  # hidden state
+    null(),  # feature state
+    EntityState.drift_state,
+    null(),  # alarm state
+    EntityState.watermark,
+)
+
+
+def read_carried(db: Database, entities: list[str], new_run: bool = False) -> CarriedLines:
+    """The stored states of the lines; with `new_run`, as they start a new run."""
+    columns = _NEW_RUN_COLUMNS if new_run else _CARRIED_COLUMNS
     carried = CarriedLines()
     with db.session() as session:
         for start in range(0, len(entities), READ_CHUNK):
             chunk = entities[start : start + READ_CHUNK]
-            _collect(carried, session.execute(select(*_CARRIED_COLUMNS).where(EntityState.entity.in_(chunk))))
+            _collect(carried, session.execute(select(*columns).where(EntityState.entity.in_(chunk))))
     return carried
 
 
