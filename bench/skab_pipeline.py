@@ -154,12 +154,12 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
     score_auc = {}
     for item in files:
         index = item.frame.index.tz_localize("UTC")
-        flags = rows["anomaly"].reindex(index)
-        if flags.isna().any():
-            raise SystemExit(f"{item.relative}: {int(flags.isna().sum())} rows have no scored output row")
-        flags = flags.to_numpy(dtype=int)
+        scored = rows[["anomaly", "score"]].reindex(index)
+        if scored["anomaly"].isna().any():
+            raise SystemExit(f"{item.relative}: {int(scored['anomaly'].isna().sum())} rows have no scored output row")
+        flags = scored["anomaly"].to_numpy(dtype=int)
         groups[TEST_ROWS].add(item.anomaly[TRAIN_ROWS:], flags[TRAIN_ROWS:])
-        scores = rows["score"].reindex(index).to_numpy(dtype=float)[TRAIN_ROWS:]
+        scores = scored["score"].to_numpy(dtype=float)[TRAIN_ROWS:]
         score_auc[item.relative] = round(roc_auc(item.anomaly[TRAIN_ROWS:], np.nan_to_num(scores)), 3)
         groups["valve1 all rows"].add(item.anomaly, flags)
         baseline = HotellingT2()
