@@ -137,11 +137,17 @@ class FeatureBatch:
         return frame
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, spec: FeatureSpec) -> FeatureBatch:
+    def from_frame(cls, frame: pd.DataFrame, spec: FeatureSpec, runs_by: str | None = None) -> FeatureBatch:
         """Reads back what `to_frame` wrote (the archived features of a processed batch); the
-        frame's rows of a line must be together, in time order."""
+        frame's rows of a line must be together, in time order. With `runs_by`, a change of that
+        column within a line also starts a sequence of its own (each file of a line a run): the
+        line then appears once per run, in the frame's order."""
         entity = frame[spec.entity_column].astype(str).to_numpy()
-        starts = np.flatnonzero(np.r_[True, entity[1:] != entity[:-1]]) if len(entity) else np.empty(0, np.int64)
+        boundary = entity[1:] != entity[:-1]
+        if runs_by is not None:
+            run = frame[runs_by].to_numpy()
+            boundary |= run[1:] != run[:-1]
+        starts = np.flatnonzero(np.r_[True, boundary]) if len(entity) else np.empty(0, np.int64)
         targets = frame[[f"target_{s}" for s in spec.sensors]].to_numpy(np.float32)
         return cls(
             entities=[str(entity[i]) for i in starts],

@@ -1,6 +1,8 @@
 """Retraining: a challenger trained on the recent window, judged against the champion.
 
-The newest `holdout_batches` of each entity are held out. The challenger is a fresh model
+The newest `holdout_batches` of each entity are held out. When each file is a run of its
+lines (`log_schema.file_is_run`), each line's batch is a sequence of its own, from a zero state,
+for training and judging alike, as the stream reads it. The challenger is a fresh model
 trained for a few epochs on each entity's recent batches before them, mixed with the
 champion's replay windows from before the held-out slice (so neither sees it). The champion
 is judged by the one-step errors it made on the held-out batches before learning from them
@@ -50,8 +52,10 @@ class RetrainOutcome:
 class RecentWindow:
     """Every line's recent batches, its newest `holdout_batches` held out."""
 
-    train: FeatureBatch  # each line's batches before its held-out ones
-    full: FeatureBatch  # each line's batches, held-out ones included (same lines, same order)
+    # Each line's batches before its held-out ones, and with them (lines in the same order; a
+    # line once per batch when each file is a run).
+    train: FeatureBatch
+    full: FeatureBatch
     holdout: np.ndarray  # (rows of `full`,) bool: the held-out rows
     holdout_residuals: np.ndarray  # the champion's test-then-train residuals there
     holdout_update_index: int  # the champion's update count when the first held-out batch began
@@ -100,11 +104,12 @@ def _load_window(live: LiveModel) -> RecentWindow | None:
         [spec.entity_column, "sequence", spec.timestamp_column], kind="stable", ignore_index=True
     )
     holdout = rows["held_out"].to_numpy()
+    runs_by = "sequence" if live.settings.log_schema.file_is_run else None
     first_held = summaries[summaries["age"] == settings.holdout_batches]
     update_index = min(int((m or {}).get("update_index") or 0) for m in first_held["metrics"])
     return RecentWindow(
-        train=FeatureBatch.from_frame(rows[~holdout], spec),
-        full=FeatureBatch.from_frame(rows, spec),
+        train=FeatureBatch.from_frame(rows[~holdout], spec, runs_by),
+        full=FeatureBatch.from_frame(rows, spec, runs_by),
         holdout=holdout,
         holdout_residuals=rows.loc[holdout, residuals].to_numpy(np.float64),
         holdout_update_index=update_index,
@@ -120,7 +125,7 @@ def _champion_mse(window: RecentWindow) -> float:
 
 def _evaluate(learner: OnlineLearner, window: RecentWindow) -> tuple[float, dict[str, bytes]]:
     """Held-out one-step MSE over all lines, each read from a zero state, and each line's state
-    at its newest event."""
+    at its newest event (the end of its last sequence: rows are in time order)."""
     u, y, dt, steps = window.full.tensors()
     scored = learner.score(u, y, None, dt, steps)
     held = window.full.flat(scored.residuals.numpy())[window.holdout]

@@ -1,6 +1,7 @@
 """`log_schema.file_is_run` in a real flow run: every file of a line starts a new run, so its
 features are built from nothing carried (a held baseline from its own first rows, changes from
-its own first reading) and its alarms calibrate within it (`alarms.judge_rows`)."""
+its own first reading), its alarms calibrate within it (`alarms.judge_rows`), and training and
+retraining read each run as a sequence of its own."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from sqlalchemy import select
 
-from features import EntityFeatureState, FeatureSpec, build_features
+from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
 from flows.ingest.landing import read_batch
 from flows.model.initial_training import training_features, training_sequences
 from flows.model.registry_package import ScoringSetup, signature
+from flows.model.retraining import _evaluate, _load_window
+from flows.orchestrate.pipeline import Pipeline
 from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import LogSchema
 from flows.storage.database import Database
@@ -110,3 +114,47 @@ def test_the_per_run_settings_travel_with_a_registered_version_and_a_request_is_
     stored_before = json.loads(continuous.to_json())
     del stored_before["file_is_run"]  # a version registered before the setting existed
     assert ScoringSetup.from_json(json.dumps(stored_before)) == continuous
+
+
+def test_retraining_reads_each_file_of_a_line_as_its_own_run(tmp_path, prefect_api):
+    """With each file a run, the retraining window holds one sequence per line and file, and
+    the challenger is judged on each held-out file read from a zero state: its MSE equals that
+    of the model scoring every file of every line on its own (an independent loop over the
+    output files)."""
+    schema = LogSchema().model_dump() | {"file_is_run": True}
+    settings, config = small_config(
+        tmp_path,
+        log_schema=schema,
+        initial_training={"batches": 2, "epochs": 2},
+        drift={"on_detect": "record"},
+        retrain={"recent_batches": 3, "holdout_batches": 1, "epochs": 1},
+    )
+    small_plant(settings, entities=2, batches=5, rows_per_batch=40, plant_files=True, broken_batches={})
+    continual_update(config=config)
+
+    pipeline = Pipeline(settings)
+    try:
+        window = _load_window(pipeline.live)
+        learner = pipeline.live.load()
+        mse, states = _evaluate(learner, window)
+    finally:
+        pipeline.close()
+    spec = settings.feature_spec
+    outputs = sorted((settings.paths.output / "batches").glob("*.parquet"))
+    assert len(outputs) == 5
+    assert window.full.entities == ["line-1"] * 3 + ["line-2"] * 3
+    assert window.train.entities == ["line-1"] * 2 + ["line-2"] * 2
+
+    held_out = []
+    for path in outputs[-3:]:
+        frame = pd.read_parquet(path)
+        for entity in ("line-1", "line-2"):
+            run = FeatureBatch.from_frame(frame[frame["entity"] == entity], spec)
+            u, y, dt, steps = run.tensors()
+            scored = learner.score(u, y, None, dt, steps)
+            if path == outputs[-1]:
+                held_out.append(run.flat(scored.residuals.numpy()))
+                assert states[entity] == scored.state.to_bytes()  # each line's newest run's end
+    residuals = np.concatenate(held_out)
+    finite = residuals[np.isfinite(residuals)]
+    assert mse == pytest.approx(float(np.mean(finite**2)), rel=1e-5)
