@@ -12,9 +12,10 @@ model learns from it, and the product's detector (`alarms:`) raises the alarms. 
 read only here, for scoring.
 
 Printed per group of rows: row-level precision, recall and F1 of the `anomaly` flag against
-SKAB's `anomaly` label, FAR, false alarms per 1,000 normal rows and the alarm episodes stored;
-per file, the ROC AUC of the per-row forecast error (`score`) on the test rows, which no alarm
-setting can raise.
+SKAB's `anomaly` label, FAR, false alarms per 1,000 normal rows, on test rows the NAB score
+(standard profile; changepoints where the `anomaly` flag switches, as bench/skab.py scores
+them) and the alarm episodes stored; per file, the ROC AUC of the per-row forecast error
+(`score`) on the test rows, which no alarm setting can raise.
 valve1 rows are scored on SKAB's test part (rows 400 to the end of each file) and on all rows.
 Beside them, measured in the same run on the same test rows: Hotelling's T² of bench/skab.py,
 fitted on each file's first 400 rows (the leaderboard's per-file protocol; the stream scores
@@ -40,10 +41,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from anomaly_metrics import roc_auc  # noqa: E402
-from skab import TRAIN_ROWS, HotellingT2, SkabFile, in_tuning_split, load_folder  # noqa: E402
+from anomaly_metrics import NabScore, changepoints_from_outliers, match_changepoints, roc_auc  # noqa: E402
+from skab import NAB_WINDOW, TRAIN_ROWS, HotellingT2, SkabFile, in_tuning_split, load_folder  # noqa: E402
 
 TEST_ROWS = "valve1 test rows (400-end)"  # the group the leaderboard's protocol scores
+T2_TEST_ROWS = "t2 (per-file fit), test rows"
 
 
 @dataclass
@@ -131,6 +133,7 @@ class PipelineFigures:
     seconds: float
     summary: str  # the backfill's own last line (its JSON counts)
     groups: dict[str, Counts]
+    nab: dict[str, NabScore]  # the test-row groups' changepoint scores
     anomaly_free: Counts
     anomalies_caught: int
     anomalies: int
@@ -147,8 +150,9 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
     groups = {
         TEST_ROWS: Counts(),
         "valve1 all rows": Counts(),
-        "t2 (per-file fit), test rows": Counts(),
+        T2_TEST_ROWS: Counts(),
     }
+    nab = {TEST_ROWS: NabScore(), T2_TEST_ROWS: NabScore()}
     free = Counts()
     labelled_runs, caught = 0, 0
     score_auc = {}
@@ -159,14 +163,20 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
             raise SystemExit(f"{item.relative}: {int(scored['anomaly'].isna().sum())} rows have no scored output row")
         flags = scored["anomaly"].to_numpy(dtype=int)
         groups[TEST_ROWS].add(item.anomaly[TRAIN_ROWS:], flags[TRAIN_ROWS:])
+        test_index = item.frame.index[TRAIN_ROWS:]
         scores = scored["score"].to_numpy(dtype=float)[TRAIN_ROWS:]
         score_auc[item.relative] = round(roc_auc(item.anomaly[TRAIN_ROWS:], np.nan_to_num(scores)), 3)
         groups["valve1 all rows"].add(item.anomaly, flags)
         baseline = HotellingT2()
         baseline.adapt(item.sensors[:TRAIN_ROWS])
-        groups["t2 (per-file fit), test rows"].add(
-            item.anomaly[TRAIN_ROWS:], baseline.detect(item.sensors[TRAIN_ROWS:]).alarms
-        )
+        t2_flags = baseline.detect(item.sensors[TRAIN_ROWS:]).alarms
+        groups[T2_TEST_ROWS].add(item.anomaly[TRAIN_ROWS:], t2_flags)
+        for group, test_flags in ((TEST_ROWS, flags[TRAIN_ROWS:]), (T2_TEST_ROWS, t2_flags)):
+            nab[group].add(
+                match_changepoints(
+                    test_index, item.changepoint[TRAIN_ROWS:], changepoints_from_outliers(test_flags), NAB_WINDOW
+                )
+            )
         starts = np.flatnonzero(np.diff(np.concatenate([[0], item.anomaly])) == 1)
         ends = np.flatnonzero(np.diff(np.concatenate([item.anomaly, [0]])) == -1)
         for start, end in zip(starts, ends, strict=True):
@@ -175,7 +185,7 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
     free_flags = rows["anomaly"].reindex(normal.frame.index.tz_localize("UTC")).to_numpy(dtype=int)
     free.add(np.zeros(len(free_flags), dtype=int), free_flags)
     return PipelineFigures(
-        seconds, summary, groups, free, caught, labelled_runs, len(alarm_episodes(out / "work")), score_auc
+        seconds, summary, groups, nab, free, caught, labelled_runs, len(alarm_episodes(out / "work")), score_auc
     )
 
 
@@ -199,15 +209,16 @@ def main() -> None:
     )
     header = (
         f"{'rows scored':<32} {'rows':>7} {'labelled':>8} {'prec':>6} {'recall':>6} {'F1':>6} {'FAR %':>6} "
-        f"{'FA/1000':>8}"
+        f"{'FA/1000':>8} {'NAB':>6}"
     )
     print(header)
     print("-" * len(header))
     for name, counts in [*figures.groups.items(), ("anomaly-free.csv (trained on)", figures.anomaly_free)]:
         f = counts.figures()
+        nab = f"{figures.nab[name].score():>6.2f}" if name in figures.nab else f"{'-':>6}"
         print(
             f"{name:<32} {f['rows']:>7} {f['labelled']:>8} {f['precision']:>6.3f} {f['recall']:>6.3f} {f['f1']:>6.3f} "
-            f"{f['far_percent']:>6.2f} {f['false_alarms_per_1000_normal_rows']:>8.2f}"
+            f"{f['far_percent']:>6.2f} {f['false_alarms_per_1000_normal_rows']:>8.2f} {nab}"
         )
     print(
         f"labelled anomalies (runs of label 1) with an alarm inside: {figures.anomalies_caught} of {figures.anomalies}"
@@ -222,6 +233,11 @@ def main() -> None:
         "files": [f.relative for f in files],
         "backfill_seconds": round(figures.seconds, 1),
         "groups": {name: counts.figures() for name, counts in figures.groups.items()},
+        "nab": {
+            name: {profile: round(score.score(profile), 2) for profile in ("standard", "low_fp", "low_fn")}
+            | {"missed_changepoints": score.missed, "false_positives": score.false_positives}
+            for name, score in figures.nab.items()
+        },
         "anomaly_free": figures.anomaly_free.figures(),
         "anomalies_caught": figures.anomalies_caught,
         "anomalies": figures.anomalies,
