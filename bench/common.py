@@ -1,8 +1,10 @@
 """What the benchmark scripts share: the repository's place, its benchmark configs, the
-learning rate of a running learner, matplotlib without a screen, and settings run side by side."""
+learning rate of a running learner, matplotlib without a screen, the cores a run may use and
+settings run side by side."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,6 +29,23 @@ def set_learning_rate(learner, value: float) -> None:
     """Sets the learning rate of an lru_online OnlineLearner's optimizer."""
     for group in learner.optimizer.param_groups:
         group["lr"] = value
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota. A
+    container limited to 2 cores still sees every core of its host in `os.cpu_count()`, and a
+    tuner starting one worker per host core there would slow every setting down."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity stands
+    return cores
 
 
 def run_in_scratch_folders(settings: list[dict], run: Callable[[dict, Path], Result], workers: int) -> list[Result]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import ROOT, run_in_scratch_folders
+from bench.common import ROOT, run_in_scratch_folders, usable_cores
 from bench.skab_tune import SETTING_HEADER, add_grid_arguments, setting_cells
 from bench.skab_tune import grid as alarm_grid
 from flows.monitor.alarm_scoring import alarm_scores
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     add_grid_arguments(parser, "1,5", "0.005", "0", "0.5", "0,200")
     parser.add_argument("--max-false-alarms", type=float, default=10.0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=usable_cores())
     args = parser.parse_args()
     if args.seed == 7:
         raise SystemExit("seed 7 is the demo's plant, the one its figures are reported on: tune on another")

@@ -18,12 +18,11 @@ is printed, to be copied into configs/skab_backfill.yaml by hand.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import yaml
 
-from bench.common import run_in_scratch_folders
+from bench.common import run_in_scratch_folders, usable_cores
 from bench.skab_pipeline import ROOT, TEST_ROWS, Counts, PipelineFigures, run_split, staged_files
 from bench.skab_tune import SETTING_HEADER, add_grid_arguments, grid, setting_cells
 
@@ -47,7 +46,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "skab_backfill.yaml")
     add_grid_arguments(parser, "1,10,40", "0.005", "0,10", "0.7", "0,200")
     parser.add_argument("--far-limit", type=float, default=12.0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=usable_cores())
     args = parser.parse_args()
     grid_settings = grid(args)
     files, normal = staged_files(args.data, "tuning")

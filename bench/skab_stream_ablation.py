@@ -28,7 +28,6 @@ AUC of the per-row forecast error against the labels, per file (0.5: no better t
 from __future__ import annotations
 
 import argparse
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from bench.anomaly_metrics import roc_auc
-from bench.common import load_config
+from bench.common import load_config, usable_cores
 from bench.skab import TRAIN_ROWS, LruDetectorConfig, LruForecastResidual, in_tuning_split, load_folder, run_method
 
 SCALINGS = ("per-run", "first-run", "running-per-run", "running-stream", "held-per-run")
@@ -125,7 +124,7 @@ def run_variant(name: str, data: Path) -> tuple[str, dict, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/skab")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(2, usable_cores()))
     args = parser.parse_args()
     print(
         f"tuning split of configs/skab.yaml, protocol continual; torch {torch.__version__}, "

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.common import load_config
+from bench.common import load_config, usable_cores
 from bench.skab import (
     LruDetectorConfig,
     LruForecastResidual,
@@ -113,7 +112,7 @@ def main() -> None:
     add_grid_arguments(parser, "40,60", "0.005,0.01", "0,10,20,30", "0.5,0.7,0.85", "0,200")
     parser.add_argument("--refit-epochs", default="0,5,10,20")
     parser.add_argument("--far-limit", type=float, default=12.0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=usable_cores())
     args = parser.parse_args()
     settings = settings_with_refits(args)
     files, _ = load_folder(args.data)
