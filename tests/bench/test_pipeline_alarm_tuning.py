@@ -8,7 +8,17 @@ from bench.skab_pipeline import Counts, PipelineFigures
 
 def _skab(tp: int, fp: int, fn: int, tn: int, caught: int, free: Counts | None = None) -> PipelineFigures:
     test_rows = {skab_pipeline_tune.TEST_ROWS: Counts(tp, fp, fn, tn)}
-    return PipelineFigures(0.0, "", test_rows, free or Counts(), caught, 8, 0, {})
+    return PipelineFigures(
+        seconds=0.0,
+        summary="",
+        groups=test_rows,
+        nab={},
+        anomaly_free=free or Counts(),
+        anomalies_caught=caught,
+        anomalies=8,
+        alarm_episodes=0,
+        score_auc={},
+    )
 
 
 def test_skab_pipeline_rule_takes_the_best_f1_within_the_far_limit_and_caught_anomalies_break_ties():
