@@ -757,9 +757,14 @@ def main() -> None:
     horizons = [int(h) for h in args.horizons.split(",")]
     series = load_series(args.data)
     target = series.columns.index(TARGET_COLUMN)
+    import sys
+
+    import torch
+
     print(
         f"{args.data.name}: {len(series.values)} rows used, columns {', '.join(series.columns)}, "
-        f"protocol {args.protocol}, horizons {horizons}"
+        f"protocol {args.protocol}, horizons {horizons}; python {sys.version.split()[0]}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     streams: dict[str, dict[int, StreamResult]] = {}
     results: dict[str, dict[int, dict]] = {}
