@@ -1,8 +1,8 @@
 """Retraining: a challenger trained on the recent window, judged against the champion.
 
 The newest `holdout_batches` of each entity are held out. When each file is a run of its
-lines (`log_schema.file_is_run`), each line's batch is a sequence of its own, from a zero state,
-for training and judging alike, as the stream reads it. The challenger is a fresh model
+lines (`log_schema.file_is_run`), each batch of a line is a sequence of its own, from a zero
+state, for training and judging alike, as the stream reads it. The challenger is a fresh model
 trained for a few epochs on each entity's recent batches before them, mixed with the
 champion's replay windows from before the held-out slice (so neither sees it). The champion
 is judged by the one-step errors it made on the held-out batches before learning from them
