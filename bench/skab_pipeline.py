@@ -9,8 +9,7 @@ command, `lru-online backfill OUT/stream -c CONFIG -w OUT/work`: one line throug
 in time order (with the default config each file a run of it: `log_schema.file_is_run`),
 anomaly-free.csv (first in time) trains the initial model, every row is scored before the
 model learns from it, and the product's detector (`alarms:`) raises the alarms. The backfill
-runs on one torch thread (see BACKFILL_THREADS). The labels are
-read only here, for scoring.
+runs on one torch thread (see BACKFILL_THREADS). The labels are read only here, for scoring.
 
 Printed per group of rows: row-level precision, recall and F1 of the `anomaly` flag against
 SKAB's `anomaly` label, FAR, false alarms per 1,000 normal rows, on test rows the NAB score
