@@ -1,7 +1,7 @@
 """Online anomaly detection on SKAB-format files, scored as the SKAB leaderboard scores it.
 
     python bench/skab.py --data DIR --out DIR [--protocol strict|continual] [--methods t2,hst,river-ar,lru]
-                         [--json FILE] [--plots DIR]
+                         [--json FILE] [--plots DIR] [--seeds 0,1,2,3,4]
 
 `--data` is walked for SKAB files (`;`-separated, `datetime` first, `anomaly` and `changepoint`
 labels last); a file named `anomaly-free.csv` is extra normal data, never scored.
@@ -29,6 +29,9 @@ F1, FAR %, MAR %, NAB (standard, LowFP, LowFN), missed changepoints, false posit
 second per method, with the leaderboard's rows for valve1 beside them. Under `continual`, the
 lru methods also report backward transfer: after the stream, frozen, they re-score the first
 fifth of the files; FAR on those files' normal rows then, against the FAR while streaming.
+`--seeds`: the lru methods run again at each of these model seeds (nothing written), and each
+split prints their figures per seed and the mean: one seed's FAR moves by several points with
+the seed, or with another CPU's float rounding, so a figure near a bar says little alone.
 `--plots DIR`: the first three files (sensors, scores, thresholds, true and predicted anomalies)
 and a summary chart of every method.
 """
@@ -40,6 +43,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -538,6 +542,24 @@ def print_table(results: dict[str, dict], published: bool, title: str) -> None:
             print(f"  {name:<20}" + "".join(f"{v:>9}" for v in row) + f"{'':>9}")
 
 
+def seed_spread(
+    name: str, files: list[SkabFile], normal: SkabFile | None, protocol: str, seeds: list[int]
+) -> dict[int, MethodResult]:
+    """An lru method at each model seed, its other settings as configured; nothing written."""
+    base = LruDetectorConfig(**load_config("skab").get("lru", {}))
+    return {
+        seed: run_method(
+            name, files, normal, protocol, None, make=partial(LruForecastResidual, replace(base, seed=seed), name=name)
+        )
+        for seed in seeds
+    }
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """The mean of each printed figure over rows (one per seed)."""
+    return {column: round(float(np.mean([row[column] for row in rows])), 2) for column in COLUMNS}
+
+
 def print_forgetting(results: dict[str, dict]) -> None:
     forgetting = {name: f for name, f in results.items() if "first_fifth_far_streaming" in f}
     if forgetting:
@@ -604,6 +626,7 @@ def main() -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plots", type=Path, default=None)
+    parser.add_argument("--seeds", default=None, help="model seeds, comma-separated, for the lru methods' spread")
     args = parser.parse_args()
     files, normal = load_folder(args.data)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -635,10 +658,31 @@ def main() -> None:
         valve1_only = split == "all" and all(f.relative.startswith("valve1/") for f in files)
         print_table(results[split], published=valve1_only, title=titles[split])
     print_forgetting(results["all"])
+    spread = {}
+    if args.seeds:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        seeded = {
+            name: seed_spread(name, files, normal, args.protocol, seeds) for name in names if name.startswith("lru")
+        }
+        for split, selected in splits.items():
+            if selected is not None and not any(selected):
+                continue
+            rows = {}
+            for name, by_seed in seeded.items():
+                per_seed = {f"{name} seed {seed}": run.figures(selected) for seed, run in by_seed.items()}
+                rows |= per_seed | {f"{name} mean": mean_row(list(per_seed.values()))}
+            spread[split] = rows
+            print_table(rows, published=False, title=f"{titles[split]}; the lru methods at seeds {args.seeds}")
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"protocol": args.protocol, "files": len(files), "methods": results["all"], "splits": results},
+                {
+                    "protocol": args.protocol,
+                    "files": len(files),
+                    "methods": results["all"],
+                    "splits": results,
+                    "seeds": spread,
+                },
                 indent=2,
             )
         )

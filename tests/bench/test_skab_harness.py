@@ -38,3 +38,19 @@ def test_t2_reproduces_the_published_valve1_row(skab, tmp_path):
     assert len(written) == len(first.frame) - skab.TRAIN_ROWS
     assert list(written.columns) == ["datetime", "anomaly", "changepoint", "score"]
     assert written["datetime"].iloc[0] == first.frame.index[skab.TRAIN_ROWS].strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_the_seed_spread_reruns_the_configured_lru_and_means_each_figure(skab):
+    files, _ = skab.load_folder(DATA)
+    picked = [f for f in files if f.relative in ("valve1/0.csv", "valve1/1.csv")]
+    configured = skab.LruDetectorConfig(**skab.load_config("skab")["lru"]).seed
+    main_run = skab.run_method("lru", picked, None, "strict", None)
+    spread = skab.seed_spread("lru", picked, None, "strict", [configured, configured + 1])
+    assert list(spread) == [configured, configured + 1]
+    again = spread[configured]
+    assert [(c.tp, c.fp, c.fn, c.tn) for c in again.counts] == [(c.tp, c.fp, c.fn, c.tn) for c in main_run.counts]
+    rows = [run.figures() for run in spread.values()]
+    mean = skab.mean_row(rows)
+    assert set(mean) == set(skab.COLUMNS)
+    assert mean["far_percent"] == pytest.approx((rows[0]["far_percent"] + rows[1]["far_percent"]) / 2, abs=0.005)
+    assert mean["f1"] == pytest.approx((rows[0]["f1"] + rows[1]["f1"]) / 2, abs=0.005)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.skab_tune import choose, grid, settings_with_refits
+from bench.skab_tune import choose, grid, mean_figures, settings_with_refits
 
 
 def test_the_grid_varies_the_short_charts_rate_only_where_it_is_used_and_keeps_it_shorter():
@@ -49,3 +49,18 @@ def test_the_rule_takes_the_best_f1_within_the_far_limit_and_nab_breaks_ties():
     assert choose(results, far_limit=12.0)[0]["name"] == "high nab"
     assert choose(results, far_limit=11.5)[0]["name"] == "low nab"
     assert choose(results, far_limit=1.0) is None
+
+
+def _seed(f1: float, far: float) -> dict:
+    return {"f1": f1, "far_percent": far, "mar_percent": 30.0, "nab_standard": 25.0, "false_positives": 10}
+
+
+def test_a_setting_lucky_at_one_seed_loses_to_one_that_holds_over_the_seeds():
+    lucky = [_seed(0.80, 4.0), _seed(0.78, 15.0), _seed(0.76, 17.0)]
+    steady = [_seed(0.77, 8.0), _seed(0.77, 9.0), _seed(0.76, 10.0)]
+    # Read at the first seed alone, the rule would take the lucky setting.
+    assert choose([("lucky", lucky[0]), ("steady", steady[0])], far_limit=12.0)[0] == "lucky"
+    means = [("lucky", mean_figures(lucky)), ("steady", mean_figures(steady))]
+    assert means[0][1]["far_percent"] == 12.0 and means[0][1]["f1"] == 0.78
+    assert (means[0][1]["far_min"], means[0][1]["far_max"], means[0][1]["seeds"]) == (4.0, 17.0, 3)
+    assert choose(means, far_limit=11.9)[0] == "steady"
