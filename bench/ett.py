@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -757,8 +758,6 @@ def main() -> None:
     horizons = [int(h) for h in args.horizons.split(",")]
     series = load_series(args.data)
     target = series.columns.index(TARGET_COLUMN)
-    import sys
-
     import torch
 
     print(

@@ -52,6 +52,7 @@ import torch
 from scipy import stats
 
 from bench.anomaly_metrics import (
+    ChangepointResult,
     NabScore,
     OutlierCounts,
     changepoints_from_outliers,
@@ -472,6 +473,14 @@ def backward_transfer(detector, files: list[SkabFile], streamed: list[Detection]
     }
 
 
+def scored_changepoints(item: SkabFile, predicted_changepoints: np.ndarray) -> ChangepointResult:
+    """A file's changepoints predicted on its test rows (`changepoints_from_outliers` of the
+    alarms), matched to the labelled ones within NAB_WINDOW, as the leaderboard's NAB scores them."""
+    return match_changepoints(
+        item.frame.index[TRAIN_ROWS:], item.changepoint[TRAIN_ROWS:], predicted_changepoints, NAB_WINDOW
+    )
+
+
 def run_method(
     name: str,
     files: list[SkabFile],
@@ -499,14 +508,12 @@ def run_method(
         seconds += time.perf_counter() - started
         rows += len(values)
         detections.append(detection)
-        test_index = item.frame.index[TRAIN_ROWS:]
         predicted_changepoints = changepoints_from_outliers(detection.alarms)
         counts.append(OutlierCounts())
         counts[-1].add(item.anomaly[TRAIN_ROWS:], detection.alarms)
-        changepoints.append(
-            match_changepoints(test_index, item.changepoint[TRAIN_ROWS:], predicted_changepoints, NAB_WINDOW)
-        )
+        changepoints.append(scored_changepoints(item, predicted_changepoints))
         if out is not None:
+            test_index = item.frame.index[TRAIN_ROWS:]
             write_predictions(
                 out / name, item.relative, test_index, detection.alarms, predicted_changepoints, detection.scores
             )

@@ -41,8 +41,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from anomaly_metrics import NabScore, changepoints_from_outliers, match_changepoints, roc_auc  # noqa: E402
-from skab import NAB_WINDOW, TRAIN_ROWS, HotellingT2, SkabFile, in_tuning_split, load_folder  # noqa: E402
+from anomaly_metrics import NabScore, OutlierCounts, changepoints_from_outliers, roc_auc  # noqa: E402
+from common import usable_cores  # noqa: E402
+from skab import TRAIN_ROWS, HotellingT2, SkabFile, in_tuning_split, load_folder, scored_changepoints  # noqa: E402
 
 TEST_ROWS = "valve1 test rows (400-end)"  # the group the leaderboard's protocol scores
 # The backfill runs on one torch thread, as bench/skab_pipeline_tune.py runs each setting: the
@@ -55,18 +56,9 @@ T2_TEST_ROWS = "t2 (per-file fit), test rows"
 
 
 @dataclass
-class Counts:
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-    tn: int = 0
-
-    def add(self, truth: np.ndarray, flags: np.ndarray) -> None:
-        truth, flags = truth.astype(bool), flags.astype(bool)
-        self.tp += int((truth & flags).sum())
-        self.fp += int((~truth & flags).sum())
-        self.fn += int((truth & ~flags).sum())
-        self.tn += int((~truth & ~flags).sum())
+class Counts(OutlierCounts):
+    """Row counts of one group, with the stream's figures: precision, recall and false alarms
+    per 1,000 normal rows beside the leaderboard's F1 and FAR."""
 
     def figures(self) -> dict[str, float]:
         precision = self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
@@ -77,8 +69,8 @@ class Counts:
             "labelled": self.tp + self.fn,
             "precision": round(precision, 3),
             "recall": round(recall, 3),
-            "f1": round(self.tp / (self.tp + (self.fp + self.fn) / 2), 3) if self.tp + self.fp + self.fn else 0.0,
-            "far_percent": round(100 * self.fp / normal, 2) if normal else 0.0,
+            "f1": round(self.f1, 3),
+            "far_percent": round(self.far_percent, 2),
             "false_alarms_per_1000_normal_rows": round(1000 * self.fp / normal, 2) if normal else 0.0,
         }
 
@@ -174,7 +166,6 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
             raise SystemExit(f"{item.relative}: {int(scored['anomaly'].isna().sum())} rows have no scored output row")
         flags = scored["anomaly"].to_numpy(dtype=int)
         groups[TEST_ROWS].add(item.anomaly[TRAIN_ROWS:], flags[TRAIN_ROWS:])
-        test_index = item.frame.index[TRAIN_ROWS:]
         scores = scored["score"].to_numpy(dtype=float)[TRAIN_ROWS:]
         score_auc[item.relative] = round(roc_auc(item.anomaly[TRAIN_ROWS:], np.nan_to_num(scores)), 3)
         groups["valve1 all rows"].add(item.anomaly, flags)
@@ -183,11 +174,7 @@ def run_split(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) 
         t2_flags = baseline.detect(item.sensors[TRAIN_ROWS:]).alarms
         groups[T2_TEST_ROWS].add(item.anomaly[TRAIN_ROWS:], t2_flags)
         for group, test_flags in ((TEST_ROWS, flags[TRAIN_ROWS:]), (T2_TEST_ROWS, t2_flags)):
-            nab[group].add(
-                match_changepoints(
-                    test_index, item.changepoint[TRAIN_ROWS:], changepoints_from_outliers(test_flags), NAB_WINDOW
-                )
-            )
+            nab[group].add(scored_changepoints(item, changepoints_from_outliers(test_flags)))
         starts = np.flatnonzero(np.diff(np.concatenate([[0], item.anomaly])) == 1)
         ends = np.flatnonzero(np.diff(np.concatenate([item.anomaly, [0]])) == -1)
         for start, end in zip(starts, ends, strict=True):
@@ -215,7 +202,7 @@ def main() -> None:
 
     print(
         f"python {sys.version.split()[0]}, torch {torch.__version__}, backfill on {BACKFILL_THREADS} torch thread "
-        f"of {os.cpu_count()} cores"
+        f"of {usable_cores()} usable cores"
     )
     print(
         f"split {args.split}: anomaly-free.csv + {len(files)} valve1 files; "

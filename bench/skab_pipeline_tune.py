@@ -30,7 +30,7 @@ from bench.skab_tune import SETTING_HEADER, add_grid_arguments, grid, setting_ce
 def normal_far_percent(figures: PipelineFigures) -> float:
     """FAR over every normal row the rule judges: valve1's test rows and anomaly-free.csv's."""
     test, free = figures.groups[TEST_ROWS], figures.anomaly_free
-    return Counts(0, test.fp + free.fp, 0, test.tn + free.tn).figures()["far_percent"]
+    return Counts(fp=test.fp + free.fp, tn=test.tn + free.tn).figures()["far_percent"]
 
 
 def choose(results: list[tuple[dict, PipelineFigures]], far_limit: float) -> tuple[dict, PipelineFigures] | None:

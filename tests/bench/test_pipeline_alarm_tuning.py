@@ -7,7 +7,7 @@ from bench.skab_pipeline import Counts, PipelineFigures
 
 
 def _skab(tp: int, fp: int, fn: int, tn: int, caught: int, free: Counts | None = None) -> PipelineFigures:
-    test_rows = {skab_pipeline_tune.TEST_ROWS: Counts(tp, fp, fn, tn)}
+    test_rows = {skab_pipeline_tune.TEST_ROWS: Counts(tp=tp, fp=fp, fn=fn, tn=tn)}
     return PipelineFigures(
         seconds=0.0,
         summary="",
