@@ -34,7 +34,8 @@ def training_features(picked: list[pd.DataFrame], spec: FeatureSpec, file_is_run
     parts = []
     for rows in picked:
         features, after = build_features(rows, spec, {} if file_is_run else states)
-        states.update(after)
+        if not file_is_run:  # a run's states end with its file: nothing to keep
+            states.update(after)
         parts.append(features)
     return parts
 
