@@ -20,6 +20,12 @@ setting of the grid runs `bench/skab.py`'s `lru` under the strict protocol from 
 alarms decide which chunks the learner updates on, so nothing can be replayed), and the rule
 picks the highest F1 among the settings whose FAR stays at or below `--far-limit` %, NAB
 breaking ties. The chosen setting is printed, to be copied into configs/skab.yaml by hand.
+
+After the table, a check of the rule's criteria on the tuning split alone: every setting's
+figures on the first half of the scored tuning files and on the second half (seed means), and
+for each figure the rank correlation over the settings between the halves. A figure whose
+ranking does not carry from one group of files to the next says little about files the
+settings never saw.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from scipy import stats
 
 from bench.common import load_config, usable_cores
 from bench.skab import (
@@ -43,15 +50,19 @@ from bench.skab import (
 )
 
 MEANED = ("f1", "far_percent", "mar_percent", "nab_standard", "false_positives")
+PORTABLE = {"f1": "F1", "far_percent": "FAR", "nab_standard": "NAB"}  # the figures the check ranks
 
 
-def _figures(setting: tuple[dict, int], seed: int, tuning: list[SkabFile]) -> dict:
+def _figures(setting: tuple[dict, int], seed: int, tuning: list[SkabFile]) -> tuple[dict, dict, dict]:
+    """One setting at one seed: its figures on the tuning files, on their first half and on
+    their second half (in the split's time order)."""
     torch.set_num_threads(1)  # one setting per worker, one core each
     alarm, refit_epochs = setting
     base = LruDetectorConfig(**load_config("skab").get("lru", {}))
     config = replace(base, alarm=base.alarm | alarm, refit_epochs=refit_epochs, seed=seed)
     result = run_method("lru", tuning, None, "strict", None, make=lambda: LruForecastResidual(config))
-    return result.figures()
+    first = [i < len(tuning) // 2 for i in range(len(tuning))]
+    return result.figures(), result.figures(first), result.figures([not f for f in first])
 
 
 def mean_figures(per_seed: list[dict]) -> dict:
@@ -59,6 +70,20 @@ def mean_figures(per_seed: list[dict]) -> dict:
     mean = {key: round(sum(f[key] for f in per_seed) / len(per_seed), 3) for key in MEANED}
     fars = [f["far_percent"] for f in per_seed]
     return mean | {"far_min": min(fars), "far_max": max(fars), "seeds": len(per_seed)}
+
+
+def portability(halves: list[tuple[dict, dict]]) -> dict[str, float]:
+    """Per figure of PORTABLE, Spearman's rank correlation over the settings between their
+    figures on one half of the files and on the other; NaN with fewer than three settings or
+    where a half gives every setting the same figure."""
+    correlations = {}
+    for key in PORTABLE:
+        first, second = [h[0][key] for h in halves], [h[1][key] for h in halves]
+        constant = len(set(first)) < 2 or len(set(second)) < 2
+        correlations[key] = (
+            float("nan") if len(halves) < 3 or constant else float(stats.spearmanr(first, second).statistic)
+        )
+    return correlations
 
 
 def add_grid_arguments(
@@ -143,13 +168,28 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         per_run = list(pool.map(_figures, *zip(*runs, strict=True), itertools.repeat(tuning)))
     per_setting = [per_run[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(settings))]
-    results = [(setting, mean_figures(figures)) for setting, figures in zip(settings, per_setting, strict=True)]
+    results = [
+        (setting, mean_figures([whole for whole, _, _ in runs]))
+        for setting, runs in zip(settings, per_setting, strict=True)
+    ]
+    halves = [
+        (mean_figures([first for _, first, _ in runs]), mean_figures([second for _, _, second in runs]))
+        for runs in per_setting
+    ]
     print(f"means over {len(seeds)} seed(s)")
     print(f"{SETTING_HEADER}{'refit':>6}{'F1':>7}{'FAR %':>8}{'FAR range':>13}{'MAR %':>8}{'NAB':>7}{'FPs':>7}")
     for (alarm, refit_epochs), f in sorted(results, key=lambda r: -r[1]["f1"]):
         print(
             f"{setting_cells(alarm)}{refit_epochs:>6}{f['f1']:>7}{f['far_percent']:>8}"
             f"{f['far_min']:>6}-{f['far_max']:<6}{f['mar_percent']:>8}{f['nab_standard']:>7}{f['false_positives']:>7}"
+        )
+    half = len(tuning) // 2
+    if half:
+        correlations = portability(halves)
+        print(
+            f"ranks carried from {tuning[0].relative}-{tuning[half - 1].relative} to "
+            f"{tuning[half].relative}-{tuning[-1].relative} (Spearman over {len(settings)} settings, "
+            "seed means): " + ", ".join(f"{PORTABLE[key]} {value:.2f}" for key, value in correlations.items())
         )
     chosen = choose(results, args.far_limit)
     if chosen is None:

@@ -1,10 +1,17 @@
-"""bench/skab_tune.py: the grid it walks and the rule that picks from it."""
+"""bench/skab_tune.py: the grid it walks, the rule that picks from it and the check of how far
+the rule's figures carry from one half of the tuning files to the other."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
-from bench.skab_tune import choose, grid, mean_figures, settings_with_refits
+import pytest
+
+from bench.skab_tune import _figures, choose, grid, mean_figures, portability, settings_with_refits
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "skab"
 
 
 def test_the_grid_varies_the_short_charts_rate_only_where_it_is_used_and_keeps_it_shorter():
@@ -64,3 +71,38 @@ def test_a_setting_lucky_at_one_seed_loses_to_one_that_holds_over_the_seeds():
     assert means[0][1]["far_percent"] == 12.0 and means[0][1]["f1"] == 0.78
     assert (means[0][1]["far_min"], means[0][1]["far_max"], means[0][1]["seeds"]) == (4.0, 17.0, 3)
     assert choose(means, far_limit=11.9)[0] == "steady"
+
+
+def test_portability_ranks_each_figure_between_the_halves():
+    # F1 reverses its order between the halves, FAR keeps it (on another scale), NAB is flat.
+    halves = [
+        ({"f1": 0.9, "far_percent": 1.0, "nab_standard": 30.0}, {"f1": 0.5, "far_percent": 10.0, "nab_standard": 20.0}),
+        ({"f1": 0.7, "far_percent": 2.0, "nab_standard": 30.0}, {"f1": 0.6, "far_percent": 30.0, "nab_standard": 25.0}),
+        ({"f1": 0.5, "far_percent": 3.0, "nab_standard": 30.0}, {"f1": 0.8, "far_percent": 40.0, "nab_standard": 21.0}),
+    ]
+    correlations = portability(halves)
+    assert correlations["f1"] == pytest.approx(-1.0)
+    assert correlations["far_percent"] == pytest.approx(1.0)
+    assert math.isnan(correlations["nab_standard"])  # one half ranks nothing
+    assert all(math.isnan(v) for v in portability(halves[:2]).values())
+
+
+@pytest.mark.skipif(not (DATA / "valve1").is_dir(), reason=f"SKAB data not at {DATA}")
+def test_each_halfs_figures_are_those_of_its_files_run_alone():
+    from bench.skab import load_folder
+
+    files, _ = load_folder(DATA)
+    picked = [f for f in files if f.relative in ("valve1/0.csv", "valve1/1.csv")]
+    setting = ({"smoothing_rows": 40, "false_alarm_rate": 0.01, "recent_rows": 0, "bias_rows": 200}, 0)
+    whole, first, second = _figures(setting, 0, picked)
+    alone_first, _, _ = _figures(setting, 0, picked[:1])
+    alone_second, _, _ = _figures(setting, 0, picked[1:])
+    timing = {"rows_per_second"}  # the run's speed, not a figure of its files
+    assert {k: v for k, v in first.items() if k not in timing} == {
+        k: v for k, v in alone_first.items() if k not in timing
+    }
+    assert {k: v for k, v in second.items() if k not in timing} == {
+        k: v for k, v in alone_second.items() if k not in timing
+    }
+    assert whole["false_positives"] == first["false_positives"] + second["false_positives"]
+    assert whole["files"] == 2 and first["files"] == second["files"] == 1
