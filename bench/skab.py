@@ -276,6 +276,11 @@ class LruDetectorConfig:
     variants: dict = field(default_factory=dict)  # name → overrides (lru-replay, lru-ewc)
 
 
+def configured_lru() -> LruDetectorConfig:
+    """The lru detector's settings as configs/skab.yaml holds them."""
+    return LruDetectorConfig(**load_config("skab").get("lru", {}))
+
+
 def slow_sensors(rows: np.ndarray, lag: int, threshold: float) -> np.ndarray:
     """Sensors whose values still correlate with themselves `lag` rows later above `threshold`:
     slow drifts (temperatures) whose level in a short training part says little about the level
@@ -305,7 +310,7 @@ class LruForecastResidual:
         from lru_online.alarms import AlarmConfig, AnomalyDetector
 
         self.name = name
-        base = config or LruDetectorConfig(**load_config("skab").get("lru", {}))
+        base = config or configured_lru()
         self.config = replace(base, **base.variants.get(name, {}))
         self.detector = AnomalyDetector(AlarmConfig(**self.config.alarm))
         self.learner = None
@@ -553,7 +558,7 @@ def seed_spread(
     name: str, files: list[SkabFile], normal: SkabFile | None, protocol: str, seeds: list[int]
 ) -> dict[int, MethodResult]:
     """An lru method at each model seed, its other settings as configured; nothing written."""
-    base = LruDetectorConfig(**load_config("skab").get("lru", {}))
+    base = configured_lru()
     return {
         seed: run_method(
             name, files, normal, protocol, None, make=partial(LruForecastResidual, replace(base, seed=seed), name=name)

@@ -37,7 +37,15 @@ import torch
 
 from bench.anomaly_metrics import roc_auc
 from bench.common import load_config, usable_cores
-from bench.skab import TRAIN_ROWS, LruDetectorConfig, LruForecastResidual, in_tuning_split, load_folder, run_method
+from bench.skab import (
+    TRAIN_ROWS,
+    LruDetectorConfig,
+    LruForecastResidual,
+    configured_lru,
+    in_tuning_split,
+    load_folder,
+    run_method,
+)
 
 SCALINGS = ("per-run", "first-run", "running-per-run", "running-stream", "held-per-run")
 
@@ -105,7 +113,7 @@ def run_variant(name: str, data: Path) -> tuple[str, dict, list[float]]:
         raise SystemExit(f"{data}: no anomaly-free.csv; the stream's model trains on it")
     files = [f for f in files if in_tuning_split(f, load_config("skab").get("tuning_files", []))]
     variant = VARIANTS[name]
-    base = LruDetectorConfig(**load_config("skab").get("lru", {}))
+    base = configured_lru()
     config = replace(base, adapt_epochs=0, refit_epochs=0)
     if variant.get("slow_as_levels"):
         config = replace(config, slow_autocorrelation=np.inf)

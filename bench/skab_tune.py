@@ -41,9 +41,9 @@ from scipy import stats
 
 from bench.common import load_config, usable_cores
 from bench.skab import (
-    LruDetectorConfig,
     LruForecastResidual,
     SkabFile,
+    configured_lru,
     in_tuning_split,
     load_folder,
     run_method,
@@ -58,11 +58,16 @@ def _figures(setting: tuple[dict, int], seed: int, tuning: list[SkabFile]) -> tu
     their second half (in the split's time order)."""
     torch.set_num_threads(1)  # one setting per worker, one core each
     alarm, refit_epochs = setting
-    base = LruDetectorConfig(**load_config("skab").get("lru", {}))
+    base = configured_lru()
     config = replace(base, alarm=base.alarm | alarm, refit_epochs=refit_epochs, seed=seed)
     result = run_method("lru", tuning, None, "strict", None, make=lambda: LruForecastResidual(config))
-    first = [i < len(tuning) // 2 for i in range(len(tuning))]
+    first = in_first_half(tuning)
     return result.figures(), result.figures(first), result.figures([not f for f in first])
+
+
+def in_first_half(files: list[SkabFile]) -> list[bool]:
+    """Which files form the first half of the split, in its time order (the rest the second)."""
+    return [i < len(files) // 2 for i in range(len(files))]
 
 
 def mean_figures(per_seed: list[dict]) -> dict:
@@ -183,13 +188,14 @@ def main() -> None:
             f"{setting_cells(alarm)}{refit_epochs:>6}{f['f1']:>7}{f['far_percent']:>8}"
             f"{f['far_min']:>6}-{f['far_max']:<6}{f['mar_percent']:>8}{f['nab_standard']:>7}{f['false_positives']:>7}"
         )
-    half = len(tuning) // 2
-    if half:
+    first = [f.relative for f, keep in zip(tuning, in_first_half(tuning), strict=True) if keep]
+    if first:
+        second = names[len(first) :]
         correlations = portability(halves)
         print(
-            f"ranks carried from {tuning[0].relative}-{tuning[half - 1].relative} to "
-            f"{tuning[half].relative}-{tuning[-1].relative} (Spearman over {len(settings)} settings, "
-            "seed means): " + ", ".join(f"{PORTABLE[key]} {value:.2f}" for key, value in correlations.items())
+            f"ranks carried from {first[0]}-{first[-1]} to {second[0]}-{second[-1]} (Spearman over "
+            f"{len(settings)} settings, seed means): "
+            + ", ".join(f"{PORTABLE[key]} {value:.2f}" for key, value in correlations.items())
         )
     chosen = choose(results, args.far_limit)
     if chosen is None:

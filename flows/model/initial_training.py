@@ -33,8 +33,8 @@ def training_features(picked: list[pd.DataFrame], spec: FeatureSpec, file_is_run
     states: dict[str, EntityFeatureState] = {}
     parts = []
     for rows in picked:
-        features, after = build_features(rows, spec, {} if file_is_run else states)
-        if not file_is_run:  # a run's states end with its file: nothing to keep
+        features, after = build_features(rows, spec, states)
+        if not file_is_run:  # a run's states end with its file: nothing to carry, each starts fresh
             states.update(after)
         parts.append(features)
     return parts
