@@ -46,16 +46,28 @@ def test_every_alarm_setting_is_tried_at_every_refit_length():
         assert [refit for a, refit in settings if a == alarm] == [0, 10]
 
 
-def test_the_rule_takes_the_best_f1_within_the_far_limit_and_nab_breaks_ties():
+def test_each_rule_takes_its_best_within_the_far_limit():
     results = [
         ({"name": "noisy"}, {"f1": 0.9, "far_percent": 20.0, "nab_standard": 50.0}),
         ({"name": "low nab"}, {"f1": 0.8, "far_percent": 11.0, "nab_standard": 30.0}),
         ({"name": "high nab"}, {"f1": 0.8, "far_percent": 12.0, "nab_standard": 35.0}),
         ({"name": "weak"}, {"f1": 0.7, "far_percent": 5.0, "nab_standard": 40.0}),
     ]
-    assert choose(results, far_limit=12.0)[0]["name"] == "high nab"
-    assert choose(results, far_limit=11.5)[0]["name"] == "low nab"
-    assert choose(results, far_limit=1.0) is None
+    assert choose(results, far_limit=12.0, rank_by="f1")[0]["name"] == "high nab"
+    assert choose(results, far_limit=11.5, rank_by="f1")[0]["name"] == "low nab"
+    assert choose(results, far_limit=1.0, rank_by="f1") is None
+    # Ranked by NAB, F1 does not count: the weak detector's NAB wins under any limit it meets.
+    assert choose(results, far_limit=12.0)[0]["name"] == "weak"
+    assert choose(results, far_limit=4.0) is None
+
+
+def test_ranked_by_nab_equal_scores_go_to_the_lower_far():
+    results = [
+        ({"name": "noisy"}, {"f1": 0.8, "far_percent": 5.5, "nab_standard": 30.0}),
+        ({"name": "quiet"}, {"f1": 0.7, "far_percent": 2.0, "nab_standard": 30.0}),
+        ({"name": "over"}, {"f1": 0.9, "far_percent": 6.5, "nab_standard": 40.0}),
+    ]
+    assert choose(results, far_limit=6.0)[0]["name"] == "quiet"
 
 
 def _seed(f1: float, far: float) -> dict:
@@ -66,11 +78,11 @@ def test_a_setting_lucky_at_one_seed_loses_to_one_that_holds_over_the_seeds():
     lucky = [_seed(0.80, 4.0), _seed(0.78, 15.0), _seed(0.76, 17.0)]
     steady = [_seed(0.77, 8.0), _seed(0.77, 9.0), _seed(0.76, 10.0)]
     # Read at the first seed alone, the rule would take the lucky setting.
-    assert choose([("lucky", lucky[0]), ("steady", steady[0])], far_limit=12.0)[0] == "lucky"
+    assert choose([("lucky", lucky[0]), ("steady", steady[0])], far_limit=12.0, rank_by="f1")[0] == "lucky"
     means = [("lucky", mean_figures(lucky)), ("steady", mean_figures(steady))]
     assert means[0][1]["far_percent"] == 12.0 and means[0][1]["f1"] == 0.78
     assert (means[0][1]["far_min"], means[0][1]["far_max"], means[0][1]["seeds"]) == (4.0, 17.0, 3)
-    assert choose(means, far_limit=11.9)[0] == "steady"
+    assert choose(means, far_limit=11.9, rank_by="f1")[0] == "steady"
 
 
 def test_portability_ranks_each_figure_between_the_halves():
