@@ -55,7 +55,6 @@ BACKFILL_THREADS = 1
 T2_TEST_ROWS = "t2 (per-file fit), test rows"
 
 
-@dataclass
 class Counts(OutlierCounts):
     """Row counts of one group, with the stream's figures: precision, recall and false alarms
     per 1,000 normal rows beside the leaderboard's F1 and FAR."""
