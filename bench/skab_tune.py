@@ -3,7 +3,7 @@
     python bench/skab_tune.py [--data ../shared/data/skab] [--smoothing-rows 40,60]
                               [--false-alarm-rates 0.005,0.01] [--recent-rows 0,10,20,30]
                               [--recent-rates 0.5,0.7,0.85] [--bias-rows 0,200]
-                              [--refit-epochs 0,5,10,20] [--seeds 0] [--rank-by nab]
+                              [--threshold-fits conformal,gamma] [--refit-epochs 0,5,10,20] [--seeds 0] [--rank-by nab]
                               [--far-limit 6] [--workers 2]
 
 `--refit-epochs`: the epochs the forecaster trains on a file's whole training part once its
@@ -112,28 +112,41 @@ def add_grid_arguments(
     parser.add_argument("--recent-rows", default=recent_rows)
     parser.add_argument("--recent-rates", default=recent_rates)
     parser.add_argument("--bias-rows", default=bias_rows)
+    parser.add_argument(
+        "--threshold-fits", default="conformal", help="conformal and/or gamma (AlarmConfig.threshold_fit)"
+    )
 
 
-SETTING_HEADER = f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'bias':>6}"
+SETTING_HEADER = f"{'smooth':>7}{'α':>7}{'recent':>7}{'β':>6}{'bias':>6}{'fit':>10}"
 
 
 def setting_cells(alarm: dict) -> str:
     """One grid setting as the first cells of a tuner's table row (under SETTING_HEADER)."""
     return (
         f"{alarm['smoothing_rows']:>7}{alarm['false_alarm_rate']:>7}{alarm['recent_rows']:>7}"
-        f"{alarm.get('recent_false_alarm_rate', '-'):>6}{alarm['bias_rows']:>6}"
+        f"{alarm.get('recent_false_alarm_rate', '-'):>6}{alarm['bias_rows']:>6}{alarm['threshold_fit']:>10}"
     )
 
 
 def grid(args: argparse.Namespace) -> list[dict]:
     """Every alarm setting to try; the short chart's rate only varies where it is used."""
     settings = []
-    for smoothing, rate, recent, bias in itertools.product(
-        _ints(args.smoothing_rows), _floats(args.false_alarm_rates), _ints(args.recent_rows), _ints(args.bias_rows)
+    for smoothing, rate, recent, bias, fit in itertools.product(
+        _ints(args.smoothing_rows),
+        _floats(args.false_alarm_rates),
+        _ints(args.recent_rows),
+        _ints(args.bias_rows),
+        args.threshold_fits.split(","),
     ):
         if recent >= smoothing:
             continue
-        base = {"smoothing_rows": smoothing, "false_alarm_rate": rate, "recent_rows": recent, "bias_rows": bias}
+        base = {
+            "smoothing_rows": smoothing,
+            "false_alarm_rate": rate,
+            "recent_rows": recent,
+            "bias_rows": bias,
+            "threshold_fit": fit,
+        }
         recent_rates = _floats(args.recent_rates) if recent else [None]
         settings += [base if r is None else base | {"recent_false_alarm_rate": r} for r in recent_rates]
     return settings

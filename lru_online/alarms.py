@@ -17,6 +17,14 @@ recent score. (Leaving alarmed rows out instead would ratchet every threshold do
 them as they are would let a fault raise the threshold over itself.) A line alarms only once
 it holds `warmup_rows` scores.
 
+With `threshold_fit="gamma"` the threshold is instead the (1−α) quantile of a Gamma law fitted
+to the held scores by their mean and variance. Why: the held scores of an n-row mean chart are
+strongly dependent (200 held rows of a 40-row chart are about five independent values), so
+their order statistic at 1−α is a noisy, low estimate of the tail and normal rows alarm more
+often than α on the next stretch. Under the null the chart is a weighted sum of χ²(1) terms,
+which a scaled χ² (a Gamma law) matches by its first two moments (Welch–Satterthwaite); the
+fit uses every held score, not the few largest. The short chart stays conformal.
+
 A long window finds a small sustained shift but lags: after a fault ends, its last rows keep
 the mean up for up to n rows. With `recent_rows` m < n set, a row alarms only when the mean
 chart of its last m rows also passes that chart's own conformal threshold (rate
@@ -41,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -57,6 +65,9 @@ class AlarmConfig:
     recent_rows: int = 0  # m of the confirming short chart; 0: none
     recent_false_alarm_rate: float = 0.1  # its rate: the last m rows must still be this unusual
     bias_rows: int = 0  # span of the running mean residual taken off before the chart; 0: none
+    # How the mean chart's threshold comes from its held scores: their conformal order
+    # statistic, or the quantile of a Gamma law fitted to their mean and variance.
+    threshold_fit: Literal["conformal", "gamma"] = "conformal"
     # Rows of a file judged together by the pipeline (flows.model.file_step.judge_lines), each
     # chunk against the threshold as the chunks before it left it; 0: the whole file at once.
     judge_rows: int = 0
@@ -68,6 +79,8 @@ class AlarmConfig:
             raise ValueError(f"AlarmConfig.bias_rows must be >= 0, got {self.bias_rows}")
         if self.judge_rows < 0:
             raise ValueError(f"AlarmConfig.judge_rows must be >= 0, got {self.judge_rows}")
+        if self.threshold_fit not in ("conformal", "gamma"):
+            raise ValueError(f"AlarmConfig.threshold_fit must be 'conformal' or 'gamma', got {self.threshold_fit!r}")
         if not 1 <= self.warmup_rows <= self.calibration_rows:
             raise ValueError("AlarmConfig.warmup_rows must be in [1, calibration_rows]")
         if not 0 <= self.recent_rows < self.smoothing_rows:
@@ -214,8 +227,17 @@ class AnomalyDetector:
         self.config = config or AlarmConfig()
 
     def thresholds(self, state: AlarmState) -> torch.Tensor:
-        """Each line's conformal threshold from its held normal scores (inf before warm-up)."""
-        return self._conformal(state.calibration, self.config.false_alarm_rate, math.inf).threshold
+        """Each line's threshold from its held normal scores (inf before warm-up)."""
+        return self._main_calibration(state.calibration).threshold
+
+    def _main_calibration(self, calibration: torch.Tensor) -> _Calibration:
+        """The mean chart's calibration, by the configured `threshold_fit`."""
+        conformal = self._conformal(calibration, self.config.false_alarm_rate, math.inf)
+        if self.config.threshold_fit == "conformal":
+            return conformal
+        fitted = gamma_quantile(calibration, 1.0 - self.config.false_alarm_rate)
+        usable = conformal.held >= self.config.warmup_rows
+        return conformal._replace(threshold=torch.where(usable, fitted, math.inf))
 
     def recent_thresholds(self, state: AlarmState) -> torch.Tensor:
         """The short chart's thresholds; −inf (no veto) while a line holds too few of its scores."""
@@ -262,7 +284,7 @@ class AnomalyDetector:
         standard = torch.where(finite, residuals, 0.0) / scale[:, None, :]
 
         scores = torch.where(steps, self._mean_chart(standard, state, self.config.smoothing_rows), math.nan)
-        calibrated = self._conformal(state.calibration, self.config.false_alarm_rate, math.inf)
+        calibrated = self._main_calibration(state.calibration)
         thresholds = calibrated.threshold
         recent = self.config.recent_rows
         if recent:
@@ -396,3 +418,29 @@ class AnomalyDetector:
             peak = float(scores[line, start:stop].max())
             episodes.append(AlarmEpisode(line, start, stop - 1, peak, bool(start == 0 and was_in_alarm[line])))
         return episodes
+
+
+def gamma_quantile(held: torch.Tensor, probability: float) -> torch.Tensor:
+    """Per row of `held` (B, K; NaN where empty), the `probability` quantile of the Gamma law with
+    the finite values' mean and variance; where they do not vary (or fewer than two), their
+    largest. Solved by bisection on the regularised incomplete gamma function, in float64."""
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"gamma_quantile: probability must be in (0, 1), got {probability}")
+    finite = torch.isfinite(held)
+    count = finite.sum(1).double()
+    values = torch.where(finite, held.double(), 0.0)
+    mean = values.sum(1) / count.clamp(min=1)
+    variance = (torch.where(finite, held.double() - mean[:, None], 0.0) ** 2).sum(1) / (count - 1).clamp(min=1)
+    largest = torch.where(finite, held.double(), -math.inf).max(1).values if held.shape[1] else mean
+    fits = (count >= 2) & (variance > 0) & (mean > 0)
+    shape = torch.where(fits, mean**2 / variance.clamp(min=1e-300), 1.0)
+    scale = torch.where(fits, variance / mean.clamp(min=1e-300), 1.0)
+    # In units of `scale`: the quantile lies below an upper bound found by doubling.
+    low, high = torch.zeros_like(shape), shape + 12.0 * shape.sqrt() + 40.0
+    while bool((torch.special.gammainc(shape, high) < probability).any()):
+        high = torch.where(torch.special.gammainc(shape, high) < probability, 2.0 * high, high)
+    for _ in range(80):  # 80 halvings: below float64's resolution for any bracket reached
+        middle = 0.5 * (low + high)
+        below = torch.special.gammainc(shape, middle) < probability
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    return torch.where(fits, 0.5 * (low + high) * scale, largest)

@@ -21,13 +21,16 @@ def test_the_grid_varies_the_short_charts_rate_only_where_it_is_used_and_keeps_i
         recent_rows="0,10,20",
         recent_rates="0.5,0.85",
         bias_rows="0",
+        threshold_fits="conformal,gamma",
     )
     settings = grid(args)
-    assert {"smoothing_rows": 10, "false_alarm_rate": 0.01, "recent_rows": 0, "bias_rows": 0} in settings
+    plain = {"smoothing_rows": 10, "false_alarm_rate": 0.01, "recent_rows": 0, "bias_rows": 0}
+    assert plain | {"threshold_fit": "conformal"} in settings and plain | {"threshold_fit": "gamma"} in settings
     assert all(s["recent_rows"] < s["smoothing_rows"] for s in settings)
     assert all(("recent_false_alarm_rate" in s) == (s["recent_rows"] > 0) for s in settings)
-    # smoothing 10: m 0 only; smoothing 40: m 0, then m 10 and 20 at each of the two rates.
-    assert len(settings) == 1 + 1 + 2 * 2
+    # smoothing 10: m 0 only; smoothing 40: m 0, then m 10 and 20 at each of the two rates; each
+    # with both threshold fits.
+    assert len(settings) == 2 * (1 + 1 + 2 * 2)
 
 
 def test_every_alarm_setting_is_tried_at_every_refit_length():
@@ -37,6 +40,7 @@ def test_every_alarm_setting_is_tried_at_every_refit_length():
         recent_rows="0",
         recent_rates="0.7",
         bias_rows="0",
+        threshold_fits="conformal",
         refit_epochs="0,10",
     )
     settings = settings_with_refits(args)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lru_online import codec
-from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector
+from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector, gamma_quantile
 
 
 def _unit_scaled(lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
@@ -284,3 +284,46 @@ def test_the_bias_takes_a_new_steady_level_off_but_not_a_fault():
     assert abs(bias[-1, 1] - 0.6) < 0.15  # the new level, learned
     assert abs(bias[1460 // 20, 2] - bias[1400 // 20 - 1, 2]) < 0.1  # the second fault left it alone
     assert not runs["plain"][1].any()  # no bias without bias_rows
+
+
+def test_the_gamma_threshold_is_the_quantile_of_the_law_fitted_to_the_held_scores():
+    from scipy import stats
+
+    config = AlarmConfig(false_alarm_rate=0.02, calibration_rows=60, warmup_rows=20, threshold_fit="gamma")
+    state = AlarmState.fresh(4, 1, config)
+    rng = np.random.default_rng(4)
+    held = rng.gamma(shape=[[0.6], [2.0], [5.0], [1.0]], scale=1.5, size=(4, 50))
+    state.calibration[:, :50] = torch.tensor(held)
+    state.calibration[3, 10:] = math.nan  # 10 held: below warm-up
+    thresholds = AnomalyDetector(config).thresholds(state)
+    for line in range(3):
+        mean, variance = held[line].mean(), held[line].var(ddof=1)
+        expected = stats.gamma.ppf(0.98, mean**2 / variance, scale=variance / mean)
+        assert float(thresholds[line]) == pytest.approx(expected, rel=1e-9)
+    assert thresholds[3] == math.inf
+    # Scores that do not vary give no law to fit: their value is the threshold.
+    assert gamma_quantile(torch.full((1, 30), 2.5, dtype=torch.float64), 0.99).tolist() == [2.5]
+    with pytest.raises(ValueError, match="threshold_fit"):
+        AlarmConfig(threshold_fit="normal")
+
+
+def test_on_a_long_chart_the_gamma_fit_alarms_on_normal_rows_less_often_than_the_order_statistic():
+    """200 held rows of a 40-row mean chart are few independent values: the order statistic at
+    1−α sits low in the tail and fresh normal rows alarm well above α; the fitted law uses all
+    of them. Independent normal residuals, 200 lines each calibrated on its own 200 rows, then
+    judged on 400 more in chunks of 10 (as the SKAB bench does)."""
+    rng = np.random.default_rng(3)
+    held_rows, fresh_rows = torch.tensor(rng.normal(size=(200, 200, 4))), torch.tensor(rng.normal(size=(200, 400, 4)))
+    rates = {}
+    for fit in ("conformal", "gamma"):
+        config = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=40, warmup_rows=100, threshold_fit=fit)
+        detector = AnomalyDetector(config)
+        state = detector.detect(held_rows, _unit_scaled(200, 4, config), calibrate_only=True).state
+        alarms = []
+        for start in range(0, 400, 10):
+            judged = detector.detect(fresh_rows[:, start : start + 10], state)
+            alarms.append(judged.alarms)
+            state = judged.state
+        rates[fit] = float(torch.cat(alarms, 1).double().mean())
+    assert rates["conformal"] > 0.02  # the dependence at work: twice α and more
+    assert rates["gamma"] < 0.7 * rates["conformal"]
