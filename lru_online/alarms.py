@@ -426,19 +426,19 @@ def gamma_quantile(held: torch.Tensor, probability: float) -> torch.Tensor:
     largest. Solved by bisection on the regularised incomplete gamma function, in float64."""
     if not 0.0 < probability < 1.0:
         raise ValueError(f"gamma_quantile: probability must be in (0, 1), got {probability}")
+    held = held.double()
     finite = torch.isfinite(held)
     count = finite.sum(1).double()
-    values = torch.where(finite, held.double(), 0.0)
-    mean = values.sum(1) / count.clamp(min=1)
-    variance = (torch.where(finite, held.double() - mean[:, None], 0.0) ** 2).sum(1) / (count - 1).clamp(min=1)
-    largest = torch.where(finite, held.double(), -math.inf).max(1).values if held.shape[1] else mean
+    mean = torch.where(finite, held, 0.0).sum(1) / count.clamp(min=1)
+    variance = (torch.where(finite, held - mean[:, None], 0.0) ** 2).sum(1) / (count - 1).clamp(min=1)
+    largest = torch.where(finite, held, -math.inf).max(1).values if held.shape[1] else mean
     fits = (count >= 2) & (variance > 0) & (mean > 0)
     shape = torch.where(fits, mean**2 / variance.clamp(min=1e-300), 1.0)
     scale = torch.where(fits, variance / mean.clamp(min=1e-300), 1.0)
     # In units of `scale`: the quantile lies below an upper bound found by doubling.
     low, high = torch.zeros_like(shape), shape + 12.0 * shape.sqrt() + 40.0
-    while bool((torch.special.gammainc(shape, high) < probability).any()):
-        high = torch.where(torch.special.gammainc(shape, high) < probability, 2.0 * high, high)
+    while bool((short := torch.special.gammainc(shape, high) < probability).any()):
+        high = torch.where(short, 2.0 * high, high)
     for _ in range(80):  # 80 halvings: below float64's resolution for any bracket reached
         middle = 0.5 * (low + high)
         below = torch.special.gammainc(shape, middle) < probability
