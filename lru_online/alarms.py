@@ -39,6 +39,20 @@ chunks (an exponential mean of that span, in rows) is taken off before the chart
 chunks alarm and so do not move it; a new steady state that starts between alarms is learned
 within about that many rows.
 
+Episodes and rate control. Alarmed rows of a line separated by fewer than `episode_gap_rows`
+quiet rows are one episode: one alarm for an operator, one onset for a score that counts them.
+The threshold promises its rate only while the held scores are exchangeable with the next ones;
+real streams wander, change scale and repeat patterns, and then the promise fails by a factor
+of ten. With `rate_control_step` η > 0 each line carries a log-factor x ≥ 0 on its threshold:
+a row that would open an episode must pass threshold·e^x, each opening raises x by η and every
+row lowers it by η·α. Summed over T rows, x_T ≥ η·(episodes − α·T), so a line opens at most
+α·T + x_T/η episodes, on any stream, and x_T cannot grow past the log of the line's largest
+score over its threshold plus η (no row can open an episode above it). This is adaptive
+conformal inference (Gibbs and Candès 2021) kept one-sided: x never goes below 0, so a quiet
+line is never pushed to alarm more often than its threshold says. A row that continues an
+episode (the row before it alarmed) is held against the plain threshold, so a fault alarms for
+as long as it lasts however high x stands.
+
 A chunk of rows (one file of a line) is judged against the threshold as it stood before the
 chunk, then the chunk's normal rows join the calibration: the same test-then-train order as
 the model. Everything is batched over lines (right-padded, with a step mask) and the state
@@ -54,6 +68,8 @@ from typing import Literal, NamedTuple
 import torch
 
 from lru_online import codec
+
+NEVER = 2**62  # quiet rows of a line that never alarmed
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,11 @@ class AlarmConfig:
     # Rows of a file judged together by the pipeline (flows.model.file_step.judge_lines), each
     # chunk against the threshold as the chunks before it left it; 0: the whole file at once.
     judge_rows: int = 0
+    # Alarms of a line fewer than this many quiet rows apart are one episode; 0: any quiet row ends one.
+    episode_gap_rows: int = 0
+    # η of the rate control (module docstring): each episode raises the line's threshold by e^η,
+    # each row lowers its log by η·α; 0: no rate control.
+    rate_control_step: float = 0.0
 
     def __post_init__(self) -> None:
         if self.smoothing_rows < 1 or self.calibration_rows < 1:
@@ -79,6 +100,10 @@ class AlarmConfig:
             raise ValueError(f"AlarmConfig.bias_rows must be >= 0, got {self.bias_rows}")
         if self.judge_rows < 0:
             raise ValueError(f"AlarmConfig.judge_rows must be >= 0, got {self.judge_rows}")
+        if self.episode_gap_rows < 0:
+            raise ValueError(f"AlarmConfig.episode_gap_rows must be >= 0, got {self.episode_gap_rows}")
+        if not 0.0 <= self.rate_control_step <= 20.0:
+            raise ValueError(f"AlarmConfig.rate_control_step must be in [0, 20], got {self.rate_control_step}")
         if self.threshold_fit not in ("conformal", "gamma"):
             raise ValueError(f"AlarmConfig.threshold_fit must be 'conformal' or 'gamma', got {self.threshold_fit!r}")
         if not 1 <= self.warmup_rows <= self.calibration_rows:
@@ -105,16 +130,18 @@ class AlarmConfig:
 class AlarmState:
     """What each of B lines carries: its residual scale, the last n−1 standardised residuals
     for the mean chart, its calibration scores of both charts (NaN where empty; the short
-    chart's stay empty without `recent_rows`) and whether it ended in alarm."""
+    chart's stay empty without `recent_rows`), the rows since its last alarm and the rate
+    control's log-factor on its threshold."""
 
     square_mean: torch.Tensor  # (B, S) running mean of squared residuals on normal rows
     scale_rows: torch.Tensor  # (B,) rows behind it
     history: torch.Tensor  # (B, n−1, S) newest last; zeros before a line's first rows
     history_rows: torch.Tensor  # (B,) real rows in history
     calibration: torch.Tensor  # (B, K)
-    in_alarm: torch.Tensor  # (B,) bool
+    quiet_rows: torch.Tensor  # (B,) rows since the last alarmed row (0: it ended in alarm)
     recent_calibration: torch.Tensor  # (B, K), or (B, 0) without `recent_rows`
     bias: torch.Tensor  # (B, S) running mean residual on normal chunks (zeros without `bias_rows`)
+    excess: torch.Tensor  # (B,) x ≥ 0: the threshold an episode must pass is threshold·e^x
 
     @classmethod
     def fresh(cls, lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
@@ -124,15 +151,21 @@ class AlarmState:
             torch.zeros(lines, config.smoothing_rows - 1, sensors, dtype=torch.float64),
             torch.zeros(lines, dtype=torch.int64),
             torch.full((lines, config.calibration_rows), float("nan"), dtype=torch.float64),
-            torch.zeros(lines, dtype=torch.bool),
+            torch.full((lines,), NEVER, dtype=torch.int64),
             # No short chart, no buffer: a fleet of lines does not carry one it never uses.
             torch.full((lines, config.calibration_rows if config.recent_rows else 0), math.nan, dtype=torch.float64),
             torch.zeros(lines, sensors, dtype=torch.float64),
+            torch.zeros(lines, dtype=torch.float64),
         )
 
     @property
     def lines(self) -> int:
         return self.square_mean.shape[0]
+
+    @property
+    def in_alarm(self) -> torch.Tensor:
+        """(B,) bool: the line's last row alarmed."""
+        return self.quiet_rows == 0
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -141,9 +174,10 @@ class AlarmState:
             "history": self.history,
             "history_rows": self.history_rows,
             "calibration": self.calibration,
-            "in_alarm": self.in_alarm,
+            "quiet_rows": self.quiet_rows,
             "recent_calibration": self.recent_calibration,
             "bias": self.bias,
+            "excess": self.excess,
         }
 
     def select(self, index: int) -> AlarmState:
@@ -185,33 +219,41 @@ class AlarmState:
         fresh.history_rows = torch.clamp(tensors["history_rows"], max=keep)
         fresh.square_mean = tensors["square_mean"].to(torch.float64)
         fresh.scale_rows = tensors["scale_rows"]
-        fresh.in_alarm = tensors["in_alarm"]
+        if "quiet_rows" in tensors:
+            fresh.quiet_rows = tensors["quiet_rows"]
+        else:  # stored before episodes had gaps: only whether it ended in alarm
+            fresh.quiet_rows = torch.where(tensors["in_alarm"], 0, NEVER)
         if "bias" in tensors:  # a state stored before the bias existed starts from none
             fresh.bias = tensors["bias"].to(torch.float64)
+        if "excess" in tensors:  # a state stored before the rate control starts at x = 0
+            fresh.excess = tensors["excess"].to(torch.float64)
         return fresh
 
 
 @dataclass
 class AlarmEpisode:
-    """A run of alarmed rows of one line within a chunk; `continues` when the line was already
-    in alarm at the end of the chunk before (the episode started earlier)."""
+    """One episode's alarmed rows of one line within a chunk (alarms fewer than
+    `episode_gap_rows` quiet rows apart); `continues` when it goes on from the chunk before."""
 
     line: int  # index into the batch
-    start: int  # first and last row, positions within the line's rows of this chunk
+    start: int  # first and last alarmed row, positions within the line's rows of this chunk
     end: int
     peak_score: float
     continues: bool
+    rows: int  # alarmed rows
+    threshold: float  # what its first alarmed row passed (threshold·e^x at an onset)
 
 
 @dataclass
 class AlarmResult:
     scores: torch.Tensor  # (B, T) smoothed score; NaN at padding
-    thresholds: torch.Tensor  # (B,) the threshold each line was judged by (inf while warming up)
+    thresholds: torch.Tensor  # (B,) each line's threshold before rate control (inf while warming up)
     alarms: torch.Tensor  # (B, T) bool
     state: AlarmState
     episodes: list[AlarmEpisode]
     recent_scores: torch.Tensor  # (B, T) the short chart (inf without `recent_rows`)
     recent_thresholds: torch.Tensor  # (B,) (−inf without `recent_rows` or before its warm-up)
+    row_thresholds: torch.Tensor  # (B, T) what each row was held against (threshold·e^x or threshold)
 
 
 class _Calibration(NamedTuple):
@@ -300,22 +342,60 @@ class AnomalyDetector:
             recent_scores = torch.full_like(scores, math.inf)
             recent_thresholds = torch.full_like(thresholds, -math.inf)
             recent_calibration = state.recent_calibration
+        candidates = steps & (recent_scores > recent_thresholds[:, None])
         if calibrate_only:
-            alarms = torch.zeros_like(steps)
-        else:
-            alarms = steps & (scores > thresholds[:, None]) & (recent_scores > recent_thresholds[:, None])
+            candidates = torch.zeros_like(steps)
+        decided = self._decide(scores, thresholds, candidates, steps, state)
+        alarms = decided.alarms
         new_state = AlarmState(
             # An alarmed row counts at the scale it was judged by: a long fault does not widen
             # the scale over itself, and normal rows are not thinned of their largest squares.
             *self._scale_update(state, torch.where(alarms[..., None], square_mean[:, None, :], squares), finite),
             *self._history_update(state, standard, steps),
             self._calibration_update(state.calibration, self._held(scores, calibrated), steps),
-            self._ends_in_alarm(state.in_alarm, alarms, steps),
+            decided.quiet_rows,
             recent_calibration,
             self._bias_update(state.bias, raw_residuals, finite, alarms.any(1)),
+            decided.excess,
         )
-        episodes = self._episodes(alarms, scores, state.in_alarm)
-        return AlarmResult(scores, thresholds, alarms, new_state, episodes, recent_scores, recent_thresholds)
+        episodes = self._episodes(alarms, decided.onsets, scores, decided.row_thresholds)
+        return AlarmResult(
+            scores, thresholds, alarms, new_state, episodes, recent_scores, recent_thresholds, decided.row_thresholds
+        )
+
+    def _decide(
+        self,
+        scores: torch.Tensor,
+        thresholds: torch.Tensor,
+        candidates: torch.Tensor,
+        steps: torch.Tensor,
+        state: AlarmState,
+    ) -> _Decision:
+        """Which rows alarm, which of them open an episode, and the quiet rows and log-factor
+        after the chunk. A row that opens an episode must pass threshold·e^x; with rate control
+        x moves row by row, so the rows are walked in order (all lines at once)."""
+        gap = max(self.config.episode_gap_rows, 1)
+        step, rate = self.config.rate_control_step, self.config.false_alarm_rate
+        if not step:  # x stays 0: every row against the plain threshold, all at once
+            alarms = candidates & (scores > thresholds[:, None])
+            quiet_before = _quiet_before(alarms, steps, state.quiet_rows)
+            quiet_after = _quiet_before(alarms, steps, state.quiet_rows, after=True)
+            row_thresholds = torch.where(steps, thresholds[:, None].expand_as(scores), math.nan)
+            return _Decision(alarms, alarms & (quiet_before >= gap), quiet_after, state.excess, row_thresholds)
+        quiet, excess = state.quiet_rows.clone(), state.excess.clone()
+        alarms, onsets = torch.zeros_like(steps), torch.zeros_like(steps)
+        row_thresholds = torch.full_like(scores, math.nan)
+        for t in range(scores.shape[1]):
+            present = steps[:, t]
+            held_to = torch.where(quiet == 0, thresholds, thresholds * torch.exp(excess))
+            alarm = candidates[:, t] & (scores[:, t] > held_to)
+            onset = alarm & (quiet >= gap)
+            moved = torch.clamp(excess + step * (onset.double() - rate), min=0.0)
+            excess = torch.where(present, moved, excess)
+            quiet = torch.where(present, torch.where(alarm, 0, torch.clamp(quiet + 1, max=NEVER)), quiet)
+            alarms[:, t], onsets[:, t] = alarm, onset
+            row_thresholds[:, t] = torch.where(present, held_to, math.nan)
+        return _Decision(alarms, onsets, quiet, excess, row_thresholds)
 
     def _held(self, scores: torch.Tensor, calibrated: _Calibration) -> torch.Tensor:
         """Scores as the calibration holds them: as they are while a line warms up, then capped
@@ -401,23 +481,58 @@ class AnomalyDetector:
         return torch.where(steps.any(1, keepdim=True), updated, calibration)
 
     @staticmethod
-    def _ends_in_alarm(before: torch.Tensor, alarms: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        lengths = steps.sum(1)
-        if alarms.shape[1] == 0:
-            return before.clone()
-        last = alarms.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
-        return torch.where(lengths > 0, last, before)
-
-    @staticmethod
-    def _episodes(alarms: torch.Tensor, scores: torch.Tensor, was_in_alarm: torch.Tensor) -> list[AlarmEpisode]:
-        flags = alarms.to(torch.int8)
-        edges = torch.diff(flags, dim=1, prepend=torch.zeros_like(flags[:, :1]), append=torch.zeros_like(flags[:, :1]))
-        starts, stops = (edges == 1).nonzero().tolist(), (edges == -1).nonzero().tolist()
+    def _episodes(
+        alarms: torch.Tensor, onsets: torch.Tensor, scores: torch.Tensor, row_thresholds: torch.Tensor
+    ) -> list[AlarmEpisode]:
+        """Each line's alarmed rows cut into episodes at its onsets; alarmed rows before a line's
+        first onset of the chunk continue the episode of the chunk before."""
         episodes = []
-        for (line, start), (_, stop) in zip(starts, stops, strict=True):
-            peak = float(scores[line, start:stop].max())
-            episodes.append(AlarmEpisode(line, start, stop - 1, peak, bool(start == 0 and was_in_alarm[line])))
+        for line in alarms.any(1).nonzero()[:, 0].tolist():
+            rows = alarms[line].nonzero()[:, 0]
+            opened = onsets[line, rows]
+            # Episode number of each alarmed row: the onsets up to it (0: from the chunk before).
+            numbers = torch.cumsum(opened.long(), 0)
+            for number in torch.unique(numbers).tolist():
+                members = rows[numbers == number]
+                start, end = int(members[0]), int(members[-1])
+                episodes.append(
+                    AlarmEpisode(
+                        line,
+                        start,
+                        end,
+                        float(scores[line, members].max()),
+                        number == 0,
+                        len(members),
+                        float(row_thresholds[line, start]),
+                    )
+                )
         return episodes
+
+
+class _Decision(NamedTuple):
+    alarms: torch.Tensor  # (B, T) bool
+    onsets: torch.Tensor  # (B, T) bool: alarms that open an episode
+    quiet_rows: torch.Tensor  # (B,) after the chunk
+    excess: torch.Tensor  # (B,) after the chunk
+    row_thresholds: torch.Tensor  # (B, T)
+
+
+def _quiet_before(
+    alarms: torch.Tensor, steps: torch.Tensor, carried: torch.Tensor, after: bool = False
+) -> torch.Tensor:
+    """(B, T): the quiet rows before each row (rows since the line's last alarm, counting the
+    carried ones); with `after`, (B,): the quiet rows after the chunk."""
+    lines, length = alarms.shape
+    position = torch.cumsum(steps.long(), 1)  # each row's 1-based position among the line's rows
+    last_alarm = torch.where(alarms, position, 0)
+    if after:
+        latest = last_alarm.max(1).values if length else torch.zeros(lines, dtype=torch.long)
+        total = position[:, -1] if length else torch.zeros(lines, dtype=torch.long)
+        return torch.where(latest > 0, total - latest, torch.clamp(carried + total, max=NEVER))
+    # The latest alarm strictly before each row: a running maximum shifted by one row.
+    before = torch.cummax(torch.cat([torch.zeros(lines, 1, dtype=torch.long), last_alarm[:, :-1]], 1), 1).values
+    since_chunk = position - 1  # rows of this chunk before this one
+    return torch.where(before > 0, position - 1 - before, torch.clamp(carried[:, None] + since_chunk, max=NEVER))
 
 
 def gamma_quantile(held: torch.Tensor, probability: float) -> torch.Tensor:

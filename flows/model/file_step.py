@@ -64,10 +64,11 @@ class JudgedLines:
     """The anomaly detector's verdict on a group's rows, flat per row like `ScoredLines`."""
 
     scores: np.ndarray  # (R,) smoothed score
-    thresholds: np.ndarray  # (R,) the line's threshold (inf while it warms up)
+    thresholds: np.ndarray  # (R,) what each row was held against (inf while its line warms up)
     alarms: np.ndarray  # (R,) bool
     states: dict[str, bytes]  # per line, carried on
-    # Runs of alarmed rows: entity, start_ts, end_ts (ISO), rows, peak_score, threshold, continues.
+    # Alarm episodes: entity, start_ts, end_ts (ISO, first and last alarmed row), rows (alarmed),
+    # peak_score, threshold (what the first row passed), continues (from the file before).
     episodes: list[dict]
 
 
@@ -187,23 +188,22 @@ def judge_lines(
         state = judged.state
         scores.append(judged.scores)
         alarms.append(judged.alarms)
-        thresholds.append(judged.thresholds[:, None].expand_as(judged.scores))
+        thresholds.append(judged.row_thresholds)
         for episode in judged.episodes:
             first = features.offsets[episode.line] + lo
             end_ts = features.timestamps[first + episode.end].isoformat()
-            rows = episode.end - episode.start + 1
-            if episode.continues and lo > 0:  # the line's latest run, cut by the chunk grid
+            if episode.continues and episode.line in latest:  # the line's latest episode, cut by the chunk grid
                 record = latest[episode.line]
-                record.update(end_ts=end_ts, rows=record["rows"] + rows)
+                record.update(end_ts=end_ts, rows=record["rows"] + episode.rows)
                 record["peak_score"] = max(record["peak_score"], episode.peak_score)
                 continue
             latest[episode.line] = {
                 "entity": features.entities[episode.line],
                 "start_ts": features.timestamps[first + episode.start].isoformat(),
                 "end_ts": end_ts,
-                "rows": rows,
+                "rows": episode.rows,
                 "peak_score": episode.peak_score,
-                "threshold": float(judged.thresholds[episode.line]),
+                "threshold": episode.threshold,
                 "continues": episode.continues,  # from the file before
             }
             episodes.append(latest[episode.line])

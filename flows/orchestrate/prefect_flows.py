@@ -93,8 +93,9 @@ def report_drift(pipeline: Pipeline, result: BatchResult) -> list[int]:
 
 
 def announce_alarms(pipeline: Pipeline, result: BatchResult) -> None:
-    """The anomaly alarms a committed file started: a warning in the run log and a Prefect event
-    (`alarms.event_name`) that automations can act on, one per file, naming the lines."""
+    """The alarm episodes a committed file opened: a warning in the run log, and one Prefect
+    event (`alarms.event_name`) per episode, with its line, onset, peak and threshold, that
+    automations can act on (an episode that runs on into later files raises no other)."""
     from prefect.events import emit_event
 
     with pipeline.db.session() as session:
@@ -108,17 +109,23 @@ def announce_alarms(pipeline: Pipeline, result: BatchResult) -> None:
         ", ".join(f"{a.entity} from {a.start_ts:%Y-%m-%d %H:%M:%S} (peak {a.peak_score:.3g})" for a in alarms[:10]),
     )
     name = pipeline.settings.pipeline
-    emit_event(
-        event=pipeline.settings.alarms.event_name,
-        resource={"prefect.resource.id": drift_resource(name), "prefect.resource.name": name},
-        payload={
-            "alarm_ids": result.alarm_ids,
-            "lines": lines[:100],
-            "file": result.file,
-            "sequence": result.sequence,
-            "peak_score": max(a.peak_score for a in alarms),
-        },
-    )
+    for alarm in alarms:
+        emit_event(
+            event=pipeline.settings.alarms.event_name,
+            resource={"prefect.resource.id": drift_resource(name), "prefect.resource.name": name},
+            related=[{"prefect.resource.id": f"lru-online.line.{alarm.entity}", "prefect.resource.role": "line"}],
+            payload={
+                "alarm_id": alarm.id,
+                "line": alarm.entity,
+                "onset": alarm.start_ts.isoformat(),
+                "end": alarm.end_ts.isoformat(),
+                "rows": alarm.rows,
+                "peak_score": alarm.peak_score,
+                "threshold": alarm.threshold,
+                "file": result.file,
+                "sequence": result.sequence,
+            },
+        )
 
 
 def emit_drift_event(pipeline_name: str, event_name: str, event_ids: list[int], sequence: int | None) -> None:

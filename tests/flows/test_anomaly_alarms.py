@@ -1,7 +1,7 @@
 """Anomaly alarms in a real flow run: a fault injected into one line of a plant's last two files
 alarms on that line only, the alarm running on from one file into the next is one stored alarm,
-and the output rows, the status, MLflow and the Prefect events read back from the API count
-the same alarms."""
+and the output rows, the status, MLflow and the Prefect events read back from the API (one per
+episode) count the same alarms."""
 
 from __future__ import annotations
 
@@ -72,18 +72,19 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
     history = Tracker(settings).client.get_metric_history(run_id, "alarms_started")
     assert sum(m.value for m in history) == len(alarms)
 
-    # Read back from the Prefect API: one event per file that started alarms, naming them.
+    # Read back from the Prefect API: one event per alarm episode, with its line and onset.
     expected = sorted(a.id for a in alarms)
     events = _pipeline_events(
         settings.alarms.event_name, settings.pipeline, started, until=lambda events: _announced(events) == expected
     )
     assert _announced(events) == expected
-    fault_event = next(e for e in events if alarm.id in e["payload"]["alarm_ids"])
-    assert "line-2" in fault_event["payload"]["lines"] and fault_event["payload"]["file"] == "fault-0.csv"
+    fault_event = next(e for e in events if e["payload"]["alarm_id"] == alarm.id)
+    assert fault_event["payload"]["line"] == "line-2" and fault_event["payload"]["file"] == "fault-0.csv"
+    assert pd.Timestamp(fault_event["payload"]["onset"]) == pd.Timestamp(alarm.start_ts)
 
 
 def _announced(events: list[dict]) -> list[int]:
-    return sorted(i for e in events for i in e["payload"]["alarm_ids"])
+    return sorted(e["payload"]["alarm_id"] for e in events)
 
 
 def _pipeline_events(name: str, pipeline: str, since: datetime, until, seconds: float = 60.0) -> list[dict]:

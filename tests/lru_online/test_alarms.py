@@ -107,12 +107,19 @@ def test_warm_up_holds_alarms_back():
     assert not judged.alarms.any()
 
 
-@pytest.mark.parametrize("bias_rows", [0, 50])
-def test_a_fleet_batch_equals_each_line_alone(bias_rows):
+@pytest.mark.parametrize(("bias_rows", "gap", "step"), [(0, 0, 0.0), (50, 0, 0.0), (0, 3, 2.0)])
+def test_a_fleet_batch_equals_each_line_alone(bias_rows, gap, step):
     """Three ragged lines, right-padded with a step mask, over three chunks: scores, thresholds,
     alarms and episodes equal those of each line run on its own (an independent loop)."""
     config = AlarmConfig(
-        false_alarm_rate=0.05, smoothing_rows=5, calibration_rows=60, warmup_rows=20, recent_rows=2, bias_rows=bias_rows
+        false_alarm_rate=0.05,
+        smoothing_rows=5,
+        calibration_rows=60,
+        warmup_rows=20,
+        recent_rows=2,
+        bias_rows=bias_rows,
+        episode_gap_rows=gap,
+        rate_control_step=step,
     )
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(3)
@@ -140,13 +147,14 @@ def test_a_fleet_batch_equals_each_line_alone(bias_rows):
             assert judged.recent_scores[line, :n].tolist() == pytest.approx(one.recent_scores[0].tolist())
             assert judged.alarms[line, :n].tolist() == one.alarms[0].tolist()
             assert float(judged.thresholds[line]) == pytest.approx(float(one.thresholds[0]))
-            assert [(e.start, e.end, e.continues) for e in judged.episodes if e.line == line] == [
-                (e.start, e.end, e.continues) for e in one.episodes
+            assert [(e.start, e.end, e.continues, e.rows) for e in judged.episodes if e.line == line] == [
+                (e.start, e.end, e.continues, e.rows) for e in one.episodes
             ]
             assert float(judged.recent_thresholds[line]) == pytest.approx(float(one.recent_thresholds[0]))
+            assert judged.row_thresholds[line, :n].tolist() == pytest.approx(one.row_thresholds[0].tolist())
     assert 2 in alarmed_lines
     for line in range(3):
-        for name in ("calibration", "recent_calibration", "bias"):
+        for name in ("calibration", "recent_calibration", "bias", "quiet_rows", "excess"):
             held, expected = getattr(fleet, name)[line], getattr(alone[line], name)[0]
             assert held.tolist() == pytest.approx(expected.tolist(), nan_ok=True)
 
@@ -327,3 +335,99 @@ def test_on_a_long_chart_the_gamma_fit_alarms_on_normal_rows_less_often_than_the
         rates[fit] = float(torch.cat(alarms, 1).double().mean())
     assert rates["conformal"] > 0.02  # the dependence at work: twice α and more
     assert rates["gamma"] < 0.7 * rates["conformal"]
+
+
+def _wandering_stream(rng: np.random.Generator, lines: int, rows: int) -> np.ndarray:
+    """Residuals of a forecaster on a stream that does not stand still: heavy-tailed noise (t, 3
+    dof) whose scale steps up eightfold for good at row 1,500, a slow bias that wanders and a
+    burst that repeats every 288 rows (a daily pattern at 5-minute readings)."""
+    t = np.arange(rows)
+    scale = np.where(t >= 1500, 8.0, 1.0)[None, :] * rng.uniform(0.5, 2.0, (lines, 1))
+    wander = np.cumsum(rng.normal(0, 0.03, (lines, rows)), axis=1)
+    burst = np.where(t % 288 < 3, 4.0, 0.0)[None, :]
+    return (scale * rng.standard_t(3, (lines, rows)) + wander + burst)[..., None]
+
+
+def test_rate_control_holds_the_rate_of_episodes_on_a_stream_that_wanders():
+    """Calibrated on its first 500 rows, a wandering stream alarms on more than 3α of its rows
+    with the plain threshold. With rate control a line opens at most α·T + x_T/η episodes, x_T
+    stays below the log of its largest score over its threshold plus η (the module's argument),
+    and the alarmed rows come within 2α."""
+    rng = np.random.default_rng(11)
+    lines, rows, alpha = 20, 6000, 0.005
+    stream = torch.tensor(_wandering_stream(rng, lines, rows))
+    outcome = {}
+    for step in (0.0, 2.0):
+        config = AlarmConfig(
+            false_alarm_rate=alpha, smoothing_rows=1, calibration_rows=512, warmup_rows=200, episode_gap_rows=24,
+            rate_control_step=step,
+        )
+        detector = AnomalyDetector(config)
+        state = detector.detect(stream[:, :500], AlarmState.fresh(lines, 1, config), calibrate_only=True).state
+        onsets, alarmed, ratio = np.zeros(lines), np.zeros(lines), np.zeros(lines)
+        for lo in range(500, rows, 100):
+            judged = detector.detect(stream[:, lo : lo + 100], state)
+            state = judged.state
+            for episode in judged.episodes:
+                onsets[episode.line] += not episode.continues
+            alarmed += judged.alarms.sum(1).numpy()
+            ratio = np.maximum(ratio, (judged.scores.max(1).values / judged.thresholds).numpy())
+        outcome[step] = (onsets, alarmed, state.excess.numpy(), ratio)
+    judged_rows = rows - 500
+    plain_onsets, plain_alarmed, _, _ = outcome[0.0]
+    onsets, alarmed, excess, ratio = outcome[2.0]
+    assert plain_alarmed.sum() / (lines * judged_rows) > 3 * alpha  # the plain threshold's promise fails
+    assert np.all(onsets <= alpha * judged_rows + excess / 2.0 + 1e-9)
+    assert np.all(excess <= np.log(ratio) + 2.0)
+    assert alarmed.sum() / (lines * judged_rows) <= 2 * alpha
+    assert onsets.sum() < plain_onsets.sum() / 1.5
+
+
+def test_a_fault_alarms_for_as_long_as_it_lasts_however_raised_the_threshold():
+    """With the threshold for opening an episode raised e^x-fold, a fault has to pass it on its
+    first row only: its later rows are held against the plain threshold. A new episode at the
+    same height after a quiet spell is refused."""
+    config = AlarmConfig(
+        false_alarm_rate=0.01, smoothing_rows=1, calibration_rows=400, warmup_rows=200, episode_gap_rows=5,
+        rate_control_step=1.0,
+    )
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(12)
+    state = _calibrated(detector, rng.normal(size=(1, 400, 1)))
+    threshold = float(detector.thresholds(state)[0])
+    state.excess.fill_(math.log(4.0))  # opening an episode takes 4x the threshold
+    height = math.sqrt(2.0 * threshold)  # a squared residual of 2x the threshold
+    fault = torch.zeros(1, 40, 1, dtype=torch.float64)
+    fault[0, 0] = math.sqrt(5.0 * threshold)  # the first row passes 4x
+    fault[0, 1:20] = height
+    fault[0, 30:] = height  # 10 quiet rows, then the same height again
+    judged = detector.detect(fault, state)
+    assert judged.alarms[0, :20].all() and not judged.alarms[0, 20:].any()
+    assert [(e.start, e.end, e.continues, e.rows) for e in judged.episodes] == [(0, 19, False, 20)]
+    assert judged.row_thresholds[0, 1] == pytest.approx(threshold)
+    assert judged.row_thresholds[0, 30] == pytest.approx(threshold * 4.0 * math.exp(1.0 - 0.01 * 30), rel=1e-6)
+
+
+def test_alarms_closer_than_the_gap_are_one_episode_across_chunks():
+    config = AlarmConfig(
+        false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=100, warmup_rows=50, episode_gap_rows=4
+    )
+    detector = AnomalyDetector(config)
+    state = _calibrated(detector, torch.randn(1, 100, 1, dtype=torch.float64))
+    first = detector.detect(torch.tensor([[[0.0], [9.0], [0.0], [0.0], [9.0], [0.0]]]), state)
+    # 3 quiet rows (the last of the first chunk, two here): still the same episode; then 4 and a new one.
+    second = detector.detect(torch.tensor([[[0.0], [0.0], [9.0], [0.0], [0.0], [0.0], [0.0], [9.0]]]), first.state)
+    assert [(e.start, e.end, e.continues, e.rows) for e in first.episodes] == [(1, 4, False, 2)]
+    assert [(e.start, e.end, e.continues, e.rows) for e in second.episodes] == [(2, 2, True, 1), (7, 7, False, 1)]
+    assert second.state.in_alarm.tolist() == [True] and int(second.state.quiet_rows[0]) == 0
+
+
+def test_a_state_stored_before_episodes_and_rate_control_continues_its_alarm():
+    config = AlarmConfig(smoothing_rows=1, calibration_rows=100, warmup_rows=50, rate_control_step=2.0)
+    state = AlarmState.fresh(1, 2, config)
+    old = {k: v for k, v in state._tensors().items() if k not in ("quiet_rows", "excess")}
+    old["in_alarm"] = torch.tensor([True])
+    old["calibration"] = old["calibration"][torch.isfinite(old["calibration"])].float()
+    old["recent_calibration"] = torch.empty(0)
+    restored = AlarmState.from_bytes(codec.encode(old, {"kind": "AlarmState"}), config)
+    assert restored.in_alarm.tolist() == [True] and restored.excess.tolist() == [0.0]
