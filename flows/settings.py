@@ -201,6 +201,13 @@ class DriftSettings(_Section):
     cooldown_batches: int = Field(3, ge=0)
     # Batches after a change within which a detection counts as timely (checked by tests).
     max_delay_batches: int = Field(6, ge=1)
+    # A file whose detections span at least this share of its lines (and `plant_min_lines`
+    # lines) is a plant-wide change: one plant-level event naming the lines, not one per line.
+    plant_share: float = Field(0.2, gt=0.0, le=1.0)
+    plant_min_lines: int = Field(3, ge=1)
+    # Fleet-wide: after a retraining request (a retrain or an emitted event), detections in the
+    # next this many files are recorded only: a drifting plant asks for one retraining at a time.
+    retrain_cooldown_files: int = Field(10, ge=0)
     event_name: str = "lru-online.drift.detected"
 
 

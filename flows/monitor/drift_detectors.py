@@ -11,6 +11,8 @@ is checked without reading any earlier output back:
   batches in a row.
 A reset (a detection anywhere, or a retraining) restarts the error detectors and the runs; the
 readings window is kept, as the reference it is compared with is replaced at the same time.
+A file whose detections span a large share of its lines is one plant-wide change
+(`plant_level`): one event naming the lines, not one per line.
 PSI and KS run for all lines at once, per line, so a line's figures do not depend on which
 other lines share the file.
 """
@@ -110,6 +112,33 @@ class LineCheck:
     stats: dict  # {"psi": {sensor: v}, "ks": {...}, "mean": {...}}, empty before a full window
     detections: list[Detection]
     state: LineDrift
+
+
+PLANT = "*plant*"  # the entity of a plant-level event
+
+
+def plant_level(detections: list[dict], lines: int, settings: DriftSettings) -> list[dict]:
+    """A file's detections (dicts of Detection's fields) as they are stored: one plant-level
+    event when they span at least `plant_share` of the file's `lines` (and `plant_min_lines`),
+    naming the lines and counting the detectors; else as they are, one per line and detector."""
+    detecting = sorted({d["entity"] for d in detections})
+    if not detecting or len(detecting) < max(settings.plant_min_lines, settings.plant_share * lines):
+        return detections
+    counts: dict[str, int] = {}
+    for detection in detections:
+        counts[detection["detector"]] = counts.get(detection["detector"], 0) + 1
+    return [
+        {
+            "detector": "plant",
+            "entity": PLANT,
+            "feature": max(counts, key=counts.get),  # the detector that fired most
+            "value": len(detecting) / lines,
+            "threshold": settings.plant_share,
+            "event_time": max(d["event_time"] for d in detections),
+            "lines": detecting,
+            "detectors": counts,
+        }
+    ]
 
 
 def adwin_fires(event_errors: list[np.ndarray], delta: float, scale: float = 5.0) -> bool:

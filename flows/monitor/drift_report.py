@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import func, select, update
 
+from flows.monitor.drift_detectors import PLANT
 from flows.settings import DriftSettings
 from flows.storage.database import Database
 from flows.storage.models import BatchSummary, DriftEvent
@@ -45,7 +46,8 @@ def write_report(
     from matplotlib.figure import Figure  # no pyplot: no global figure state
 
     first = events[0]
-    entity = first.entity
+    # A plant-level event is drawn on the first line it names.
+    entity = (first.details or {}).get("lines", [first.entity])[0] if first.entity == PLANT else first.entity
     with db.session() as session:
         newest = session.scalar(
             select(BatchSummary).where(BatchSummary.entity == entity, BatchSummary.sequence == first.sequence)
@@ -154,6 +156,8 @@ def report_to_mlflow(
             .tuples()
             .all()
         )
+        if first.entity == PLANT:  # its lines' detections, counted by detector
+            fired = dict((first.details or {}).get("detectors", fired))
     with tempfile.TemporaryDirectory() as tmp:
         write_report(db, Path(tmp), events, fired, reference, sensors, entity_column, settings, pipeline, root)
         uri = tracker.log_artifacts(run_id, Path(tmp), f"drift/event-{event_ids[0]:05d}")

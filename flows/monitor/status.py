@@ -75,5 +75,6 @@ def pipeline_status(settings: Settings) -> dict:
 
 
 def balanced(status: dict) -> bool:
+    """Every received row is somewhere: scored, quarantined, late or dropped as an exact duplicate."""
     rows = status["rows"]
-    return rows["received"] == rows["scored"] + rows["quarantined"] + rows["late"]
+    return rows["received"] == rows["scored"] + rows["quarantined"] + rows["late"] + rows["duplicate"]

@@ -287,7 +287,12 @@ def _summary(report: dict) -> str:
             f"batches: {b['processed']} processed, {b['quarantined']} quarantined, {b['duplicate']} duplicate, "
             f"{b['late']} late, {b['pending']} pending",
             f"rows:    {r['received']} received = {r['scored']} scored + {r['quarantined']} quarantined"
-            f" + {r['late']} late",
+            f" + {r['late']} late + {r['duplicate']} duplicate",
+            *(
+                [f"lines quarantined in files that went on: {len(report['quarantined_lines'])}"]
+                if report.get("quarantined_lines")
+                else []
+            ),
             f"anomaly alarms: {report['anomaly_alarms']['alarms']} on {report['anomaly_alarms']['lines']} line(s),"
             f" {report['anomaly_alarms']['rows']} rows",
             f"drift events: {report['drift_events']}",

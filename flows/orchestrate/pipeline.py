@@ -27,6 +27,7 @@ from flows.ingest.validation import ValidationOutcome
 from flows.model.file_step import FinishedLines, ScoredLines, learn_lines, score_lines
 from flows.model.fleet import save_checkpoint
 from flows.model.live import CheckpointMissing, CheckpointRefused, LiveModel
+from flows.monitor.drift_detectors import plant_level
 from flows.monitor.helper import MonitorHelper
 from flows.orchestrate.line_work import DaskLineWork, LocalLineWork
 from flows.settings import Settings
@@ -50,12 +51,15 @@ class BatchResult:
     rows_scored: int = 0
     rows_quarantined: int = 0
     rows_late: int = 0
+    rows_duplicate: int = 0  # exact duplicate rows dropped
     lines: int = 0  # lines with rows in the file
     sequence: int | None = None  # of the file's last committed part
     drift_event_ids: list[int] = field(default_factory=list)
+    drift_action: str | None = None  # what its drift events asked for: retrain | event_emitted | recorded
     alarm_ids: list[int] = field(default_factory=list)  # anomaly alarms the file started
     reasons: list[str] = field(default_factory=list)
     validation_page: str | None = None  # the Data Docs page of a quarantined file's failed validation
+    line_quarantines: list[dict] = field(default_factory=list)  # rows taken out of a file that went on
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -68,6 +72,8 @@ class FilePart:
     rows: list
     last: bool
     validate_seconds: float
+    # What validation took out of the part while its other rows go on (its frame dropped).
+    outcome: ValidationOutcome | None = None
 
 
 class Pipeline:
@@ -243,7 +249,7 @@ class Pipeline:
             outcome = check.outcome
             yield self._quarantine(batch.id, name, outcome.reasons, outcome.sample_rows, check.rows, outcome)
         else:
-            yield FilePart(0, check.groups, check.parts, True, 0.0)
+            yield FilePart(0, check.groups, check.parts, True, 0.0, check.outcome)
 
     def _driver_parts(self, batch: Batch) -> Iterator[FilePart | BatchResult]:
         """The file's parts read and validated here; a failing part ends it in quarantine."""
@@ -267,9 +273,9 @@ class Pipeline:
                     )
                     yield self._quarantine(batch.id, name, outcome.reasons, outcome.sample_rows, remaining, outcome)
                     return
-                rows = outcome.frame
+                rows, outcome.frame = outcome.frame, None
                 entities = sorted(rows[self.spec.entity_column].astype(str).unique())
-                yield FilePart(index, [entities], [rows], upcoming is None, validate_seconds)
+                yield FilePart(index, [entities], [rows], upcoming is None, validate_seconds, outcome)
                 offset, index = offset + len(frame), index + 1
         except BatchReadError as error:
             yield self._quarantine(batch.id, name, [str(error)], [], rows=0)
@@ -280,7 +286,9 @@ class Pipeline:
         for part in parts:
             if isinstance(part, BatchResult):  # quarantined: what earlier parts committed stays
                 part.rows_received += result.rows_received
+                part.rows_quarantined += result.rows_quarantined
                 part.rows_scored, part.rows_late = result.rows_scored, result.rows_late
+                part.rows_duplicate = result.rows_duplicate
                 part.sequence, part.drift_event_ids = result.sequence, result.drift_event_ids
                 return part
             committed = self._process_part(batch, part, work)
@@ -297,9 +305,10 @@ class Pipeline:
         if not self.ledger.acquire_all(leases):
             return None
         try:
+            aside = self._set_aside(batch, part)
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
-                    return self._learn_and_commit(batch, part, work)
+                    return self._learn_and_commit(batch, part, work, aside)
                 except StaleModel:
                     log.info(
                         "batch %s part %d: state moved on under us (attempt %d), redoing",
@@ -311,6 +320,31 @@ class Pipeline:
             raise RuntimeError(f"batch {batch.id}: gave up after {COMMIT_ATTEMPTS} conflicting commits")
         finally:
             self.ledger.release_all(leases)
+
+    def _set_aside(self, batch: Batch, part: FilePart) -> list[dict]:
+        """The rows validation took out of the part, written to quarantine/ as read (with their
+        file row and reason), and the Data Docs page of the file's result: what the commit
+        records per line. Written again, to the same file, if the part is redone."""
+        outcome = part.outcome
+        if outcome is None or not outcome.lines:
+            return []
+        name = Path(batch.source_file).name
+        folder = self.settings.paths.quarantine
+        folder.mkdir(parents=True, exist_ok=True)
+        rows_file = folder / f"{name}.part-{part.index:04d}.quarantined-rows.csv"
+        outcome.quarantined.to_csv(rows_file, index=False)
+        page = self.validation_docs.record(outcome.result) if outcome.result is not None else None
+        return [
+            {
+                "entity": line.entity,
+                "rows": line.rows,
+                "reasons": line.reasons,
+                "sample_rows": line.sample_rows,
+                "rows_file": stored_path(self.settings.workdir, rows_file),
+                "validation_page": stored_path(self.settings.workdir, page) if page else None,
+            }
+            for line in outcome.lines
+        ]
 
     def _live_learner(self):
         """The live learner; a missing or unreadable checkpoint is restored from the registry
@@ -327,7 +361,7 @@ class Pipeline:
                 restore_live_model(self.live, self.tracker, self.ledger, trigger="run")
             return self.live.load()
 
-    def _learn_and_commit(self, batch: Batch, part: FilePart, work) -> BatchResult:
+    def _learn_and_commit(self, batch: Batch, part: FilePart, work, aside: list[dict]) -> BatchResult:
         learner = self._live_learner()
         model_version = self.live.version
         model = self.live.state()
@@ -401,10 +435,15 @@ class Pipeline:
             entities=entities,
             lines=lines,
             metrics=metrics,
-            detections=[asdict(d) for f in finished for d in f.detections],
+            detections=plant_level(
+                [asdict(d) for f in finished for d in f.detections], len(entities), self.settings.drift
+            ),
             drift_action=DRIFT_ACTIONS[self.settings.drift.on_detect],
+            retrain_cooldown_files=self.settings.drift.retrain_cooldown_files,
             alarms=[a for f in finished for a in f.alarms],
             update_index=learner.updates,
+            line_quarantines=aside,
+            duplicates=part.outcome.duplicates if part.outcome is not None else 0,
         )
         try:
             stored = stored_path(self.settings.workdir, checkpoint) if checkpoint is not None else None
@@ -426,12 +465,16 @@ class Pipeline:
             batch.id,
             Path(batch.source_file).name,
             committed.status,
-            rows_received=received,
+            rows_received=received + commit.quarantined + commit.duplicates,
             rows_scored=received - late,
+            rows_quarantined=commit.quarantined,
             rows_late=late,
+            rows_duplicate=commit.duplicates,
+            line_quarantines=aside,
             lines=len(entities),
             sequence=committed.sequence,
             drift_event_ids=committed.drift_event_ids,
+            drift_action=committed.drift_action,
             alarm_ids=committed.alarm_ids,
             timings=timings,
         )
@@ -447,10 +490,15 @@ def _accumulate(total: BatchResult, part: BatchResult) -> None:
     total.rows_received += part.rows_received
     total.rows_scored += part.rows_scored
     total.rows_late += part.rows_late
+    total.rows_quarantined += part.rows_quarantined
+    total.rows_duplicate += part.rows_duplicate
+    total.line_quarantines += part.line_quarantines
     total.lines = max(total.lines, part.lines)
     if part.sequence is not None:
         total.sequence = part.sequence
     total.drift_event_ids += part.drift_event_ids
+    if part.drift_action is not None:
+        total.drift_action = part.drift_action if total.drift_action in (None, "recorded") else total.drift_action
     total.alarm_ids += part.alarm_ids
     for key, value in part.timings.items():
         total.timings[key] = total.timings.get(key, 0.0) + value

@@ -186,6 +186,16 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
             if result.status == BatchStatus.QUARANTINED:
                 page = f" (Data Docs: {result.validation_page})" if result.validation_page else ""
                 logger.warning("quarantined %s: %s%s", result.file, "; ".join(result.reasons)[:500], page)
+            for quarantine in result.line_quarantines:
+                page = quarantine["validation_page"]
+                logger.warning(
+                    "quarantined %d row(s) of %s in %s; its other lines went on: %s%s",
+                    quarantine["rows"],
+                    "rows without a line" if quarantine["entity"] is None else f"line {quarantine['entity']!r}",
+                    result.file,
+                    "; ".join(quarantine["reasons"])[:500],
+                    f" (rows: {quarantine['rows_file']}; Data Docs: {page})" if page else "",
+                )
             if result.status == BatchStatus.PROCESSED:
                 timings.append({"batch_id": batch_id, "rows": result.rows_scored, "seconds": result.timings})
                 _after_commit(pipeline, result, counts, config, started)
@@ -225,6 +235,8 @@ def _after_commit(pipeline: Pipeline, result: BatchResult, counts: dict, config:
         return
     event_ids = report_drift(pipeline, result)
     counts["drift_events"] += len(event_ids)
+    if result.drift_action == "recorded":  # within the fleet-wide cooldown of the last request
+        return
     if settings.drift.on_detect == "retrain":
         retrain_flow(config=config, workdir=str(settings.workdir), trigger="drift", drift_event_id=event_ids[0])
         counts["retrains"] += 1

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from flows.ingest.landing import LandedFile, content_hash
 from flows.storage.database import Database
-from flows.storage.models import Arrival, Batch, DriftEvent, Lease
+from flows.storage.models import Arrival, Batch, DriftEvent, Lease, LineQuarantine
 from flows.storage.work_folder import resolved_path, stored_path
 
 LEASE_SECONDS = 600
@@ -254,6 +254,7 @@ class Ledger:
                     func.coalesce(func.sum(Batch.rows_scored), 0),
                     func.coalesce(func.sum(Batch.rows_quarantined), 0),
                     func.coalesce(func.sum(Batch.rows_late), 0),
+                    func.coalesce(func.sum(Batch.rows_duplicate), 0),
                 ).where(Batch.status != "pending")
             ).one()
             drift_events = session.scalar(select(func.count()).select_from(DriftEvent))
@@ -261,6 +262,11 @@ class Ledger:
                 select(Batch.source_file, Batch.stored_at, Batch.reasons, Batch.validation_page)
                 .where(Batch.status == "quarantined")
                 .order_by(Batch.id)
+            ).all()
+            lines = session.execute(
+                select(LineQuarantine, Batch.source_file)
+                .join(Batch, Batch.id == LineQuarantine.batch_id)
+                .order_by(LineQuarantine.id)
             ).all()
         return {
             "batches": {
@@ -270,7 +276,14 @@ class Ledger:
                 "duplicate": duplicates,
                 "pending": by_status.get("pending", 0),
             },
-            "rows": {"received": sums[0], "scored": sums[1], "quarantined": sums[2], "late": sums[3]},
+            # received = scored + quarantined + late + duplicate (exact duplicate rows dropped)
+            "rows": {
+                "received": sums[0],
+                "scored": sums[1],
+                "quarantined": sums[2],
+                "late": sums[3],
+                "duplicate": sums[4],
+            },
             "drift_events": drift_events,
             "quarantined_files": [
                 {
@@ -280,5 +293,19 @@ class Ledger:
                     "validation_page": str(resolved_path(self.root, page)) if page else None,
                 }
                 for source, stored, reasons, page in quarantined
+            ],
+            "quarantined_lines": [
+                {
+                    "file": Path(source).name,
+                    "part": line.part,
+                    "line": line.entity,
+                    "rows": line.rows,
+                    "reasons": line.reasons,
+                    "rows_file": str(resolved_path(self.root, line.rows_file)) if line.rows_file else None,
+                    "validation_page": (
+                        str(resolved_path(self.root, line.validation_page)) if line.validation_page else None
+                    ),
+                }
+                for line, source in lines
             ],
         }

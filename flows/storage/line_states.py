@@ -27,6 +27,7 @@ from flows.storage.models import (
     BatchSummary,
     DriftEvent,
     EntityState,
+    LineQuarantine,
     ModelState,
     SequenceMetrics,
 )
@@ -151,9 +152,20 @@ class PartCommit:
     # Drift detections: dicts of entity, detector, feature, value, threshold, event_time (ISO).
     detections: list[dict]
     drift_action: str  # what a detection does: retrain | event_emitted | recorded
+    # Detections within this many files of the last retraining request are recorded only.
+    retrain_cooldown_files: int = 0
     # Anomaly alarms (flows.model.file_step.JudgedLines.episodes) and the model that raised them.
     alarms: list[dict] = field(default_factory=list)
     update_index: int = 0
+    # Rows taken out of the part while its other lines go on (flows.ingest.validation), each a
+    # dict of entity, rows, reasons, sample_rows, rows_file, validation_page; and exact
+    # duplicate rows dropped.
+    line_quarantines: list[dict] = field(default_factory=list)
+    duplicates: int = 0
+
+    @property
+    def quarantined(self) -> int:
+        return sum(q["rows"] for q in self.line_quarantines)
 
 
 @dataclass
@@ -164,6 +176,7 @@ class Committed:
     drift_event_ids: list[int]
     model_version: int  # the live model's version lock after this commit
     alarm_ids: list[int] = field(default_factory=list)  # alarms this part started
+    drift_action: str | None = None  # what the part's drift events ask for (None: no events)
 
 
 def commit_part(
@@ -195,8 +208,13 @@ def commit_part(
                         sequence=sequence, batch_id=part.batch_id, part=part.part, metrics=json_safe(part.metrics)
                     )
                 )
-            event_ids = _record_detections(session, pipeline, part, sequence)
+            action = _drift_action(session, pipeline, part, sequence)
+            event_ids = _record_detections(session, pipeline, part, sequence, action)
             alarm_ids = _record_alarms(session, pipeline, part, sequence, model.champion_version)
+            session.add_all(
+                LineQuarantine(batch_id=part.batch_id, part=part.part, **json_safe(quarantine))
+                for quarantine in part.line_quarantines
+            )
             if event_ids:
                 model.drift_since_sequence = sequence  # every line's detectors restart after it
             status = _update_ledger(session, part)
@@ -205,7 +223,7 @@ def commit_part(
             version = model.version
     except (StaleDataError, IntegrityError) as error:
         raise StaleModel(str(error)) from error
-    return Committed(status, sequence, previous, event_ids, version, alarm_ids)
+    return Committed(status, sequence, previous, event_ids, version, alarm_ids, action if event_ids else None)
 
 
 def _write_lines(session, lines: list[LineUpdate], loaded: CarriedLines) -> None:
@@ -286,7 +304,22 @@ def _add_summaries(session, part: PartCommit, sequence: int) -> None:
     )
 
 
-def _record_detections(session, pipeline: str, part: PartCommit, sequence: int | None) -> list[int]:
+def _drift_action(session, pipeline: str, part: PartCommit, sequence: int | None) -> str:
+    """What this part's detections ask for: the configured action, or only a record while the
+    pipeline's last retraining request lies within `retrain_cooldown_files` files."""
+    if part.drift_action == "recorded" or not part.detections or not part.retrain_cooldown_files:
+        return part.drift_action
+    last = session.scalar(
+        select(func.max(DriftEvent.sequence)).where(
+            DriftEvent.pipeline == pipeline, DriftEvent.action.in_(["retrain", "event_emitted"])
+        )
+    )
+    if last is not None and sequence is not None and sequence - last <= part.retrain_cooldown_files:
+        return "recorded"
+    return part.drift_action
+
+
+def _record_detections(session, pipeline: str, part: PartCommit, sequence: int | None, action: str) -> list[int]:
     events = [
         DriftEvent(
             pipeline=pipeline,
@@ -298,7 +331,7 @@ def _record_detections(session, pipeline: str, part: PartCommit, sequence: int |
             value=detection["value"],
             threshold=detection["threshold"],
             event_time=datetime.fromisoformat(detection["event_time"]),
-            action=part.drift_action,
+            action=action,
             details=json_safe({**detection, "sequence": sequence, "batch_id": part.batch_id}),
         )
         for detection in part.detections
@@ -355,15 +388,19 @@ def _update_ledger(session, part: PartCommit) -> str:
     stored.parts_done = part.part + 1
     names = sorted({*(stored.entity or "").split(","), *part.entities} - {""})
     stored.entity = ",".join(names)[:200]
-    stored.rows_received += part.received
+    stored.rows_received += part.received + part.quarantined + part.duplicates
     stored.rows_scored += part.received - part.late
     stored.rows_late += part.late
+    stored.rows_quarantined += part.quarantined
+    stored.rows_duplicate += part.duplicates
     if part.lines:
         first = min(line.first_ts for line in part.lines)
         final = max(line.last_ts for line in part.lines)
         stored.first_ts = min(stored.first_ts, first) if stored.first_ts else first
         stored.last_ts = max(stored.last_ts, final) if stored.last_ts else final
         stored.output_path = part.lines[0].output_path
+    if part.line_quarantines:  # a new list: the JSON column sees the change
+        stored.reasons = [*(stored.reasons or []), *(r for q in part.line_quarantines for r in q["reasons"])]
     if part.last:
         stored.status = BatchStatus.PROCESSED if stored.rows_scored > 0 else BatchStatus.LATE
         stored.processed_at = datetime.now(UTC)

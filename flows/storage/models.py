@@ -65,6 +65,7 @@ class Batch(Base):
     rows_scored: Mapped[int] = mapped_column(Integer, default=0)
     rows_quarantined: Mapped[int] = mapped_column(Integer, default=0)
     rows_late: Mapped[int] = mapped_column(Integer, default=0)
+    rows_duplicate: Mapped[int] = mapped_column(Integer, default=0)  # exact duplicate rows dropped
     reasons: Mapped[list | None] = mapped_column(JSON)
     sample_rows: Mapped[list | None] = mapped_column(JSON)
     first_ts: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -160,6 +161,24 @@ class ModelRecovery(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     trigger: Mapped[str] = mapped_column(String(30))  # run | command
     recovered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class LineQuarantine(Base):
+    """Rows of one line (entity None: rows that name no line) taken out of a file whose other
+    lines went on: the fault concerned that line or those rows only."""
+
+    __tablename__ = "line_quarantines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), index=True)
+    part: Mapped[int] = mapped_column(Integer, default=0)
+    entity: Mapped[str | None] = mapped_column(String(200), index=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    reasons: Mapped[list] = mapped_column(JSON)
+    sample_rows: Mapped[list | None] = mapped_column(JSON)
+    rows_file: Mapped[str | None] = mapped_column(Text)  # the rows as read, relative to the work folder
+    validation_page: Mapped[str | None] = mapped_column(Text)  # the Data Docs page of the file's result
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class AnomalyAlarm(Base):

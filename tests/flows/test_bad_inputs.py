@@ -1,5 +1,6 @@
 """Malformed landing files: each ends in an exact place, with a one-line reason naming the
-file and the row or field, and the run goes on with the other files."""
+file and the row or field, and the run goes on with the other files. A fault of some rows
+takes out those rows only (`quarantined_rows`); exact duplicates are dropped and counted."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ class Case:
     content: object  # bytes, or a callable(tmp_dir) -> bytes
     ends: str  # processed | quarantined | late
     reason: str | None = None  # a phrase the one-line reason must hold
+    quarantined_rows: int = 0  # of a processed file: rows taken out, the rest scored
+    duplicate_rows: int = 0  # of a processed file: exact duplicates dropped
 
 
 def _mixed_offsets(entity: str) -> bytes:
@@ -144,8 +147,9 @@ CASES = [
     Case(
         "bad-time.csv",
         with_column("c-badtime", "timestamp", ["yesterday"] + list(frame("x").timestamp[1:])),
-        "quarantined",
-        "column 'timestamp': 1 of 40 values unparseable or empty at rows 1",
+        "processed",
+        "line 'c-badtime': column 'timestamp': 1 of 40 values unparseable or empty at rows 1",
+        quarantined_rows=1,
     ),
     Case(
         "epoch-time.csv",
@@ -153,17 +157,20 @@ CASES = [
         "quarantined",
         "unparseable or empty",
     ),
-    Case(
-        "unsorted.csv",
-        csv_bytes(frame("c-unsorted").iloc[[0, 1, 3, 2, *range(4, ROWS)]]),
-        "quarantined",
-        "column 'timestamp': timestamps go backwards within an entity at rows 4",
-    ),
+    # A line's rows out of order are put in order; a reading sent twice is dropped once.
+    Case("unsorted.csv", csv_bytes(frame("c-unsorted").iloc[[0, 1, 3, 2, *range(4, ROWS)]]), "processed"),
     Case(
         "duplicated-time.csv",
         csv_bytes(pd.concat([frame("c-dup").iloc[:6], frame("c-dup").iloc[5:]])),
-        "quarantined",
-        "2 rows share an (entity, timestamp) pair at rows 6, 7",
+        "processed",
+        duplicate_rows=1,
+    ),
+    Case(
+        "conflicting-time.csv",
+        csv_bytes(pd.concat([frame("c-conflict").iloc[:6], frame("c-conflict").iloc[5:].assign(flow=111.0)])),
+        "processed",
+        "line 'c-conflict': columns 'entity', 'timestamp': 2 rows share an (entity, timestamp) pair at rows 6, 7",
+        quarantined_rows=2,
     ),
     Case(
         "future.csv",
@@ -266,8 +273,9 @@ CASES = [
     Case(
         "blank-entity.csv",
         with_column("c-blank", "entity", [None] + ["c-blank"] * (ROWS - 1)),
-        "quarantined",
-        "column 'entity': 1 of 40 values empty at rows 1",
+        "processed",
+        "rows without a line: column 'entity': 1 of 40 values empty at rows 1",
+        quarantined_rows=1,
     ),
     Case("parquet-ok.parquet", lambda tmp: parquet_bytes(frame("c-parquet"), tmp), "processed"),
     Case("zz-all-late.csv", _late("c-extra"), "late"),
@@ -312,8 +320,12 @@ def test_each_bad_input_ends_in_its_place(landed, case):
         assert (settings.paths.quarantine / case.file).exists()
         assert batch.rows_received == batch.rows_quarantined
     elif case.ends == "processed":
-        assert batch.rows_scored == batch.rows_received == ROWS
+        taken = case.quarantined_rows + case.duplicate_rows
+        assert batch.rows_received - taken == batch.rows_scored > 0
+        assert (batch.rows_quarantined, batch.rows_duplicate) == (case.quarantined_rows, case.duplicate_rows)
         assert (settings.paths.archive / case.file).exists()
+        if case.reason:
+            assert any(case.reason in r and r.startswith(case.file) for r in batch.reasons), batch.reasons
     else:
         assert batch.rows_late == batch.rows_received == ROWS and batch.rows_scored == 0
 
@@ -335,6 +347,20 @@ def test_the_run_went_on_and_every_row_is_counted(landed):
         "link-out.csv"
     }
     assert set(status["paths"]) == {"landing", "quarantine", "archive", "output"}
+
+
+def test_rows_taken_out_of_a_file_are_listed_per_line_with_their_rows_and_page(landed):
+    settings, _, _ = landed
+    listed = {q["file"]: q for q in pipeline_status(settings)["quarantined_lines"]}
+    expected = {c.file: c for c in CASES if c.ends == "processed" and c.quarantined_rows}
+    assert set(listed) == set(expected)
+    for name, case in expected.items():
+        line = listed[name]
+        assert line["rows"] == case.quarantined_rows and any(case.reason in r for r in line["reasons"])
+        rows = pd.read_csv(line["rows_file"])
+        assert len(rows) == case.quarantined_rows and rows["reason"].str.contains(case.reason, regex=False).all()
+        assert Path(line["validation_page"]).exists()
+    assert listed["blank-entity.csv"]["line"] is None and listed["bad-time.csv"]["line"] == "c-badtime"
 
 
 def test_valid_labels_go_on_as_numbers(landed):

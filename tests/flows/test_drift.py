@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from flows.monitor.drift_detectors import LineDrift, adwin_fires, check_lines, grouped_ks, grouped_psi
+from flows.monitor.drift_detectors import (
+    PLANT,
+    LineDrift,
+    adwin_fires,
+    check_lines,
+    grouped_ks,
+    grouped_psi,
+    plant_level,
+)
 from flows.monitor.drift_statistics import Reference, ks_statistic, psi, summarise
 from flows.settings import DriftSettings
 
@@ -149,3 +157,65 @@ def test_adwin_fires_as_rivers_own_detector_does():
         answers.append(adwin_fires(batches, delta))
         assert answers[-1] == rivers_answer(batches, delta), trial
     assert True in answers and False in answers
+
+
+def _detection(entity: str, detector: str = "psi") -> dict:
+    return {
+        "detector": detector,
+        "entity": entity,
+        "feature": "pressure",
+        "value": 1.5,
+        "threshold": 1.0,
+        "event_time": f"2026-01-01T00:00:0{len(entity) % 10}+00:00",
+    }
+
+
+def test_detections_on_a_share_of_the_lines_are_one_plant_level_event():
+    settings = DriftSettings(plant_share=0.2, plant_min_lines=3)
+    local = [_detection("line-1"), _detection("line-1", "ks")]
+    assert plant_level(local, 10, settings) == local  # one line: its own events
+    two = [_detection("line-1"), _detection("line-2")]
+    assert plant_level(two, 10, settings) == two  # 20 % of the lines, but fewer than 3
+    wide = [_detection(f"line-{i}", "psi" if i % 3 else "adwin_error") for i in range(6)]
+    [plant] = plant_level(wide, 10, settings)
+    assert plant["entity"] == PLANT and plant["detector"] == "plant" and plant["feature"] == "psi"
+    assert plant["lines"] == [f"line-{i}" for i in range(6)] and plant["value"] == pytest.approx(0.6)
+    assert plant["detectors"] == {"adwin_error": 2, "psi": 4}
+    assert plant["event_time"] == max(d["event_time"] for d in wide)
+    assert plant_level(wide, 100, settings) == wide  # 6 of 100 lines: below the share
+
+
+def test_a_retraining_request_holds_the_next_ones_back_fleet_wide(tmp_path):
+    from datetime import UTC, datetime
+
+    from flows.storage.database import Database
+    from flows.storage.line_states import PartCommit, _drift_action
+    from flows.storage.models import Batch, DriftEvent
+
+    db = Database(f"sqlite:///{tmp_path}/drift.db")
+    db.migrate()
+    part = PartCommit(1, 0, True, 10, 0, ["line-1"], [], {}, [_detection("line-1")], "retrain", 10)
+    with db.session() as session:
+        session.add(Batch(id=1, content_hash="x", source_file="a.csv", size_bytes=1, status="pending"))
+        session.flush()
+        assert _drift_action(session, "p", part, 3) == "retrain"  # no request before
+        session.add(
+            DriftEvent(
+                pipeline="p",
+                batch_id=1,
+                sequence=5,
+                entity="line-1",
+                detector="psi",
+                value=1.0,
+                threshold=1.0,
+                event_time=datetime.now(UTC),
+                action="retrain",
+            )
+        )
+        session.flush()
+        assert _drift_action(session, "p", part, 15) == "recorded"  # 10 files after it
+        assert _drift_action(session, "p", part, 16) == "retrain"
+        assert _drift_action(session, "other", part, 6) == "retrain"  # another pipeline's request
+        unlimited = PartCommit(1, 0, True, 10, 0, ["line-1"], [], {}, [_detection("line-1")], "retrain", 0)
+        assert _drift_action(session, "p", unlimited, 6) == "retrain"
+    db.dispose()

@@ -72,6 +72,6 @@ def test_a_million_rows_in_flat_memory(tmp_path):
     small = _process(tmp_path / "small", 100_000)
     big = _process(tmp_path / "big", 1_000_000)
     assert big["statuses"] == ["processed", "processed"]
-    assert big["rows"] == {"received": 1_002_000, "scored": 1_002_000, "quarantined": 0, "late": 0}
+    assert big["rows"] == {"received": 1_002_000, "scored": 1_002_000, "quarantined": 0, "late": 0, "duplicate": 0}
     # Ten times the rows, about the same peak: the file never sits in memory whole.
     assert big["peak_rss_kb"] < 1.25 * small["peak_rss_kb"], (small["peak_rss_kb"], big["peak_rss_kb"])

@@ -78,6 +78,7 @@ def test_ledger_records_new_and_duplicate_arrivals(db, tmp_path):
         "scored": 0,
         "quarantined": 1,
         "late": 0,
+        "duplicate": 0,
     }
     assert report["quarantined_files"][0]["reasons"] == ["a.csv: bad"]
     assert (tmp_path / "quarantine" / "a.csv").exists() and not original.exists()

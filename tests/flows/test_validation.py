@@ -55,37 +55,88 @@ def test_a_good_batch_passes_sorted_with_parsed_times(validator):
             lambda f: f.assign(temperature=[np.nan] * 25 + [50.0] * 5),
             "column 'temperature': 25 of 30 values missing",
         ),
+        (lambda f: f.assign(flow=["12,5"] + [100.0] * 29), "column 'flow' is not numeric"),
+        # A line fault in a one-line file leaves no rows: the file goes as a whole.
         (
             lambda f: f.assign(vibration=[99.0] + [2.0] * 29),
-            "column 'vibration': 1 of 30 values outside the physical range [0.0, 50.0] at rows 1",
+            "line 'line-1': column 'vibration': 1 of 30 values outside the physical range [0.0, 50.0] at rows 1",
         ),
         (
-            lambda f: f.assign(motor_current=[np.inf] + [30.0] * 29),
+            lambda f: f.assign(motor_current=[50.0] * 29 + [-1.0]),
             "column 'motor_current': 1 of 30 values outside",
         ),
-        (
-            lambda f: f.iloc[[0, 2, 1, *range(3, 30)]].reset_index(drop=True),
-            "timestamps go backwards within an entity at rows 3",
-        ),
-        (lambda f: pd.concat([f, f.iloc[[4]]], ignore_index=True), "share an (entity, timestamp) pair"),
-        (
-            lambda f: f.assign(timestamp=["not a time"] + list(f.timestamp[1:])),
-            "column 'timestamp': 1 of 30 values unparseable or empty at rows 1",
-        ),
-        (
-            lambda f: f.assign(timestamp=list(f.timestamp[:-1]) + ["2099-01-01T00:00:00Z"]),
-            "timestamps in the future at rows 30",
-        ),
-        (lambda f: f.assign(flow=["12,5"] + [100.0] * 29), "column 'flow' is not numeric"),
-        (lambda f: f.assign(entity=[None] + ["line-1"] * 29), "column 'entity': 1 of 30 values empty"),
     ],
 )
-def test_each_failure_names_file_column_and_rows(validator, breakage, expected):
+def test_a_file_fault_names_file_column_and_rows(validator, breakage, expected):
     outcome = validator.validate(breakage(_good()), "good.csv")
     assert not outcome.success
     assert any(expected in reason for reason in outcome.reasons), outcome.reasons
     assert all(reason.startswith("good.csv: ") for reason in outcome.reasons)
     assert outcome.sample_rows or "missing column" in expected
+
+
+@pytest.mark.parametrize(
+    "breakage, rows, expected",
+    [
+        (
+            lambda f: f.assign(timestamp=["not a time"] + list(f.timestamp[1:])),
+            [1],
+            "good.csv: line 'line-1': column 'timestamp': 1 of 30 values unparseable or empty at rows 1",
+        ),
+        (
+            lambda f: f.assign(timestamp=list(f.timestamp[:-1]) + ["2099-01-01T00:00:00Z"]),
+            [30],
+            "timestamps in the future at rows 30",
+        ),
+        (
+            lambda f: f.assign(entity=[None] + ["line-1"] * 29),
+            [1],
+            "good.csv: rows without a line: column 'entity': 1 of 30 values empty at rows 1",
+        ),
+        # Two different readings for one (line, time): both rows, nothing else.
+        (
+            lambda f: pd.concat([f, f.iloc[[4]].assign(flow=1.0)], ignore_index=True),
+            [5, 31],
+            "2 rows share an (entity, timestamp) pair at rows 5, 31",
+        ),
+    ],
+)
+def test_a_row_fault_takes_out_those_rows_only(validator, breakage, rows, expected):
+    broken = breakage(_good())
+    outcome = validator.validate(broken, "good.csv")
+    assert outcome.success and outcome.quarantined_rows == len(rows)
+    assert len(outcome.frame) == len(broken) - len(rows)
+    assert outcome.quarantined["file_row"].tolist() == rows
+    reasons = [r for line in outcome.lines for r in line.reasons]
+    assert any(expected in reason for reason in reasons), reasons
+    assert (outcome.quarantined["reason"].str.contains(expected, regex=False)).all()
+
+
+def test_rows_out_of_order_are_put_in_order_and_exact_duplicates_dropped(validator):
+    good = _good()
+    shuffled = good.sample(frac=1.0, random_state=3)
+    resent = pd.concat([shuffled, good.iloc[[7, 8]]], ignore_index=True)  # two readings sent twice
+    outcome = validator.validate(resent, "good.csv")
+    assert outcome.success and outcome.lines == [] and outcome.duplicates == 2 and outcome.reordered > 0
+    expected = validator.validate(good, "good.csv").frame
+    pd.testing.assert_frame_equal(outcome.frame, expected)
+
+
+def test_one_broken_line_of_a_plant_file_is_taken_out_with_its_rows(validator):
+    """A plant file of three lines where one line's temperature reads 9,999 once: that line's 30
+    rows go, with a reason naming it; the other 60 rows go on."""
+    plant = pd.concat([_good().assign(entity=f"line-{i}") for i in (1, 2, 3)], ignore_index=True)
+    plant.loc[40, "temperature"] = 9999.0  # line-2's 11th row
+    outcome = validator.validate(plant, "plant.csv")
+    assert outcome.success and set(outcome.frame["entity"]) == {"line-1", "line-3"} and len(outcome.frame) == 60
+    [line] = outcome.lines
+    assert (line.entity, line.rows) == ("line-2", 30)
+    assert line.reasons == [
+        "plant.csv: line 'line-2': column 'temperature': 1 of 90 values outside the physical range [-20.0, 150.0] "
+        "at rows 41 (e.g. 9999.0)"
+    ]
+    assert outcome.quarantined["file_row"].tolist() == list(range(31, 61))
+    assert outcome.result is not None  # for the Data Docs page
 
 
 def test_reading_files(tmp_path):
