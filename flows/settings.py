@@ -198,6 +198,9 @@ class DriftSettings(_Section):
     ks_threshold: float = Field(0.45, gt=0.0, le=1.0)
     # Consecutive batches a batch statistic must exceed its threshold before it fires.
     consecutive: int = Field(2, ge=1)
+    # PSI's and KS's limits are at least what a stationary line reaches by chance with this
+    # probability in a file, given how dependent its readings are (flows.monitor.drift_detectors).
+    significance: float = Field(0.001, gt=0.0, lt=0.5)
     cooldown_batches: int = Field(3, ge=0)
     # Batches after a change within which a detection counts as timely (checked by tests).
     max_delay_batches: int = Field(6, ge=1)

@@ -7,8 +7,14 @@ is checked without reading any earlier output back:
 - an error jump: the newest batch's MAE above `error_ratio_threshold` times the median MAE of
   the line's earlier batches since the reset (a control chart on the forecast error);
 - PSI and KS of each sensor's readings over the line's last `window_batches` batches against
-  the training reference, firing when one sensor exceeds its threshold for `consecutive`
-  batches in a row.
+  the training reference, firing when one sensor exceeds its limit for `consecutive` batches
+  in a row. The limit is the larger of the configured threshold and what a stationary line
+  reaches by chance with probability `significance`, from the effective number of readings
+  in the window: readings of a line that moves between operating regimes are strongly
+  dependent (lag-1 autocorrelation ρ ≈ 0.95 on the simulator: 160 readings are worth about
+  four), and PSI ≈ χ²(bins − 1)/n and KS ≈ Kolmogorov·√(1/n + 1/N) hold for n independent
+  ones. With n_eff = n(1 − ρ)/(1 + ρ) (an AR(1) line's), a line whose regimes simply come and
+  go stops looking drifted every few files.
 A reset (a detection anywhere, or a retraining) restarts the error detectors and the runs; the
 readings window is kept, as the reference it is compared with is replaced at the same time.
 A file whose detections span a large share of its lines is one plant-wide change
@@ -19,7 +25,9 @@ other lines share the file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -188,7 +196,7 @@ def check_lines(
     keep = settings.window_batches - 1
     windows = [[*(s.readings[-keep:] if keep else []), new] for s, new in zip(states, readings, strict=True)]
     full = [len(w) == settings.window_batches for w in windows]
-    stats = _window_stats(windows, full, reference, sensors)
+    stats = _window_stats(windows, full, reference, sensors, settings)
 
     checks = []
     for index, (entity, state) in enumerate(zip(entities, states, strict=True)):
@@ -199,8 +207,8 @@ def check_lines(
         for statistic in ("psi", "ks"):
             for sensor in sensors:
                 value = stats[index].get(statistic, {}).get(sensor)
-                threshold = settings.psi_threshold if statistic == "psi" else settings.ks_threshold
-                over = value is not None and value > threshold
+                limit = stats[index].get(f"{statistic}_limit", {}).get(sensor)
+                over = value is not None and limit is not None and value > limit
                 runs[statistic][sensor] = runs[statistic].get(sensor, 0) + 1 if over else 0
         batches = state.batches + 1
         new_state = LineDrift(
@@ -238,19 +246,24 @@ def _detections(
         ratio = mae / max(float(np.median(earlier)), 1e-12)
         if ratio > settings.error_ratio_threshold:
             found.append(Detection("error_jump", entity, None, ratio, settings.error_ratio_threshold, event_time))
-    for statistic, threshold in (("psi", settings.psi_threshold), ("ks", settings.ks_threshold)):
-        values = stats.get(statistic, {})
+    for statistic in ("psi", "ks"):
+        values, limits = stats.get(statistic, {}), stats.get(f"{statistic}_limit", {})
         for sensor in sorted(values):
             if runs[statistic].get(sensor, 0) >= settings.consecutive:
-                found.append(Detection(statistic, entity, sensor, float(values[sensor]), threshold, event_time))
+                value = float(values[sensor])
+                found.append(Detection(statistic, entity, sensor, value, limits[sensor], event_time))
     return found
 
 
 def _window_stats(
-    windows: list[list[np.ndarray]], full: list[bool], reference: dict, sensors: tuple[str, ...]
+    windows: list[list[np.ndarray]],
+    full: list[bool],
+    reference: dict,
+    sensors: tuple[str, ...],
+    settings: DriftSettings,
 ) -> list[dict]:
-    """PSI, KS and the mean of each sensor over each line's readings window, for the lines whose
-    window is full (the others get no figures yet)."""
+    """PSI, KS, their limits (module docstring) and the mean of each sensor over each line's
+    readings window, for the lines whose window is full (the others get no figures yet)."""
     lines = [i for i, ok in enumerate(full) if ok]
     stats: list[dict] = [{} for _ in windows]
     if not lines:
@@ -258,8 +271,11 @@ def _window_stats(
     arrays = [batch for i in lines for batch in windows[i]]
     line = np.repeat(np.arange(len(lines)), [sum(len(batch) for batch in windows[i]) for i in lines])
     values = np.concatenate(arrays)
+    # Consecutive readings of one batch of one line: the pairs the autocorrelation is read from.
+    batch_of = np.repeat(np.arange(len(arrays)), [len(batch) for batch in arrays])
+    follows = np.r_[False, batch_of[1:] == batch_of[:-1]]
     for i in lines:
-        stats[i] = {"psi": {}, "ks": {}, "mean": {}}
+        stats[i] = {"psi": {}, "ks": {}, "mean": {}, "psi_limit": {}, "ks_limit": {}}
     references = reference.get("sensors", {})
     for column, sensor in enumerate(sensors):
         finite = np.isfinite(values[:, column])
@@ -268,17 +284,59 @@ def _window_stats(
         sums = np.bincount(owner, weights=observed, minlength=len(lines))
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / counts
+        effective = _effective_readings(values[:, column], line, follows, counts, len(lines))
         psi = ks = None
         if sensor in references:
             psi = grouped_psi(references[sensor], observed, owner, len(lines))
             ks = grouped_ks(references[sensor], observed, owner, len(lines))
+            bins = len(references[sensor]["edges"]) + 1
+            sample = len(references[sensor]["sample"])
         # None where a figure does not exist (no readings): stored as JSON as it is.
         for position, i in enumerate(lines):
             stats[i]["mean"][sensor] = float(means[position]) if counts[position] else None
             if psi is not None:
                 stats[i]["psi"][sensor] = _finite_or_none(psi[position])
                 stats[i]["ks"][sensor] = _finite_or_none(ks[position])
+                n = float(effective[position])
+                chance = psi_by_chance(bins, n, settings.significance), ks_by_chance(n, sample, settings.significance)
+                stats[i]["psi_limit"][sensor] = max(settings.psi_threshold, chance[0])
+                stats[i]["ks_limit"][sensor] = max(settings.ks_threshold, chance[1])
     return stats
+
+
+def _effective_readings(
+    values: np.ndarray, line: np.ndarray, follows: np.ndarray, counts: np.ndarray, lines: int
+) -> np.ndarray:
+    """Per line, n(1 − ρ)/(1 + ρ) with ρ the lag-1 autocorrelation of its finite readings
+    (pairs within a batch), in [1, n]; ρ ≤ 0 counts as independent."""
+    finite = np.isfinite(values)
+    pairs = follows & finite & np.r_[False, finite[:-1]]
+    current, previous, owner = values[pairs], np.r_[np.nan, values[:-1]][pairs], line[pairs]
+    size = np.bincount(owner, minlength=lines).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_c = np.bincount(owner, weights=current, minlength=lines) / size
+        mean_p = np.bincount(owner, weights=previous, minlength=lines) / size
+        cov = np.bincount(owner, weights=(current - mean_c[owner]) * (previous - mean_p[owner]), minlength=lines)
+        var_c = np.bincount(owner, weights=(current - mean_c[owner]) ** 2, minlength=lines)
+        var_p = np.bincount(owner, weights=(previous - mean_p[owner]) ** 2, minlength=lines)
+        rho = cov / np.sqrt(var_c * var_p)
+    rho = np.clip(np.nan_to_num(rho, nan=0.0), 0.0, 0.999)
+    return np.clip(counts * (1 - rho) / (1 + rho), 1.0, np.maximum(counts, 1))
+
+
+def psi_by_chance(bins: int, readings: float, significance: float) -> float:
+    """The PSI that `readings` independent values from the reference's own law pass with
+    probability `significance`: χ²(bins − 1) at 1 − significance (Wilson–Hilferty) over n."""
+    k = bins - 1
+    z = NormalDist().inv_cdf(1.0 - significance)
+    quantile = k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+    return quantile / readings
+
+
+def ks_by_chance(readings: float, sample: int, significance: float) -> float:
+    """The KS distance between `readings` independent values and a reference sample of
+    `sample` from the same law that is passed with probability `significance`."""
+    return math.sqrt(-math.log(significance / 2) / 2) * math.sqrt(1 / readings + 1 / max(sample, 1))
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -11,8 +11,11 @@ from flows.monitor.drift_detectors import (
     check_lines,
     grouped_ks,
     grouped_psi,
+    ks_by_chance,
     plant_level,
+    psi_by_chance,
 )
+from flows.monitor.drift_detectors import _window_stats as _window_stats
 from flows.monitor.drift_statistics import Reference, ks_statistic, psi, summarise
 from flows.settings import DriftSettings
 
@@ -219,3 +222,44 @@ def test_a_retraining_request_holds_the_next_ones_back_fleet_wide(tmp_path):
         unlimited = PartCommit(1, 0, True, 10, 0, ["line-1"], [], {}, [_detection("line-1")], "retrain", 0)
         assert _drift_action(session, "p", unlimited, 6) == "retrain"
     db.dispose()
+
+
+def _regimes(rng: np.random.Generator, rows: int, rho: float) -> np.ndarray:
+    """A reading that moves between operating regimes: AR(1) with lag-1 autocorrelation rho."""
+    values = np.empty(rows)
+    values[0] = rng.normal()
+    for t in range(1, rows):
+        values[t] = rho * values[t - 1] + np.sqrt(1 - rho**2) * rng.normal()
+    return values
+
+
+def test_psi_and_ks_limits_count_the_effective_readings_of_a_dependent_line():
+    """A line whose readings wander between regimes (ρ = 0.95) passes the textbook PSI limit in
+    most windows of four 40-row batches though nothing changed; the limit from its effective
+    readings is passed rarely, while a 3σ shift still passes it in most windows. Independent
+    readings keep the configured limits."""
+    rng = np.random.default_rng(5)
+    reference = summarise(np.concatenate([_regimes(rng, 400, 0.95) for _ in range(50)]), sample_size=2000)
+    settings = DriftSettings(psi_threshold=1.0, ks_threshold=0.45, window_batches=4, significance=0.001)
+    lines = 300
+    windows = [[_regimes(rng, 160, 0.95)[k * 40 : (k + 1) * 40, None] for k in range(4)] for _ in range(lines)]
+    shifted = [[batch + 3.0 for batch in window] for window in windows[:20]]
+    sensors = {"sensors": {"p": reference.to_dict()}}
+    stats = _window_stats(windows + shifted, [True] * (lines + 20), sensors, ("p",), settings)
+    psis = np.array([s["psi"]["p"] for s in stats[:lines]])
+    limits = np.array([s["psi_limit"]["p"] for s in stats[:lines]])
+    assert (psis > 1.0).mean() > 0.1  # the textbook limit: a stationary line often looks drifted
+    assert (psis > limits).mean() < 0.05 and limits.min() > 1.0
+    caught = [s["psi"]["p"] > s["psi_limit"]["p"] or s["ks"]["p"] > s["ks_limit"]["p"] for s in stats[lines:]]
+    assert np.mean(caught) >= 0.7
+    independent = [[rng.normal(size=(40, 1)) for _ in range(4)] for _ in range(5)]
+    loose = _window_stats(independent, [True] * 5, sensors, ("p",), settings)
+    assert psi_by_chance(11, 160, 0.001) < 1.0 and ks_by_chance(160, 2000, 0.001) < 0.45
+    assert all((s["psi_limit"]["p"], s["ks_limit"]["p"]) == (1.0, 0.45) for s in loose)  # the floors
+
+
+def test_chance_limits_by_hand():
+    # χ²(9) at 0.999 is 27.88; Wilson–Hilferty gives it within 1 %.
+    assert psi_by_chance(10, 1.0, 0.001) == pytest.approx(27.88, rel=0.01)
+    # Kolmogorov at α = 0.001: √(ln(2000)/2) = 1.949, times √(1/100 + 1/2000).
+    assert ks_by_chance(100, 2000, 0.001) == pytest.approx(1.949 * np.sqrt(1 / 100 + 1 / 2000), rel=1e-3)
