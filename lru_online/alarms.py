@@ -1,5 +1,10 @@
 """Anomaly alarms from forecast residuals, calibrated per line to a target false-alarm rate.
 
+With `consistency_rows` set, each sensor contributes a second residual beside its forecast
+one: its reading against the line's other sensors in the same row (lru_online.consistency), so
+a stuck or offset sensor is seen for as long as it lasts, not only on the row where the
+forecaster is surprised. The charts below then run over both kinds of columns.
+
 Per line and row, the residuals are standardised by the line's own residual scale (a running
 mean of squared residuals over its recent normal rows), then smoothed by a mean chart: the
 mean over sensors of n·m², m the mean of a sensor's last n ≤ `smoothing_rows` standardised
@@ -68,6 +73,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from lru_online import codec
+from lru_online.consistency import ConsistencyConfig, ConsistencyState, consistency_residuals
 
 NEVER = 2**62  # quiet rows of a line that never alarmed
 
@@ -92,6 +98,17 @@ class AlarmConfig:
     # η of the rate control (module docstring): each episode raises the line's threshold by e^η,
     # each row lowers its log by η·α; 0: no rate control.
     rate_control_step: float = 0.0
+    # > 0: beside each sensor's forecast residual, its residual against the line's other sensors
+    # in the same row (lru_online.consistency, with this memory in rows); 0: forecast residuals only.
+    consistency_rows: int = 0
+
+    def columns(self, sensors: int) -> int:
+        """Residual columns the detector charts for `sensors` sensors."""
+        return 2 * sensors if self.consistency_rows else sensors
+
+    @property
+    def consistency(self) -> ConsistencyConfig | None:
+        return ConsistencyConfig(memory_rows=self.consistency_rows) if self.consistency_rows else None
 
     def __post_init__(self) -> None:
         if self.smoothing_rows < 1 or self.calibration_rows < 1:
@@ -102,6 +119,8 @@ class AlarmConfig:
             raise ValueError(f"AlarmConfig.judge_rows must be >= 0, got {self.judge_rows}")
         if self.episode_gap_rows < 0:
             raise ValueError(f"AlarmConfig.episode_gap_rows must be >= 0, got {self.episode_gap_rows}")
+        if self.consistency_rows < 0 or self.consistency_rows == 1:
+            raise ValueError(f"AlarmConfig.consistency_rows must be 0 or >= 2, got {self.consistency_rows}")
         if not 0.0 <= self.rate_control_step <= 20.0:
             raise ValueError(f"AlarmConfig.rate_control_step must be in [0, 20], got {self.rate_control_step}")
         if self.threshold_fit not in ("conformal", "gamma"):
@@ -142,20 +161,25 @@ class AlarmState:
     recent_calibration: torch.Tensor  # (B, K), or (B, 0) without `recent_rows`
     bias: torch.Tensor  # (B, S) running mean residual on normal chunks (zeros without `bias_rows`)
     excess: torch.Tensor  # (B,) x ≥ 0: the threshold an episode must pass is threshold·e^x
+    # The sensors' regressions on each other (`consistency_rows`); None without them. With
+    # them, the columns (S above) are each sensor's forecast residual, then its consistency one.
+    consistency: ConsistencyState | None = None
 
     @classmethod
     def fresh(cls, lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
+        columns = config.columns(sensors)
         return cls(
-            torch.zeros(lines, sensors, dtype=torch.float64),
+            torch.zeros(lines, columns, dtype=torch.float64),
             torch.zeros(lines, dtype=torch.int64),
-            torch.zeros(lines, config.smoothing_rows - 1, sensors, dtype=torch.float64),
+            torch.zeros(lines, config.smoothing_rows - 1, columns, dtype=torch.float64),
             torch.zeros(lines, dtype=torch.int64),
             torch.full((lines, config.calibration_rows), float("nan"), dtype=torch.float64),
             torch.full((lines,), NEVER, dtype=torch.int64),
             # No short chart, no buffer: a fleet of lines does not carry one it never uses.
             torch.full((lines, config.calibration_rows if config.recent_rows else 0), math.nan, dtype=torch.float64),
-            torch.zeros(lines, sensors, dtype=torch.float64),
+            torch.zeros(lines, columns, dtype=torch.float64),
             torch.zeros(lines, dtype=torch.float64),
+            ConsistencyState.fresh(lines, sensors) if config.consistency_rows else None,
         )
 
     @property
@@ -181,13 +205,20 @@ class AlarmState:
         }
 
     def select(self, index: int) -> AlarmState:
-        return AlarmState(**{k: v[index : index + 1].clone() for k, v in self._tensors().items()})
+        return AlarmState(
+            **{k: v[index : index + 1].clone() for k, v in self._tensors().items()},
+            consistency=self.consistency.select(index) if self.consistency is not None else None,
+        )
 
     @staticmethod
     def cat(states: list[AlarmState]) -> AlarmState:
         if not states:
             raise ValueError("AlarmState.cat needs at least one state")
-        return AlarmState(**{k: torch.cat([s._tensors()[k] for s in states]) for k in states[0]._tensors()})
+        consistency = [s.consistency for s in states]
+        return AlarmState(
+            **{k: torch.cat([s._tensors()[k] for s in states]) for k in states[0]._tensors()},
+            consistency=ConsistencyState.cat(consistency) if consistency[0] is not None else None,
+        )
 
     def to_bytes(self) -> bytes:
         """One line's state (B = 1), with the calibrations stored as float32, cut to the scores
@@ -198,6 +229,8 @@ class AlarmState:
             name: held[torch.isfinite(held)].to(torch.float32)
             for name, held in (("calibration", self.calibration), ("recent_calibration", self.recent_calibration))
         }
+        if self.consistency is not None:
+            tensors |= {f"consistency_{k}": v for k, v in self.consistency.tensors().items()}
         return codec.encode(tensors, {"kind": "AlarmState", "capacity": self.calibration.shape[1]})
 
     @classmethod
@@ -205,7 +238,18 @@ class AlarmState:
         tensors, meta = codec.decode(data)
         if meta.get("kind") != "AlarmState":
             raise codec.CodecError("state bytes do not hold an AlarmState")
-        fresh = cls.fresh(1, tensors["square_mean"].shape[-1], config)
+        stored = {k.removeprefix("consistency_"): v for k, v in tensors.items() if k.startswith("consistency_")}
+        columns = tensors["square_mean"].shape[-1]
+        if bool(stored) != bool(config.consistency_rows):
+            # Stored with other columns (consistency switched on or off): the charts start
+            # afresh; where the line stands with its alarms carries on.
+            fresh = cls.fresh(1, columns // 2 if stored else columns, config)
+            fresh.quiet_rows = tensors.get("quiet_rows", fresh.quiet_rows)
+            fresh.excess = tensors.get("excess", fresh.excess).to(torch.float64)
+            return fresh
+        fresh = cls.fresh(1, columns // 2 if stored else columns, config)
+        if stored:
+            fresh.consistency = ConsistencyState(**{k: v.to(torch.float64) for k, v in stored.items()})
         # A state stored before the short chart existed has no recent calibration: it warms up.
         for name in ("calibration", "recent_calibration"):
             held = tensors.get(name, torch.empty(0)).to(torch.float64)
@@ -308,15 +352,23 @@ class AnomalyDetector:
         state: AlarmState,
         steps: torch.Tensor | None = None,
         calibrate_only: bool = False,
+        readings: torch.Tensor | None = None,
     ) -> AlarmResult:
         """Scores and alarms of B lines' next rows, residuals (B, T, S) (NaN: no forecast or no
         reading), `steps` (B, T) False at padding. `calibrate_only`: every row is taken as
-        normal (a line's known-good start); nothing alarms."""
+        normal (a line's known-good start); nothing alarms. With `consistency_rows`, `readings`
+        (B, T, S) are the rows' readings on the forecaster's scale (NaN where absent)."""
+        lines, length = residuals.shape[:2]
+        steps = torch.ones(lines, length, dtype=torch.bool) if steps is None else steps.to(torch.bool)
+        consistency = state.consistency
+        if self.config.consistency_rows:
+            if readings is None:
+                raise ValueError("AlarmConfig.consistency_rows is set: detect needs the rows' readings")
+            checked, consistency = consistency_residuals(readings, state.consistency, steps, self.config.consistency)
+            residuals = torch.cat([residuals.to(torch.float64), checked], -1)
         raw_residuals = residuals.to(torch.float64)
         # Without the bias term, no (B, T, S) copy for a subtraction of zeros.
         residuals = raw_residuals - state.bias[:, None, :] if self.config.bias_rows else raw_residuals
-        lines, length, _ = residuals.shape
-        steps = torch.ones(lines, length, dtype=torch.bool) if steps is None else steps.to(torch.bool)
         finite = torch.isfinite(residuals) & steps[..., None]
         squares = torch.where(finite, residuals, 0.0) ** 2
         # A line without a scale yet (its first rows) is standardised by those rows themselves.
@@ -357,6 +409,7 @@ class AnomalyDetector:
             recent_calibration,
             self._bias_update(state.bias, raw_residuals, finite, alarms.any(1)),
             decided.excess,
+            consistency,
         )
         episodes = self._episodes(alarms, decided.onsets, scores, decided.row_thresholds)
         return AlarmResult(

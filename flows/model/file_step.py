@@ -177,6 +177,7 @@ def judge_lines(
     ]
     detector = AnomalyDetector(config)
     residuals = torch.from_numpy(features.padded(scored.residuals, fill=np.nan))
+    readings = torch.from_numpy(features.padded(features.targets.astype(np.float64), fill=np.nan))
     steps = torch.from_numpy(features.padded(np.ones(len(features), dtype=bool), fill=False))
     length = residuals.shape[1]
     size = config.judge_rows or max(length, 1)
@@ -184,7 +185,9 @@ def judge_lines(
     scores, thresholds, alarms, episodes = [], [], [], []
     latest: dict[int, dict] = {}  # line → its latest episode
     for lo in range(0, max(length, 1), size):
-        judged = detector.detect(residuals[:, lo : lo + size], state, steps[:, lo : lo + size])
+        judged = detector.detect(
+            residuals[:, lo : lo + size], state, steps[:, lo : lo + size], readings=readings[:, lo : lo + size]
+        )
         state = judged.state
         scores.append(judged.scores)
         alarms.append(judged.alarms)
