@@ -109,7 +109,12 @@ def test_servers_profile_ends_like_the_embedded_one(runs):
     embedded, servers, logs = runs
     left, right = _status(embedded), _status(servers)
     assert right["batches"] == left["batches"] and right["rows"] == left["rows"]
-    assert left["batches"]["processed"] == BATCHES - 4 and left["batches"]["quarantined"] == 4
+    # Of the simulator's four broken kinds, a line's rows out of order are put in order: three
+    # files are quarantined whole, and both profiles take out the same rows of the same lines.
+    assert left["batches"]["processed"] == BATCHES - 3 and left["batches"]["quarantined"] == 3
+    assert [(q["file"], q["line"], q["rows"]) for q in right["quarantined_lines"]] == [
+        (q["file"], q["line"], q["rows"]) for q in left["quarantined_lines"]
+    ]
     assert [(q["file"], q["reasons"]) for q in right["quarantined_files"]] == [
         (q["file"], q["reasons"]) for q in left["quarantined_files"]
     ]
