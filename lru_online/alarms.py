@@ -229,8 +229,8 @@ class AlarmState:
             name: held[torch.isfinite(held)].to(torch.float32)
             for name, held in (("calibration", self.calibration), ("recent_calibration", self.recent_calibration))
         }
-        if self.consistency is not None:
-            tensors |= {f"consistency_{k}": v for k, v in self.consistency.tensors().items()}
+        if self.consistency is not None:  # float32 halves a line's record; its sums need no more
+            tensors |= {f"consistency_{k}": v.to(torch.float32) for k, v in self.consistency.tensors().items()}
         return codec.encode(tensors, {"kind": "AlarmState", "capacity": self.calibration.shape[1]})
 
     @classmethod

@@ -159,16 +159,30 @@ def test_a_fleet_batch_equals_each_line_alone(bias_rows, gap, step):
             assert held.tolist() == pytest.approx(expected.tolist(), nan_ok=True)
 
 
-def test_stored_state_judges_the_next_rows_as_the_live_one():
-    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=4, calibration_rows=80, warmup_rows=20, bias_rows=30)
+@pytest.mark.parametrize("consistency_rows", [0, 10])
+def test_stored_state_judges_the_next_rows_as_the_live_one(consistency_rows):
+    config = AlarmConfig(
+        false_alarm_rate=0.05,
+        smoothing_rows=4,
+        calibration_rows=80,
+        warmup_rows=20,
+        bias_rows=30,
+        consistency_rows=consistency_rows,
+    )
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(4)
-    state = _calibrated(detector, rng.normal(size=(2, 50, 3)))
+    rows = torch.tensor(rng.normal(size=(2, 50, 3)))
+    fresh = AlarmState.fresh(2, 3, config)
+    state = detector.detect(rows, fresh, calibrate_only=True, readings=rows.cumsum(1)).state
     restored = AlarmState.cat([AlarmState.from_bytes(state.select(i).to_bytes(), config) for i in range(2)])
     after = torch.tensor(rng.normal(size=(2, 10, 3)))
     after[0, 3:] += 5.0
+    readings = rows.cumsum(1)[:, -1:] + after.cumsum(1)
     assert torch.equal(restored.bias, state.bias) and state.bias.abs().sum() > 0
-    live, again = detector.detect(after, state), detector.detect(after, restored)
+    if consistency_rows:  # stored as float32
+        assert torch.allclose(restored.consistency.gram, state.consistency.gram, rtol=1e-6)
+    live = detector.detect(after, state, readings=readings)
+    again = detector.detect(after, restored, readings=readings)
     assert torch.allclose(live.thresholds, again.thresholds, rtol=1e-6)  # stored as float32
     assert torch.equal(live.alarms, again.alarms) and live.alarms[0].any()
 
