@@ -62,6 +62,18 @@ def _settings(config: Path | None, workdir: Path | None):
         raise typer.Exit(2) from None
 
 
+def _has_work(settings) -> bool:
+    from flows.storage.database import Database
+    from flows.storage.ledger import Ledger
+
+    db = Database(settings.database_url)
+    try:
+        ledger = Ledger(db, settings.workdir, settings.paths.archive, settings.paths.quarantine)
+        return ledger.has_work(settings.paths.landing)
+    finally:
+        db.dispose()
+
+
 def _config_arg(config: Path | None) -> str | None:
     return str(config.resolve()) if config else None
 
@@ -99,8 +111,13 @@ def simulate(
 
 @app.command()
 def run(config: ConfigOption = None, workdir: WorkdirOption = None, max_batches: int | None = None) -> None:
-    """Runs continual_update once now over the landing folder."""
+    """Runs continual_update once now over the landing folder (when it holds anything to do)."""
     settings = _settings(config, workdir)
+    if not _has_work(settings):
+        # Nothing landed or pending: no flow run, so no Prefect API to start (seconds), no
+        # model or MLflow to load. A scheduled deployment runs the flow itself and is unaffected.
+        typer.echo(json.dumps({"processed": 0, "quarantined": 0, "late": 0, "skipped": 0, "idle": 1}))
+        return
     from flows.orchestrate.prefect_flows import continual_update
 
     result = continual_update(config=_config_arg(config), workdir=str(settings.workdir), max_batches=max_batches)

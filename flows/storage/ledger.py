@@ -16,9 +16,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from flows.ingest.landing import LandedFile, content_hash
+from flows.ingest.landing import IN_PROGRESS_SUFFIXES, LandedFile, content_hash
 from flows.storage.database import Database
-from flows.storage.models import Arrival, Batch, DriftEvent, Lease, LineQuarantine
+from flows.storage.models import Arrival, Batch, DriftEvent, Lease, LineQuarantine, SequenceMetrics
 from flows.storage.work_folder import resolved_path, stored_path
 
 LEASE_SECONDS = 600
@@ -242,6 +242,21 @@ class Ledger:
         with self.db.session() as session:
             for chunk in _chunks(sorted(set(names))):
                 session.execute(delete(Lease).where(Lease.name.in_(chunk), Lease.owner == owner_id()))
+
+    def has_work(self, landing: Path) -> bool:
+        """Whether a run would do anything: a file in the landing folder, a pending batch, or a
+        committed part whose figures MLflow has not been given yet. One listing and two small
+        queries: an idle scheduled run need not start Prefect's API to find out."""
+        if landing.exists() and any(
+            not p.name.startswith(".") and not p.name.endswith(IN_PROGRESS_SUFFIXES) for p in landing.iterdir()
+        ):
+            return True
+        with self.db.session() as session:
+            pending = session.scalar(select(func.count()).select_from(Batch).where(Batch.status == "pending"))
+            untracked = session.scalar(
+                select(func.count()).select_from(SequenceMetrics).where(SequenceMetrics.tracked.is_(False))
+            )
+        return bool(pending or untracked)
 
     # --- accounting -----------------------------------------------------------------------
     def accounting(self) -> dict:

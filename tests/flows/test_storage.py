@@ -163,3 +163,44 @@ def test_unreachable_database_is_refused_with_the_url_masked():
         database.migrate()
     assert "cannot be reached" in str(error.value) and "secret" not in str(error.value) and "***" in str(error.value)
     assert masked("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+
+
+def test_a_ledger_knows_whether_a_run_has_anything_to_do(db, tmp_path):
+    from flows.storage.models import SequenceMetrics
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    ledger = Ledger(db, tmp_path, tmp_path / "archive", tmp_path / "quarantine")
+    (landing / ".hidden.csv").write_text("x")
+    (landing / "half.csv.part").write_text("x")  # still being written
+    assert not ledger.has_work(landing) and not ledger.has_work(tmp_path / "missing")
+    (landing / "a.csv").write_text("entity,timestamp\n")
+    assert ledger.has_work(landing)
+    _, batch_id = ledger.record(LandedFile(landing / "a.csv", 10, 0.0))
+    (landing / "a.csv").unlink()
+    assert ledger.has_work(landing)  # pending in the ledger
+    ledger.quarantine_batch(batch_id, ["a.csv: bad"], [], rows=0)
+    assert not ledger.has_work(landing)
+    with db.session() as session:
+        session.add(SequenceMetrics(sequence=1, batch_id=batch_id, part=0, metrics={}, tracked=False))
+    assert ledger.has_work(landing)  # figures MLflow has not been given yet
+
+
+def test_an_idle_run_starts_no_flow_run(tmp_path):
+    """Nothing landed: `lru-online run` answers at once, and Prefect's home holds no database."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    prefect_home = tmp_path / "prefect-home"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows", "run", "-w", str(tmp_path / "work")],
+        env={**os.environ, "PREFECT_HOME": str(prefect_home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["idle"] == 1
+    assert not (prefect_home / "prefect.db").exists()
