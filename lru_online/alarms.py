@@ -229,16 +229,18 @@ class AlarmState:
             name: held[torch.isfinite(held)].to(torch.float32)
             for name, held in (("calibration", self.calibration), ("recent_calibration", self.recent_calibration))
         }
-        if self.consistency is not None:  # float32 halves a line's record; its sums need no more
-            tensors |= {f"consistency_{k}": v.to(torch.float32) for k, v in self.consistency.tensors().items()}
-        return codec.encode(tensors, {"kind": "AlarmState", "capacity": self.calibration.shape[1]})
+        meta = {"kind": "AlarmState", "capacity": self.calibration.shape[1]}
+        if self.consistency is not None:  # one float32 vector: its sums need no more, and decode fast
+            tensors["consistency"] = self.consistency.flat()
+            meta["consistency_sensors"] = self.consistency.gram.shape[1]
+        return codec.encode(tensors, meta)
 
     @classmethod
     def from_bytes(cls, data: bytes, config: AlarmConfig) -> AlarmState:
         tensors, meta = codec.decode(data)
         if meta.get("kind") != "AlarmState":
             raise codec.CodecError("state bytes do not hold an AlarmState")
-        stored = {k.removeprefix("consistency_"): v for k, v in tensors.items() if k.startswith("consistency_")}
+        stored = "consistency" in tensors
         columns = tensors["square_mean"].shape[-1]
         if bool(stored) != bool(config.consistency_rows):
             # Stored with other columns (consistency switched on or off): the charts start
@@ -249,7 +251,7 @@ class AlarmState:
             return fresh
         fresh = cls.fresh(1, columns // 2 if stored else columns, config)
         if stored:
-            fresh.consistency = ConsistencyState(**{k: v.to(torch.float64) for k, v in stored.items()})
+            fresh.consistency = ConsistencyState.from_flat(tensors["consistency"], int(meta["consistency_sensors"]))
         # A state stored before the short chart existed has no recent calibration: it warms up.
         for name in ("calibration", "recent_calibration"):
             held = tensors.get(name, torch.empty(0)).to(torch.float64)

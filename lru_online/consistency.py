@@ -86,15 +86,34 @@ class ConsistencyState:
     def cat(states: list[ConsistencyState]) -> ConsistencyState:
         return ConsistencyState(**{k: torch.cat([s.tensors()[k] for s in states]) for k in states[0].tensors()})
 
+    def flat(self) -> torch.Tensor:
+        """One line's state (B = 1) as one float32 vector: a fleet decodes one tensor per line."""
+        if self.gram.shape[0] != 1:
+            raise ValueError("ConsistencyState.flat stores one line; select it first")
+        return torch.cat([v.reshape(-1) for v in self.tensors().values()]).to(torch.float32)
+
+    @classmethod
+    def from_flat(cls, values: torch.Tensor, sensors: int) -> ConsistencyState:
+        sizes = {"gram": (sensors, sensors, sensors), "moment": (sensors, sensors)}
+        parts, start = {}, 0
+        for name in ("gram", "moment", "square_mean", "rows", "last"):
+            shape = sizes.get(name, (sensors,))
+            count = math.prod(shape)
+            parts[name] = values[start : start + count].reshape(1, *shape).to(torch.float64)
+            start += count
+        if start != values.numel():
+            raise codec.CodecError(f"a consistency state of {sensors} sensors has {start} values, not {values.numel()}")
+        return cls(**parts)
+
     def to_bytes(self) -> bytes:
-        return codec.encode(self.tensors(), {"kind": "ConsistencyState"})
+        return codec.encode({"values": self.flat()}, {"kind": "ConsistencyState", "sensors": self.gram.shape[1]})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ConsistencyState:
         tensors, meta = codec.decode(data)
         if meta.get("kind") != "ConsistencyState":
             raise codec.CodecError("state bytes do not hold a ConsistencyState")
-        return cls(**{k: v.to(torch.float64) for k, v in tensors.items()})
+        return cls.from_flat(tensors["values"], int(meta["sensors"]))
 
 
 def consistency_residuals(
