@@ -1,12 +1,15 @@
 """What the benchmark scripts share: the repository's place, its benchmark configs, the
-learning rate of a running learner, matplotlib without a screen, the cores a run may use and
-settings run side by side."""
+learning rate of a running learner, matplotlib without a screen, the cores a run may use,
+settings run side by side and the real `lru-online backfill` of a folder."""
 
 from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,3 +75,26 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def run_backfill(stream: Path, config: Path, work: Path, threads: int) -> tuple[float, str]:
+    """`lru-online backfill STREAM -c CONFIG -w WORK` in a child process on `threads` torch
+    threads (its own Prefect home in WORK); its wall seconds and its last line (the JSON counts).
+    Stops the bench with the backfill's output when it fails."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "flows", "backfill", str(stream), "-c", str(config), "-w", str(work)],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PREFECT_HOME": str(work / ".prefect"),
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "OMP_NUM_THREADS": str(threads),
+        },
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"backfill failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout.strip().splitlines()[-1]

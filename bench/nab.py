@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import shutil
 import sqlite3
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +37,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bench.common import ROOT, usable_cores
+from bench.common import ROOT, run_backfill, usable_cores
 from bench.nab_scoring import PROFILES, CorpusScore, FileOutcome, match_file, probationary_rows
 
 INITIAL_SHARE = 0.15
@@ -116,23 +113,7 @@ def stage_plant(series: list[Series], stream: Path, parts: int, entity: str) -> 
 
 def backfill(stream: Path, config: Path, work: Path) -> tuple[float, str]:
     shutil.rmtree(work, ignore_errors=True)
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "flows", "backfill", str(stream), "-c", str(config), "-w", str(work)],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "PREFECT_HOME": str(work / ".prefect"),
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-            "OMP_NUM_THREADS": str(BACKFILL_THREADS),
-        },
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"backfill failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return seconds, done.stdout.strip().splitlines()[-1]
+    return run_backfill(stream, config, work, BACKFILL_THREADS)
 
 
 def scored_rows(work: Path, entity: str) -> pd.DataFrame:

@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from anomaly_metrics import NabScore, OutlierCounts, changepoints_from_outliers, roc_auc  # noqa: E402
-from common import usable_cores  # noqa: E402
+from common import run_backfill, usable_cores  # noqa: E402
 from skab import TRAIN_ROWS, HotellingT2, SkabFile, in_tuning_split, load_folder, scored_changepoints  # noqa: E402
 
 TEST_ROWS = "valve1 test rows (400-end)"  # the group the leaderboard's protocol scores
@@ -97,23 +94,7 @@ def backfill(files: list[SkabFile], normal: SkabFile, config: Path, out: Path) -
     stream.mkdir(parents=True)
     for item in [normal, *files]:
         shutil.copyfile(item.path, stream / stream_name(item))
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "flows", "backfill", str(stream), "-c", str(config), "-w", str(work)],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "PREFECT_HOME": str(work / ".prefect"),
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-            "OMP_NUM_THREADS": str(BACKFILL_THREADS),
-        },
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"backfill failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return seconds, done.stdout.strip().splitlines()[-1]
+    return run_backfill(stream, config, work, BACKFILL_THREADS)
 
 
 def scored_rows(work: Path, timestamp_column: str) -> pd.DataFrame:

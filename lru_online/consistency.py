@@ -90,19 +90,30 @@ class ConsistencyState:
         """One line's state (B = 1) as one float32 vector: a fleet decodes one tensor per line."""
         if self.gram.shape[0] != 1:
             raise ValueError("ConsistencyState.flat stores one line; select it first")
-        return torch.cat([v.reshape(-1) for v in self.tensors().values()]).to(torch.float32)
+        return self.flat_many()[0]
+
+    def flat_many(self) -> torch.Tensor:
+        """(B, consistency_values(S)) float32: each line's state as one vector."""
+        lines = self.gram.shape[0]
+        return torch.cat([v.reshape(lines, -1) for v in self.tensors().values()], dim=1).to(torch.float32)
 
     @classmethod
     def from_flat(cls, values: torch.Tensor, sensors: int) -> ConsistencyState:
-        sizes = {"gram": (sensors, sensors, sensors), "moment": (sensors, sensors)}
+        return cls.cat_flat(values[None], sensors)
+
+    @classmethod
+    def cat_flat(cls, values: torch.Tensor, sensors: int) -> ConsistencyState:
+        """B lines' states from their `flat` vectors stacked (B, consistency_values(S))."""
+        if values.shape[1] != consistency_values(sensors):
+            raise codec.CodecError(
+                f"a consistency state of {sensors} sensors has {consistency_values(sensors)} values, "
+                f"not {values.shape[1]}"
+            )
         parts, start = {}, 0
-        for name in ("gram", "moment", "square_mean", "rows", "last"):
-            shape = sizes.get(name, (sensors,))
+        for name, shape in _layout(sensors):
             count = math.prod(shape)
-            parts[name] = values[start : start + count].reshape(1, *shape).to(torch.float64)
+            parts[name] = values[:, start : start + count].reshape(len(values), *shape).to(torch.float64)
             start += count
-        if start != values.numel():
-            raise codec.CodecError(f"a consistency state of {sensors} sensors has {start} values, not {values.numel()}")
         return cls(**parts)
 
     def to_bytes(self) -> bytes:
@@ -114,6 +125,21 @@ class ConsistencyState:
         if meta.get("kind") != "ConsistencyState":
             raise codec.CodecError("state bytes do not hold a ConsistencyState")
         return cls.from_flat(tensors["values"], int(meta["sensors"]))
+
+
+def _layout(sensors: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [
+        ("gram", (sensors, sensors, sensors)),
+        ("moment", (sensors, sensors)),
+        ("square_mean", (sensors,)),
+        ("rows", (sensors,)),
+        ("last", (sensors,)),
+    ]
+
+
+def consistency_values(sensors: int) -> int:
+    """How many numbers one line's state holds (0 without sensors)."""
+    return sum(math.prod(shape) for _, shape in _layout(sensors)) if sensors else 0
 
 
 def consistency_residuals(

@@ -146,7 +146,7 @@ class BatchValidator:
         the index of what GE sees, so every reason names rows as read."""
         schema = self.schema
         frame = frame.reset_index(drop=True)  # positions are labels from here on
-        duplicated = frame.duplicated(keep="first").to_numpy()
+        duplicated = self._resent(frame)
         prepared = self._prepared(frame[~duplicated])
         reordered = 0
         if schema.entity_column in prepared and schema.timestamp_column in prepared:
@@ -222,6 +222,18 @@ class BatchValidator:
         outcome = self._passed(seen[~taken], int(duplicated.sum()), reordered)
         outcome.result, outcome.lines, outcome.quarantined = result, quarantined, rows_out
         return outcome
+
+    def _resent(self, frame: pd.DataFrame) -> np.ndarray:
+        """(rows,) bool: rows that repeat an earlier row exactly. Only rows whose (line, time)
+        repeats are compared whole: hashing every column of a plant file costs more."""
+        keys = [c for c in (self.schema.entity_column, self.schema.timestamp_column) if c in frame]
+        if len(keys) < 2:
+            return frame.duplicated(keep="first").to_numpy()
+        candidates = frame.duplicated(keys, keep=False).to_numpy()
+        resent = np.zeros(len(frame), dtype=bool)
+        if candidates.any():
+            resent[candidates] = frame[candidates].duplicated(keep="first").to_numpy()
+        return resent
 
     @staticmethod
     def _rename_run(result, name: str) -> None:

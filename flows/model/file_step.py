@@ -171,17 +171,13 @@ def judge_lines(
     chunks of `config.judge_rows` rows when set (all lines a chunk at a time, so a fresh line
     can alarm within its first file once it holds its warm-up)."""
     sensors = scored.residuals.shape[1]
-    carried = [
-        AlarmState.from_bytes(data, config) if (data := alarm_states.get(e)) else AlarmState.fresh(1, sensors, config)
-        for e in features.entities
-    ]
     detector = AnomalyDetector(config)
     residuals = torch.from_numpy(features.padded(scored.residuals, fill=np.nan))
     readings = torch.from_numpy(features.padded(features.targets.astype(np.float64), fill=np.nan))
     steps = torch.from_numpy(features.padded(np.ones(len(features), dtype=bool), fill=False))
     length = residuals.shape[1]
     size = config.judge_rows or max(length, 1)
-    state = AlarmState.cat(carried)
+    state = AlarmState.from_many([alarm_states.get(e) for e in features.entities], sensors, config)
     scores, thresholds, alarms, episodes = [], [], [], []
     latest: dict[int, dict] = {}  # line → its latest episode
     for lo in range(0, max(length, 1), size):
@@ -214,7 +210,7 @@ def judge_lines(
         scores=features.flat(torch.cat(scores, 1).numpy()),
         thresholds=features.flat(torch.cat(thresholds, 1).numpy()),
         alarms=features.flat(torch.cat(alarms, 1).numpy()),
-        states={e: state.select(i).to_bytes() for i, e in enumerate(features.entities)},
+        states=dict(zip(features.entities, state.to_many(), strict=True)),
         episodes=episodes,
     )
 

@@ -445,3 +445,35 @@ def test_a_state_stored_before_episodes_and_rate_control_continues_its_alarm():
     old["recent_calibration"] = torch.empty(0)
     restored = AlarmState.from_bytes(codec.encode(old, {"kind": "AlarmState"}), config)
     assert restored.in_alarm.tolist() == [True] and restored.excess.tolist() == [0.0]
+
+
+@pytest.mark.parametrize("consistency_rows", [0, 10])
+def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows):
+    """A fleet's stored states, one missing and one stored in the older one-tensor-a-field
+    format, read as one batch: the same tensors as reading each alone (a fresh one for None)."""
+    config = AlarmConfig(
+        false_alarm_rate=0.05, calibration_rows=80, warmup_rows=20, recent_rows=2, smoothing_rows=4,
+        bias_rows=30, rate_control_step=1.0, consistency_rows=consistency_rows,
+    )
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(6)
+    rows = torch.tensor(rng.normal(size=(4, 60, 3)))
+    state = detector.detect(rows, AlarmState.fresh(4, 3, config), readings=rows.cumsum(1)).state
+    stored = [state.select(i).to_bytes() for i in range(4)]
+    old = state.select(3)._tensors() | {"in_alarm": state.select(3).in_alarm}
+    old = {k: v for k, v in old.items() if k not in ("quiet_rows", "excess")}
+    for name in ("calibration", "recent_calibration"):
+        old[name] = old[name][torch.isfinite(old[name])].float()
+    if consistency_rows:
+        old["consistency"] = state.select(3).consistency.flat()
+    stored[3] = codec.encode(old, {"kind": "AlarmState", "consistency_sensors": 3})
+    stored.insert(1, None)
+    batch = AlarmState.from_many(stored, 3, config)
+    alone = AlarmState.cat(
+        [AlarmState.from_bytes(s, config) if s else AlarmState.fresh(1, 3, config) for s in stored]
+    )
+    for name, value in alone._tensors().items():
+        assert torch.allclose(getattr(batch, name).double(), value.double(), equal_nan=True), name
+    if consistency_rows:
+        for name, value in alone.consistency.tensors().items():
+            assert torch.allclose(getattr(batch.consistency, name), value, equal_nan=True), name
