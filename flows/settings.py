@@ -254,19 +254,27 @@ class AlarmSettings(_AlarmFields):
 
 
 class RetrainSettings(_Section):
-    recent_batches: int = Field(8, ge=2)
-    holdout_batches: int = Field(1, ge=1)
+    # The window in rows, not files, so a retraining costs the same whatever a plant's files
+    # hold: each line's newest `window_rows` rows, its newest `holdout_rows` held out to judge
+    # the challenger by, and at most `max_lines` lines (a sample) to train it on. Its budget is
+    # then at most max_lines x (window_rows - holdout_rows) x epochs rows.
+    window_rows: int = Field(2048, ge=2)
+    holdout_rows: int = Field(256, ge=1)
+    max_lines: int = Field(256, ge=1)
     epochs: int = Field(4, ge=1)
     learning_rate: float = Field(3e-3, gt=0.0)
     # The challenger must beat the champion's held-out MSE by this fraction to be promoted.
     margin: float = Field(0.02, ge=0.0, lt=1.0)
     # As initial_training.steps_per_window.
     steps_per_window: int = Field(32, ge=1)
+    # A drift-triggered retraining runs as its own flow run in a process of its own, beside the
+    # update run, which goes on with the next files; false trains inline (the files wait).
+    beside: bool = True
 
     @model_validator(mode="after")
     def _holdout(self) -> RetrainSettings:
-        if self.holdout_batches >= self.recent_batches:
-            raise ValueError("holdout_batches must be smaller than recent_batches")
+        if self.holdout_rows >= self.window_rows:
+            raise ValueError("holdout_rows must be smaller than window_rows")
         return self
 
 

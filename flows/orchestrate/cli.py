@@ -145,12 +145,19 @@ def backfill(
 
 
 @app.command()
-def retrain(config: ConfigOption = None, workdir: WorkdirOption = None) -> None:
+def retrain(
+    config: ConfigOption = None,
+    workdir: WorkdirOption = None,
+    trigger: Annotated[str, typer.Option(help="Why: manual, or drift (an update run started it).")] = "manual",
+    drift_event_id: Annotated[int | None, typer.Option(help="The drift event that asked for it.")] = None,
+) -> None:
     """Trains a challenger on the recent window now; promotes it only if it wins."""
     settings = _settings(config, workdir)
     from flows.orchestrate.prefect_flows import retrain_flow
 
-    outcome = retrain_flow(config=_config_arg(config), workdir=str(settings.workdir), trigger="manual")
+    outcome = retrain_flow(
+        config=_config_arg(config), workdir=str(settings.workdir), trigger=trigger, drift_event_id=drift_event_id
+    )
     typer.echo(outcome["reason"])
 
 

@@ -28,6 +28,7 @@ from flows.model.registry_package import snapshot_if_due
 from flows.model.retraining import retrain
 from flows.monitor.tracking import track_pending
 from flows.orchestrate.pipeline import BatchResult, Pipeline
+from flows.orchestrate.retrain_beside import RetrainBeside
 from flows.secrets import install_log_masking
 from flows.settings import load_settings
 from flows.storage.models import AnomalyAlarm, BatchStatus, DriftEvent
@@ -159,6 +160,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
         "retrains": 0,
     }
     run_lease = f"pipeline:{settings.pipeline}"
+    beside = RetrainBeside(config, str(settings.workdir))
     # One run works through the landing folder at a time, in order; a second one leaves at once.
     if not pipeline.ledger.acquire(run_lease):
         logger.info("another run of pipeline %r is working; nothing to do", settings.pipeline)
@@ -198,12 +200,13 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
                 )
             if result.status == BatchStatus.PROCESSED:
                 timings.append({"batch_id": batch_id, "rows": result.rows_scored, "seconds": result.timings})
-                _after_commit(pipeline, result, counts, config, started)
+                _after_commit(pipeline, result, counts, config, started, beside)
         pipeline.monitor.wait()  # a report or tracking that failed fails the run, as a task would
         return {"run": counts, "processed_files": timings, **pipeline.ledger.accounting()}
     finally:
         pipeline.ledger.release(run_lease)
         pipeline.close()
+        beside.wait()  # the pipeline is free meanwhile; its flow run reports to this run's API
 
 
 class _Progress:
@@ -223,7 +226,9 @@ class _Progress:
             update_progress_artifact(self.key, progress=100.0 * self.done / self.total)
 
 
-def _after_commit(pipeline: Pipeline, result: BatchResult, counts: dict, config: str | None, started: datetime) -> None:
+def _after_commit(
+    pipeline: Pipeline, result: BatchResult, counts: dict, config: str | None, started: datetime, beside: RetrainBeside
+) -> None:
     """Tracking and drift for a committed file; drift retrains or emits the event as configured."""
     settings = pipeline.settings
     pipeline.monitor.track(started)  # logged by the helper process while the next file runs
@@ -237,7 +242,9 @@ def _after_commit(pipeline: Pipeline, result: BatchResult, counts: dict, config:
     counts["drift_events"] += len(event_ids)
     if result.drift_action == "recorded":  # within the fleet-wide cooldown of the last request
         return
-    if settings.drift.on_detect == "retrain":
+    if settings.drift.on_detect == "retrain" and settings.retrain.beside:
+        counts["retrains"] += beside.start("drift", event_ids[0])
+    elif settings.drift.on_detect == "retrain":
         retrain_flow(config=config, workdir=str(settings.workdir), trigger="drift", drift_event_id=event_ids[0])
         counts["retrains"] += 1
     elif settings.drift.on_detect == "event":

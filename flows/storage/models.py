@@ -271,4 +271,8 @@ class RetrainDecision(Base):
     promoted: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str] = mapped_column(Text)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # The newest file part of the window it trained on, and (promoted) the newest one its
+    # challenger had caught up to when swapped in: they differ when files landed meanwhile.
+    window_sequence: Mapped[int | None] = mapped_column(Integer)
+    swapped_at_sequence: Mapped[int | None] = mapped_column(Integer)
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -18,7 +18,7 @@ SMALL = {
     "model": {"d_model": 16, "d_state": 16, "n_layers": 1},
     "update": {"window": 32, "replay_capacity": 64, "replay_batch": 2},
     "drift": {"window_batches": 4, "cooldown_batches": 2, "max_delay_batches": 5},
-    "retrain": {"recent_batches": 6, "holdout_batches": 1, "epochs": 2},
+    "retrain": {"window_rows": 1200, "holdout_rows": 200, "epochs": 2},
 }
 
 

@@ -127,7 +127,7 @@ def test_retraining_reads_each_file_of_a_line_as_its_own_run(tmp_path, prefect_a
         log_schema=schema,
         initial_training={"batches": 2, "epochs": 2},
         drift={"on_detect": "record"},
-        retrain={"recent_batches": 3, "holdout_batches": 1, "epochs": 1},
+        retrain={"window_rows": 120, "holdout_rows": 40, "epochs": 1},
     )
     small_plant(settings, entities=2, batches=5, rows_per_batch=40, plant_files=True, broken_batches={})
     continual_update(config=config)

@@ -129,21 +129,20 @@ def test_retraining_ran_and_the_champion_alias_marks_the_winner(plant):
 
 
 def _champion_holdout_mse(settings, decision) -> float:
-    """Squared residuals of each line's newest committed batch before the decision."""
+    """Squared residuals of each line's newest `holdout_rows` rows committed up to the end of
+    the decision's window, read back from the output files."""
     db = Database(settings.database_url)
     with db.session() as session:
-        decided_at = session.get(DriftEvent, decision.drift_event_id).sequence
-        summaries = list(session.scalars(select(BatchSummary).where(BatchSummary.sequence <= decided_at)))
-    newest = {}
+        summaries = list(
+            session.scalars(select(BatchSummary).where(BatchSummary.sequence <= decision.window_sequence))
+        )
+    frames = []
     for summary in summaries:
-        if summary.entity not in newest or summary.sequence > newest[summary.entity].sequence:
-            newest[summary.entity] = summary
-    residuals = []
-    for summary in newest.values():
         rows = pd.read_parquet(resolved_path(settings.workdir, summary.features_path))
-        rows = rows[rows["entity"] == summary.entity]
-        residuals.append(rows.filter(like="residual_").to_numpy().ravel())
-    values = np.concatenate(residuals)
+        frames.append(rows[rows["entity"] == summary.entity].assign(sequence=summary.sequence))
+    rows = pd.concat(frames).sort_values(["entity", "sequence", "timestamp"], kind="stable")
+    newest = rows.groupby("entity").tail(settings.retrain.holdout_rows)
+    values = newest.filter(like="residual_").to_numpy().ravel()
     return float(np.mean(values[np.isfinite(values)] ** 2))
 
 

@@ -41,7 +41,7 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
         ),
         ({"model": {"r_min": 0.9, "r_max": 0.5}}, "model"),
         ({"model": {"n_layers": 0}}, "model"),
-        ({"retrain": {"recent_batches": 3, "holdout_batches": 3}}, "retrain"),
+        ({"retrain": {"window_rows": 300, "holdout_rows": 300}}, "retrain"),
         ({"schedule": {"cron": "* * * * *", "interval_seconds": 60}}, "schedule"),
         ({"pipeline": "a b"}, "pipeline"),
     ],

@@ -1,0 +1,62 @@
+"""Retraining beside ingestion: a drift-triggered `retrain` flow run in a process of its own.
+
+The update run starts it and goes on with the next files; the retraining swaps its challenger in
+between two of them (`flows.model.retraining`). The process reports its flow run to the same
+Prefect API as the update run, so on embedded defaults the update run keeps its temporary API
+up until the retraining ends: before it returns it releases the pipeline (a next run may start)
+and waits for the process. One retraining at a time: a request while one runs is logged and
+left to the next detection (the fleet-wide cooldown spaces them anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def current_api_url() -> str | None:
+    """The Prefect API this process reports to (a temporary local one included)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url) if client.api_url else None
+
+
+class RetrainBeside:
+    def __init__(self, config: str | None, workdir: str) -> None:
+        self.config, self.workdir = config, workdir
+        self._process: subprocess.Popen | None = None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, trigger: str, drift_event_id: int | None) -> bool:
+        """Starts `lru-online retrain` for the detection; False if a retraining still runs."""
+        if self.running():
+            log.info("a retraining is still running; drift event %s waits for the next detection", drift_event_id)
+            return False
+        command = [sys.executable, "-m", "flows", "retrain", "--workdir", self.workdir, "--trigger", trigger]
+        if self.config:
+            command += ["--config", self.config]
+        if drift_event_id is not None:
+            command += ["--drift-event-id", str(drift_event_id)]
+        environment = dict(os.environ)
+        api_url = current_api_url()
+        if api_url:
+            environment["PREFECT_API_URL"] = api_url
+        self._process = subprocess.Popen(command, env=environment)
+        log.info("retraining for drift event %s started beside the update run", drift_event_id)
+        return True
+
+    def wait(self) -> int | None:
+        """Waits for the retraining in flight; its exit status (None: none was started)."""
+        if self._process is None:
+            return None
+        status = self._process.wait()
+        if status != 0:
+            log.warning("the retraining process exited with status %d; see its flow run", status)
+        return status
