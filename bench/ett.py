@@ -41,6 +41,7 @@ prints one table, `--json` the same figures, `--plots` forecast and cumulative-e
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -525,9 +526,20 @@ class OnlineEnsemble(Method):
     (bench/loss_weights.py). Each member forecasts and learns under the protocol as if alone; a
     window's forecasts are judged when the window is learned, so under `delayed` the weights
     use only targets that have arrived. The losses start from each member's error on the
-    validation rows."""
+    validation rows.
+
+    No member can poison the combination: a forecast that is not finite, or lies further
+    outside the values seen so far than their whole range (per column; `DIVERGED_RANGES`), marks
+    its member diverged. It gets weight 0 for that window, its loss is charged with its forecast
+    clipped to that bound (large, finite), and after the window is learned it is reset to its
+    last snapshot, taken every `SNAPSHOT_WINDOWS` windows over which it stayed healthy. The
+    bound: a series may reach new extremes (a load at 50 standard deviations of its training
+    months), but a forecast a whole observed range beyond them is no forecast, and persistence,
+    a member by default, never leaves it."""
 
     learns = True
+    DIVERGED_RANGES = 1.0
+    SNAPSHOT_WINDOWS = 96
 
     def __init__(self, members: dict[str, Method], combine: CombineConfig, record: bool = False) -> None:
         self.members = members
@@ -547,13 +559,38 @@ class OnlineEnsemble(Method):
         self.recorded: list[tuple[int, np.ndarray]] = []
         self.report_weights = np.zeros(len(self.members))
         self.report_windows = 0
+        self.low, self.high, self.seen = series[:VALID_END].min(axis=0), series[:VALID_END].max(axis=0), VALID_END
+        self.snapshots = {name: copy.deepcopy(member) for name, member in self.members.items()}
+        self.healthy_windows = dict.fromkeys(self.members, 0)
+        self.diverged: set[str] = set()
+        self.resets = dict.fromkeys(self.members, 0)
+
+    def _bounded(self, history: np.ndarray, forecasts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The forecasts clipped to the plausible bound, and which members stayed inside it."""
+        if len(history) > self.seen:
+            fresh = history[self.seen :]
+            self.low, self.high = np.minimum(self.low, fresh.min(axis=0)), np.maximum(self.high, fresh.max(axis=0))
+            self.seen = len(history)
+        reach = self.DIVERGED_RANGES * np.maximum(self.high - self.low, 1e-6)
+        low, high = self.low - reach, self.high + reach
+        inside = np.isfinite(forecasts) & (forecasts >= low) & (forecasts <= high)
+        healthy = inside.all(axis=(1, 2))
+        clipped = np.clip(np.nan_to_num(forecasts, nan=0.0, posinf=np.inf, neginf=-np.inf), low, high)
+        return np.where(np.isnan(forecasts), high, clipped), healthy
 
     def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
-        forecasts = np.stack([member.forecast(history, horizon) for member in self.members.values()])
+        forecasts, healthy = self._bounded(
+            history, np.stack([member.forecast(history, horizon) for member in self.members.values()])
+        )
+        self.diverged |= {name for name, ok in zip(self.members, healthy, strict=True) if not ok}
         self.pending[len(history)] = forecasts
         if self.record:
             self.recorded.append((len(history), forecasts))
-        weights = self.weights.weights()
+        weights = self.weights.weights() * healthy[:, None, None]
+        total = weights.sum(axis=0, keepdims=True)
+        if not (total > 0).all():  # every member diverged: the last row
+            return np.repeat(history[-1:], horizon, axis=0).astype(np.float32)
+        weights = weights / total
         if len(history) >= TUNING_END:
             self.report_weights += weights.mean(axis=(1, 2))
             self.report_windows += 1
@@ -566,6 +603,17 @@ class OnlineEnsemble(Method):
         forecasts = self.pending.pop(window, None)
         if forecasts is not None:  # None: a window from before the stream began
             self.weights.observe(forecasts, history[window : window + horizon])
+        for name in self.members:
+            if name in self.diverged:
+                self.members[name] = copy.deepcopy(self.snapshots[name])
+                self.healthy_windows[name] = 0
+                self.resets[name] += 1
+            else:
+                self.healthy_windows[name] += 1
+                if self.healthy_windows[name] >= self.SNAPSHOT_WINDOWS:
+                    self.snapshots[name] = copy.deepcopy(self.members[name])
+                    self.healthy_windows[name] = 0
+        self.diverged.clear()
 
     def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
         forecasts = np.stack([member.rescore(series, starts, horizon) for member in self.members.values()])
