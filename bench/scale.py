@@ -2,7 +2,7 @@
 with 1 and 2 Dask workers, beside river's HalfSpaceTrees and the per-line model loop.
 
     python bench/scale.py [--shapes 200x40,2000x40,10x5000] [--batches 20] [--workers 1,2]
-                          [--infra DIR] [--embedded-only] [--per-line] [--workdir DIR]
+                          [--infra DIR] [--embedded-only] [--per-line] [--as-deployed] [--workdir DIR]
 
 A shape LxR is a plant of L lines whose every file holds R rows of each line (one file per
 period, all lines in it, as a plant exports them); `--entities L --rows R` asks for one shape.
@@ -21,6 +21,9 @@ costs), the driver's median stage seconds per file, and its peak RSS (with the g
 lines over an empty run's). Beside them, in the same run:
 - `river HST`: river's HalfSpaceTrees scoring and learning the same rows one at a time
   (score_one, learn_one; no validation, storage or tracking) — the yardstick a user would pick;
+- with `--as-deployed`: the same shape as a plant running the defaults exports and pays for it
+  (the team's check): the simulator's anomalies in the rows, drift answered by retraining (beside
+  the run), snapshots as configured; only the initial training stays as short;
 - with `--per-line`: the model step of today's per-line loop (one score and one update per
   line, batch size 1) against the fleet step (all lines in one forward and one update), on the
   same file and the same weights, and, up to 500 lines a file, the pipeline with
@@ -57,20 +60,24 @@ OVERRIDES = {
     "drift": {"on_detect": "record"},
     "tracking": {"snapshot_every": 0},
 }
-STAGES = ["validate", "read_state", "features", "score", "update", "drift", "output", "commit"]
+STAGES = ["validate", "read_state", "features", "score", "update", "alarms", "drift", "output", "commit"]
+# `--as-deployed`: what a plant running the defaults pays beside the continual update (the team's
+# check): anomalies in the rows (alarm episodes, events), drift answered by retraining beside the
+# run, snapshots registered as configured. Only the initial training stays short.
+AS_DEPLOYED = {"drift": {"on_detect": "retrain"}, "tracking": {"snapshot_every": 50}}
 
 
-def simulate_plant(folder: Path, lines: int, batches: int, rows: int) -> list[Path]:
-    """One file per period holding every line's rows."""
+def simulate_plant(folder: Path, lines: int, batches: int, rows: int, anomalies: bool = False) -> list[Path]:
+    """One file per period holding every line's rows (with the simulator's anomalies, or none)."""
     from flows.ingest.simulator import SimulationConfig, simulate
     from flows.settings import load_settings
 
     shutil.rmtree(folder, ignore_errors=True)  # a reused --workdir: the plant is simulated again
     settings = load_settings(workdir=folder / "sim")
     raw = folder / "files"
-    config = SimulationConfig(
-        entities=lines, batches=batches, rows_per_batch=rows, broken_batches={}, anomaly_rate=0.0, plant_files=True
-    )
+    config = SimulationConfig(entities=lines, batches=batches, rows_per_batch=rows, broken_batches={}, plant_files=True)
+    if not anomalies:
+        config.anomaly_rate = 0.0
     truth = simulate(raw, folder / "truth.json", config, settings.log_schema)
     return [raw / name for name in truth.files]
 
@@ -227,6 +234,11 @@ def main() -> None:
     parser.add_argument("--infra", type=Path, default=Path(".infra"), help="folder of `lru-online infra up`")
     parser.add_argument("--embedded-only", action="store_true", help="skip the servers profile")
     parser.add_argument("--per-line", action="store_true", help="add today's per-line model loop as a baseline")
+    parser.add_argument(
+        "--as-deployed",
+        action="store_true",
+        help="add an embedded run as a plant runs the defaults: anomalies, drift answered by retraining, snapshots",
+    )
     parser.add_argument("--river-rows", type=int, default=50_000, help="rows for the HalfSpaceTrees yardstick")
     parser.add_argument("--driver", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -265,6 +277,10 @@ def main() -> None:
         clean = {"PREFECT_API_URL": None}  # the embedded driver starts its own local API
         config = write_config("embedded", root / f"embedded-{shape}", {})
         results.append((shape, "embedded", run_profile("embedded", config, files, clean, args.per_line)))
+        if args.as_deployed:
+            deployed = simulate_plant(root / f"data-deployed-{shape}", lines, args.batches + 2, rows, anomalies=True)
+            config = write_config("embedded", root / f"deployed-{shape}", AS_DEPLOYED)
+            results.append((shape, "embedded, as deployed", run_profile("as deployed", config, deployed, clean, False)))
         if args.per_line and lines <= 500:
             config = write_config("embedded", root / f"per-line-{shape}", {"update": {"lines_per_step": 1}})
             results.append((shape, "embedded, 1 line/step", run_profile("1/step", config, files, clean, False)))
