@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 log = logging.getLogger(__name__)
+RETRAIN_NICENESS = 19
 
 
 def current_api_url() -> str | None:
@@ -24,6 +25,11 @@ def current_api_url() -> str | None:
 
     with get_client(sync_client=True) as client:
         return str(client.api_url) if client.api_url else None
+
+
+def _lower_priority() -> None:
+    if hasattr(os, "nice"):
+        os.nice(RETRAIN_NICENESS)
 
 
 class RetrainBeside:
@@ -44,11 +50,15 @@ class RetrainBeside:
             command += ["--config", self.config]
         if drift_event_id is not None:
             command += ["--drift-event-id", str(drift_event_id)]
-        environment = dict(os.environ)
+        # One torch thread at the lowest CPU priority: the retraining takes what ingestion
+        # leaves of the cores, so the files behind it are not slowed by it either (200 lines x
+        # 40 rows on 2 cores: 6.4k rows/s at the same priority, 11.4k at nice 10, 13.6k at 19,
+        # 13.8k without retraining).
+        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
         api_url = current_api_url()
         if api_url:
             environment["PREFECT_API_URL"] = api_url
-        self._process = subprocess.Popen(command, env=environment)
+        self._process = subprocess.Popen(command, env=environment, preexec_fn=_lower_priority)
         log.info("retraining for drift event %s started beside the update run", drift_event_id)
         return True
 
