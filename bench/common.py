@@ -77,10 +77,19 @@ def pyplot():
     return plt
 
 
-def run_backfill(stream: Path, config: Path, work: Path, threads: int) -> tuple[float, str]:
+# A retraining beside the run is swapped in at the first file after it ends, which depends on the
+# machine's speed, and so do the alarms after it. Benches that report figures from a backfill
+# retrain inline, so that a figure is the same on the next machine.
+REPRODUCIBLE = {"LRU_ONLINE_RETRAIN__BESIDE": "false"}
+
+
+def run_backfill(
+    stream: Path, config: Path, work: Path, threads: int, reproducible: bool = True
+) -> tuple[float, str]:
     """`lru-online backfill STREAM -c CONFIG -w WORK` in a child process on `threads` torch
     threads (its own Prefect home in WORK); its wall seconds and its last line (the JSON counts).
-    Stops the bench with the backfill's output when it fails."""
+    `reproducible`: retraining inline (`REPRODUCIBLE`). Stops the bench with the backfill's
+    output when it fails."""
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "flows", "backfill", str(stream), "-c", str(config), "-w", str(work)],
@@ -90,6 +99,7 @@ def run_backfill(stream: Path, config: Path, work: Path, threads: int) -> tuple[
             "PREFECT_HOME": str(work / ".prefect"),
             "PREFECT_LOGGING_LEVEL": "WARNING",
             "OMP_NUM_THREADS": str(threads),
+            **(REPRODUCIBLE if reproducible else {}),
         },
         capture_output=True,
         text=True,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.common import ROOT
+from bench.common import REPRODUCIBLE, ROOT
 
 ROLLING_ROWS = 200
 
@@ -33,7 +33,12 @@ ROLLING_ROWS = 200
 def run_demo(workdir: Path) -> None:
     if (workdir / "ground_truth.json").exists() and list((workdir / "output" / "batches").glob("*.parquet")):
         return
-    env = {**os.environ, "PREFECT_HOME": str(workdir / ".prefect"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(workdir / ".prefect"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        **REPRODUCIBLE,
+    }
     command = [sys.executable, "-m", "flows", "demo", "--workdir", str(workdir)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:

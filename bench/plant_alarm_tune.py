@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import ROOT, run_in_scratch_folders, usable_cores
+from bench.common import REPRODUCIBLE, ROOT, run_in_scratch_folders, usable_cores
 from bench.skab_tune import SETTING_HEADER, add_grid_arguments, setting_cells
 from bench.skab_tune import grid as alarm_grid
 from flows.monitor.alarm_scoring import alarm_scores
@@ -34,7 +34,12 @@ def run_plant(alarm: dict, seed: int, folder: Path) -> dict:
     """The plant of `seed` through `lru-online run` with these alarm settings; its alarm scores."""
     config, workdir = folder / "config.yaml", folder / "work"
     config.write_text(yaml.safe_dump({"alarms": alarm}))
-    env = {**os.environ, "PREFECT_HOME": str(workdir / ".prefect"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(workdir / ".prefect"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        **REPRODUCIBLE,
+    }
     for command in (["simulate", "--seed", str(seed)], ["run"]):
         done = subprocess.run(
             [sys.executable, "-m", "flows", *command, "-c", str(config), "-w", str(workdir)],
