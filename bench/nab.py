@@ -173,12 +173,17 @@ def judge_series(item: Series, rows: pd.DataFrame, onsets: list[pd.Timestamp]) -
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_plant_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of a bench that streams NAB-style series as one plant."""
     parser.add_argument("--data", type=Path, required=True, help="folder of timestamp,value CSV files + windows.json")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "nab.yaml")
     parser.add_argument("--parts", type=int, default=20, help="plant-wide files after the initial one")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_plant_arguments(parser)
     parser.add_argument(
         "--tuning", default="ec2_cpu_utilization_*", help="glob of the declared tuning files; the others are reported"
     )

@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from bench.common import ROOT, usable_cores
-from bench.nab import BACKFILL_THREADS, backfill, load_series, stage_plant
+from bench.common import usable_cores
+from bench.nab import BACKFILL_THREADS, add_plant_arguments, backfill, load_series, stage_plant
 
 VARIANTS = {
     "no retraining": {"drift": {"on_detect": "record"}},
@@ -63,10 +63,7 @@ def run_figures(work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder of timestamp,value CSV files + windows.json")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "nab.yaml")
-    parser.add_argument("--parts", type=int, default=20, help="plant-wide files after the initial one")
+    add_plant_arguments(parser)
     args = parser.parse_args()
     out, config = args.out.resolve(), args.config.resolve()
     out.mkdir(parents=True, exist_ok=True)
