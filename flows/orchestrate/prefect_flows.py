@@ -206,7 +206,20 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
     finally:
         pipeline.ledger.release(run_lease)
         pipeline.close()
-        beside.wait()  # the pipeline is free meanwhile; its flow run reports to this run's API
+        _end_with(beside)
+
+
+def _end_with(beside: RetrainBeside) -> None:
+    """A run called directly (`lru-online run`, `backfill`, a test) waits for its retraining,
+    whose flow run reports to this run's API, a temporary one on embedded defaults (the pipeline
+    is free meanwhile). A deployment's run does not: its server stays up, and while the run
+    waited the deployment's concurrency limit would hold the next scheduled run back."""
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        beside.wait()
+    elif beside.running():
+        get_run_logger().info("its retraining goes on in a process of its own, as a flow run of its own")
 
 
 class _Progress:
