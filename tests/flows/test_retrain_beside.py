@@ -5,6 +5,8 @@ between two of them. Real flow runs, SQLite, MLflow."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import threading
 import time
 
@@ -148,3 +150,28 @@ def test_the_update_run_commits_its_files_while_its_retraining_trains_in_a_proce
         assert decision.window_sequence <= newest
         if decision.promoted:
             assert decision.swapped_at_sequence == newest
+
+
+def test_a_deployments_run_leaves_its_retraining_going_and_a_direct_run_waits(prefect_api, monkeypatch):
+    """A run started by a deployment returns while its retraining goes on (its server stays up,
+    and the deployment's concurrency limit would hold the next run back); a run called directly
+    waits for it (it reports to that run's temporary API). The retraining here is a stand-in
+    process; the deployment is injected through Prefect's runtime field."""
+    from prefect import flow
+    from prefect.runtime import deployment
+
+    from flows.orchestrate.prefect_flows import _end_with
+    from flows.orchestrate.retrain_beside import RetrainBeside
+
+    def ending(deployment_id: str | None) -> RetrainBeside:
+        beside = RetrainBeside(None, ".")
+        beside._process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+        monkeypatch.setitem(deployment.FIELDS, "id", lambda: deployment_id)
+        flow(name="ending")(lambda: _end_with(beside))()
+        return beside
+
+    left = ending("a-deployment")
+    assert left.running()
+    assert left.wait() == 0
+    waited = ending(None)
+    assert not waited.running() and waited._process.returncode == 0
