@@ -14,6 +14,8 @@ import logging
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 RETRAIN_NICENESS = 19
@@ -36,6 +38,7 @@ class RetrainBeside:
     def __init__(self, config: str | None, workdir: str) -> None:
         self.config, self.workdir = config, workdir
         self._process: subprocess.Popen | None = None
+        self.log_file: Path | None = None
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -58,8 +61,16 @@ class RetrainBeside:
         api_url = current_api_url()
         if api_url:
             environment["PREFECT_API_URL"] = api_url
-        self._process = subprocess.Popen(command, env=environment, preexec_fn=_lower_priority)
-        log.info("retraining for drift event %s started beside the update run", drift_event_id)
+        # Its output goes to a file of the work folder, not into the update run's own output.
+        self.log_file = Path(self.workdir) / "logs" / f"retrain-{datetime.now(UTC):%Y%m%dT%H%M%S%f}.log"
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("w") as output:
+            self._process = subprocess.Popen(
+                command, env=environment, preexec_fn=_lower_priority, stdout=output, stderr=subprocess.STDOUT
+            )
+        log.info(
+            "retraining for drift event %s started beside the update run (output: %s)", drift_event_id, self.log_file
+        )
         return True
 
     def wait(self) -> int | None:
@@ -68,5 +79,5 @@ class RetrainBeside:
             return None
         status = self._process.wait()
         if status != 0:
-            log.warning("the retraining process exited with status %d; see its flow run", status)
+            log.warning("the retraining process exited with status %d; its output: %s", status, self.log_file)
         return status

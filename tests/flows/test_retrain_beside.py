@@ -144,6 +144,9 @@ def test_the_update_run_commits_its_files_while_its_retraining_trains_in_a_proce
         finished = session.scalar(select(func.max(Batch.processed_at)))
         newest = session.scalar(select(func.max(BatchSummary.sequence)))
     assert len(decisions) == summary["run"]["retrains"]
+    outputs = sorted((settings.workdir / "logs").glob("retrain-*.log"))  # not the run's own output
+    assert len(outputs) == len(decisions)
+    assert all("challenger held-out MSE" in path.read_text() for path in outputs)
     for decision in decisions:
         assert decision.trigger == "drift" and decision.drift_event_id is not None
         assert decision.decided_at > finished  # decided after the last file was committed
