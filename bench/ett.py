@@ -575,8 +575,7 @@ class OnlineEnsemble(Method):
         low, high = self.low - reach, self.high + reach
         inside = np.isfinite(forecasts) & (forecasts >= low) & (forecasts <= high)
         healthy = inside.all(axis=(1, 2))
-        clipped = np.clip(np.nan_to_num(forecasts, nan=0.0, posinf=np.inf, neginf=-np.inf), low, high)
-        return np.where(np.isnan(forecasts), high, clipped), healthy
+        return np.clip(np.where(np.isnan(forecasts), high, forecasts), low, high), healthy
 
     def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
         forecasts, healthy = self._bounded(

@@ -151,7 +151,7 @@ def _load_window(live: LiveModel) -> RecentWindow | None:
     lines = np.unique(line[line_rows > settings.holdout_rows])
     if len(lines) > settings.max_lines:  # the budget: a sample of lines, the same for one window
         lines = np.sort(np.random.default_rng(last_sequence).choice(lines, settings.max_lines, replace=False))
-    train = ~holdout & line.isin(lines).to_numpy() & (line_rows > settings.holdout_rows)
+    train = ~holdout & line.isin(lines).to_numpy()  # `lines` hold more rows than the holdout
 
     # The replay windows the champion stored from the held-out rows' batches on are forgotten.
     first_held = rows[holdout].groupby(spec.entity_column, sort=False)["sequence"].min()
