@@ -58,6 +58,21 @@ line is never pushed to alarm more often than its threshold says. A row that con
 episode (the row before it alarmed) is held against the plain threshold, so a fault alarms for
 as long as it lasts however high x stands.
 
+Recurring events. Real lines repeat themselves by the clock: a nightly job, a shift change,
+a cleaning cycle makes the same burst at about the same time every day, and a forecaster is
+surprised by it every time. With `recurring_events` E set, each line keeps its latest E
+potential onsets (rows that passed the bar for opening an episode, held back or not) with their
+times and scores, and a row can open an episode only if its score is also more than
+`recurring_factor` times the largest of them that fell at the same time of day on one of the
+last `recurring_days` days, to within `recurring_tolerance_rows` of the line's own rows (its
+median spacing). What the line did at this time yesterday does not alarm today, unless it is
+several times bigger. The tolerance is in rows, not minutes, so that it scales with how densely
+a line is sampled: a 5-minute series recognises a nightly job that wanders by half an hour, a
+10-second line only a burst within a minute of yesterday's (a line whose faults come every hour
+at random times would otherwise find one "at the same time" on most days). A line's first day
+and an event at a new time of day are judged as before; a row that continues an episode is not
+held to it; the rate control's bound holds as it is (this only raises the bar for opening).
+
 A chunk of rows (one file of a line) is judged against the threshold as it stood before the
 chunk, then the chunk's normal rows join the calibration: the same test-then-train order as
 the model. Everything is batched over lines (right-padded, with a step mask) and the state
@@ -102,6 +117,13 @@ class AlarmConfig:
     # > 0: beside each sensor's forecast residual, its residual against the line's other sensors
     # in the same row (lru_online.consistency, with this memory in rows); 0: forecast residuals only.
     consistency_rows: int = 0
+    # > 0: potential onsets each line keeps for the recurring-events bar (module docstring); 0: none.
+    recurring_events: int = 0
+    # An episode must pass this many times the score of a potential onset at the same time of day
+    # on one of the last `recurring_days` days (to within `recurring_tolerance_rows` rows).
+    recurring_factor: float = 3.0
+    recurring_tolerance_rows: float = 6.0
+    recurring_days: int = 7
 
     def columns(self, sensors: int) -> int:
         """Residual columns the detector charts for `sensors` sensors."""
@@ -124,6 +146,16 @@ class AlarmConfig:
             raise ValueError(f"AlarmConfig.consistency_rows must be 0 or >= 2, got {self.consistency_rows}")
         if not 0.0 <= self.rate_control_step <= 20.0:
             raise ValueError(f"AlarmConfig.rate_control_step must be in [0, 20], got {self.rate_control_step}")
+        if not 0 <= self.recurring_events <= 4096 or self.recurring_days < 1:
+            raise ValueError(
+                "AlarmConfig.recurring_events must be in [0, 4096] and recurring_days >= 1, got "
+                f"{self.recurring_events} and {self.recurring_days}"
+            )
+        if self.recurring_factor < 1.0 or self.recurring_tolerance_rows <= 0.0:
+            raise ValueError(
+                "AlarmConfig.recurring_factor must be >= 1 and recurring_tolerance_rows > 0, got "
+                f"{self.recurring_factor} and {self.recurring_tolerance_rows}"
+            )
         if self.threshold_fit not in ("conformal", "gamma"):
             raise ValueError(f"AlarmConfig.threshold_fit must be 'conformal' or 'gamma', got {self.threshold_fit!r}")
         if not 1 <= self.warmup_rows <= self.calibration_rows:
@@ -162,6 +194,13 @@ class AlarmState:
     recent_calibration: torch.Tensor  # (B, K), or (B, 0) without `recent_rows`
     bias: torch.Tensor  # (B, S) running mean residual on normal chunks (zeros without `bias_rows`)
     excess: torch.Tensor  # (B,) x ≥ 0: the threshold an episode must pass is threshold·e^x
+    # The recurring-events bar (`recurring_events` E; (B, 0) without it): the latest potential
+    # onsets' times (seconds since 1970, NaN: empty) and scores, where the next one goes, and
+    # the line's median spacing of rows in seconds (0: not known yet).
+    recurring_time: torch.Tensor  # (B, E)
+    recurring_score: torch.Tensor  # (B, E)
+    recurring_next: torch.Tensor  # (B,) int64
+    row_seconds: torch.Tensor  # (B,)
     # The sensors' regressions on each other (`consistency_rows`); None without them. With
     # them, the columns (S above) are each sensor's forecast residual, then its consistency one.
     consistency: ConsistencyState | None = None
@@ -179,6 +218,10 @@ class AlarmState:
             # No short chart, no buffer: a fleet of lines does not carry one it never uses.
             torch.full((lines, config.calibration_rows if config.recent_rows else 0), math.nan, dtype=torch.float64),
             torch.zeros(lines, columns, dtype=torch.float64),
+            torch.zeros(lines, dtype=torch.float64),
+            torch.full((lines, config.recurring_events), math.nan, dtype=torch.float64),
+            torch.zeros(lines, config.recurring_events, dtype=torch.float64),
+            torch.zeros(lines, dtype=torch.int64),
             torch.zeros(lines, dtype=torch.float64),
             ConsistencyState.fresh(lines, sensors) if config.consistency_rows else None,
         )
@@ -203,6 +246,10 @@ class AlarmState:
             "recent_calibration": self.recent_calibration,
             "bias": self.bias,
             "excess": self.excess,
+            "recurring_time": self.recurring_time,
+            "recurring_score": self.recurring_score,
+            "recurring_next": self.recurring_next,
+            "row_seconds": self.row_seconds,
         }
 
     def select(self, index: int) -> AlarmState:
@@ -242,6 +289,10 @@ class AlarmState:
                 torch.clamp(self.quiet_rows, max=EXACT).double()[:, None],
                 self.bias,
                 self.excess[:, None],
+                self.recurring_time,
+                self.recurring_score,
+                self.recurring_next.double()[:, None],
+                self.row_seconds[:, None],
             ],
             dim=1,
         )
@@ -258,6 +309,7 @@ class AlarmState:
                 "calibration": len(kept[0]),
                 "recent_calibration": len(kept[1]),
                 "consistency_sensors": sensors,
+                "recurring_events": self.recurring_time.shape[1],
             }
             meta = {"kind": "AlarmState", "capacity": self.calibration.shape[1], "packed": packed}
             out.append(codec.encode({"figures": figures[line], "held": torch.cat([flat[line], *kept])}, meta))
@@ -274,6 +326,7 @@ class AlarmState:
             "columns": columns,
             "history": history,
             "consistency_sensors": sensors if config.consistency_rows else 0,
+            "recurring_events": config.recurring_events,
         }
         decoded = [codec.decode(data) if data else None for data in stored]
         packed = [
@@ -281,7 +334,10 @@ class AlarmState:
             for i, item in enumerate(decoded)
             if item is not None
             and item[1].get("kind") == "AlarmState"
-            and all(item[1].get("packed", {}).get(k) == v for k, v in layout.items())
+            # A state packed before the recurring-events bar holds no potential onsets.
+            and all(
+                item[1].get("packed", {}).get(k, 0 if k == "recurring_events" else None) == v for k, v in layout.items()
+            )
         ]
         batch = cls.fresh(len(stored), sensors, config)
         if packed:
@@ -294,6 +350,7 @@ class AlarmState:
     @classmethod
     def _unpack_many(cls, decoded: list[tuple[dict, dict]], layout: dict, config: AlarmConfig) -> AlarmState:
         columns, history, sensors = layout["columns"], layout["history"], layout["consistency_sensors"]
+        events = layout["recurring_events"]
         figures = torch.stack([tensors["figures"] for tensors, _ in decoded])
         lines = len(decoded)
         state, start = {}, 0
@@ -305,11 +362,15 @@ class AlarmState:
             ("quiet_rows", ()),
             ("bias", (columns,)),
             ("excess", ()),
+            ("recurring_time", (events,)),
+            ("recurring_score", (events,)),
+            ("recurring_next", ()),
+            ("row_seconds", ()),
         ):
             count = math.prod(shape)
             state[name] = figures[:, start : start + count].reshape(lines, *shape)
             start += count
-        for name in ("scale_rows", "history_rows", "quiet_rows"):
+        for name in ("scale_rows", "history_rows", "quiet_rows", "recurring_next"):
             state[name] = state[name].long()
         width = consistency_values(sensors)
         held = [tensors["held"] for tensors, _ in decoded]
@@ -370,6 +431,14 @@ class AlarmState:
             fresh.bias = tensors["bias"].to(torch.float64)
         if "excess" in tensors:  # a state stored before the rate control starts at x = 0
             fresh.excess = tensors["excess"].to(torch.float64)
+        # Stored with another capacity (or before the bar existed): the potential onsets start afresh.
+        held = tensors.get("recurring_time", torch.empty(1, 0))
+        if config.recurring_events and held.shape[-1] == config.recurring_events:
+            fresh.recurring_time = held.to(torch.float64).reshape(1, -1)
+            fresh.recurring_score = tensors["recurring_score"].to(torch.float64).reshape(1, -1)
+            fresh.recurring_next = tensors["recurring_next"].long().reshape(1)
+        if "row_seconds" in tensors:
+            fresh.row_seconds = tensors["row_seconds"].to(torch.float64).reshape(1)
         return fresh
 
 
@@ -386,7 +455,7 @@ def _scatter(batch: AlarmState, lines: list[int], part: AlarmState) -> AlarmStat
 
 def _unpacked(tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, torch.Tensor]:
     """The named tensors of a state `to_bytes` packed into two vectors."""
-    columns, history = packed["columns"], packed["history"]
+    columns, history, events = packed["columns"], packed["history"], packed.get("recurring_events", 0)
     sizes = [
         ("square_mean", (1, columns)),
         ("scale_rows", (1,)),
@@ -395,13 +464,17 @@ def _unpacked(tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, torch
         ("quiet_rows", (1,)),
         ("bias", (1, columns)),
         ("excess", (1,)),
+        ("recurring_time", (1, events)),
+        ("recurring_score", (1, events)),
+        ("recurring_next", (1,)),
+        ("row_seconds", (1,)),
     ]
     out, start, figures = {}, 0, tensors["figures"]
     for name, shape in sizes:
         count = math.prod(shape)
         out[name] = figures[start : start + count].reshape(shape)
         start += count
-    for name in ("scale_rows", "history_rows", "quiet_rows"):
+    for name in ("scale_rows", "history_rows", "quiet_rows", "recurring_next"):
         out[name] = out[name].long()
     held, sensors = tensors["held"], packed["consistency_sensors"]
     start = consistency_values(sensors)
@@ -492,11 +565,13 @@ class AnomalyDetector:
         steps: torch.Tensor | None = None,
         calibrate_only: bool = False,
         readings: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
     ) -> AlarmResult:
         """Scores and alarms of B lines' next rows, residuals (B, T, S) (NaN: no forecast or no
         reading), `steps` (B, T) False at padding. `calibrate_only`: every row is taken as
         normal (a line's known-good start); nothing alarms. With `consistency_rows`, `readings`
-        (B, T, S) are the rows' readings on the forecaster's scale (NaN where absent)."""
+        (B, T, S) are the rows' readings on the forecaster's scale (NaN where absent). With
+        `recurring_events`, `times` (B, T) are the rows' times in seconds since 1970 (UTC)."""
         lines, length = residuals.shape[:2]
         steps = torch.ones(lines, length, dtype=torch.bool) if steps is None else steps.to(torch.bool)
         consistency = state.consistency
@@ -536,7 +611,9 @@ class AnomalyDetector:
         candidates = steps & (recent_scores > recent_thresholds[:, None])
         if calibrate_only:
             candidates = torch.zeros_like(steps)
-        decided = self._decide(scores, thresholds, candidates, steps, state)
+        if self.config.recurring_events and times is None:
+            raise ValueError("AlarmConfig.recurring_events is set: detect needs the rows' times")
+        decided = self._decide(scores, thresholds, candidates, steps, state, times)
         alarms = decided.alarms
         new_state = AlarmState(
             # An alarmed row counts at the scale it was judged by: a long fault does not widen
@@ -548,6 +625,7 @@ class AnomalyDetector:
             recent_calibration,
             self._bias_update(state.bias, raw_residuals, finite, alarms.any(1)),
             decided.excess,
+            *decided.recurring,
             consistency,
         )
         episodes = self._episodes(alarms, decided.onsets, scores, decided.row_thresholds)
@@ -562,32 +640,54 @@ class AnomalyDetector:
         candidates: torch.Tensor,
         steps: torch.Tensor,
         state: AlarmState,
+        times: torch.Tensor | None,
     ) -> _Decision:
-        """Which rows alarm, which of them open an episode, and the quiet rows and log-factor
-        after the chunk. A row that opens an episode must pass threshold·e^x; with rate control
-        x moves row by row, so the rows are walked in order (all lines at once)."""
+        """Which rows alarm, which of them open an episode, and the quiet rows, log-factor and
+        recurring-events bar after the chunk. A row that opens an episode must pass
+        threshold·e^x and, with `recurring_events`, `recurring_factor` times the potential onsets
+        at its time of day on earlier days; both move row by row, so the rows are walked in
+        order (all lines at once)."""
         gap = max(self.config.episode_gap_rows, 1)
         step, rate = self.config.rate_control_step, self.config.false_alarm_rate
-        if not step:  # x stays 0: every row against the plain threshold, all at once
+        recurring = (state.recurring_time, state.recurring_score, state.recurring_next, state.row_seconds)
+        if not step and not self.config.recurring_events:  # every row against the plain threshold, all at once
             alarms = candidates & (scores > thresholds[:, None])
             quiet_before = _quiet_before(alarms, steps, state.quiet_rows)
             quiet_after = _quiet_before(alarms, steps, state.quiet_rows, after=True)
             row_thresholds = torch.where(steps, thresholds[:, None].expand_as(scores), math.nan)
-            return _Decision(alarms, alarms & (quiet_before >= gap), quiet_after, state.excess, row_thresholds)
+            return _Decision(
+                alarms, alarms & (quiet_before >= gap), quiet_after, state.excess, row_thresholds, recurring
+            )
         quiet, excess = state.quiet_rows.clone(), state.excess.clone()
         alarms, onsets = torch.zeros_like(steps), torch.zeros_like(steps)
         row_thresholds = torch.full_like(scores, math.nan)
+        events = _RecurringEvents(*recurring, self.config) if self.config.recurring_events else None
+        if events is not None:
+            times = times.to(torch.float64)
+            events.measure_spacing(times, steps)
         for t in range(scores.shape[1]):
             present = steps[:, t]
             held_to = torch.where(quiet == 0, thresholds, thresholds * torch.exp(excess))
-            alarm = candidates[:, t] & (scores[:, t] > held_to)
+            opens_above = held_to
+            if events is not None:
+                opens_above = torch.maximum(
+                    held_to, self.config.recurring_factor * events.same_time_before(times[:, t])
+                )
+            alarm = candidates[:, t] & (scores[:, t] > torch.where(quiet == 0, held_to, opens_above))
             onset = alarm & (quiet >= gap)
-            moved = torch.clamp(excess + step * (onset.double() - rate), min=0.0)
-            excess = torch.where(present, moved, excess)
+            if step:
+                moved = torch.clamp(excess + step * (onset.double() - rate), min=0.0)
+                excess = torch.where(present, moved, excess)
+            if events is not None:  # every potential onset, held back or not, so a daily burst stays known
+                events.add(
+                    times[:, t], scores[:, t], present & candidates[:, t] & (quiet != 0) & (scores[:, t] > held_to)
+                )
             quiet = torch.where(present, torch.where(alarm, 0, torch.clamp(quiet + 1, max=NEVER)), quiet)
             alarms[:, t], onsets[:, t] = alarm, onset
             row_thresholds[:, t] = torch.where(present, held_to, math.nan)
-        return _Decision(alarms, onsets, quiet, excess, row_thresholds)
+        if events is not None:
+            recurring = (events.time, events.score, events.next, events.row_seconds)
+        return _Decision(alarms, onsets, quiet, excess, row_thresholds, recurring)
 
     def _held(self, scores: torch.Tensor, calibrated: _Calibration) -> torch.Tensor:
         """Scores as the calibration holds them: as they are while a line warms up, then capped
@@ -707,6 +807,52 @@ class _Decision(NamedTuple):
     quiet_rows: torch.Tensor  # (B,) after the chunk
     excess: torch.Tensor  # (B,) after the chunk
     row_thresholds: torch.Tensor  # (B, T)
+    recurring: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # the bar's state after the chunk
+
+
+SECONDS_PER_DAY = 86_400.0
+
+
+class _RecurringEvents:
+    """The recurring-events bar of B lines while a chunk is walked row by row (module
+    docstring): each line's latest potential onsets in a ring of `recurring_events`."""
+
+    def __init__(
+        self,
+        time: torch.Tensor,
+        score: torch.Tensor,
+        next_slot: torch.Tensor,
+        row_seconds: torch.Tensor,
+        config: AlarmConfig,
+    ) -> None:
+        self.time, self.score, self.next = time.clone(), score.clone(), next_slot.clone()
+        self.row_seconds = row_seconds.clone()
+        self.config = config
+        self.lines = torch.arange(time.shape[0])
+
+    def measure_spacing(self, times: torch.Tensor, steps: torch.Tensor) -> None:
+        """Each line's median spacing of rows in this chunk (kept from before where it has < 2)."""
+        both = steps[:, 1:] & steps[:, :-1]
+        gaps = torch.where(both, times[:, 1:] - times[:, :-1], math.nan)
+        if gaps.shape[1]:
+            median = torch.nanmedian(gaps, dim=1).values
+            self.row_seconds = torch.where(torch.isfinite(median) & (median > 0), median, self.row_seconds)
+
+    def same_time_before(self, now: torch.Tensor) -> torch.Tensor:
+        """(B,) the largest score of a potential onset at the time of day of `now` (B,) on one of
+        the last `recurring_days` days, to within the tolerance; 0 where there is none."""
+        age = now[:, None] - self.time  # NaN for empty slots and padding rows
+        days = torch.round(age / SECONDS_PER_DAY)
+        tolerance = (self.config.recurring_tolerance_rows * self.row_seconds)[:, None]
+        same = (days >= 1) & (days <= self.config.recurring_days) & ((age - days * SECONDS_PER_DAY).abs() <= tolerance)
+        return torch.where(same, self.score, 0.0).amax(1)
+
+    def add(self, now: torch.Tensor, scores: torch.Tensor, potential: torch.Tensor) -> None:
+        """The rows marked `potential` (B,) into their lines' rings."""
+        slot = self.next
+        self.time[self.lines, slot] = torch.where(potential, now, self.time[self.lines, slot])
+        self.score[self.lines, slot] = torch.where(potential, scores, self.score[self.lines, slot])
+        self.next = torch.where(potential, (slot + 1) % self.config.recurring_events, slot)
 
 
 def _quiet_before(

@@ -175,6 +175,8 @@ def judge_lines(
     residuals = torch.from_numpy(features.padded(scored.residuals, fill=np.nan))
     readings = torch.from_numpy(features.padded(features.targets.astype(np.float64), fill=np.nan))
     steps = torch.from_numpy(features.padded(np.ones(len(features), dtype=bool), fill=False))
+    seconds = features.timestamps.as_unit("ns").asi8.astype(np.float64) / 1e9
+    times = torch.from_numpy(features.padded(seconds, fill=np.nan))
     length = residuals.shape[1]
     size = config.judge_rows or max(length, 1)
     state = AlarmState.from_many([alarm_states.get(e) for e in features.entities], sensors, config)
@@ -182,7 +184,11 @@ def judge_lines(
     latest: dict[int, dict] = {}  # line → its latest episode
     for lo in range(0, max(length, 1), size):
         judged = detector.detect(
-            residuals[:, lo : lo + size], state, steps[:, lo : lo + size], readings=readings[:, lo : lo + size]
+            residuals[:, lo : lo + size],
+            state,
+            steps[:, lo : lo + size],
+            readings=readings[:, lo : lo + size],
+            times=times[:, lo : lo + size],
         )
         state = judged.state
         scores.append(judged.scores)

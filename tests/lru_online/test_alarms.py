@@ -373,7 +373,11 @@ def test_rate_control_holds_the_rate_of_episodes_on_a_stream_that_wanders():
     outcome = {}
     for step in (0.0, 2.0):
         config = AlarmConfig(
-            false_alarm_rate=alpha, smoothing_rows=1, calibration_rows=512, warmup_rows=200, episode_gap_rows=24,
+            false_alarm_rate=alpha,
+            smoothing_rows=1,
+            calibration_rows=512,
+            warmup_rows=200,
+            episode_gap_rows=24,
             rate_control_step=step,
         )
         detector = AnomalyDetector(config)
@@ -402,7 +406,11 @@ def test_a_fault_alarms_for_as_long_as_it_lasts_however_raised_the_threshold():
     first row only: its later rows are held against the plain threshold. A new episode at the
     same height after a quiet spell is refused."""
     config = AlarmConfig(
-        false_alarm_rate=0.01, smoothing_rows=1, calibration_rows=400, warmup_rows=200, episode_gap_rows=5,
+        false_alarm_rate=0.01,
+        smoothing_rows=1,
+        calibration_rows=400,
+        warmup_rows=200,
+        episode_gap_rows=5,
         rate_control_step=1.0,
     )
     detector = AnomalyDetector(config)
@@ -447,18 +455,30 @@ def test_a_state_stored_before_episodes_and_rate_control_continues_its_alarm():
     assert restored.in_alarm.tolist() == [True] and restored.excess.tolist() == [0.0]
 
 
-@pytest.mark.parametrize("consistency_rows", [0, 10])
-def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows):
+@pytest.mark.parametrize(("consistency_rows", "recurring_events"), [(0, 0), (10, 0), (10, 8)])
+def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows, recurring_events):
     """A fleet's stored states, one missing and one stored in the older one-tensor-a-field
     format, read as one batch: the same tensors as reading each alone (a fresh one for None)."""
     config = AlarmConfig(
-        false_alarm_rate=0.05, calibration_rows=80, warmup_rows=20, recent_rows=2, smoothing_rows=4,
-        bias_rows=30, rate_control_step=1.0, consistency_rows=consistency_rows,
+        false_alarm_rate=0.05,
+        calibration_rows=80,
+        warmup_rows=20,
+        recent_rows=2,
+        smoothing_rows=4,
+        bias_rows=30,
+        rate_control_step=1.0,
+        consistency_rows=consistency_rows,
+        recurring_events=recurring_events,
     )
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(6)
     rows = torch.tensor(rng.normal(size=(4, 60, 3)))
-    state = detector.detect(rows, AlarmState.fresh(4, 3, config), readings=rows.cumsum(1)).state
+    hourly = torch.arange(60, dtype=torch.float64).expand(4, 60) * 3600.0 + 1.7e9  # 2.5 days
+    state = AlarmState.fresh(4, 3, config)
+    for half in (slice(0, 30), slice(30, 60)):  # the second half is judged against a threshold
+        state = detector.detect(rows[:, half], state, readings=rows.cumsum(1)[:, half], times=hourly[:, half]).state
+    if recurring_events:  # each line knows its spacing and holds potential onsets
+        assert state.row_seconds.tolist() == [3600.0] * 4 and bool(torch.isfinite(state.recurring_time).any(1).all())
     stored = [state.select(i).to_bytes() for i in range(4)]
     old = state.select(3)._tensors() | {"in_alarm": state.select(3).in_alarm}
     old = {k: v for k, v in old.items() if k not in ("quiet_rows", "excess")}
@@ -469,11 +489,64 @@ def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows)
     stored[3] = codec.encode(old, {"kind": "AlarmState", "consistency_sensors": 3})
     stored.insert(1, None)
     batch = AlarmState.from_many(stored, 3, config)
-    alone = AlarmState.cat(
-        [AlarmState.from_bytes(s, config) if s else AlarmState.fresh(1, 3, config) for s in stored]
-    )
+    alone = AlarmState.cat([AlarmState.from_bytes(s, config) if s else AlarmState.fresh(1, 3, config) for s in stored])
     for name, value in alone._tensors().items():
         assert torch.allclose(getattr(batch, name).double(), value.double(), equal_nan=True), name
     if consistency_rows:
         for name, value in alone.consistency.tensors().items():
             assert torch.allclose(getattr(batch.consistency, name), value, equal_nan=True), name
+
+
+def _daily_spikes(days: int, spikes: dict[tuple[int, float], float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One line of 5-minute rows over `days` days from midnight UTC: N(0, 1) residuals, and a
+    one-row residual of the given height at each (day, hour of the day) of `spikes`."""
+    per_day = 288
+    rng = np.random.default_rng(21)
+    residuals = rng.normal(size=(1, days * per_day, 1))
+    for (day, hour), height in spikes.items():
+        residuals[0, day * per_day + round(hour * 12), 0] = height
+    times = 1.7e9 - 1.7e9 % 86_400 + 300.0 * torch.arange(days * per_day, dtype=torch.float64)[None, :]
+    return torch.tensor(residuals), times
+
+
+def test_a_burst_at_the_same_time_every_day_opens_an_episode_on_its_first_day_only():
+    """A nightly burst (03:00, one day at 03:15: within 6 rows) opens an episode on its first
+    day, not on the days after; a burst at a new time of day does, and so does one at the usual
+    time that is more than `recurring_factor` times as big. Without the bar every burst does."""
+    spikes = {(1, 3.0): 8.0, (2, 3.0): 8.0, (3, 3.25): 8.0, (3, 15.0): 8.0, (4, 3.0): 16.0, (5, 3.0): 8.0}
+    residuals, times = _daily_spikes(6, spikes)
+    opened = {}
+    for events in (0, 32):
+        config = AlarmConfig(
+            false_alarm_rate=0.005,
+            smoothing_rows=1,
+            calibration_rows=512,
+            warmup_rows=100,
+            episode_gap_rows=0,
+            recurring_events=events,
+            recurring_factor=3.0,
+            recurring_tolerance_rows=6.0,
+        )
+        detector = AnomalyDetector(config)
+        state = detector.detect(
+            residuals[:, :288], AlarmState.fresh(1, 1, config), calibrate_only=True, times=times[:, :288]
+        ).state
+        onsets = []
+        for lo in range(288, residuals.shape[1], 100):  # files of 100 rows: the reference crosses them
+            judged = detector.detect(residuals[:, lo : lo + 100], state, times=times[:, lo : lo + 100])
+            state = judged.state
+            onsets += [lo + e.start for e in judged.episodes if not e.continues]
+        opened[events] = {(row // 288, (row % 288) / 12) for row in onsets}
+    spike_rows = set(spikes)
+    assert spike_rows <= opened[0]
+    assert spike_rows & opened[32] == {(1, 3.0), (3, 15.0), (4, 3.0)}
+    # Normal rows open no more episodes with it than without: the bar only holds rows back.
+    assert len(opened[0] - spike_rows) >= len(opened[32] - spike_rows)
+
+
+def test_the_recurring_events_bar_needs_the_rows_times():
+    detector = AnomalyDetector(AlarmConfig(recurring_events=8))
+    with pytest.raises(ValueError, match="times"):
+        detector.detect(torch.zeros(1, 3, 1, dtype=torch.float64), AlarmState.fresh(1, 1, detector.config))
+    with pytest.raises(ValueError, match="recurring_factor"):
+        AlarmConfig(recurring_events=8, recurring_factor=0.5)
