@@ -19,7 +19,7 @@ for forecasting and for learning alike.
 Methods: `lru` — one configuration for every series and both protocols (configs/ett.yaml): an
 online ensemble, as OneNet does, of the lru_online forecaster with LRU blocks (`lru-blocks`),
 the forecaster's linear path alone (`lru-linear`), the online NLinear and persistence, combined
-per horizon step and column by their recent losses (bench/loss_weights.py), each LRU carrying
+per horizon step and column by their recent losses (lru_online.mixture), each LRU carrying
 its state through the whole series; `linear` — NLinear on the last 60 rows, updated by SGD every
 step; `persistence` — the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone
 (reported on `OT`); `lru-blocks`, `lru-linear` — one member alone; `lru-replay`, `lru-ewc` —
@@ -53,9 +53,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from bench.common import load_config, pyplot, set_learning_rate
-from bench.loss_weights import CombineConfig, LossWeights
+from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
 
 TRAIN_END, VALID_END, STREAM_END = 2880, 3600, 14400
 # Windows starting before this row are the tuning split (the first 20 % of the stream).
@@ -523,27 +524,22 @@ class EnsembleConfig:
 
 class OnlineEnsemble(Method):
     """Forecasters side by side, combined per horizon step and column by their recent losses
-    (bench/loss_weights.py). Each member forecasts and learns under the protocol as if alone; a
-    window's forecasts are judged when the window is learned, so under `delayed` the weights
-    use only targets that have arrived. The losses start from each member's error on the
-    validation rows.
+    (the product's `lru_online.mixture`, one line). Each member forecasts and learns under the
+    protocol as if alone; a window's forecasts are judged when the window is learned, so under
+    `delayed` the weights use only targets that have arrived. The losses start from each
+    member's error on the validation rows.
 
-    No member can poison the combination: a forecast that is not finite, or lies further
-    outside the values seen so far than their whole range (per column; `DIVERGED_RANGES`), marks
-    its member diverged. It gets weight 0 for that window, its loss is charged with its forecast
-    clipped to that bound (large, finite), and after the window is learned it is reset to its
-    last snapshot, taken every `SNAPSHOT_WINDOWS` windows over which it stayed healthy. The
-    bound: a series may reach new extremes (a load at 50 standard deviations of its training
-    months), but a forecast a whole observed range beyond them is no forecast, and persistence,
-    a member by default, never leaves it."""
+    No member can poison the combination: the mixture gives a member whose forecast is not
+    finite or leaves the bound of the values seen weight 0 and charges its loss clipped (see
+    lru_online.mixture); after the window is learned the member is reset to its last snapshot,
+    taken every `SNAPSHOT_WINDOWS` windows over which it stayed healthy."""
 
     learns = True
-    DIVERGED_RANGES = 1.0
     SNAPSHOT_WINDOWS = 96
 
-    def __init__(self, members: dict[str, Method], combine: CombineConfig, record: bool = False) -> None:
+    def __init__(self, members: dict[str, Method], combine: MixtureConfig, record: bool = False) -> None:
         self.members = members
-        self.combine_config = combine
+        self.mixture = LossMixture(combine)
         self.record = record  # keep every window's member forecasts (for bench/ett_tune.py)
 
     def fit(self, series: np.ndarray, horizon: int) -> None:
@@ -554,46 +550,34 @@ class OnlineEnsemble(Method):
             member.fit(series, horizon)
             losses.append(np.mean((member.rescore(series, valid, horizon) - truth) ** 2, axis=0))
         self.starting_losses = np.stack(losses)
-        self.weights = LossWeights(self.starting_losses, self.combine_config)
+        self.state = MixtureState.fresh(1, *self.starting_losses.shape, torch.from_numpy(self.starting_losses))
+        self.state = self.mixture.seen(self.state, torch.from_numpy(series[None, :VALID_END]))
+        self.seen = VALID_END
         self.pending: dict[int, np.ndarray] = {}  # window start → member forecasts (K, H, C)
         self.recorded: list[tuple[int, np.ndarray]] = []
         self.report_weights = np.zeros(len(self.members))
         self.report_windows = 0
-        self.low, self.high, self.seen = series[:VALID_END].min(axis=0), series[:VALID_END].max(axis=0), VALID_END
         self.snapshots = {name: copy.deepcopy(member) for name, member in self.members.items()}
         self.healthy_windows = dict.fromkeys(self.members, 0)
         self.diverged: set[str] = set()
         self.resets = dict.fromkeys(self.members, 0)
 
-    def _bounded(self, history: np.ndarray, forecasts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The forecasts clipped to the plausible bound, and which members stayed inside it."""
-        if len(history) > self.seen:
-            fresh = history[self.seen :]
-            self.low, self.high = np.minimum(self.low, fresh.min(axis=0)), np.maximum(self.high, fresh.max(axis=0))
-            self.seen = len(history)
-        reach = self.DIVERGED_RANGES * np.maximum(self.high - self.low, 1e-6)
-        low, high = self.low - reach, self.high + reach
-        inside = np.isfinite(forecasts) & (forecasts >= low) & (forecasts <= high)
-        healthy = inside.all(axis=(1, 2))
-        return np.clip(np.where(np.isnan(forecasts), high, forecasts), low, high), healthy
-
     def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
-        forecasts, healthy = self._bounded(
-            history, np.stack([member.forecast(history, horizon) for member in self.members.values()])
-        )
+        if len(history) > self.seen:
+            self.state = self.mixture.seen(self.state, torch.from_numpy(history[None, self.seen :]))
+            self.seen = len(history)
+        forecasts = np.stack([member.forecast(history, horizon) for member in self.members.values()])
+        last = torch.from_numpy(np.repeat(history[-1:], horizon, axis=0))[None]
+        mixed = self.mixture.combine(self.state, torch.from_numpy(forecasts)[None], fallback=last)
+        healthy = mixed.healthy[0].numpy()
         self.diverged |= {name for name, ok in zip(self.members, healthy, strict=True) if not ok}
-        self.pending[len(history)] = forecasts
+        self.pending[len(history)] = mixed.members[0].numpy()
         if self.record:
-            self.recorded.append((len(history), forecasts))
-        weights = self.weights.weights() * healthy[:, None, None]
-        total = weights.sum(axis=0, keepdims=True)
-        if not (total > 0).all():  # every member diverged: the last row
-            return np.repeat(history[-1:], horizon, axis=0).astype(np.float32)
-        weights = weights / total
-        if len(history) >= TUNING_END:
-            self.report_weights += weights.mean(axis=(1, 2))
+            self.recorded.append((len(history), self.pending[len(history)]))
+        if len(history) >= TUNING_END and healthy.any():
+            self.report_weights += mixed.weights[0].mean(dim=(1, 2)).numpy()
             self.report_windows += 1
-        return self.weights.combine(forecasts, weights).astype(np.float32)
+        return mixed.forecast[0].numpy().astype(np.float32)
 
     def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
         for member in self.members.values():
@@ -601,7 +585,8 @@ class OnlineEnsemble(Method):
                 member.learn(history, window, horizon)
         forecasts = self.pending.pop(window, None)
         if forecasts is not None:  # None: a window from before the stream began
-            self.weights.observe(forecasts, history[window : window + horizon])
+            truth = torch.from_numpy(history[window : window + horizon])[None]
+            self.state = self.mixture.observe(self.state, torch.from_numpy(forecasts)[None], truth)
         for name in self.members:
             if name in self.diverged:
                 self.members[name] = copy.deepcopy(self.snapshots[name])
@@ -616,7 +601,7 @@ class OnlineEnsemble(Method):
 
     def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
         forecasts = np.stack([member.rescore(series, starts, horizon) for member in self.members.values()])
-        return np.einsum("khc,knhc->nhc", self.weights.weights(), forecasts)
+        return np.einsum("khc,knhc->nhc", self.mixture.weights(self.state)[0].numpy(), forecasts)
 
     def mean_report_weights(self) -> dict[str, float]:
         """Each member's weight, averaged over horizon steps, columns and report windows."""
@@ -629,18 +614,21 @@ def replay_combination(
     starting_losses: np.ndarray,
     series: np.ndarray,
     protocol: Protocol,
-    combine: CombineConfig,
+    combine: MixtureConfig,
 ) -> np.ndarray:
-    """The ensemble's forecasts (n, H, C) for recorded member forecasts under other combination
-    settings: the members do not depend on them, so tuning needs no second stream."""
-    weights = LossWeights(starting_losses, combine)
-    by_start = dict(recorded)
+    """The ensemble's forecasts (n, H, C) for recorded member forecasts (already clipped to the
+    bound) under other combination settings: the members do not depend on them, so tuning
+    needs no second stream."""
+    mixture = LossMixture(combine)
+    state = MixtureState.fresh(1, *starting_losses.shape, torch.from_numpy(starting_losses))
+    by_start = {start: torch.from_numpy(forecasts)[None] for start, forecasts in recorded}
     out = []
-    for start, forecasts in recorded:
-        out.append(weights.combine(forecasts))
+    for start, _ in recorded:
+        out.append(torch.einsum("bmhs,bmhs->bhs", mixture.weights(state), by_start[start])[0].numpy())
         window = protocol.window_to_learn(start)
         if window in by_start:
-            weights.observe(by_start[window], series[window : window + protocol.horizon])
+            truth = torch.from_numpy(series[window : window + protocol.horizon])[None]
+            state = mixture.observe(state, by_start[window], truth)
     return np.stack(out).astype(np.float32)
 
 
@@ -660,7 +648,7 @@ def ensemble(variant: str | None = None, record: bool = False) -> OnlineEnsemble
     if unknown:
         raise ValueError(f"configs/ett.yaml ensemble.members: unknown {sorted(unknown)}; known: {sorted(MEMBERS)}")
     members = {name: MEMBERS[name](variant) for name in config.members}
-    return OnlineEnsemble(members, CombineConfig(config.half_life, config.temperature), record)
+    return OnlineEnsemble(members, MixtureConfig(config.half_life, config.temperature), record)
 
 
 # Each builds a fresh method, given the index of the target column and the protocol's name (the

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.ett import TUNING_END, Protocol, ensemble, load_series, replay_combination, run_stream
-from bench.loss_weights import CombineConfig
+from lru_online.mixture import MixtureConfig
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
         starts = result.start
         persistence = float(np.mean((series[starts - 1][:, None] - result.true) ** 2))
         configured = replay_combination(
-            method.recorded, method.starting_losses, series, protocol, method.combine_config
+            method.recorded, method.starting_losses, series, protocol, method.mixture.config
         )
         np.testing.assert_allclose(configured, result.pred, rtol=1e-5, atol=1e-6)  # the replay is the ensemble
         members = np.stack([forecasts for _, forecasts in method.recorded], axis=1)  # (K, n, H, C)
@@ -65,7 +65,7 @@ def main() -> None:
         )
         for pair in grid:
             combined = replay_combination(
-                method.recorded, method.starting_losses, series, protocol, CombineConfig(*pair)
+                method.recorded, method.starting_losses, series, protocol, MixtureConfig(*pair)
             )
             ratios[pair].append(float(np.mean((combined - result.true) ** 2)) / persistence)
 

@@ -187,26 +187,7 @@ def test_one_configuration_serves_both_protocols(ett):
     assert list(fsnet.members) == list(delayed.members) == ["lru-blocks", "lru-linear", "linear", "persistence"]
     for a, b in zip(fsnet.members.values(), delayed.members.values(), strict=True):
         assert getattr(a, "config", None) == getattr(b, "config", None)
-    assert fsnet.combine_config == delayed.combine_config
-
-
-def test_loss_weights_follow_the_recent_losses():
-    from bench.loss_weights import CombineConfig, LossWeights
-
-    config = CombineConfig(half_life=2.0, temperature=3.0)
-    weights = LossWeights(np.ones((2, 1, 1)), config)
-    errors = [(0.5, 2.0), (0.1, 3.0), (1.0, 1.0)]  # member errors on three windows
-    losses = [1.0, 1.0]
-    decay = 0.5 ** (1 / 2.0)
-    for error in errors:
-        weights.observe(np.array(error).reshape(2, 1, 1), np.zeros((1, 1)))
-        losses = [decay * loss + (1 - decay) * e**2 for loss, e in zip(losses, error, strict=True)]
-    mean = sum(losses) / 2
-    expected = np.exp([-3.0 * loss / mean for loss in losses])
-    np.testing.assert_allclose(weights.weights()[:, 0, 0], expected / expected.sum(), rtol=1e-12)
-    forecasts = np.array([10.0, 20.0]).reshape(2, 1, 1)
-    assert weights.combine(forecasts)[0, 0] == pytest.approx(float(expected @ [10.0, 20.0] / expected.sum()))
-    assert np.allclose(LossWeights(np.array([[[1.0]], [[9.0]]]), CombineConfig(temperature=0.0)).weights(), 0.5)
+    assert fsnet.mixture.config == delayed.mixture.config
 
 
 class Constant:
@@ -225,10 +206,10 @@ class Constant:
 
 
 def _small_ensemble(ett, record=False):
-    from bench.loss_weights import CombineConfig
+    from lru_online.mixture import MixtureConfig
 
     members = {"persistence": ett.Persistence(), "zero": Constant()}
-    return ett.OnlineEnsemble(members, CombineConfig(half_life=12.0, temperature=4.0), record=record)
+    return ett.OnlineEnsemble(members, MixtureConfig(half_life=12.0, temperature=4.0), record=record)
 
 
 @pytest.mark.parametrize("protocol", ["fsnet", "delayed"])
@@ -241,9 +222,9 @@ def test_the_ensemble_follows_the_member_that_carries_over(ett, protocol):
     result = ett.run_stream(method, walk, ett.Protocol(protocol, 4), forgetting=False, until=4000)
     persistence = float(np.mean((walk[result.start - 1][:, None] - result.true) ** 2))
     assert float(np.mean((result.pred[50:] - result.true[50:]) ** 2)) < 1.1 * persistence
-    assert method.weights.weights()[0].min() > 0.95
+    assert method.mixture.weights(method.state)[0, 0].min() > 0.95
     replayed = ett.replay_combination(
-        method.recorded, method.starting_losses, walk, ett.Protocol(protocol, 4), method.combine_config
+        method.recorded, method.starting_losses, walk, ett.Protocol(protocol, 4), method.mixture.config
     )
     np.testing.assert_allclose(replayed, result.pred, rtol=1e-6)
 
@@ -256,7 +237,7 @@ def test_the_ensemble_under_delayed_weighs_only_what_has_arrived(ett):
     def stream(data):
         method = _small_ensemble(ett)
         result = ett.run_stream(method, data, protocol, forgetting=False, until=3640)
-        return result.pred, method.weights.weights()
+        return result.pred, method.mixture.weights(method.state).numpy()
 
     forecasts, weights = stream(walk)
     unseen = walk.copy()
@@ -341,13 +322,13 @@ def test_no_member_can_poison_the_ensemble(ett, protocol):
     """A 50σ level shift in the stream and a member forced to diverge (inf, then NaN): the
     ensemble's forecasts stay finite and within 10 % of its best healthy member's; the diverged
     member gets weight 0 while it is out of bounds and is reset to its last good snapshot."""
-    from bench.loss_weights import CombineConfig
+    from lru_online.mixture import MixtureConfig
 
     rng = np.random.default_rng(8)
     walk = 5.0 + np.cumsum(rng.normal(scale=0.1, size=(14_400, 3)), axis=0).astype(np.float32)
     walk[3800:] += 50 * walk[:2880].std(axis=0)  # far outside anything the members were fitted on
     members = {"persistence": ett.Persistence(), "linear": ett.OnlineNLinear(), "exploding": Exploding(after=30)}
-    method = ett.OnlineEnsemble(members, CombineConfig(half_life=12.0, temperature=8.0))
+    method = ett.OnlineEnsemble(members, MixtureConfig(half_life=12.0, temperature=8.0))
     result = ett.run_stream(method, walk, ett.Protocol(protocol, 4), forgetting=False, until=4100)
 
     assert np.isfinite(result.pred).all()
