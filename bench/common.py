@@ -37,6 +37,20 @@ def set_learning_rate(learner, value: float) -> None:
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
+def library_versions() -> str:
+    """The releases a streamed figure depends on beyond torch: online learning carries float
+    rounding forward, so another numpy, pandas or river release moves the third digit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("numpy", "pandas", "river", "scikit-learn", "scipy"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} -")
+    return ", ".join(found)
+
+
 def usable_cores(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:
     """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota. A
     container limited to 2 cores still sees every core of its host in `os.cpu_count()`, and a

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.common import REPRODUCIBLE, ROOT
+from bench.common import REPRODUCIBLE, ROOT, library_versions
 
 ROLLING_ROWS = 200
 
@@ -115,7 +115,7 @@ def main() -> None:
     config = workdir / "config.yaml"
     alpha = load_settings(config if config.exists() else None, workdir=workdir).alarms.false_alarm_rate
     product = counts(truth, rows["anomaly"].to_numpy().astype(bool))
-    print(f"{len(rows)} rows scored, {int(truth.sum())} labelled; configured α = {alpha}")
+    print(f"{library_versions()}; {len(rows)} rows scored, {int(truth.sum())} labelled; configured α = {alpha}")
     print(f"{'detector':<44} {'precision':>9} {'recall':>7} {'F1':>6} {'FA/1000 normal':>14}")
     print(
         f"{'lru-online alarms (configured α)':<44} {product['precision']:>9.3f} {product['recall']:>7.3f} "

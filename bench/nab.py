@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bench.common import ROOT, run_backfill, usable_cores
+from bench import forgetting
+from bench.common import ROOT, library_versions, run_backfill, usable_cores
 from bench.nab_scoring import PROFILES, CorpusScore, FileOutcome, match_file, probationary_rows
 
 INITIAL_SHARE = 0.15
@@ -209,7 +210,7 @@ def main() -> None:
     alpha = load_settings(config, workdir=out / "work").alarms.false_alarm_rate
     print(
         f"python {sys.version.split()[0]}, torch {torch.__version__}, backfill on {BACKFILL_THREADS} torch thread "
-        f"of {usable_cores()} usable cores; config {config.name}, false_alarm_rate α = {alpha}"
+        f"of {usable_cores()} usable cores; {library_versions()}; config {config.name}, false_alarm_rate α = {alpha}"
     )
     print(f"{len(series)} series, {args.parts + 1} plant-wide files; backfill {seconds:.0f} s; {summary}")
     header = (
@@ -260,6 +261,10 @@ def main() -> None:
     print("published, all 17 files, threshold chosen on the labels of the corpus (the data's README):")
     for name, (standard, low_fp, low_fn) in PUBLISHED.items():
         print(f"  {name:<30} {standard:>8.1f} {low_fp:>7.1f} {low_fn:>7.1f}")
+    # What the model forgot over the backfill (bench/forgetting.py), on the same work folder.
+    forgot = forgetting.measure(load_settings(config, workdir=out / "work"))
+    print(forgetting.report(forgot, 0.2))
+    report["forgetting"] = {"rows": forgot.rows, "streaming_mse": forgot.streaming_mse, "frozen_mse": forgot.frozen_mse}
     for name, f in figures.items():
         report["files"][name] = {
             "rows": f.rows,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import REPRODUCIBLE, ROOT
+from bench.common import REPRODUCIBLE, ROOT, library_versions
 from bench.demo_alarms import counts, scored_rows
 
 
@@ -51,7 +51,8 @@ def main() -> None:
         raise SystemExit(f"{workdir} is not empty")
     print(
         f"python {sys.version.split()[0]}; plant of seed {args.seed}, {args.batches} files per line; "
-        f"config {args.config or 'embedded defaults'}; torch threads 1 (bench.common.REPRODUCIBLE)"
+        f"config {args.config or 'embedded defaults'}; torch threads 1 (bench.common.REPRODUCIBLE); "
+        f"{library_versions()}"
     )
     os.environ["OMP_NUM_THREADS"] = "1"
     run_plant(workdir, args.seed, args.batches, args.config)

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from anomaly_metrics import NabScore, OutlierCounts, changepoints_from_outliers, roc_auc  # noqa: E402
-from common import run_backfill, usable_cores  # noqa: E402
+from common import library_versions, run_backfill, usable_cores  # noqa: E402
 from skab import TRAIN_ROWS, HotellingT2, SkabFile, in_tuning_split, load_folder, scored_changepoints  # noqa: E402
 
 TEST_ROWS = "valve1 test rows (400-end)"  # the group the leaderboard's protocol scores
@@ -182,7 +182,7 @@ def main() -> None:
 
     print(
         f"python {sys.version.split()[0]}, torch {torch.__version__}, backfill on {BACKFILL_THREADS} torch thread "
-        f"of {usable_cores()} usable cores"
+        f"of {usable_cores()} usable cores; {library_versions()}"
     )
     print(
         f"split {args.split}: anomaly-free.csv + {len(files)} valve1 files; "

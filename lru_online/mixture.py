@@ -24,9 +24,10 @@ member's recent loss is more than `exploded_loss_ratio` (1,000) times the best m
 gets weight 0 there and is left out of the mean that scales the losses: otherwise its huge loss
 would shrink every other member's relative loss toward 0 and flatten their weights toward
 uniform, so a bad member would still be weighed in through the others. Why 1,000: at that ratio
-its softmax weight against the best member would be below e^−τ·999/M anyway (the rule only
-changes which members set the scale), while honest members stay within far smaller ratios
-(persistence against the best forecaster on ETTh1 at 48 hours ahead: about 5). The loss keeps
+its own weight is negligible anyway (scaled by a mean it dominates, its logit stands about τ·M
+below the best member's: e^−32 for 4 members at τ = 8), so the rule only changes which members
+set the scale, while honest members stay within far smaller ratios (persistence against the
+best forecaster on ETTh1 at 48 hours ahead: about 5). The loss keeps
 decaying as usual, so the member comes back once it forecasts well again.
 
 The weights lag a jump nobody foresaw by one forecast: on the forecast after it they still weigh
