@@ -665,7 +665,20 @@ class AnomalyDetector:
         if events is not None:
             times = times.to(torch.float64)
             events.measure_spacing(times, steps)
-        for t in range(scores.shape[1]):
+        # Every bar a row is held to is at least the plain threshold (e^x ≥ 1, the recurring bar
+        # only raises it), so a row whose score does not pass it can neither alarm nor be a
+        # potential onset: on such rows only the quiet count and the log-factor move, in closed
+        # form. The walk visits the rows where some line passes it; a long quiet line costs a
+        # few tensor operations, not a Python step per row.
+        passing = candidates & steps & (scores > thresholds[:, None])
+        visited = torch.nonzero(passing.any(0)).flatten().tolist()
+        done = 0  # rows before this one are decided
+        for t in [*visited, scores.shape[1]]:
+            if t > done:
+                quiet, excess = self._quiet_span(quiet, excess, thresholds, steps[:, done:t], row_thresholds[:, done:t])
+            if t == scores.shape[1]:
+                break
+            done = t + 1
             present = steps[:, t]
             held_to = torch.where(quiet == 0, thresholds, thresholds * torch.exp(excess))
             opens_above = held_to
@@ -688,6 +701,30 @@ class AnomalyDetector:
         if events is not None:
             recurring = (events.time, events.score, events.next, events.row_seconds)
         return _Decision(alarms, onsets, quiet, excess, row_thresholds, recurring)
+
+    def _quiet_span(
+        self,
+        quiet: torch.Tensor,
+        excess: torch.Tensor,
+        thresholds: torch.Tensor,
+        present: torch.Tensor,
+        row_thresholds: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows where no line passes its plain threshold (`present` (B, L) the real ones): each
+        counts as quiet and lowers the log-factor by η·α, as `_decide`'s walk would row by row
+        (max(x − a, 0) taken k times is max(x − k·a, 0)); fills their `row_thresholds` (a view)
+        with what each was held to and returns the quiet rows and log-factor after them."""
+        step, rate = self.config.rate_control_step, self.config.false_alarm_rate
+        counted = present.to(torch.float64)  # float64: a count times η·α must not round to float32
+        before = torch.cumsum(counted, 1) - counted  # the span's real rows before each row
+        factor = torch.clamp(excess[:, None] - step * rate * before, min=0.0) if step else excess[:, None]
+        held_to = torch.where(
+            (quiet[:, None] + before) == 0, thresholds[:, None], thresholds[:, None] * torch.exp(factor)
+        )
+        row_thresholds.copy_(torch.where(present, held_to, math.nan))
+        rows = counted.sum(1)
+        after = torch.clamp(excess - step * rate * rows, min=0.0) if step else excess
+        return torch.clamp(quiet + present.sum(1), max=NEVER), after
 
     def _held(self, scores: torch.Tensor, calibrated: _Calibration) -> torch.Tensor:
         """Scores as the calibration holds them: as they are while a line warms up, then capped

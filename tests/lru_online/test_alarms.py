@@ -550,3 +550,92 @@ def test_the_recurring_events_bar_needs_the_rows_times():
         detector.detect(torch.zeros(1, 3, 1, dtype=torch.float64), AlarmState.fresh(1, 1, detector.config))
     with pytest.raises(ValueError, match="recurring_factor"):
         AlarmConfig(recurring_events=8, recurring_factor=0.5)
+
+
+class _RowByRow(AnomalyDetector):
+    """The decision walk as it was before it skipped rows: every row of the chunk in turn. The
+    reference the skipping walk must match (lru_online.alarms._decide)."""
+
+    def _decide(self, scores, thresholds, candidates, steps, state, times):
+        from lru_online.alarms import NEVER, _Decision, _RecurringEvents
+
+        gap = max(self.config.episode_gap_rows, 1)
+        step, rate = self.config.rate_control_step, self.config.false_alarm_rate
+        recurring = (state.recurring_time, state.recurring_score, state.recurring_next, state.row_seconds)
+        quiet, excess = state.quiet_rows.clone(), state.excess.clone()
+        alarms, onsets = torch.zeros_like(steps), torch.zeros_like(steps)
+        row_thresholds = torch.full_like(scores, math.nan)
+        events = _RecurringEvents(*recurring, self.config) if self.config.recurring_events else None
+        if events is not None:
+            times = times.to(torch.float64)
+            events.measure_spacing(times, steps)
+        for t in range(scores.shape[1]):
+            present = steps[:, t]
+            held_to = torch.where(quiet == 0, thresholds, thresholds * torch.exp(excess))
+            opens_above = held_to
+            if events is not None:
+                before = events.same_time_before(times[:, t])
+                opens_above = torch.maximum(held_to, self.config.recurring_factor * before)
+            alarm = candidates[:, t] & (scores[:, t] > torch.where(quiet == 0, held_to, opens_above))
+            onset = alarm & (quiet >= gap)
+            if step:
+                excess = torch.where(present, torch.clamp(excess + step * (onset.double() - rate), min=0.0), excess)
+            if events is not None:
+                potential = present & candidates[:, t] & (quiet != 0) & (scores[:, t] > held_to)
+                events.add(times[:, t], scores[:, t], potential)
+            quiet = torch.where(present, torch.where(alarm, 0, torch.clamp(quiet + 1, max=NEVER)), quiet)
+            alarms[:, t], onsets[:, t] = alarm, onset
+            row_thresholds[:, t] = torch.where(present, held_to, math.nan)
+        if events is not None:
+            recurring = (events.time, events.score, events.next, events.row_seconds)
+        return _Decision(alarms, onsets, quiet, excess, row_thresholds, recurring)
+
+
+@pytest.mark.parametrize("recurring_events", [0, 8])
+@pytest.mark.parametrize("rate_control_step", [0.0, 1.0])
+def test_skipping_the_rows_no_line_passes_decides_as_the_row_by_row_walk(recurring_events, rate_control_step):
+    """Four lines of uneven length (padding), a burst at the same time every day on two of them,
+    random faults, episodes with a gap, over eight chunks of 300 rows carried from one to the
+    next: the alarms, onsets, episodes, per-row thresholds and carried states equal those of the
+    walk over every row (the log-factor to rounding: it is lowered in one step over a quiet span,
+    not row by row)."""
+    config = AlarmConfig(
+        false_alarm_rate=0.01,
+        smoothing_rows=1,
+        calibration_rows=200,
+        warmup_rows=50,
+        episode_gap_rows=5,
+        rate_control_step=rate_control_step,
+        recurring_events=recurring_events,
+        recurring_factor=2.0,
+        recurring_tolerance_rows=3.0,
+    )
+    fast, reference = AnomalyDetector(config), _RowByRow(config)
+    lines, chunk, sensors = 4, 300, 3
+    rng = np.random.default_rng(12)
+    fast_state = reference_state = AlarmState.fresh(lines, sensors, config)
+    spacing = 600.0  # 10-minute rows: 144 a day, a burst at the same time each day
+    for number in range(8):
+        residuals = rng.normal(size=(lines, chunk, sensors))
+        rows = number * chunk + np.arange(chunk)
+        residuals[:2, rows % 144 == 30] += 6.0  # the daily burst on lines 0 and 1
+        faults = rng.random((lines, chunk)) < 0.004
+        residuals[faults] += rng.uniform(3, 9, size=(int(faults.sum()), sensors))
+        steps = np.ones((lines, chunk), dtype=bool)
+        steps[3, chunk - 1 - number * 20 :] = False  # line 3 reports fewer rows each chunk
+        times = np.broadcast_to(1.7e9 + spacing * rows, (lines, chunk)).copy()
+        inputs = (torch.from_numpy(residuals), torch.from_numpy(steps))
+        stamps = torch.from_numpy(times)
+        got = fast.detect(inputs[0], fast_state, inputs[1], times=stamps)
+        want = reference.detect(inputs[0], reference_state, inputs[1], times=stamps)
+        assert torch.equal(got.alarms, want.alarms)
+        torch.testing.assert_close(got.row_thresholds, want.row_thresholds, rtol=1e-12, atol=0, equal_nan=True)
+        assert [replace(e, threshold=0.0) for e in got.episodes] == [replace(e, threshold=0.0) for e in want.episodes]
+        assert [e.threshold for e in got.episodes] == pytest.approx([e.threshold for e in want.episodes], rel=1e-12)
+        assert torch.equal(got.state.quiet_rows, want.state.quiet_rows)
+        torch.testing.assert_close(got.state.excess, want.state.excess, rtol=1e-12, atol=1e-12)
+        for name in ("recurring_time", "recurring_score", "recurring_next", "calibration"):
+            got_value, want_value = getattr(got.state, name), getattr(want.state, name)
+            torch.testing.assert_close(got_value, want_value, rtol=0, atol=0, equal_nan=True)
+        fast_state, reference_state = got.state, want.state
+    assert int(want.alarms.sum()) > 0
