@@ -15,7 +15,9 @@ Printed per group of rows: row-level precision, recall and F1 of the `anomaly` f
 SKAB's `anomaly` label, FAR, false alarms per 1,000 normal rows, on test rows the NAB score
 (standard profile; changepoints where the `anomaly` flag switches, as bench/skab.py scores
 them) and the alarm episodes stored; per file, the ROC AUC of the per-row forecast error
-(`score`) on the test rows, which no alarm setting can raise.
+(`score`) on the test rows, which no alarm setting can raise; and what the model forgot over the
+stream (bench/forgetting.py: the first fifth of the online rows, streamed against re-scored by
+the final model).
 valve1 rows are scored on SKAB's test part (rows 400 to the end of each file) and on all rows.
 Beside them, measured in the same run on the same test rows: Hotelling's T² of bench/skab.py,
 fitted on each file's first 400 rows (the leaderboard's per-file protocol; the stream scores
@@ -209,6 +211,12 @@ def main() -> None:
         "forecast-error ROC AUC per file, test rows (0.5: chance): "
         + " ".join(f"{name.removesuffix('.csv')} {auc:.2f}" for name, auc in figures.score_auc.items())
     )
+    # What the model forgot over the stream (bench/forgetting.py), on the same work folder.
+    from bench import forgetting
+    from flows.settings import load_settings
+
+    forgot = forgetting.measure(load_settings(args.config.resolve(), workdir=out / "work"))
+    print(forgetting.report(forgot, 0.2))
     report = {
         "split": args.split,
         "files": [f.relative for f in files],
@@ -224,6 +232,7 @@ def main() -> None:
         "anomalies": figures.anomalies,
         "alarm_episodes": figures.alarm_episodes,
         "score_auc": figures.score_auc,
+        "forgetting": {"rows": forgot.rows, "streaming_mse": forgot.streaming_mse, "frozen_mse": forgot.frozen_mse},
     }
     (out / "skab_pipeline.json").write_text(json.dumps(report, indent=2))
 
