@@ -97,28 +97,30 @@ def pyplot():
 REPRODUCIBLE = {"LRU_ONLINE_RETRAIN__BESIDE": "false"}
 
 
+def run_cli(arguments: list[str], work: Path, reproducible: bool = True, threads: int | None = None) -> str:
+    """`lru-online ARGUMENTS` in a child process with its own Prefect home in WORK and quiet
+    logs; `reproducible`: retraining inline (`REPRODUCIBLE`); `threads`: its torch threads. Its
+    standard output; stops the bench with the command's output when it fails."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(work / ".prefect"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        **(REPRODUCIBLE if reproducible else {}),
+    }
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, "-m", "flows", *arguments]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{arguments[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
 def run_backfill(
     stream: Path, config: Path, work: Path, threads: int, reproducible: bool = True
 ) -> tuple[float, str]:
-    """`lru-online backfill STREAM -c CONFIG -w WORK` in a child process on `threads` torch
-    threads (its own Prefect home in WORK); its wall seconds and its last line (the JSON counts).
-    `reproducible`: retraining inline (`REPRODUCIBLE`). Stops the bench with the backfill's
-    output when it fails."""
+    """`lru-online backfill STREAM -c CONFIG -w WORK` on `threads` torch threads (`run_cli`):
+    its wall seconds and its last line (the JSON counts)."""
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "flows", "backfill", str(stream), "-c", str(config), "-w", str(work)],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "PREFECT_HOME": str(work / ".prefect"),
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-            "OMP_NUM_THREADS": str(threads),
-            **(REPRODUCIBLE if reproducible else {}),
-        },
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"backfill failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return seconds, done.stdout.strip().splitlines()[-1]
+    output = run_cli(["backfill", str(stream), "-c", str(config), "-w", str(work)], work, reproducible, threads)
+    return time.perf_counter() - started, output.strip().splitlines()[-1]

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench.common import REPRODUCIBLE, ROOT, library_versions
+from bench.common import library_versions, run_cli
 
 ROLLING_ROWS = 200
 
@@ -33,16 +30,7 @@ ROLLING_ROWS = 200
 def run_demo(workdir: Path) -> None:
     if (workdir / "ground_truth.json").exists() and list((workdir / "output" / "batches").glob("*.parquet")):
         return
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(workdir / ".prefect"),
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        **REPRODUCIBLE,
-    }
-    command = [sys.executable, "-m", "flows", "demo", "--workdir", str(workdir)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    run_cli(["demo", "--workdir", str(workdir)], workdir)
 
 
 def scored_rows(workdir: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:

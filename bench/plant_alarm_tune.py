@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-from bench.common import REPRODUCIBLE, ROOT, run_in_scratch_folders, usable_cores
+from bench.common import run_cli, run_in_scratch_folders, usable_cores
 from bench.skab_tune import SETTING_HEADER, add_grid_arguments, setting_cells
 from bench.skab_tune import grid as alarm_grid
 from flows.monitor.alarm_scoring import alarm_scores
@@ -34,22 +31,8 @@ def run_plant(alarm: dict, seed: int, folder: Path) -> dict:
     """The plant of `seed` through `lru-online run` with these alarm settings; its alarm scores."""
     config, workdir = folder / "config.yaml", folder / "work"
     config.write_text(yaml.safe_dump({"alarms": alarm}))
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(workdir / ".prefect"),
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        **REPRODUCIBLE,
-    }
     for command in (["simulate", "--seed", str(seed)], ["run"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "flows", *command, "-c", str(config), "-w", str(workdir)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"{command[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        run_cli([*command, "-c", str(config), "-w", str(workdir)], workdir)
     truth = json.loads((workdir / "ground_truth.json").read_text())
     return alarm_scores(sorted((workdir / "output" / "batches").glob("*.parquet")), truth["anomalies"])
 

@@ -14,27 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import REPRODUCIBLE, ROOT, library_versions
+from bench.common import library_versions, run_cli
 from bench.demo_alarms import counts, scored_rows
 
 
 def run_plant(workdir: Path, seed: int, batches: int, config: Path | None) -> None:
-    env = {**os.environ, "PREFECT_HOME": str(workdir / ".prefect"), "PREFECT_LOGGING_LEVEL": "WARNING", **REPRODUCIBLE}
     chosen = ["-c", str(config.resolve())] if config else []
     for command in (["simulate", "--seed", str(seed), "--batches", str(batches)], ["run"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "flows", *command, *chosen, "-w", str(workdir)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"{command[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        run_cli([*command, *chosen, "-w", str(workdir)], workdir)
 
 
 def main() -> None:
