@@ -350,28 +350,9 @@ class AlarmState:
     @classmethod
     def _unpack_many(cls, decoded: list[tuple[dict, dict]], layout: dict, config: AlarmConfig) -> AlarmState:
         columns, history, sensors = layout["columns"], layout["history"], layout["consistency_sensors"]
-        events = layout["recurring_events"]
         figures = torch.stack([tensors["figures"] for tensors, _ in decoded])
         lines = len(decoded)
-        state, start = {}, 0
-        for name, shape in (
-            ("square_mean", (columns,)),
-            ("scale_rows", ()),
-            ("history", (history, columns)),
-            ("history_rows", ()),
-            ("quiet_rows", ()),
-            ("bias", (columns,)),
-            ("excess", ()),
-            ("recurring_time", (events,)),
-            ("recurring_score", (events,)),
-            ("recurring_next", ()),
-            ("row_seconds", ()),
-        ):
-            count = math.prod(shape)
-            state[name] = figures[:, start : start + count].reshape(lines, *shape)
-            start += count
-        for name in ("scale_rows", "history_rows", "quiet_rows", "recurring_next"):
-            state[name] = state[name].long()
+        state = _split_figures(figures, columns, history, layout["recurring_events"])
         width = consistency_values(sensors)
         held = [tensors["held"] for tensors, _ in decoded]
         consistency = None
@@ -453,29 +434,36 @@ def _scatter(batch: AlarmState, lines: list[int], part: AlarmState) -> AlarmStat
     return batch
 
 
-def _unpacked(tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, torch.Tensor]:
-    """The named tensors of a state `to_bytes` packed into two vectors."""
-    columns, history, events = packed["columns"], packed["history"], packed.get("recurring_events", 0)
-    sizes = [
-        ("square_mean", (1, columns)),
-        ("scale_rows", (1,)),
-        ("history", (1, history, columns)),
-        ("history_rows", (1,)),
-        ("quiet_rows", (1,)),
-        ("bias", (1, columns)),
-        ("excess", (1,)),
-        ("recurring_time", (1, events)),
-        ("recurring_score", (1, events)),
-        ("recurring_next", (1,)),
-        ("row_seconds", (1,)),
-    ]
-    out, start, figures = {}, 0, tensors["figures"]
-    for name, shape in sizes:
+def _split_figures(figures: torch.Tensor, columns: int, history: int, events: int) -> dict[str, torch.Tensor]:
+    """Lines' `figures` vectors (L, n), as `to_many` packs them, back into named (L, ...) fields."""
+    fields = (
+        ("square_mean", (columns,)),
+        ("scale_rows", ()),
+        ("history", (history, columns)),
+        ("history_rows", ()),
+        ("quiet_rows", ()),
+        ("bias", (columns,)),
+        ("excess", ()),
+        ("recurring_time", (events,)),
+        ("recurring_score", (events,)),
+        ("recurring_next", ()),
+        ("row_seconds", ()),
+    )
+    out, start = {}, 0
+    for name, shape in fields:
         count = math.prod(shape)
-        out[name] = figures[start : start + count].reshape(shape)
+        out[name] = figures[:, start : start + count].reshape(len(figures), *shape)
         start += count
     for name in ("scale_rows", "history_rows", "quiet_rows", "recurring_next"):
         out[name] = out[name].long()
+    return out
+
+
+def _unpacked(tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, torch.Tensor]:
+    """The named tensors of a state `to_bytes` packed into two vectors."""
+    out = _split_figures(
+        tensors["figures"][None], packed["columns"], packed["history"], packed.get("recurring_events", 0)
+    )
     held, sensors = tensors["held"], packed["consistency_sensors"]
     start = consistency_values(sensors)
     if sensors:
