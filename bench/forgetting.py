@@ -82,13 +82,13 @@ def _sequences(rows: pd.DataFrame, spec: FeatureSpec, file_is_run: bool) -> tupl
     and the rows in the batch's flat order."""
     keys = [spec.entity_column, "file_number"] if file_is_run else [spec.entity_column]
     rows = rows.sort_values([*keys, spec.timestamp_column], kind="stable")
-    sequence = rows[keys].astype(str).agg("/".join, axis=1) if file_is_run else rows[spec.entity_column].astype(str)
-    names, first = np.unique(sequence.to_numpy(), return_index=True)
-    order = np.argsort(first)
-    starts = np.sort(first)
+    # Sorted by the keys, each sequence's rows are contiguous: it starts where the keys change.
+    codes = rows.groupby(keys, sort=False).ngroup().to_numpy()
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    names = rows[keys].iloc[starts].astype(str).agg("/".join, axis=1).tolist()
     targets = rows[[f"target_{s}" for s in spec.sensors]].to_numpy(np.float32)
     batch = FeatureBatch(
-        entities=[str(n) for n in names[order]],
+        entities=names,
         offsets=np.append(starts, len(rows)).astype(np.int64),
         timestamps=pd.DatetimeIndex(rows[spec.timestamp_column]),
         inputs=rows[spec.input_names].to_numpy(np.float32),
