@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from features.spec import FeatureSpec
+from flows.model.forecast_mixture import MixtureSetup
 from lru_online.alarms import AlarmConfig
 from lru_online.learner import LearnerConfig
+from lru_online.mixture import MixtureConfig
 from lru_online.model import ModelConfig
 
 
@@ -262,6 +264,40 @@ class AlarmSettings(_AlarmFields):
         return AlarmConfig(**self.model_dump(exclude={"event_name"}))
 
 
+_MixtureFields = _core_section("_MixtureFields", MixtureConfig, exclude=(), defaults={})
+
+MIXTURE_MEMBERS = ("lru", "persistence")
+
+
+class MixtureSettings(_MixtureFields):
+    """The forecaster a line gets: the LRU model alone (off), or an online mixture of members
+    weighted per horizon step and sensor by their recent losses (lru_online.mixture), whose
+    combined forecast is what the pipeline stores and scores residuals against. Members: `lru`
+    (the model) and `persistence` (the line's last reading, the forecast that never leaves the
+    range of what was seen): where the model diverges or lags a jump on a line, that line's
+    forecast follows persistence until the model earns its weight back."""
+
+    enabled: bool = False
+    members: tuple[Literal["lru", "persistence"], ...] = MIXTURE_MEMBERS
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MixtureSettings:
+        if len(set(self.members)) != len(self.members) or "lru" not in self.members or len(self.members) < 2:
+            raise ValueError(
+                f"mixture.members {list(self.members)}: name each member once, `lru` among them and at least one "
+                f"other (of {list(MIXTURE_MEMBERS)})"
+            )
+        self.config()  # the core checks the values together
+        return self
+
+    def config(self) -> MixtureConfig:
+        return MixtureConfig(**self.model_dump(exclude={"enabled", "members"}))
+
+    def setup(self) -> MixtureSetup | None:
+        """What the scoring step needs, or None with the mixture off."""
+        return MixtureSetup(tuple(self.members), self.config()) if self.enabled else None
+
+
 class RetrainSettings(_Section):
     # The window in rows, not files, so a retraining costs the same whatever a plant's files
     # hold: each line's newest `window_rows` rows, its newest `holdout_rows` held out to judge
@@ -347,6 +383,7 @@ class Settings(BaseSettings):
     initial_training: InitialTrainingSettings = Field(default_factory=InitialTrainingSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     alarms: AlarmSettings = Field(default_factory=AlarmSettings)
+    mixture: MixtureSettings = Field(default_factory=MixtureSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)

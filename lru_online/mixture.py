@@ -53,7 +53,9 @@ import torch
 
 from lru_online import codec
 
-LOSS_CAP = 1e300  # a loss no finite forecast needs to pass; M of them still sum to a float64
+# A loss no finite forecast needs to pass; M of them still sum to a float64, and so do 4,096 of
+# them over the products down to 1e-8 that `LossMixture.run` divides by.
+LOSS_CAP = 1e290
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,14 @@ class MixtureConfig:
 
 @dataclass
 class MixtureState:
-    """What each of B lines carries: its members' recent losses and the range of its values."""
+    """What each of B lines carries: its members' recent losses, the range of its values and
+    the members' (clipped) forecasts made at its last H rows, whose values are still to come
+    (`LossMixture.run`)."""
 
     losses: torch.Tensor  # (B, M, H, S) float64
     low: torch.Tensor  # (B, S) smallest value seen per sensor (+inf: none yet)
     high: torch.Tensor  # (B, S) largest (−inf: none yet)
+    pending: torch.Tensor  # (B, H, M, H, S) forecasts of the last H rows, oldest first (NaN: none)
 
     @classmethod
     def fresh(
@@ -107,6 +112,7 @@ class MixtureState:
             losses,
             torch.full((lines, sensors), math.inf, dtype=torch.float64),
             torch.full((lines, sensors), -math.inf, dtype=torch.float64),
+            torch.full((lines, horizon, members, horizon, sensors), math.nan, dtype=torch.float64),
         )
 
     @property
@@ -131,17 +137,39 @@ class MixtureState:
             raise ValueError("MixtureState.to_bytes stores one line; select it first")
         return codec.encode(self._tensors(), {"kind": "mixture"})
 
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The state's tensors under `prefix`, to be stored beside another state's (one line's
+        forecaster state: its members' and the mixture's in one record)."""
+        return {prefix + name: tensor for name, tensor in self._tensors().items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> MixtureState | None:
+        """What `tensors(prefix)` stored, or None where nothing was."""
+        names = [field.name for field in fields(cls)]
+        if not any(prefix + name in tensors for name in names):
+            return None
+        if not all(prefix + name in tensors for name in names):
+            raise codec.CodecError(f"a mixture state under {prefix!r} lacks some of {names}")
+        return cls(**{name: tensors[prefix + name].double() for name in names})
+
     @classmethod
     def from_bytes(cls, data: bytes) -> MixtureState:
         tensors, meta = codec.decode(data)
-        if meta.get("kind") != "mixture" or set(tensors) != {"losses", "low", "high"}:
+        if meta.get("kind") != "mixture" or set(tensors) != {"losses", "low", "high", "pending"}:
             raise codec.CodecError("not a stored mixture state")
-        losses, low, high = tensors["losses"], tensors["low"], tensors["high"]
-        if losses.dim() != 4 or losses.shape[0] != 1 or low.shape != (1, losses.shape[3]) or high.shape != low.shape:
+        losses, low, high, pending = (tensors[k].double() for k in ("losses", "low", "high", "pending"))
+        if (
+            losses.dim() != 4
+            or losses.shape[0] != 1
+            or low.shape != (1, losses.shape[3])
+            or high.shape != low.shape
+            or pending.shape != (1, losses.shape[2], *losses.shape[1:])
+        ):
             raise codec.CodecError(
-                f"mixture state of inconsistent shapes {tuple(losses.shape)}, {tuple(low.shape)}, {tuple(high.shape)}"
+                f"mixture state of inconsistent shapes {tuple(losses.shape)}, {tuple(low.shape)}, "
+                f"{tuple(high.shape)}, {tuple(pending.shape)}"
             )
-        return cls(losses.double(), low.double(), high.double())
+        return cls(losses, low, high, pending)
 
 
 class Combination(NamedTuple):
@@ -181,19 +209,23 @@ class LossMixture:
         values = values.to(torch.float64)
         low = torch.where(usable, values, math.inf).amin(dim=1)
         high = torch.where(usable, values, -math.inf).amax(dim=1)
-        return MixtureState(state.losses, torch.minimum(state.low, low), torch.maximum(state.high, high))
+        return MixtureState(state.losses, torch.minimum(state.low, low), torch.maximum(state.high, high), state.pending)
 
     def bound(self, state: MixtureState, forecasts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The members' forecasts (B, M, H, S) clipped to each line's bound, and (B, M) which
         members stayed finite and inside it. A sensor with no value seen has no bound: any
         finite forecast of it is healthy."""
+        return self._clip(state.low, state.high, forecasts)
+
+    def _clip(self, seen_low: torch.Tensor, seen_high: torch.Tensor, forecasts: torch.Tensor):
+        """`bound` for forecasts (..., M, H, S) and ranges seen (..., S)."""
         forecasts = forecasts.to(torch.float64)
-        known = state.high >= state.low  # (B, S)
-        reach = self.config.diverged_ranges * (state.high - state.low).clamp(min=1e-6)
-        low = torch.where(known, state.low - reach, -math.inf)[:, None, None, :]
-        high = torch.where(known, state.high + reach, math.inf)[:, None, None, :]
+        known = seen_high >= seen_low
+        reach = self.config.diverged_ranges * (seen_high - seen_low).clamp(min=1e-6)
+        low = torch.where(known, seen_low - reach, -math.inf)[..., None, None, :]
+        high = torch.where(known, seen_high + reach, math.inf)[..., None, None, :]
         inside = torch.isfinite(forecasts) & (forecasts >= low) & (forecasts <= high)
-        healthy = inside.flatten(2).all(dim=2)
+        healthy = inside.flatten(-2).all(dim=-1)
         # NaN goes to the far side of the bound: its loss is then charged as large, not as none.
         finite_high = torch.where(torch.isfinite(high), high, torch.finfo(torch.float64).max / 4)
         clipped = torch.where(torch.isnan(forecasts), finite_high, forecasts)
@@ -223,9 +255,91 @@ class LossMixture:
             known &= observed.to(torch.bool)[:, None, None, None]
         error = forecasts.to(torch.float64) - torch.where(known, truth, 0.0)
         # A forecast of a sensor with no bound yet may be huge: its loss stays finite.
-        # A forecast of a sensor with no bound yet may be huge: its loss stays finite.
         squared = torch.where(known, error**2, 0.0).clamp(max=LOSS_CAP)
 
         decay = self.config.decay
         losses = torch.where(known, decay * state.losses + (1.0 - decay) * squared, state.losses)
-        return MixtureState(losses, state.low, state.high)
+        return MixtureState(losses, state.low, state.high, state.pending)
+
+    def run(
+        self, state: MixtureState, forecasts: torch.Tensor, values: torch.Tensor, steps: torch.Tensor | None = None
+    ) -> Run:
+        """A chunk of rows of B lines at once: the members' forecasts made at each row (B, T, M,
+        H, S; step h for row t + h), the values read at each row (B, T, S; NaN: missing),
+        `steps` (B, T) False at right padding. At each row, first the forecasts whose values
+        came with it are judged (step h of the forecast made h rows before, from the chunk or
+        from `state.pending`), then the row's value widens the range and the row's forecasts
+        are combined: the same order as `seen`, `observe` and `combine` called row by row, in
+        a few tensor operations per block of rows instead of per row. Where every member
+        diverged the fallback is the row's own reading (persistence)."""
+        lines, length, members, horizon, sensors = forecasts.shape
+        if state.losses.shape != (lines, members, horizon, sensors) or values.shape != (lines, length, sensors):
+            raise ValueError(
+                f"LossMixture.run: forecasts {tuple(forecasts.shape)}, values {tuple(values.shape)} do not fit "
+                f"a state of losses {tuple(state.losses.shape)}"
+            )
+        if length == 0:
+            return Run(
+                torch.empty(lines, 0, horizon, sensors, dtype=torch.float64),
+                torch.empty(lines, 0, members, horizon, sensors, dtype=torch.float64),
+                torch.empty(lines, 0, members, dtype=torch.bool),
+                state,
+            )
+        steps = torch.ones(lines, length, dtype=torch.bool) if steps is None else steps.to(torch.bool)
+        values = torch.where(steps[..., None], values.to(torch.float64), math.nan)
+        usable = torch.isfinite(values)
+        seen_low = torch.minimum(state.low[:, None], torch.where(usable, values, math.inf).cummin(dim=1).values)
+        seen_high = torch.maximum(state.high[:, None], torch.where(usable, values, -math.inf).cummax(dim=1).values)
+        clipped, healthy = self._clip(seen_low, seen_high, forecasts)
+        clipped = torch.where(steps[..., None, None, None], clipped, math.nan)  # padding forecasts nothing
+
+        # Step h (index k) of the forecast made at row t is judged at row t + k + 1: at row τ,
+        # the forecast of row τ − k − 1, which lies in the pending rows before the chunk when
+        # τ < k + 1. Gathered per step, everything below is per row.
+        history = torch.cat([state.pending, clipped], dim=1)  # (B, H + T, M, H, S)
+        judged = torch.stack(
+            [history[:, horizon - k - 1 : horizon - k - 1 + length, :, k] for k in range(horizon)], dim=-2
+        )  # (B, T, M, H, S): at row τ, step k of the forecast it judges
+        truth = values[:, :, None, None, :]
+        known = torch.isfinite(judged) & torch.isfinite(truth)
+        squared = torch.where(known, judged - torch.where(known, truth, 0.0), 0.0) ** 2
+        decay = self.config.decay
+        keep = torch.where(known, decay, 1.0)
+        losses = _linear_recurrence(keep, (1.0 - decay) * squared.clamp(max=LOSS_CAP), state.losses, decay)
+
+        flat = MixtureState(losses.flatten(0, 1), seen_low.flatten(0, 1), seen_high.flatten(0, 1), state.pending)
+        weights = self.weights(flat, healthy.flatten(0, 1)).unflatten(0, (lines, length))
+        combined = (weights * clipped).sum(dim=2)
+        fallback = values[:, :, None, :].expand(-1, -1, horizon, -1)
+        combined = torch.where(weights.sum(dim=2) > 0, combined, fallback)
+        combined = torch.where(steps[..., None, None], combined, math.nan)
+
+        rows = steps.sum(1)
+        # Each line's last H real rows (its rows are left-aligned): history positions rows … rows + H − 1.
+        last = (rows[:, None] + torch.arange(horizon)[None, :])[..., None, None, None]
+        pending = history.gather(1, last.expand(-1, -1, members, horizon, sensors))
+        new_state = MixtureState(losses[:, -1], seen_low[:, -1], seen_high[:, -1], pending)
+        return Run(combined, weights, healthy & steps[..., None], new_state)
+
+
+class Run(NamedTuple):
+    forecast: torch.Tensor  # (B, T, H, S) the combined forecast made at each row (NaN at padding)
+    weights: torch.Tensor  # (B, T, M, H, S) the weights it used
+    healthy: torch.Tensor  # (B, T, M) the member stayed finite and inside the bound at that row
+    state: MixtureState
+
+
+def _linear_recurrence(keep: torch.Tensor, added: torch.Tensor, start: torch.Tensor, decay: float) -> torch.Tensor:
+    """x_t = keep_t · x_{t−1} + added_t along dim 1, from x_{−1} = `start`, for every t, keep_t in
+    [decay, 1]. Within a block x_t = P_t · (x_start + Σ_{i ≤ t} added_i / P_i), P the running
+    product of `keep`; blocks are short enough that P stays above 1e-8 (decay^rows), so neither
+    the division nor the sum leaves float64's range."""
+    rows = max(1, min(4096, int(8 / max(-math.log10(decay), 1e-9))))
+    out = torch.empty_like(added)
+    carried = start
+    for lo in range(0, keep.shape[1], rows):
+        products = torch.cumprod(keep[:, lo : lo + rows], dim=1)
+        block = products * (carried[:, None] + torch.cumsum(added[:, lo : lo + rows] / products, dim=1))
+        out[:, lo : lo + rows] = block
+        carried = block[:, -1]
+    return out

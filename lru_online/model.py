@@ -184,7 +184,7 @@ class LRUForecaster(nn.Module):
             hidden.append(h_last)
             outputs.append(out)
         forecast = self._forecast_shape(sum(outputs))
-        return forecast, RecurrentState(hidden, _last_forecast(forecast, steps, state.last_forecast))
+        return forecast, RecurrentState(hidden, last_real_forecast(forecast, steps, state.last_forecast))
 
     def step(
         self,
@@ -228,7 +228,9 @@ class LRUForecaster(nn.Module):
         return ScoredSequence(forecast, residuals, residuals.pow(2).nanmean(-1), new_state)
 
 
-def _last_forecast(forecast: torch.Tensor, steps: torch.Tensor | None, carried: torch.Tensor | None) -> torch.Tensor:
+def last_real_forecast(
+    forecast: torch.Tensor, steps: torch.Tensor | None, carried: torch.Tensor | None
+) -> torch.Tensor:
     """Each row's forecast at its last real step; a row without one keeps what it carried in
     (NaN when nothing was carried: no forecast to score its next event against)."""
     if steps is None:

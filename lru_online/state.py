@@ -59,10 +59,17 @@ class RecurrentState:
         forecast = torch.cat([s.last_forecast for s in states]) if all(has_forecast) else None
         return RecurrentState(hidden, forecast)
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, beside: dict[str, torch.Tensor] | None = None) -> bytes:
+        """The state's bytes; `beside`: more tensors of the same line's forecaster stored with
+        it (a mixture's, lru_online.mixture), which `from_bytes` leaves alone."""
         tensors = {f"hidden.{i}": h for i, h in enumerate(self.hidden)}
         if self.last_forecast is not None:
             tensors["last_forecast"] = self.last_forecast
+        if beside:
+            clash = set(beside) & set(tensors)
+            if clash:
+                raise ValueError(f"RecurrentState.to_bytes: {sorted(clash)} are the state's own tensors")
+            tensors |= beside
         return codec.encode(tensors, {"kind": "RecurrentState", "layers": len(self.hidden)})
 
     @classmethod

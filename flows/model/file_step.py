@@ -24,6 +24,8 @@ import pandas as pd
 import torch
 
 from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
+from flows.model.forecast_mixture import PREFIX as MIXTURE_PREFIX
+from flows.model.forecast_mixture import MixtureSetup, carried_mixtures, mix_lines
 from flows.monitor.drift_detectors import Detection, LineDrift, check_lines
 from flows.settings import DriftSettings
 from lru_online import OnlineLearner, RecurrentState
@@ -141,18 +143,36 @@ def carried_state(learner: OnlineLearner, entities: list[str], hidden: dict[str,
 
 
 def score_lines(
-    learner: OnlineLearner, features: FeatureBatch, hidden: dict[str, bytes | None]
+    learner: OnlineLearner,
+    features: FeatureBatch,
+    hidden: dict[str, bytes | None],
+    mixture: MixtureSetup | None = None,
 ) -> tuple[ScoredLines, RecurrentState]:
-    """One forward over every line, right-padded to the longest, from their carried states."""
+    """One forward over every line, right-padded to the longest, from their carried states.
+    With `mixture`, the forecasts, residuals and scores are the mixture's (flows.model
+    .forecast_mixture) and each line's record carries its mixture state too."""
     u, y, dt, steps = features.tensors()
     state = carried_state(learner, features.entities, hidden)
     scored = learner.score(u, y, state, dt, steps)
-    ends = scored.state.unbind()
+    forecast, residuals, scores, ends = scored.forecast, scored.residuals, scored.scores, scored.state
+    beside: list[dict | None] = [None] * len(features.entities)
+    if mixture is not None:
+        config = learner.model.config
+        carried = carried_mixtures(
+            [hidden.get(e) for e in features.entities], len(mixture.members), config.horizon, config.n_targets
+        )
+        mixed = mix_lines(mixture.config, mixture.members, forecast, y, steps, carried, state.last_forecast)
+        forecast, residuals, scores = mixed.forecast.float(), mixed.residuals.float(), mixed.scores.float()
+        ends = RecurrentState(scored.state.hidden, mixed.last_forecast.float())
+        beside = [mixed.state.select(i).tensors(MIXTURE_PREFIX) for i in range(len(features.entities))]
     result = ScoredLines(
-        forecast=features.flat(scored.forecast.numpy()),
-        residuals=features.flat(scored.residuals.numpy()),
-        scores=features.flat(scored.scores.numpy()),
-        hidden={entity: end.to_bytes() for entity, end in zip(features.entities, ends, strict=True)},
+        forecast=features.flat(forecast.numpy()),
+        residuals=features.flat(residuals.numpy()),
+        scores=features.flat(scores.numpy()),
+        hidden={
+            entity: end.to_bytes(beside=extra)
+            for entity, end, extra in zip(features.entities, ends.unbind(), beside, strict=True)
+        },
         update_index=learner.updates,
     )
     return result, state

@@ -13,6 +13,7 @@ import pandas as pd
 
 from features import FeatureSpec
 from flows.model.file_step import judge_lines, late_mask, prepare_lines, score_lines
+from flows.model.forecast_mixture import MixtureSetup
 from flows.storage.line_states import CarriedLines
 from lru_online import OnlineLearner
 from lru_online.alarms import AlarmConfig
@@ -38,9 +39,15 @@ def output_columns(spec: FeatureSpec, horizon: int) -> dict[str, str]:
 
 
 def score_raw_rows(
-    learner: OnlineLearner, rows: pd.DataFrame, spec: FeatureSpec, alarms: AlarmConfig, carried: CarriedLines
+    learner: OnlineLearner,
+    rows: pd.DataFrame,
+    spec: FeatureSpec,
+    alarms: AlarmConfig,
+    carried: CarriedLines,
+    mixture: MixtureSetup | None = None,
 ) -> pd.DataFrame:
-    """One output row per input row, in the input's order and index."""
+    """One output row per input row, in the input's order and index; forecasts and scores are
+    the mixture's where the pipeline mixes (`mixture`)."""
     frame = _checked(rows, spec)
     horizon = learner.model.config.horizon
     columns = output_columns(spec, horizon)
@@ -51,7 +58,7 @@ def score_raw_rows(
     if not late.all():
         # The late rows are decided above, once: the rest go in with no watermark to test.
         features = prepare_lines(frame[~late], spec, carried.features, {}).features
-        scored, _ = score_lines(learner, features, carried.hidden)
+        scored, _ = score_lines(learner, features, carried.hidden, mixture)
         judged = judge_lines(features, scored, carried.alarm, alarms)
         # The builder orders rows by line (sorted ids), then time, stably: the same order here
         # gives each feature row's place in the input.

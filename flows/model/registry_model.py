@@ -37,7 +37,9 @@ class LRUCheckpointModel(PythonModel):
         from flows.storage.line_states import CarriedLines
 
         carried = self.lines if self.setup.starts_from_stored_states(params) else CarriedLines()
-        return score_raw_rows(self.learner, model_input, self.setup.spec, self.setup.alarms, carried)
+        return score_raw_rows(
+            self.learner, model_input, self.setup.spec, self.setup.alarms, carried, self.setup.mixture
+        )
 
 
 mlflow.models.set_model(LRUCheckpointModel())

@@ -18,6 +18,7 @@ import pandas as pd
 from sqlalchemy import update
 
 from features import FeatureSpec
+from flows.model.forecast_mixture import MixtureSetup
 from flows.model.raw_scoring import output_columns
 from flows.monitor.tracking import Tracker
 from flows.settings import Settings
@@ -26,6 +27,7 @@ from flows.storage.line_states import CarriedLines, carried_by_every_line
 from flows.storage.models import ModelState
 from flows.storage.work_folder import resolved_path
 from lru_online.alarms import AlarmConfig
+from lru_online.mixture import MixtureConfig
 
 SCORING_FILE = "scoring.json"
 LINES_FILE = "lines.parquet"
@@ -42,12 +44,14 @@ class ScoringSetup:
     # Each file one run of its lines (log_schema.file_is_run): a request then starts its lines
     # afresh unless the caller asks for the stored states.
     file_is_run: bool = False
+    # The forecast mixture the pipeline runs (`mixture:`), None without one.
+    mixture: MixtureSetup | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ScoringSetup:
         # Labels are the pipeline's evaluation aid, not inputs: raw rows need not carry them.
         spec = replace(settings.feature_spec, label_columns=())
-        return cls(spec, settings.alarms.config(), settings.log_schema.file_is_run)
+        return cls(spec, settings.alarms.config(), settings.log_schema.file_is_run, settings.mixture.setup())
 
     def starts_from_stored_states(self, params: dict | None) -> bool:
         """Whether a request's known lines start where the pipeline left them (param
@@ -55,7 +59,15 @@ class ScoringSetup:
         return bool((params or {}).get("carried_states", not self.file_is_run))
 
     def to_json(self) -> str:
-        data = {"features": asdict(self.spec), "alarms": asdict(self.alarms), "file_is_run": self.file_is_run}
+        mixture = None
+        if self.mixture is not None:
+            mixture = {"members": list(self.mixture.members), **asdict(self.mixture.config)}
+        data = {
+            "features": asdict(self.spec),
+            "alarms": asdict(self.alarms),
+            "file_is_run": self.file_is_run,
+            "mixture": mixture,
+        }
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -64,7 +76,11 @@ class ScoringSetup:
         features = data["features"]
         lists = ("sensors", "label_columns", "change_sensors")  # JSON gives lists back
         spec = FeatureSpec(**{**features, **{name: tuple(features[name]) for name in lists if name in features}})
-        return cls(spec, AlarmConfig(**data["alarms"]), bool(data.get("file_is_run", False)))
+        mixture = data.get("mixture")  # absent from versions registered before the mixture
+        if mixture is not None:
+            members = tuple(mixture.pop("members"))
+            mixture = MixtureSetup(members, MixtureConfig(**mixture))
+        return cls(spec, AlarmConfig(**data["alarms"]), bool(data.get("file_is_run", False)), mixture)
 
 
 def register_version(

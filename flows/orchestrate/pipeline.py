@@ -388,7 +388,7 @@ class Pipeline:
         if learned:
             features = FeatureBatch.stack([prepared[i].features for i in learned])
             tick = time.perf_counter()
-            scored, state = score_lines(learner, features, carried.hidden)
+            scored, state = score_lines(learner, features, carried.hidden, self.settings.mixture.setup())
             timings["score"] = time.perf_counter() - tick
             faults.checkpoint("scored")
             tick = time.perf_counter()

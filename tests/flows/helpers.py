@@ -6,12 +6,17 @@ import atexit
 import functools
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import yaml
+from sqlalchemy import select
 
+from features import FeatureBatch, build_features
 from flows.ingest.simulator import GroundTruth, SimulationConfig, simulate
 from flows.settings import Settings, load_settings
+from lru_online import OnlineLearner
 
 SMALL = {
     "initial_training": {"batches": 8, "epochs": 3},
@@ -67,3 +72,39 @@ def small_plant(settings: Settings, **overrides) -> GroundTruth:
     for key, value in overrides.items():
         setattr(config, key, value)
     return simulate(settings.paths.landing, settings.workdir / "ground_truth.json", config, settings.log_schema)
+
+
+@dataclass
+class OnePass:
+    """What a run of the pipeline left, beside what one pass over all its rows gives: the
+    processed files' summaries in order, their output figures, the line's stored forecaster
+    record, and the final learner with the features of all the files' rows, from fresh states."""
+
+    summaries: list
+    outputs: pd.DataFrame
+    record: bytes
+    learner: OnlineLearner
+    features: FeatureBatch
+
+
+def one_pass(settings: Settings, originals: dict[str, pd.DataFrame], entity: str) -> OnePass:
+    from flows.ingest.validation import parse_timestamps
+    from flows.storage.database import Database
+    from flows.storage.models import Batch, BatchSummary, EntityState, ModelState
+    from flows.storage.work_folder import resolved_path
+
+    with Database(settings.database_url).session() as session:
+        summaries = list(session.scalars(select(BatchSummary).order_by(BatchSummary.sequence)))
+        batches = [session.get(Batch, s.batch_id) for s in summaries]
+        record = session.get(EntityState, entity).hidden_state
+        checkpoint = session.get(ModelState, settings.pipeline).checkpoint_path
+    assert all(b.status == "processed" for b in batches)
+    outputs = pd.concat(
+        [pd.read_parquet(resolved_path(settings.workdir, s.features_path)) for s in summaries], ignore_index=True
+    )
+    spec = settings.feature_spec
+    rows = pd.concat([originals[Path(b.source_file).name] for b in batches], ignore_index=True)
+    rows[spec.timestamp_column] = parse_timestamps(rows[spec.timestamp_column])
+    features, _ = build_features(rows, spec, {})
+    learner = OnlineLearner.load_checkpoint(resolved_path(settings.workdir, checkpoint))
+    return OnePass(summaries, outputs, record, learner, features)

@@ -159,8 +159,8 @@ def test_the_state_of_each_line_round_trips_through_bytes():
     forecasts, truth = torch.randn(3, 2, 2, 2, dtype=torch.float64), torch.randn(3, 2, 2, dtype=torch.float64)
     state = mixture.observe(state, forecasts, truth)
     rebuilt = MixtureState.cat([MixtureState.from_bytes(state.select(i).to_bytes()) for i in range(3)])
-    for name in ("losses", "low", "high"):
-        torch.testing.assert_close(getattr(rebuilt, name), getattr(state, name), rtol=0, atol=0)
+    for name in ("losses", "low", "high", "pending"):
+        torch.testing.assert_close(getattr(rebuilt, name), getattr(state, name), rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="select it first"):
         state.to_bytes()
     with pytest.raises(CodecError):
@@ -183,3 +183,60 @@ def test_bad_settings_name_the_field(settings, field):
 def test_starting_losses_of_the_wrong_shape_are_refused():
     with pytest.raises(ValueError, match="starting_losses"):
         MixtureState.fresh(1, 2, 1, 1, torch.ones(3, 1, 1))
+
+
+def _row_by_row(mixture: LossMixture, state: MixtureState, forecasts, values, steps):
+    """`LossMixture.run` written as the one-row calls: at each real row of each line, judge
+    the forecasts whose values came with it, widen the range, combine the row's forecasts."""
+    lines, length, members, horizon, sensors = forecasts.shape
+    out = torch.full((lines, length, horizon, sensors), math.nan, dtype=torch.float64)
+    states = []
+    for b in range(lines):
+        line = state.select(b)
+        made = [line.pending[0, j] for j in range(horizon)]  # clipped forecasts, oldest first
+        for t in range(length):
+            if not steps[b, t]:
+                continue
+            judged = torch.stack([made[-k - 1][:, k] for k in range(horizon)], dim=1)[None]  # (1, M, H, S)
+            truth = values[b, t][None, None].expand(1, horizon, sensors)
+            line = mixture.observe(line, judged, truth)
+            line = mixture.seen(line, values[b, t][None, None])
+            mixed = mixture.combine(line, forecasts[b, t][None], fallback=truth)
+            out[b, t] = mixed.forecast[0]
+            made.append(mixed.members[0])
+        pending = torch.stack(made[-horizon:])[None]
+        states.append(MixtureState(line.losses, line.low, line.high, pending))
+    return out, MixtureState.cat(states)
+
+
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_a_chunk_at_once_equals_the_row_by_row_calls(horizon):
+    """B = 3 right-padded lines over two chunks (the second continues from the first's state):
+    a member that leaves the bound now and then, another that goes NaN, missing readings; the
+    chunk computed at once gives the forecasts and the state of `observe`/`seen`/`combine`
+    called row by row, to float64 rounding. Half-life 2 rows, so the loss recurrence crosses
+    several of its blocks within a chunk."""
+    mixture = LossMixture(MixtureConfig(half_life=0.5, temperature=4.0))
+    rng = np.random.default_rng(5)
+    lines, members, sensors = 3, 3, 2
+    starting = torch.from_numpy(rng.uniform(0.5, 2, (members, horizon, sensors)))
+    state = MixtureState.fresh(lines, members, horizon, sensors, starting)
+    reference = state
+    for length, lengths in ((90, [90, 61, 0]), (70, [12, 70, 40])):
+        values = torch.from_numpy(rng.normal(size=(lines, length, sensors)).cumsum(1))
+        values[rng.random(values.shape) < 0.1] = math.nan
+        noise = rng.normal(size=(lines, length, members, horizon, sensors))
+        forecasts = values[:, :, None, None, :] + torch.from_numpy(noise)
+        forecasts[:, ::7, 1] *= 1e6  # out of bounds: weight 0 on those rows
+        forecasts[:, 30:35, 2] = math.nan
+        steps = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+        run = mixture.run(state, forecasts, values, steps)
+        expected, reference = _row_by_row(mixture, reference, forecasts, values, steps)
+        torch.testing.assert_close(run.forecast, expected, rtol=1e-9, atol=1e-12, equal_nan=True)
+        for name in ("losses", "low", "high", "pending"):
+            torch.testing.assert_close(
+                getattr(run.state, name), getattr(reference, name), rtol=1e-9, atol=0, equal_nan=True
+            )
+        assert not run.healthy[:, ::7, 1][steps[:, ::7]].any() and run.healthy[:, 1::7, 1][steps[:, 1::7]].any()
+        assert torch.isfinite(run.forecast[steps]).any() and torch.isnan(run.forecast[~steps]).all()
+        state = run.state

@@ -1,0 +1,102 @@
+"""The forecast a line gets with `mixture.enabled`: the model's and its other members' forecasts
+combined per line, horizon step and sensor by their recent losses (lru_online.mixture).
+
+The members are computed for every line of a part at once, and the combination runs over all
+its rows at once (`LossMixture.run`). What a line carries between files goes into its forecaster
+state record beside the model's hidden state (`RecurrentState.to_bytes(beside=...)`): the
+mixture's losses, the range of values it has seen and the members' forecasts still to be judged,
+and, as the record's last forecast, the combined forecast of its last row, against which its
+next file's first row is scored. A retraining replays its window with the new model and stores
+its hidden states alone: the mixture of a promoted model starts afresh (equal weights), as its
+record on the lines does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from lru_online import codec
+from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
+from lru_online.model import last_real_forecast, one_step_residuals
+
+PREFIX = "mixture."  # where a line's mixture tensors sit in its forecaster state record
+
+
+class MixtureSetup(NamedTuple):
+    """What the pipeline and a registry version need to mix: the members, in order, and the
+    combination's settings (the `mixture:` section with `enabled: true`)."""
+
+    members: tuple[str, ...]
+    config: MixtureConfig
+
+
+class MixedLines(NamedTuple):
+    forecast: torch.Tensor  # (B, T, H, S) the combined forecast made at each row
+    residuals: torch.Tensor  # (B, T, S) each row's reading minus the combined forecast made for it
+    scores: torch.Tensor  # (B, T) mean squared residual over the sensors read
+    last_forecast: torch.Tensor  # (B, H, S) each line's combined forecast at its last row
+    state: MixtureState
+    weights: torch.Tensor  # (B, T, M) each member's weight, averaged over steps and sensors
+
+
+def carried_mixtures(records: list[bytes | None], members: int, horizon: int, sensors: int) -> MixtureState:
+    """Each line's mixture state from its stored forecaster record; a line without one (new,
+    a new run, or the mixture just turned on or reshaped) starts with equal weights."""
+    states = []
+    for record in records:
+        stored = MixtureState.from_tensors(codec.decode(record)[0], PREFIX) if record else None
+        if stored is None or stored.losses.shape != (1, members, horizon, sensors):
+            stored = MixtureState.fresh(1, members, horizon, sensors)
+        states.append(stored)
+    return MixtureState.cat(states)
+
+
+def persistence_forecasts(targets: torch.Tensor, steps: torch.Tensor, carried: MixtureState, member: int, horizon: int):
+    """(B, T, H, S): each row's latest reading per sensor, repeated over the horizon; before a
+    line's first reading of a sensor in this chunk, the reading persistence forecast last (the
+    member's pending forecast of the line's last row, where it is a value the line has seen)."""
+    lines, length, _ = targets.shape
+    finite = torch.isfinite(targets) & steps[..., None]
+    index = torch.where(finite, torch.arange(length)[None, :, None], -1).cummax(dim=1).values
+    filled = targets.gather(1, index.clamp(min=0))
+    before = carried.pending[:, -1, member, 0, :]  # (B, S)
+    real = torch.isfinite(before) & (before >= carried.low) & (before <= carried.high)
+    before = torch.where(real, before, math.nan).to(targets.dtype)
+    filled = torch.where(index >= 0, filled, before[:, None, :])
+    return filled[:, :, None, :].expand(-1, -1, horizon, -1)
+
+
+def mix_lines(
+    config: MixtureConfig,
+    members: tuple[str, ...],
+    model_forecast: torch.Tensor,
+    targets: torch.Tensor,
+    steps: torch.Tensor,
+    carried: MixtureState,
+    carried_forecast: torch.Tensor | None,
+) -> MixedLines:
+    """The combined forecasts of B right-padded lines (the model's `model_forecast` (B, T, H,
+    S), `targets` (B, T, S), `steps` (B, T)), their residuals and scores, from what each line
+    carried (its mixture state and last combined forecast, (B, H, S) or None)."""
+    horizon = model_forecast.shape[2]
+    targets = targets.to(torch.float64)
+    built = {
+        "lru": lambda: model_forecast.to(torch.float64),
+        "persistence": lambda: persistence_forecasts(targets, steps, carried, members.index("persistence"), horizon),
+    }
+    forecasts = torch.stack([built[name]() for name in members], dim=2)
+    run = LossMixture(config).run(carried, forecasts, targets, steps)
+    previous = carried_forecast.to(torch.float64) if carried_forecast is not None else None
+    residuals = one_step_residuals(run.forecast, targets, previous)
+    residuals = residuals.masked_fill(~steps[..., None], math.nan)
+    return MixedLines(
+        run.forecast,
+        residuals,
+        residuals.pow(2).nanmean(-1),
+        last_real_forecast(run.forecast, steps, previous),
+        run.state,
+        run.weights.mean(dim=(-2, -1)),
+    )

@@ -1,0 +1,135 @@
+"""The forecast mixture in the pipeline (`mixture.enabled`): carried from file to file as one pass
+over the rows would give it, a diverging model cannot poison a line's forecast, and a registry
+version mixes as the pipeline does."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from flows.ingest.landing import read_batch
+from flows.model.forecast_mixture import PREFIX, MixtureSetup, carried_mixtures, mix_lines
+from flows.model.registry_package import ScoringSetup
+from flows.monitor.tracking import Tracker
+from flows.orchestrate.prefect_flows import continual_update
+from flows.settings import load_settings
+from lru_online import codec
+from lru_online.mixture import MixtureConfig, MixtureState
+from tests.flows.helpers import one_pass, small_config, small_plant
+
+MIXTURE = {"enabled": True, "half_life": 6.0, "temperature": 4.0}
+
+
+def test_files_one_by_one_mix_as_one_pass_over_their_rows(tmp_path, prefect_api):
+    """Learning off, so the model is the same for every file: the scores, forecasts and mixture
+    state streamed file by file equal one pass of the model and the mixture over all rows."""
+    settings, config = small_config(
+        tmp_path,
+        update={"learning_rate": 0.0, "replay_batch": 0},
+        initial_training={"batches": 1, "epochs": 1},
+        drift={"on_detect": "record"},
+        mixture=MIXTURE,
+    )
+    truth = small_plant(settings, entities=1, batches=5, rows_per_batch=90, broken_batches={})
+    originals = {name: read_batch(settings.paths.landing / name, settings.log_schema) for name in truth.files}
+    continual_update(config=config)
+
+    run = one_pass(settings, originals, "line-1")
+    assert len(run.summaries) == 5
+    outputs = run.outputs
+    streamed = MixtureState.from_tensors(codec.decode(run.record)[0], PREFIX)
+
+    spec = settings.feature_spec
+    u, y, dt, steps = run.features.tensors()
+    model = run.learner.score(u, y, None, dt, steps)
+    setup = settings.mixture.setup()
+    fresh = carried_mixtures([None], len(setup.members), 1, len(spec.sensors))
+    whole = mix_lines(setup.config, setup.members, model.forecast, y, steps, fresh, None)
+
+    np.testing.assert_allclose(outputs["score"], whole.scores[0].numpy(), rtol=1e-4, atol=1e-5, equal_nan=True)
+    for index, sensor in enumerate(spec.sensors):
+        np.testing.assert_allclose(
+            outputs[f"forecast_h1_{sensor}"], whole.forecast[0, :, 0, index].numpy(), rtol=1e-4, atol=1e-5
+        )
+    torch.testing.assert_close(streamed.losses, whole.state.losses, rtol=1e-4, atol=1e-6)
+    # Not the model's forecasts: persistence took part.
+    assert not np.allclose(outputs["score"], model.scores[0].numpy(), equal_nan=True)
+    assert 0.05 < whole.weights[0, -1, 1] < 0.95
+
+
+def test_a_model_that_diverges_on_one_line_leaves_that_lines_forecast_to_persistence():
+    """Two lines, a random walk each with a 50σ level shift halfway; the model's forecast is
+    good on both until it blows up on line 0 (1e30, then NaN). Line 0's mixed forecast stays
+    finite and is persistence's from the blow-up on; line 1 keeps leaning on the model."""
+    rng = np.random.default_rng(2)
+    walk = rng.normal(size=(2, 400, 3)).cumsum(1)
+    walk[:, 200:] += 50.0
+    targets = torch.from_numpy(walk)
+    model = targets[:, 1:] + 0.1 * torch.from_numpy(rng.normal(size=(2, 399, 3)))  # next row, nearly
+    model = torch.cat([model, targets[:, -1:]], dim=1)[:, :, None, :]  # (B, T, H = 1, S)
+    model[0, 300:350] = 1e30
+    model[0, 350:] = math.nan
+    steps = torch.ones(2, 400, dtype=torch.bool)
+    carried = carried_mixtures([None, None], 2, 1, 3)
+    mixed = mix_lines(MixtureConfig(), ("lru", "persistence"), model, targets, steps, carried, None)
+
+    assert torch.isfinite(mixed.forecast).all()
+    torch.testing.assert_close(mixed.forecast[0, 300:, 0], targets[0, 300:])  # persistence alone
+    assert (mixed.weights[0, 300:, 0] == 0).all()
+    assert (mixed.weights[1, 250:, 0] > 0.9).all()  # the model, right again soon after the shift
+    persistence_error = (targets[1, 251:] - targets[1, 250:-1]).pow(2).mean()
+    assert mixed.residuals[1, 251:].pow(2).mean() < 0.2 * persistence_error
+
+
+def test_members_other_than_the_known_ones_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="mixture"):
+        small_config(tmp_path, mixture={"enabled": True, "members": ["lru", "arima"]})
+    with pytest.raises(ValueError, match="lru"):
+        small_config(tmp_path, mixture={"enabled": True, "members": ["persistence"]})
+
+
+@pytest.mark.slow
+def test_a_registry_version_mixes_the_next_file_as_the_pipeline_then_does(tmp_path, prefect_api):
+    settings, config = small_config(
+        tmp_path,
+        initial_training={"batches": 2, "epochs": 2},
+        drift={"on_detect": "record"},
+        alarms={"false_alarm_rate": 0.02, "smoothing_rows": 1, "calibration_rows": 200, "warmup_rows": 50},
+        tracking={"snapshot_every": 5},
+        mixture=MIXTURE,
+    )
+    truth = small_plant(settings, entities=2, batches=6, rows_per_batch=60, plant_files=True, broken_batches={})
+    next_file = settings.paths.landing / truth.files[-1]
+    raw = pd.read_parquet(next_file) if next_file.suffix == ".parquet" else pd.read_csv(next_file)
+    next_file.unlink()
+    continual_update(config=config)
+    snapshot = [v["version"] for v in Tracker(settings).versions() if v["kind"] == "snapshot"][-1]
+    model = mlflow.pyfunc.load_model(f"models:/{settings.tracking.model_name}/{snapshot}")
+    assert model.unwrap_python_model().setup.mixture == MixtureSetup(("lru", "persistence"), settings.mixture.config())
+    predicted = model.predict(raw)
+
+    raw.to_csv(settings.paths.landing / "next.csv", index=False)
+    continual_update(config=config)
+    newest = max((settings.paths.output / "batches").glob("*.parquet"), key=lambda p: p.stat().st_mtime_ns)
+    compared = ["score", "anomaly_score", "forecast_h1_temperature", "forecast_h1_pressure"]
+    output = pd.read_parquet(newest, columns=["entity", "timestamp", *compared])
+    keyed = predicted.assign(timestamp=pd.to_datetime(predicted["timestamp"], utc=True))
+    keyed = keyed.set_index(["entity", "timestamp"])
+    output = output.set_index(["entity", "timestamp"]).loc[keyed.index]
+    for column in compared:
+        np.testing.assert_allclose(keyed[column], output[column], rtol=1e-5, atol=1e-6, err_msg=column)
+
+
+def test_the_scoring_setup_keeps_the_mixture_through_json(tmp_path):
+    with_mixture = ScoringSetup.from_settings(load_settings(None, workdir=tmp_path, mixture=MIXTURE))
+    setup = ScoringSetup.from_json(with_mixture.to_json())
+    assert setup.mixture == MixtureSetup(("lru", "persistence"), MixtureConfig(half_life=6.0, temperature=4.0))
+    assert (
+        ScoringSetup.from_json(ScoringSetup.from_settings(load_settings(None, workdir=tmp_path)).to_json()).mixture
+        is None
+    )
