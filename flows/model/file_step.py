@@ -163,7 +163,12 @@ def score_lines(
         )
         mixed = mix_lines(mixture.config, mixture.members, forecast, y, steps, carried, state.last_forecast)
         forecast, residuals, scores = mixed.forecast.float(), mixed.residuals.float(), mixed.scores.float()
-        ends = RecurrentState(scored.state.hidden, mixed.last_forecast.float())
+        hidden = scored.state.hidden
+        if bool(mixed.model_diverged.any()):  # those lines start their next file afresh
+            fresh = learner.model.initial_state(len(features.entities)).hidden
+            reset = mixed.model_diverged[:, None]
+            hidden = [torch.where(reset, new, old) for new, old in zip(fresh, hidden, strict=True)]
+        ends = RecurrentState(hidden, mixed.last_forecast.float())
         beside = [mixed.state.select(i).tensors(MIXTURE_PREFIX) for i in range(len(features.entities))]
     result = ScoredLines(
         forecast=features.flat(forecast.numpy()),

@@ -6,7 +6,10 @@ its rows at once (`LossMixture.run`). What a line carries between files goes int
 state record beside the model's hidden state (`RecurrentState.to_bytes(beside=...)`): the
 mixture's losses, the range of values it has seen and the members' forecasts still to be judged,
 and, as the record's last forecast, the combined forecast of its last row, against which its
-next file's first row is scored. A retraining replays its window with the new model and stores
+next file's first row is scored. A line where the model's forecast diverged at its last row
+(not finite, or a whole seen range beyond what the line has seen) starts its next file from a
+fresh hidden state: the state that carried it there is no good state to go on from, and the model
+forgets a line's context within a few rows. A retraining replays its window with the new model and stores
 its hidden states alone: the mixture of a promoted model starts afresh (equal weights), as its
 record on the lines does.
 """
@@ -40,6 +43,7 @@ class MixedLines(NamedTuple):
     last_forecast: torch.Tensor  # (B, H, S) each line's combined forecast at its last row
     state: MixtureState
     weights: torch.Tensor  # (B, T, M) each member's weight, averaged over steps and sensors
+    model_diverged: torch.Tensor  # (B,) the model's forecast at the line's last row diverged
 
 
 def carried_mixtures(records: list[bytes | None], members: int, horizon: int, sensors: int) -> MixtureState:
@@ -99,4 +103,11 @@ def mix_lines(
         last_real_forecast(run.forecast, steps, previous),
         run.state,
         run.weights.mean(dim=(-2, -1)),
+        _diverged_at_last_row(run.healthy[..., members.index("lru")], steps),
     )
+
+
+def _diverged_at_last_row(healthy: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    rows = steps.sum(1)
+    last = healthy.gather(1, (rows - 1).clamp(min=0)[:, None])[:, 0]
+    return (rows > 0) & ~last

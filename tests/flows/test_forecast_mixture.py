@@ -12,13 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
+from features import build_features
 from flows.ingest.landing import read_batch
+from flows.model.file_step import score_lines
+from flows.model.fleet import new_learner
 from flows.model.forecast_mixture import PREFIX, MixtureSetup, carried_mixtures, mix_lines
 from flows.model.registry_package import ScoringSetup
 from flows.monitor.tracking import Tracker
 from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import load_settings
-from lru_online import codec
+from lru_online import RecurrentState, codec
 from lru_online.mixture import MixtureConfig, MixtureState
 from tests.flows.helpers import one_pass, small_config, small_plant
 
@@ -133,3 +136,44 @@ def test_the_scoring_setup_keeps_the_mixture_through_json(tmp_path):
         ScoringSetup.from_json(ScoringSetup.from_settings(load_settings(None, workdir=tmp_path)).to_json()).mixture
         is None
     )
+
+
+def test_a_line_whose_model_forecast_blew_up_starts_its_next_file_from_a_fresh_state(tmp_path):
+    """Two lines through the pipeline's scoring step; line-b arrives with a hidden state that
+    makes the model's forecast explode. Its mixed forecast stays finite (persistence's), and it
+    leaves the file with a fresh hidden state, while line-a keeps the state the model carried it
+    to; on its next file the model forecasts line-b within range again and earns weight back."""
+    settings = load_settings(None, workdir=tmp_path, mixture=MIXTURE, model={"d_model": 8, "d_state": 6})
+    spec = settings.feature_spec
+    learner = new_learner(settings, spec)
+    rng = np.random.default_rng(0)
+    stamps = pd.date_range("2026-01-01", periods=120, freq="10s", tz="UTC")
+    frames = []
+    for line in ("line-a", "line-b"):
+        readings = {
+            s.name: 0.5 * (s.min + s.max) + rng.normal(size=120).cumsum() * 0.01 * (s.max - s.min)
+            for s in settings.log_schema.sensors
+        }
+        frames.append(pd.DataFrame({spec.entity_column: line, spec.timestamp_column: stamps, **readings}))
+    rows = pd.concat(frames, ignore_index=True)
+    first, feature_states = build_features(rows[rows[spec.timestamp_column] < stamps[60]], spec, {})
+    second, _ = build_features(rows[rows[spec.timestamp_column] >= stamps[60]], spec, feature_states)
+    blown = learner.model.initial_state(1)
+    nothing_yet = torch.full((1, 1, len(spec.sensors)), math.nan)
+    blown = RecurrentState([torch.full_like(h, 1e30) for h in blown.hidden], nothing_yet)
+    hidden = {"line-a": None, "line-b": blown.to_bytes()}
+    scored, _ = score_lines(learner, first, hidden, settings.mixture.setup())
+
+    assert np.isfinite(scored.forecast).all() and np.abs(scored.forecast).max() < 1e3  # not the model's 1e30s
+    ends = {e: RecurrentState.from_bytes(b) for e, b in scored.hidden.items()}
+    assert all((h == 0).all() for h in ends["line-b"].hidden)
+    plain, _ = score_lines(learner, first, {"line-a": None, "line-b": None})
+    for kept, model in zip(
+        ends["line-a"].hidden, RecurrentState.from_bytes(plain.hidden["line-a"]).hidden, strict=True
+    ):
+        torch.testing.assert_close(kept, model)
+
+    again, _ = score_lines(learner, second, scored.hidden, settings.mixture.setup())
+    mixture = MixtureState.from_tensors(codec.decode(again.hidden["line-b"])[0], PREFIX)
+    assert np.isfinite(again.forecast).all()
+    assert mixture.losses[0, 0].max() < 1e3  # the model's recent loss on line-b: back to a forecast's
