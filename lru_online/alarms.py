@@ -40,9 +40,13 @@ A forecaster that is right on average for a line's steady state leaves a small s
 in its residuals when the line settles into a slightly different one (after a maintenance stop,
 a valve test): the mean chart adds that bias up over n rows and alarms on normal rows for as
 long as it lasts. With `bias_rows` set, each line's running mean residual over its normal
-chunks (an exponential mean of that span, in rows) is taken off before the chart. A fault's
-chunks alarm and so do not move it; a new steady state that starts between alarms is learned
-within about that many rows.
+chunks (an exponential mean of that span, in rows) is taken off before the chart. A chunk that
+alarms may move it only toward zero (the forecaster's own residual), never away from zero or past
+it: a fault's offset is not learned as normal, and a bias learned while the forecaster was still
+far off (its first hundreds of rows on a run) shrinks as the forecaster catches up instead of
+staying as an offset of its own that keeps the line in alarm for good (SKAB's anomaly-free run
+with one model seed alarmed on every row from row 3,000 that way). A new steady state that starts
+between alarms is learned within about that many rows.
 
 Episodes and rate control. Alarmed rows of a line separated by fewer than `episode_gap_rows`
 quiet rows are one episode: one alarm for an operator, one onset for a score that counts them.
@@ -757,8 +761,11 @@ class AnomalyDetector:
         rows = finite.sum(1)  # (B, S)
         chunk_mean = torch.where(finite, residuals, 0.0).sum(1) / rows.clamp(min=1)
         weight = 1.0 - (1.0 - 1.0 / self.config.bias_rows) ** rows.double()
-        weight = torch.where(alarmed[:, None] | (rows == 0), 0.0, weight)
-        return bias + weight * (chunk_mean - bias)
+        moved = bias + torch.where(rows == 0, 0.0, weight) * (chunk_mean - bias)
+        # A chunk that alarmed may only shrink the bias toward 0, never past it (module docstring).
+        toward_zero = torch.where(bias * moved <= 0, 0.0, moved)
+        shrunk = torch.where(toward_zero.abs() < bias.abs(), toward_zero, bias)
+        return torch.where(alarmed[:, None], shrunk, moved)
 
     def _history_update(self, state: AlarmState, standard: torch.Tensor, steps: torch.Tensor):
         keep = self.config.smoothing_rows - 1

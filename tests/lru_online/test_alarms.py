@@ -308,6 +308,31 @@ def test_the_bias_takes_a_new_steady_level_off_but_not_a_fault():
     assert not runs["plain"][1].any()  # no bias without bias_rows
 
 
+def test_a_bias_learned_while_the_forecaster_was_off_shrinks_back_instead_of_locking_the_line_in_alarm():
+    """A line whose bias was learned while its forecaster was off by +3 on one sensor, and the
+    forecaster is right from now on: every chunk alarms at first, as the stale bias is an offset
+    of its own. The alarmed chunks shrink it toward 0, so within a few bias spans the line is
+    quiet again; a fault afterwards still alarms, and its offset (away from 0) is not learned."""
+    config = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=5, calibration_rows=500, warmup_rows=400, bias_rows=50)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(3)
+    state = _calibrated(detector, rng.normal(size=(1, 400, 3)))
+    state.bias[0, 0] = 3.0
+    rows = rng.normal(size=(1, 1500, 3))
+    rows[0, 1200:1260, 1] += 4.0
+    alarms, biases = [], []
+    for lo in range(0, 1500, 10):
+        judged = detector.detect(torch.tensor(rows[:, lo : lo + 10]), state)
+        alarms.append(judged.alarms[0].numpy())
+        biases.append(judged.state.bias[0].numpy().copy())
+        state = judged.state
+    alarms, biases = np.concatenate(alarms), np.stack(biases)
+    assert alarms[:50].mean() > 0.7  # the stale bias at first
+    assert alarms[600:1200].mean() < 0.03 and abs(biases[1190 // 10, 0]) < 0.3
+    assert alarms[1205:1260].mean() > 0.9  # a fault still alarms
+    assert abs(biases[1260 // 10, 1] - biases[1190 // 10, 1]) < 0.1  # and teaches the bias nothing
+
+
 def test_the_gamma_threshold_is_the_quantile_of_the_law_fitted_to_the_held_scores():
     from scipy import stats
 
