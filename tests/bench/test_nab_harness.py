@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from bench import nab
+from bench.nab_scoring import probationary_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # a real backfill: about 40 s
@@ -65,7 +66,22 @@ def test_the_bench_streams_every_row_once_and_counts_what_the_product_did(tmp_pa
     assert set(report["groups"]) == {"tuning (cpu_*)", "report (the others)", "all files"}
     assert report["groups"]["tuning (cpu_*)"]["files"] == ["cpu_a.csv", "cpu_b.csv"]
     assert report["groups"]["all files"]["windows"] == 3
-    assert report["groups"]["all files"]["windows_detected"] >= 2  # a 12σ fault for 10 rows
-    for name, figures in files.items():
-        assert figures["windows_detected"] <= figures["onsets"], name
+    # The product sees every series' 12σ fault, on all of its 10 rows ...
+    rows = nab.scored_rows(out / "work", "series")
+    fault = pd.date_range("2014-02-14 14:30", periods=600, freq="5min", tz="UTC")[450:460]
+    for name in files:
+        flags = rows[(rows["series"] == name) & pd.to_datetime(rows["timestamp"], utc=True).isin(fault)]["anomaly"]
+        assert len(flags) == 10 and flags.all(), name
+    # ... and the report counts a window as detected exactly where an episode opened inside it
+    # (after probation), read here from the alarm table itself. Whether a fault opens its own
+    # episode depends on where the noise alarms fall: one within 96 rows before it holds the
+    # fault inside its episode, as the benchmark's rules then count it.
+    onsets = nab.alarm_onsets(out / "work")
+    for item in series:
+        stamps = pd.to_datetime(item.frame["timestamp"], utc=True)
+        left, right = item.windows[0]
+        inside = [o for o in onsets.get(item.name, []) if stamps[left] <= o <= stamps[right]]
+        assert files[item.name]["windows_detected"] == int(bool(inside)), item.name
+        after_probation = stamps[probationary_rows(len(stamps))]
+        assert files[item.name]["onsets"] == sum(o >= after_probation for o in onsets.get(item.name, [])), item.name
     assert "Numenta HTM" in done.stdout and "normal-row alarm %" in done.stdout
