@@ -29,6 +29,20 @@ def _calibrated(detector: AnomalyDetector, rows: np.ndarray | torch.Tensor) -> A
     return detector.detect(rows, fresh, calibrate_only=True).state
 
 
+def _judged_in_chunks(
+    detector: AnomalyDetector, state: AlarmState, rows: np.ndarray, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One line's rows (1, T, S) judged `chunk` rows at a time, as its files are: the alarm of
+    every row and the line's bias after each chunk."""
+    alarms, biases = [], []
+    for lo in range(0, rows.shape[1], chunk):
+        judged = detector.detect(torch.tensor(rows[:, lo : lo + chunk]), state)
+        alarms.append(judged.alarms[0].numpy())
+        biases.append(judged.state.bias[0].numpy().copy())
+        state = judged.state
+    return np.concatenate(alarms), np.stack(biases)
+
+
 def test_mean_chart_by_hand():
     config = AlarmConfig(smoothing_rows=3, calibration_rows=10, warmup_rows=5, false_alarm_rate=0.5)
     state = _unit_scaled(1, 2, config)
@@ -225,12 +239,7 @@ def _fault_after_calibration(rng: np.random.Generator, detector: AnomalyDetector
     state = _calibrated(detector, rng.normal(size=(1, 3000, 4)))
     rows = rng.normal(size=(1, 800, 4))
     rows[0, 400:500, 0] += shift
-    alarms = []
-    for lo in range(0, 800, 20):  # judged in chunks, as a line's files are
-        judged = detector.detect(torch.tensor(rows[:, lo : lo + 20]), state)
-        alarms.append(judged.alarms[0].numpy())
-        state = judged.state
-    return np.concatenate(alarms)
+    return _judged_in_chunks(detector, state, rows, 20)[0]
 
 
 def test_the_short_chart_ends_an_alarm_within_a_few_rows_of_the_fault():
@@ -288,14 +297,7 @@ def test_the_bias_takes_a_new_steady_level_off_but_not_a_fault():
     runs = {}
     for name, config in (("plain", base), ("bias", replace(base, bias_rows=100))):
         detector = AnomalyDetector(config)
-        state = _calibrated(detector, calibration)
-        alarms, biases = [], []
-        for lo in range(0, 1600, 20):
-            judged = detector.detect(torch.tensor(rows[:, lo : lo + 20]), state)
-            alarms.append(judged.alarms[0].numpy())
-            biases.append(judged.state.bias[0].numpy().copy())
-            state = judged.state
-        runs[name] = (np.concatenate(alarms), np.stack(biases))
+        runs[name] = _judged_in_chunks(detector, _calibrated(detector, calibration), rows, 20)
     for alarms, _ in runs.values():
         for lo, hi in faults:
             assert alarms[lo + 20 : hi].mean() > 0.9
@@ -320,13 +322,7 @@ def test_a_bias_learned_while_the_forecaster_was_off_shrinks_back_instead_of_loc
     state.bias[0, 0] = 3.0
     rows = rng.normal(size=(1, 1500, 3))
     rows[0, 1200:1260, 1] += 4.0
-    alarms, biases = [], []
-    for lo in range(0, 1500, 10):
-        judged = detector.detect(torch.tensor(rows[:, lo : lo + 10]), state)
-        alarms.append(judged.alarms[0].numpy())
-        biases.append(judged.state.bias[0].numpy().copy())
-        state = judged.state
-    alarms, biases = np.concatenate(alarms), np.stack(biases)
+    alarms, biases = _judged_in_chunks(detector, state, rows, 10)
     assert alarms[:50].mean() > 0.7  # the stale bias at first
     assert alarms[600:1200].mean() < 0.03 and abs(biases[1190 // 10, 0]) < 0.3
     assert alarms[1205:1260].mean() > 0.9  # a fault still alarms
