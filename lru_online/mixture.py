@@ -217,7 +217,9 @@ class LossMixture:
         finite forecast of it is healthy."""
         return self._clip(state.low, state.high, forecasts)
 
-    def _clip(self, seen_low: torch.Tensor, seen_high: torch.Tensor, forecasts: torch.Tensor):
+    def _clip(
+        self, seen_low: torch.Tensor, seen_high: torch.Tensor, forecasts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`bound` for forecasts (..., M, H, S) and ranges seen (..., S)."""
         forecasts = forecasts.to(torch.float64)
         known = seen_high >= seen_low

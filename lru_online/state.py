@@ -74,7 +74,12 @@ class RecurrentState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RecurrentState:
-        tensors, meta = codec.decode(data)
+        return cls.from_decoded(*codec.decode(data))
+
+    @classmethod
+    def from_decoded(cls, tensors: dict[str, torch.Tensor], meta: dict) -> RecurrentState:
+        """The state in a record `codec.decode` already read (whose other tensors, stored
+        `beside` it, a caller may read too)."""
         layers = meta.get("layers")
         if meta.get("kind") != "RecurrentState" or not isinstance(layers, int) or layers < 1:
             raise codec.CodecError("state bytes do not hold a RecurrentState")

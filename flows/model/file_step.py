@@ -28,7 +28,7 @@ from flows.model.forecast_mixture import PREFIX as MIXTURE_PREFIX
 from flows.model.forecast_mixture import MixtureSetup, carried_mixtures, mix_lines
 from flows.monitor.drift_detectors import Detection, LineDrift, check_lines
 from flows.settings import DriftSettings
-from lru_online import OnlineLearner, RecurrentState
+from lru_online import OnlineLearner, RecurrentState, codec
 from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector
 
 
@@ -129,12 +129,20 @@ def _counts(values: dict) -> dict[str, int]:
 
 def carried_state(learner: OnlineLearner, entities: list[str], hidden: dict[str, bytes | None]) -> RecurrentState:
     """The lines' hidden states stacked in order; a new line starts from zero with no forecast."""
+    return _stacked_states(learner, _decoded_records(entities, hidden))
+
+
+def _decoded_records(entities: list[str], hidden: dict[str, bytes | None]) -> list[tuple[dict, dict] | None]:
+    """Each line's stored forecaster record, read once (None: the line has none)."""
+    return [codec.decode(hidden[e]) if hidden.get(e) else None for e in entities]
+
+
+def _stacked_states(learner: OnlineLearner, records: list[tuple[dict, dict] | None]) -> RecurrentState:
     model = learner.model
     states = []
-    for entity in entities:
-        data = hidden.get(entity)
-        if data:
-            states.append(RecurrentState.from_bytes(data))
+    for record in records:
+        if record is not None:
+            states.append(RecurrentState.from_decoded(*record))
             continue
         fresh = model.initial_state(1)
         forecast = torch.full((1, model.config.horizon, model.config.n_targets), float("nan"))
@@ -152,14 +160,15 @@ def score_lines(
     With `mixture`, the forecasts, residuals and scores are the mixture's (flows.model
     .forecast_mixture) and each line's record carries its mixture state too."""
     u, y, dt, steps = features.tensors()
-    state = carried_state(learner, features.entities, hidden)
+    records = _decoded_records(features.entities, hidden)
+    state = _stacked_states(learner, records)
     scored = learner.score(u, y, state, dt, steps)
     forecast, residuals, scores, ends = scored.forecast, scored.residuals, scored.scores, scored.state
     beside: list[dict | None] = [None] * len(features.entities)
     if mixture is not None:
         config = learner.model.config
         carried = carried_mixtures(
-            [hidden.get(e) for e in features.entities], len(mixture.members), config.horizon, config.n_targets
+            [r[0] if r else None for r in records], len(mixture.members), config.horizon, config.n_targets
         )
         mixed = mix_lines(mixture.config, mixture.members, forecast, y, steps, carried, state.last_forecast)
         forecast, residuals, scores = mixed.forecast.float(), mixed.residuals.float(), mixed.scores.float()

@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-from lru_online import codec
 from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
 from lru_online.model import last_real_forecast, one_step_residuals
 
@@ -46,19 +45,24 @@ class MixedLines(NamedTuple):
     model_diverged: torch.Tensor  # (B,) the model's forecast at the line's last row diverged
 
 
-def carried_mixtures(records: list[bytes | None], members: int, horizon: int, sensors: int) -> MixtureState:
-    """Each line's mixture state from its stored forecaster record; a line without one (new,
-    a new run, or the mixture just turned on or reshaped) starts with equal weights."""
+def carried_mixtures(
+    records: list[dict[str, torch.Tensor] | None], members: int, horizon: int, sensors: int
+) -> MixtureState:
+    """Each line's mixture state from the tensors of its stored forecaster record (as
+    `codec.decode` read them); a line without one (new, a new run, or the mixture just turned
+    on or reshaped) starts with equal weights."""
     states = []
     for record in records:
-        stored = MixtureState.from_tensors(codec.decode(record)[0], PREFIX) if record else None
+        stored = MixtureState.from_tensors(record, PREFIX) if record else None
         if stored is None or stored.losses.shape != (1, members, horizon, sensors):
             stored = MixtureState.fresh(1, members, horizon, sensors)
         states.append(stored)
     return MixtureState.cat(states)
 
 
-def persistence_forecasts(targets: torch.Tensor, steps: torch.Tensor, carried: MixtureState, member: int, horizon: int):
+def persistence_forecasts(
+    targets: torch.Tensor, steps: torch.Tensor, carried: MixtureState, member: int, horizon: int
+) -> torch.Tensor:
     """(B, T, H, S): each row's latest reading per sensor, repeated over the horizon; before a
     line's first reading of a sensor in this chunk, the reading persistence forecast last (the
     member's pending forecast of the line's last row, where it is a value the line has seen)."""
