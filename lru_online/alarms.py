@@ -46,7 +46,23 @@ it: a fault's offset is not learned as normal, and a bias learned while the fore
 far off (its first hundreds of rows on a run) shrinks as the forecaster catches up instead of
 staying as an offset of its own that keeps the line in alarm for good (SKAB's anomaly-free run
 with one model seed alarmed on every row from row 3,000 that way). A new steady state that starts
-between alarms is learned within about that many rows.
+between alarms is learned within about that many rows. Until a line has `bias_rows` rows behind
+it, the bias is the plain mean of its rows so far, not an exponential mean started from zero
+(which would take hundreds of rows to reach an offset the forecaster has from its first row).
+
+The held scores come from a line's first rows, and a line's first rows are not always its
+typical ones: a forecaster still settling, a process that wanders more later in a run. On SKAB's
+anomaly-free run the model with one seed left residuals calm in its first 500 rows and wandering
+by several of their scale later; its threshold, held from the calm rows, let 37 times α of the
+normal rows alarm. With `tail_rows` set, each line follows the level of its recent scores, a
+running `TAIL_QUANTILE` quantile moved per row by at most 1/`tail_rows` in log (a stochastic
+quantile estimate: up while more than a quarter of the rows score above it, down otherwise), and
+the threshold is the held one times max(1, recent level / the held scores' level at the same
+quantile). The held threshold is the floor: a line whose scores grow wider gets a
+proportionally wider threshold, a quieter one keeps its own. All rows move the level, alarmed or
+not (leaving alarms out would ratchet it down), but a fault cannot run away with it: the level
+rises at most e-fold per `tail_rows` rows (×1.5 over a 400-row fault at 1,024), and the quantile
+ignores a fault shorter than a quarter of the span.
 
 Episodes and rate control. Alarmed rows of a line separated by fewer than `episode_gap_rows`
 quiet rows are one episode: one alarm for an operator, one onset for a score that counts them.
@@ -94,6 +110,7 @@ import torch
 from lru_online import codec
 from lru_online.consistency import ConsistencyConfig, ConsistencyState, consistency_residuals, consistency_values
 
+TAIL_QUANTILE = 0.75  # of the recent scores `tail_rows` follows: above the median, robust to a short fault
 NEVER = 2**62  # quiet rows of a line that never alarmed
 EXACT = 2**52  # quiet rows are stored as float64: beyond this many, "a long time" is enough
 
@@ -128,6 +145,9 @@ class AlarmConfig:
     recurring_factor: float = 3.0
     recurring_tolerance_rows: float = 6.0
     recurring_days: int = 7
+    # > 0: the threshold follows the level of the line's recent scores over about this many rows,
+    # with the held threshold as its floor (module docstring); 0: the held threshold alone.
+    tail_rows: int = 0
 
     def columns(self, sensors: int) -> int:
         """Residual columns the detector charts for `sensors` sensors."""
@@ -144,6 +164,8 @@ class AlarmConfig:
             raise ValueError(f"AlarmConfig.bias_rows must be >= 0, got {self.bias_rows}")
         if self.judge_rows < 0:
             raise ValueError(f"AlarmConfig.judge_rows must be >= 0, got {self.judge_rows}")
+        if self.tail_rows < 0:
+            raise ValueError(f"AlarmConfig.tail_rows must be >= 0, got {self.tail_rows}")
         if self.episode_gap_rows < 0:
             raise ValueError(f"AlarmConfig.episode_gap_rows must be >= 0, got {self.episode_gap_rows}")
         if self.consistency_rows < 0 or self.consistency_rows == 1:
@@ -205,6 +227,8 @@ class AlarmState:
     recurring_score: torch.Tensor  # (B, E)
     recurring_next: torch.Tensor  # (B,) int64
     row_seconds: torch.Tensor  # (B,)
+    # The level of the line's recent scores `tail_rows` follows (NaN until its warm-up ends).
+    tail_level: torch.Tensor  # (B,)
     # The sensors' regressions on each other (`consistency_rows`); None without them. With
     # them, the columns (S above) are each sensor's forecast residual, then its consistency one.
     consistency: ConsistencyState | None = None
@@ -227,6 +251,7 @@ class AlarmState:
             torch.zeros(lines, config.recurring_events, dtype=torch.float64),
             torch.zeros(lines, dtype=torch.int64),
             torch.zeros(lines, dtype=torch.float64),
+            torch.full((lines,), math.nan, dtype=torch.float64),
             ConsistencyState.fresh(lines, sensors) if config.consistency_rows else None,
         )
 
@@ -254,6 +279,7 @@ class AlarmState:
             "recurring_score": self.recurring_score,
             "recurring_next": self.recurring_next,
             "row_seconds": self.row_seconds,
+            "tail_level": self.tail_level,
         }
 
     def select(self, index: int) -> AlarmState:
@@ -297,6 +323,7 @@ class AlarmState:
                 self.recurring_score,
                 self.recurring_next.double()[:, None],
                 self.row_seconds[:, None],
+                self.tail_level[:, None],
             ],
             dim=1,
         )
@@ -314,6 +341,7 @@ class AlarmState:
                 "recent_calibration": len(kept[1]),
                 "consistency_sensors": sensors,
                 "recurring_events": self.recurring_time.shape[1],
+                "tail_level": 1,
             }
             meta = {"kind": "AlarmState", "capacity": self.calibration.shape[1], "packed": packed}
             out.append(codec.encode({"figures": figures[line], "held": torch.cat([flat[line], *kept])}, meta))
@@ -331,6 +359,7 @@ class AlarmState:
             "history": history,
             "consistency_sensors": sensors if config.consistency_rows else 0,
             "recurring_events": config.recurring_events,
+            "tail_level": 1,
         }
         decoded = [codec.decode(data) if data else None for data in stored]
         packed = [
@@ -338,7 +367,8 @@ class AlarmState:
             for i, item in enumerate(decoded)
             if item is not None
             and item[1].get("kind") == "AlarmState"
-            # A state packed before the recurring-events bar holds no potential onsets.
+            # A state packed before the recurring-events bar holds no potential onsets; one packed
+            # before the tail level goes through from_bytes, which leaves the level to warm up.
             and all(
                 item[1].get("packed", {}).get(k, 0 if k == "recurring_events" else None) == v for k, v in layout.items()
             )
@@ -424,6 +454,8 @@ class AlarmState:
             fresh.recurring_next = tensors["recurring_next"].long().reshape(1)
         if "row_seconds" in tensors:
             fresh.row_seconds = tensors["row_seconds"].to(torch.float64).reshape(1)
+        if "tail_level" in tensors:  # a state stored before the tail level warms one up
+            fresh.tail_level = tensors["tail_level"].to(torch.float64).reshape(1)
         return fresh
 
 
@@ -438,7 +470,9 @@ def _scatter(batch: AlarmState, lines: list[int], part: AlarmState) -> AlarmStat
     return batch
 
 
-def _split_figures(figures: torch.Tensor, columns: int, history: int, events: int) -> dict[str, torch.Tensor]:
+def _split_figures(
+    figures: torch.Tensor, columns: int, history: int, events: int, tail: int = 1
+) -> dict[str, torch.Tensor]:
     """Lines' `figures` vectors (L, n), as `to_many` packs them, back into named (L, ...) fields."""
     fields = (
         ("square_mean", (columns,)),
@@ -452,6 +486,7 @@ def _split_figures(figures: torch.Tensor, columns: int, history: int, events: in
         ("recurring_score", (events,)),
         ("recurring_next", ()),
         ("row_seconds", ()),
+        ("tail_level", (tail,)),
     )
     out, start = {}, 0
     for name, shape in fields:
@@ -460,13 +495,19 @@ def _split_figures(figures: torch.Tensor, columns: int, history: int, events: in
         start += count
     for name in ("scale_rows", "history_rows", "quiet_rows", "recurring_next"):
         out[name] = out[name].long()
+    # Packed before the tail level existed: none yet.
+    out["tail_level"] = out["tail_level"][:, 0] if tail else torch.full((len(figures),), math.nan, dtype=figures.dtype)
     return out
 
 
 def _unpacked(tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, torch.Tensor]:
     """The named tensors of a state `to_bytes` packed into two vectors."""
     out = _split_figures(
-        tensors["figures"][None], packed["columns"], packed["history"], packed.get("recurring_events", 0)
+        tensors["figures"][None],
+        packed["columns"],
+        packed["history"],
+        packed.get("recurring_events", 0),
+        packed.get("tail_level", 0),
     )
     held, sensors = tensors["held"], packed["consistency_sensors"]
     start = consistency_values(sensors)
@@ -517,8 +558,10 @@ class AnomalyDetector:
         self.config = config or AlarmConfig()
 
     def thresholds(self, state: AlarmState) -> torch.Tensor:
-        """Each line's threshold from its held normal scores (inf before warm-up)."""
-        return self._main_calibration(state.calibration).threshold
+        """Each line's threshold from its held normal scores, followed to its recent score
+        level with `tail_rows` (inf before warm-up)."""
+        calibrated = self._main_calibration(state.calibration)
+        return calibrated.threshold * self._tail_factor(*self._tail_levels(state, calibrated))
 
     def _main_calibration(self, calibration: torch.Tensor) -> _Calibration:
         """The mean chart's calibration, by the configured `threshold_fit`."""
@@ -528,6 +571,33 @@ class AnomalyDetector:
         fitted = gamma_quantile(calibration, 1.0 - self.config.false_alarm_rate)
         usable = conformal.held >= self.config.warmup_rows
         return conformal._replace(threshold=torch.where(usable, fitted, math.inf))
+
+    def _tail_levels(self, state: AlarmState, calibrated: _Calibration) -> tuple[torch.Tensor, torch.Tensor]:
+        """With `tail_rows`, the held scores' level and the recent one, (B,) each: NaN until a
+        line's warm-up ends; the recent level starts at the held one. Without, NaN both."""
+        if not self.config.tail_rows or state.lines == 0:
+            return state.tail_level, state.tail_level
+        held_level = torch.nanquantile(state.calibration, TAIL_QUANTILE, dim=1)
+        held_level = torch.where(torch.isfinite(calibrated.threshold), held_level, math.nan)
+        return held_level, torch.where(torch.isnan(state.tail_level), held_level, state.tail_level)
+
+    @staticmethod
+    def _tail_factor(held_level: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """max(1, recent level / held level) per line; 1 where either is not known."""
+        ratio = level / held_level
+        return torch.where(torch.isfinite(ratio) & (held_level > 0), torch.clamp(ratio, min=1.0), 1.0)
+
+    def _tail_update(self, level: torch.Tensor, scores: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The recent level after a chunk: a stochastic quantile estimate in log, moved by
+        g·(share of the chunk's rows above it − (1 − q))/q, g = 1 − (1 − 1/tail_rows)^rows: at
+        most g up (every row above) and g·(1 − q)/q down, at rest where a share 1 − q of the
+        rows score above it."""
+        if not self.config.tail_rows:
+            return level
+        rows = steps.sum(1).double()
+        above = (steps & (scores > level[:, None])).sum(1).double() / rows.clamp(min=1)
+        gain = 1.0 - (1.0 - 1.0 / self.config.tail_rows) ** rows
+        return level * torch.exp(gain * (above - (1.0 - TAIL_QUANTILE)) / TAIL_QUANTILE)
 
     def recent_thresholds(self, state: AlarmState) -> torch.Tensor:
         """The short chart's thresholds; −inf (no veto) while a line holds too few of its scores."""
@@ -585,7 +655,8 @@ class AnomalyDetector:
 
         scores = torch.where(steps, self._mean_chart(standard, state, self.config.smoothing_rows), math.nan)
         calibrated = self._main_calibration(state.calibration)
-        thresholds = calibrated.threshold
+        held_level, tail_level = self._tail_levels(state, calibrated)
+        thresholds = calibrated.threshold * self._tail_factor(held_level, tail_level)
         recent = self.config.recent_rows
         if recent:
             recent_scores = torch.where(steps, self._mean_chart(standard, state, recent), math.nan)
@@ -615,9 +686,10 @@ class AnomalyDetector:
             self._calibration_update(state.calibration, self._held(scores, calibrated), steps),
             decided.quiet_rows,
             recent_calibration,
-            self._bias_update(state.bias, raw_residuals, finite, alarms.any(1)),
+            self._bias_update(state.bias, raw_residuals, finite, alarms.any(1), state.scale_rows),
             decided.excess,
             *decided.recurring,
+            self._tail_update(tail_level, scores, steps),
             consistency,
         )
         episodes = self._episodes(alarms, decided.onsets, scores, decided.row_thresholds)
@@ -752,15 +824,23 @@ class AnomalyDetector:
         return mean, state.scale_rows + used.any(-1).sum(1)
 
     def _bias_update(
-        self, bias: torch.Tensor, residuals: torch.Tensor, finite: torch.Tensor, alarmed: torch.Tensor
+        self,
+        bias: torch.Tensor,
+        residuals: torch.Tensor,
+        finite: torch.Tensor,
+        alarmed: torch.Tensor,
+        rows_before: torch.Tensor,
     ) -> torch.Tensor:
         """Each line's running mean residual, moved by its chunk's mean unless the chunk alarmed:
-        weight 1 − (1 − 1/span)^rows, so chunks of any length forget at the same pace per row."""
+        weight 1 − (1 − 1/span)^rows, so chunks of any length forget at the same pace per row;
+        while fewer than a span of rows are behind the line (`rows_before` (B,)), at least
+        rows/(rows_before + rows), the plain mean of its rows so far."""
         if not self.config.bias_rows:
             return bias
         rows = finite.sum(1)  # (B, S)
         chunk_mean = torch.where(finite, residuals, 0.0).sum(1) / rows.clamp(min=1)
         weight = 1.0 - (1.0 - 1.0 / self.config.bias_rows) ** rows.double()
+        weight = torch.maximum(weight, rows.double() / (rows_before[:, None] + rows).clamp(min=1).double())
         moved = bias + torch.where(rows == 0, 0.0, weight) * (chunk_mean - bias)
         # A chunk that alarmed may only shrink the bias toward 0, never past it (module docstring).
         toward_zero = torch.where(bias * moved <= 0, 0.0, moved)

@@ -121,8 +121,10 @@ def test_warm_up_holds_alarms_back():
     assert not judged.alarms.any()
 
 
-@pytest.mark.parametrize(("bias_rows", "gap", "step"), [(0, 0, 0.0), (50, 0, 0.0), (0, 3, 2.0)])
-def test_a_fleet_batch_equals_each_line_alone(bias_rows, gap, step):
+@pytest.mark.parametrize(
+    ("bias_rows", "gap", "step", "tail_rows"), [(0, 0, 0.0, 0), (50, 0, 0.0, 0), (0, 3, 2.0, 0), (50, 3, 1.0, 20)]
+)
+def test_a_fleet_batch_equals_each_line_alone(bias_rows, gap, step, tail_rows):
     """Three ragged lines, right-padded with a step mask, over three chunks: scores, thresholds,
     alarms and episodes equal those of each line run on its own (an independent loop)."""
     config = AlarmConfig(
@@ -134,6 +136,7 @@ def test_a_fleet_batch_equals_each_line_alone(bias_rows, gap, step):
         bias_rows=bias_rows,
         episode_gap_rows=gap,
         rate_control_step=step,
+        tail_rows=tail_rows,
     )
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(3)
@@ -168,7 +171,7 @@ def test_a_fleet_batch_equals_each_line_alone(bias_rows, gap, step):
             assert judged.row_thresholds[line, :n].tolist() == pytest.approx(one.row_thresholds[0].tolist())
     assert 2 in alarmed_lines
     for line in range(3):
-        for name in ("calibration", "recent_calibration", "bias", "quiet_rows", "excess"):
+        for name in ("calibration", "recent_calibration", "bias", "quiet_rows", "excess", "tail_level"):
             held, expected = getattr(fleet, name)[line], getattr(alone[line], name)[0]
             assert held.tolist() == pytest.approx(expected.tolist(), nan_ok=True)
 
@@ -490,19 +493,22 @@ def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows,
         rate_control_step=1.0,
         consistency_rows=consistency_rows,
         recurring_events=recurring_events,
+        tail_rows=40,
     )
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(6)
     rows = torch.tensor(rng.normal(size=(4, 60, 3)))
+    rows[:, 30:] *= 2.0  # wider than the calibration: every line alarms in the second half
     hourly = torch.arange(60, dtype=torch.float64).expand(4, 60) * 3600.0 + 1.7e9  # 2.5 days
     state = AlarmState.fresh(4, 3, config)
     for half in (slice(0, 30), slice(30, 60)):  # the second half is judged against a threshold
         state = detector.detect(rows[:, half], state, readings=rows.cumsum(1)[:, half], times=hourly[:, half]).state
+    assert bool(torch.isfinite(state.tail_level).all())  # every line follows its scores' level
     if recurring_events:  # each line knows its spacing and holds potential onsets
         assert state.row_seconds.tolist() == [3600.0] * 4 and bool(torch.isfinite(state.recurring_time).any(1).all())
     stored = [state.select(i).to_bytes() for i in range(4)]
     old = state.select(3)._tensors() | {"in_alarm": state.select(3).in_alarm}
-    old = {k: v for k, v in old.items() if k not in ("quiet_rows", "excess")}
+    old = {k: v for k, v in old.items() if k not in ("quiet_rows", "excess", "tail_level")}
     for name in ("calibration", "recent_calibration"):
         old[name] = old[name][torch.isfinite(old[name])].float()
     if consistency_rows:
@@ -660,3 +666,98 @@ def test_skipping_the_rows_no_line_passes_decides_as_the_row_by_row_walk(recurri
             torch.testing.assert_close(got_value, want_value, rtol=0, atol=0, equal_nan=True)
         fast_state, reference_state = got.state, want.state
     assert int(want.alarms.sum()) > 0
+
+
+def test_a_state_packed_before_the_tail_level_reads_as_one_without_it():
+    """A line's state packed by the version before `tail_rows` (its figures one value shorter):
+    read alone or in a batch, every field as stored and the level left to warm up (NaN)."""
+    config = AlarmConfig(false_alarm_rate=0.1, calibration_rows=40, warmup_rows=10, bias_rows=20, tail_rows=30)
+    detector = AnomalyDetector(config)
+    rows = torch.tensor(np.random.default_rng(9).normal(size=(1, 50, 2)))
+    state = detector.detect(rows[:, 25:], detector.detect(rows[:, :25], _fresh(config)).state).state
+    assert bool(torch.isfinite(state.tail_level).all())  # the level starts once a chunk begins warm
+    tensors, meta = codec.decode(state.to_bytes())
+    packed = {k: v for k, v in meta["packed"].items() if k != "tail_level"}
+    older = codec.encode({"figures": tensors["figures"][:-1], "held": tensors["held"]}, meta | {"packed": packed})
+    current = AlarmState.from_bytes(state.to_bytes(), config)  # as stored (quiet rows capped)
+    for read in (AlarmState.from_many([older], 2, config), AlarmState.from_bytes(older, config)):
+        assert bool(torch.isnan(read.tail_level).all())
+        for name, value in current._tensors().items():
+            if name != "tail_level":
+                assert torch.allclose(getattr(read, name).double(), value.double(), equal_nan=True), name
+
+
+def _fresh(config: AlarmConfig, sensors: int = 2) -> AlarmState:
+    return AlarmState.fresh(1, sensors, config)
+
+
+def _autocorrelated(rng: np.random.Generator, rows: int, sensors: int, phi: float) -> np.ndarray:
+    """AR(1) noise of unit variance: each row's spread as white noise's, its runs far longer."""
+    noise = rng.normal(size=(rows, sensors)) * math.sqrt(1 - phi**2)
+    out = np.empty_like(noise)
+    out[0] = rng.normal(size=sensors)
+    for t in range(1, rows):
+        out[t] = phi * out[t - 1] + noise[t]
+    return out
+
+
+def test_the_threshold_follows_lines_whose_scores_grow_wider_than_their_first_rows():
+    """Eight lines calm in their first rows (white residuals) that later wander (the same spread
+    per row, in runs of tens of rows, as SKAB's vibration does): the mean chart's scores grow
+    wider than the held ones, so thresholds held from the first rows let tens of times α of the
+    normal rows alarm; following the recent level keeps them within 2α (pooled over the lines:
+    each line's held threshold is an order statistic of 400 rows, a noisy floor)."""
+    config = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=5, calibration_rows=512, warmup_rows=400, bias_rows=200)
+    rng = np.random.default_rng(12)
+    lines = [np.concatenate([rng.normal(size=(600, 4)), _autocorrelated(rng, 8_000, 4, 0.8)]) for _ in range(8)]
+    rows = torch.tensor(np.stack(lines))
+    rates = {}
+    for tail_rows in (0, 1024):
+        detector = AnomalyDetector(replace(config, tail_rows=tail_rows))
+        state, alarms = AlarmState.fresh(8, 4, detector.config), []
+        for lo in range(0, rows.shape[1], 10):
+            judged = detector.detect(rows[:, lo : lo + 10], state)
+            state = judged.state
+            alarms.append(judged.alarms)
+        rates[tail_rows] = float(torch.cat(alarms, 1)[:, 3000:].double().mean())  # the level has followed
+    assert rates[0] > 10 * config.false_alarm_rate
+    assert rates[1024] <= 2 * config.false_alarm_rate
+
+
+def test_the_followed_level_is_the_recent_scores_quantile_and_a_fault_cannot_run_away_with_it():
+    """On a stationary line the level settles where a quarter of the scores lie above it; a
+    400-row fault alarms on every row after its first few and lifts the level by at most
+    e^(400/tail_rows), the bound of its step."""
+    config = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=5, calibration_rows=512, warmup_rows=400, tail_rows=1024)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(13)
+    state = _fresh(config, 3)
+    scores = []
+    for _ in range(800):
+        judged = detector.detect(torch.tensor(rng.normal(size=(1, 10, 3))), state)
+        state = judged.state
+        scores.append(judged.scores[0].numpy())
+    later = np.concatenate(scores)[4000:]
+    assert abs((later > float(state.tail_level[0])).mean() - 0.25) < 0.05
+    before = float(state.tail_level[0])
+    fault = rng.normal(size=(1, 400, 3))
+    fault[..., 0] += 4.0
+    alarms = []
+    for lo in range(0, 400, 10):
+        judged = detector.detect(torch.tensor(fault[:, lo : lo + 10]), state)
+        state = judged.state
+        alarms.append(judged.alarms[0].numpy())
+    assert np.concatenate(alarms)[10:].all()
+    assert float(state.tail_level[0]) / before <= math.exp(400 / 1024) * (1 + 1e-9)
+
+
+def test_until_a_span_of_rows_is_behind_a_line_its_bias_is_the_plain_mean_of_its_rows():
+    """A forecaster off by 6 from the first row: after 30 rows in three chunks the bias is their
+    mean, not an exponential mean of a 200-row span started from zero (~0.9 of the offset)."""
+    config = AlarmConfig(false_alarm_rate=0.1, calibration_rows=100, warmup_rows=50, bias_rows=200)
+    detector = AnomalyDetector(config)
+    rows = np.random.default_rng(14).normal(size=(1, 30, 2)) + 6.0
+    state = _fresh(config)
+    for lo in range(0, 30, 10):
+        state = detector.detect(torch.tensor(rows[:, lo : lo + 10]), state).state
+    assert state.bias[0].tolist() == pytest.approx(rows[0].mean(0).tolist())
