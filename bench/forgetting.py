@@ -44,7 +44,7 @@ class Forgetting:
         return self.frozen_mse / self.streaming_mse if self.streaming_mse > 0 else float("nan")
 
 
-def _processed_outputs(settings: Settings) -> list[list[Path]]:
+def processed_outputs(settings: Settings) -> list[list[Path]]:
     """The output files of every processed file (all its parts and groups), in the order the
     files were processed."""
     from sqlalchemy import select
@@ -106,7 +106,7 @@ def measure(settings: Settings, share: float = 0.2) -> Forgetting:
     from flows.storage.database import Database
 
     spec = settings.feature_spec
-    outputs = _processed_outputs(settings)
+    outputs = processed_outputs(settings)
     # Initial training fits the first model on the first valid files, then processes them
     # first: their scores are in-sample, so they are context here, not measured.
     trained_on = settings.initial_training.batches

@@ -14,11 +14,17 @@ CATCH_ROWS = 10
 
 
 def alarm_scores(output_files: list[Path], labelled: list[dict]) -> dict:
-    """Row-level precision, recall and F1 of the `anomaly` column of the output files against
-    the labelled rows (dicts with entity and timestamp), and the share of labelled anomalies
-    (runs of labelled rows of a line) with an alarm on them or within CATCH_ROWS rows after."""
+    """`flag_scores` of the `anomaly` column of the output files."""
     frames = [pq.read_table(path, columns=["entity", "timestamp", "anomaly"]).to_pandas() for path in output_files]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["entity", "timestamp", "anomaly"])
+    return flag_scores(rows, labelled)
+
+
+def flag_scores(rows: pd.DataFrame, labelled: list[dict]) -> dict:
+    """Row-level precision, recall and F1 of the rows' `anomaly` flags (columns entity,
+    timestamp, anomaly) against the labelled rows (dicts with entity and timestamp), and the
+    share of labelled anomalies (runs of labelled rows of a line) with an alarm on them or
+    within CATCH_ROWS rows after."""
     rows = rows.sort_values(["entity", "timestamp"], kind="stable").reset_index(drop=True)
     labels = pd.DataFrame(labelled, columns=["entity", "timestamp"])
     labelled_keys = pd.MultiIndex.from_arrays(
