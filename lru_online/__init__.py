@@ -1,7 +1,7 @@
 """lru_online: streaming Linear Recurrent Units with carried state, in pure PyTorch."""
 
 from lru_online.block import LRUBlock
-from lru_online.blur import BLURFusion, FusionOutput
+from lru_online.hindsight import HindsightConfig, HindsightModel, train_hindsight
 from lru_online.layer import LRU
 from lru_online.learner import LearnerConfig, LearnStep, OnlineLearner, forecast_targets
 from lru_online.linear_path import LinearPath
@@ -10,10 +10,10 @@ from lru_online.model import LRUForecaster, ModelConfig, ScoredSequence
 from lru_online.state import RecurrentState
 
 __all__ = [
-    "BLURFusion",
-    "FusionOutput",
     "LRU",
     "LRUBlock",
+    "HindsightConfig",
+    "HindsightModel",
     "LRUForecaster",
     "LearnStep",
     "LearnerConfig",
@@ -25,4 +25,5 @@ __all__ = [
     "available_backends",
     "forecast_targets",
     "scan",
+    "train_hindsight",
 ]
