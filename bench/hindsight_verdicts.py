@@ -13,7 +13,8 @@ judged with its own rows hidden: every row of the episode is predicted from `--m
 before its onset and after its end, and the episode's score is the mean over its rows of the
 mean squared standardised residual. The same is done for `--null-spans` spans of the same length
 drawn from that line's normal rows (not alarmed, not labelled: the labels are only read to score
-at the end) of the training files; the episode is retracted when its score lies below the
+at the end) of the training files, or with `--null-rows N` from the N rows before its onset that
+did not alarm (the line's current regime); the episode is retracted when its score lies below the
 `--retract-below` quantile of theirs, confirmed otherwise. Printed: precision, recall, F1 and
 false alarms per 1,000 normal rows of the online alarms and of the confirmed ones, on the
 labelled rows of the files after initial training.
@@ -170,6 +171,9 @@ def main() -> None:
     parser.add_argument("--margin", type=int, default=128)
     parser.add_argument("--null-spans", type=int, default=64)
     parser.add_argument("--retract-below", type=float, default=0.9)
+    parser.add_argument(
+        "--null-rows", type=int, default=0, help="> 0: null spans from this many rows before the onset, not alarmed"
+    )
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -199,9 +203,14 @@ def main() -> None:
         single = np.concatenate(hidden_residuals(model, line, [(int(r), int(r)) for r in sample], args.margin))
         scale = np.sqrt(np.nanmean(single**2, axis=0))
         normal_rows = np.flatnonzero(line.training & ~line.alarm)
+        alarmed_before = np.concatenate([[0], np.cumsum(line.alarm)])
         for start, end in episodes(online):
             width = end - start + 1
-            candidates = normal_rows[(normal_rows + width) < len(line.values)]
+            if args.null_rows:  # spans of the rows just before the onset without an alarm
+                first = np.arange(max(start - args.null_rows, 0), max(start - width + 1, 0))
+                candidates = first[alarmed_before[first + width] == alarmed_before[first]]
+            else:
+                candidates = normal_rows[(normal_rows + width) < len(line.values)]
             if not len(candidates):
                 continue
             starts = rng.choice(candidates, size=args.null_spans)
