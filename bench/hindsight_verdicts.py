@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from bench.common import library_versions
+from bench.demo_alarms import counts
 from bench.forgetting import processed_outputs
 from flows.settings import Settings, load_settings
 from lru_online.hindsight import HindsightConfig, HindsightModel
@@ -154,14 +155,6 @@ def hidden_residuals(model: HindsightModel, line: Line, spans: list[tuple[int, i
 def span_scores(residuals: list[np.ndarray], scale: np.ndarray) -> np.ndarray:
     """Each span's mean over its rows and sensors of the squared standardised residual."""
     return np.asarray([float(np.nanmean((r / scale) ** 2)) for r in residuals])
-
-
-def counts(truth: np.ndarray, alarm: np.ndarray) -> dict[str, float]:
-    tp, fp, fn = int((truth & alarm).sum()), int((~truth & alarm).sum()), int((truth & ~alarm).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "fa_per_1000": 1000 * fp / max(int((~truth).sum()), 1)}
 
 
 def main() -> None:
