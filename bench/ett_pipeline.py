@@ -14,7 +14,7 @@ after initial training:
 - the rows the alarms flagged, against the configured α: ETT has no labels, so every alarmed
   row counts, an upper bound of the false-alarm rate on a stream with daily and weekly patterns
   and a load that drifts for two years;
-- drift events (and plant-level ones) per file;
+- drift events (one per detector and sensor), the files they fell in and the retrainings;
 - forgetting (`bench/forgetting.py`): the first fifth of the online rows re-scored by the final
   model, frozen, against the error made on them while streaming.
 """
@@ -78,14 +78,17 @@ def alarm_and_drift(settings) -> dict:
     online = outputs[settings.initial_training.batches :]
     flags = pd.concat([pd.read_parquet(p, columns=["anomaly"]) for parts in online for p in parts])["anomaly"]
     with sqlite3.connect(settings.workdir / "lru_online.db") as connection:
-        drift = connection.execute("SELECT entity FROM drift_events").fetchall()
+        drift = connection.execute("SELECT entity, sequence FROM drift_events").fetchall()
         onsets = connection.execute("SELECT COUNT(*) FROM anomaly_alarms").fetchone()[0]
+        retrainings = connection.execute("SELECT COUNT(*) FROM retrain_decisions").fetchone()[0]
     return {
         "rows": len(flags),
         "alarmed": int(flags.sum()),
         "onsets": int(onsets),
         "drift_events": len(drift),
-        "plant_events": sum(1 for (entity,) in drift if entity == "*plant*"),
+        "plant_events": sum(1 for entity, _ in drift if entity == "*plant*"),
+        "files_with_drift": len({sequence for _, sequence in drift}),
+        "retrainings": int(retrainings),
         "files": len(outputs),
     }
 
@@ -125,7 +128,8 @@ def main() -> None:
         f"{share / alpha:.2f} α; no labels: every alarmed row counted), {figures['onsets']} episodes"
     )
     print(
-        f"drift events: {figures['drift_events']} in {figures['files']} files ({figures['plant_events']} plant-level)"
+        f"drift events: {figures['drift_events']} (one per detector and sensor) in {figures['files_with_drift']} of "
+        f"{figures['files']} files ({figures['plant_events']} plant-level), {figures['retrainings']} retrainings"
     )
     print(forgetting.report(forgetting.measure(settings), 0.2))
 
