@@ -3,8 +3,9 @@
     python bench/alarm_replay.py --workdir WORK [--config FILE] [--set FIELD=V1,V2 ...]
                                  [--labels simulator | nab=DIR | skab=DIR]
 
-The alarms feed neither the model nor drift, and every output row holds the residuals (and the
-readings the consistency check reads) that the model of its time made. Judging them again, file
+The alarms feed neither the model nor drift, and every output row holds the residuals the
+alarms judged (`residual_*`, or `alarm_residual_*` with the forecast mixture on) and the readings
+the consistency check reads, as the model of its time made them. Judging them again, file
 part by file part in the order the ledger processed them, through the pipeline's own
 `flows.model.file_step.judge_lines`, from fresh alarm states carried on as the pipeline carries
 them (a new run per file with `log_schema.file_is_run`), gives back the pipeline's `anomaly`
@@ -76,7 +77,6 @@ def replay(settings: Settings, config: AlarmConfig) -> Replay:
     from flows.model.file_step import ScoredLines, judge_lines
 
     spec = settings.feature_spec
-    residual_columns = [f"residual_{s}" for s in spec.sensors]
     states: dict[str, bytes | None] = {}
     rows, onsets = [], []
     for parts in processed_outputs(settings):
@@ -87,10 +87,12 @@ def replay(settings: Settings, config: AlarmConfig) -> Replay:
             if spec.entity_column not in frame:  # a one-line log without a line column
                 frame[spec.entity_column] = settings.log_schema.single_line
             frame = frame.sort_values([spec.entity_column, spec.timestamp_column], kind="stable")
+            # With the mixture on, the alarms judged `alarm_residual_*` (file_step.ScoredLines).
+            judged = "alarm_residual" if f"alarm_residual_{spec.sensors[0]}" in frame else "residual"
             features = _lines(frame, settings)
             scored = ScoredLines(
                 forecast=np.zeros((len(features), 0, len(spec.sensors))),
-                residuals=frame[residual_columns].to_numpy(np.float64),
+                residuals=frame[[f"{judged}_{s}" for s in spec.sensors]].to_numpy(np.float64),
                 scores=np.zeros(len(features)),
                 hidden={},
                 update_index=0,

@@ -25,7 +25,7 @@ import torch
 
 from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
 from flows.model.forecast_mixture import PREFIX as MIXTURE_PREFIX
-from flows.model.forecast_mixture import MixtureSetup, carried_mixtures, mix_lines
+from flows.model.forecast_mixture import MixtureSetup, alarm_residuals, carried_mixtures, mix_lines
 from flows.monitor.drift_detectors import Detection, LineDrift, check_lines
 from flows.settings import DriftSettings
 from lru_online import OnlineLearner, RecurrentState, codec
@@ -53,12 +53,27 @@ class ScoredLines:
     hidden: dict[str, bytes]  # each line's hidden state after its rows
     update_index: int  # the learner's update count when this part was learned from
     update_metrics: dict[str, float] = field(default_factory=dict)
+    # (R, targets) what the alarms judge where it is not `residuals` (the mixture on:
+    # forecast_mixture.alarm_residuals); None: `residuals`.
+    alarm_residuals: np.ndarray | None = None
 
     def rows(self, lo: int, hi: int) -> ScoredLines:
         """The figures of rows lo:hi (a group of lines), without the hidden states."""
+        judged = self.alarm_residuals[lo:hi] if self.alarm_residuals is not None else None
         return ScoredLines(
-            self.forecast[lo:hi], self.residuals[lo:hi], self.scores[lo:hi], {}, self.update_index, self.update_metrics
+            self.forecast[lo:hi],
+            self.residuals[lo:hi],
+            self.scores[lo:hi],
+            {},
+            self.update_index,
+            self.update_metrics,
+            judged,
         )
+
+    @property
+    def judged_residuals(self) -> np.ndarray:
+        """The residuals the alarms judge."""
+        return self.residuals if self.alarm_residuals is None else self.alarm_residuals
 
 
 @dataclass
@@ -165,12 +180,14 @@ def score_lines(
     scored = learner.score(u, y, state, dt, steps)
     forecast, residuals, scores, ends = scored.forecast, scored.residuals, scored.scores, scored.state
     beside: list[dict | None] = [None] * len(features.entities)
+    judged = None
     if mixture is not None:
         config = learner.model.config
         carried = carried_mixtures(
             [r[0] if r else None for r in records], len(mixture.members), config.horizon, config.n_targets
         )
         mixed = mix_lines(mixture.config, mixture.members, forecast, y, steps, carried, state.last_forecast)
+        judged = features.flat(alarm_residuals(residuals, mixed, steps).float().numpy())
         forecast, residuals, scores = mixed.forecast.float(), mixed.residuals.float(), mixed.scores.float()
         hidden = scored.state.hidden
         if bool(mixed.model_diverged.any()):  # those lines start their next file afresh
@@ -188,6 +205,7 @@ def score_lines(
             for entity, end, extra in zip(features.entities, ends.unbind(), beside, strict=True)
         },
         update_index=learner.updates,
+        alarm_residuals=judged,
     )
     return result, state
 
@@ -206,7 +224,7 @@ def judge_lines(
     can alarm within its first file once it holds its warm-up)."""
     sensors = scored.residuals.shape[1]
     detector = AnomalyDetector(config)
-    residuals = torch.from_numpy(features.padded(scored.residuals, fill=np.nan))
+    residuals = torch.from_numpy(features.padded(scored.judged_residuals, fill=np.nan))
     readings = torch.from_numpy(features.padded(features.targets.astype(np.float64), fill=np.nan))
     steps = torch.from_numpy(features.padded(np.ones(len(features), dtype=bool), fill=False))
     seconds = features.timestamps.as_unit("ns").asi8.astype(np.float64) / 1e9
@@ -376,6 +394,8 @@ def write_output(
     for index, sensor in enumerate(spec.sensors):
         columns[f"raw_{sensor}"] = features.raw[:, index]
         columns[f"residual_{sensor}"] = scored.residuals[:, index]
+        if scored.alarm_residuals is not None:  # what the alarms judged, where that is not the above
+            columns[f"alarm_residual_{sensor}"] = scored.alarm_residuals[:, index]
         for step in range(scored.forecast.shape[1]):
             columns[f"forecast_h{step + 1}_{sensor}"] = scored.forecast[:, step, index]
     if features.labels is not None:

@@ -43,6 +43,7 @@ class MixedLines(NamedTuple):
     state: MixtureState
     weights: torch.Tensor  # (B, T, M) each member's weight, averaged over steps and sensors
     model_diverged: torch.Tensor  # (B,) the model's forecast at the line's last row diverged
+    model_healthy: torch.Tensor  # (B, T) the model's forecast made at each row was healthy
 
 
 def carried_mixtures(
@@ -108,7 +109,21 @@ def mix_lines(
         run.state,
         run.weights.mean(dim=(-2, -1)),
         _diverged_at_last_row(run.healthy[..., members.index("lru")], steps),
+        run.healthy[..., members.index("lru")] & steps,
     )
+
+
+def alarm_residuals(model_residuals: torch.Tensor, mixed: MixedLines, steps: torch.Tensor) -> torch.Tensor:
+    """(B, T, S) what the alarms judge with the mixture on: each row's residual against the
+    model's own forecast where the model's forecast for it (made at the row before) was healthy,
+    else against the combined one. Why not the combined forecast everywhere: persistence, a
+    member, follows a sustained fault within a row and takes over the mixture there (SKAB's
+    valve faults: recall 0.61 -> 0.02); why not the model's everywhere: a model that blew up on a
+    line would flood that line's alarms."""
+    healthy_before = torch.cat([torch.ones_like(mixed.model_healthy[:, :1]), mixed.model_healthy[:, :-1]], 1)
+    healthy_before = healthy_before | ~steps  # the first real row after padding: none before it in this chunk
+    chosen = torch.where(healthy_before[..., None], model_residuals.to(mixed.residuals.dtype), mixed.residuals)
+    return chosen.masked_fill(~steps[..., None], math.nan)
 
 
 def _diverged_at_last_row(healthy: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
