@@ -278,7 +278,7 @@ class MixtureSettings(_MixtureFields):
     """The forecaster a line gets: the LRU model alone (off), or an online mixture of members
     weighted per horizon step and sensor by their recent losses (lru_online.mixture), whose
     combined forecast is what the pipeline stores (the alarms judge the model's own residual
-    where its forecast was healthy: forecast_mixture.alarm_residuals). Members: `lru`
+    unless it blew up: forecast_mixture.alarm_residuals). Members: `lru`
     (the model) and `persistence` (the line's last reading, the forecast that never leaves the
     range of what was seen): where the model diverges or lags a jump on a line, that line's
     forecast follows persistence until the model earns its weight back."""

@@ -25,6 +25,9 @@ from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
 from lru_online.model import last_real_forecast, one_step_residuals
 
 PREFIX = "mixture."  # where a line's mixture tensors sit in its forecaster state record
+# A one-step residual beyond this many of the line's standardised units is no forecast: real
+# lines stay within tens (SKAB's wandering vibration ~10, a 50-sigma load shift on an ETT station).
+BLOWN_RESIDUAL = 1e3
 
 
 class MixtureSetup(NamedTuple):
@@ -43,7 +46,6 @@ class MixedLines(NamedTuple):
     state: MixtureState
     weights: torch.Tensor  # (B, T, M) each member's weight, averaged over steps and sensors
     model_diverged: torch.Tensor  # (B,) the model's forecast at the line's last row diverged
-    model_healthy: torch.Tensor  # (B, T) the model's forecast made at each row was healthy
 
 
 def carried_mixtures(
@@ -109,20 +111,24 @@ def mix_lines(
         run.state,
         run.weights.mean(dim=(-2, -1)),
         _diverged_at_last_row(run.healthy[..., members.index("lru")], steps),
-        run.healthy[..., members.index("lru")] & steps,
     )
 
 
 def alarm_residuals(model_residuals: torch.Tensor, mixed: MixedLines, steps: torch.Tensor) -> torch.Tensor:
     """(B, T, S) what the alarms judge with the mixture on: each row's residual against the
-    model's own forecast where the model's forecast for it (made at the row before) was healthy,
-    else against the combined one. Why not the combined forecast everywhere: persistence, a
-    member, follows a sustained fault within a row and takes over the mixture there (SKAB's
-    valve faults: recall 0.61 -> 0.02); why not the model's everywhere: a model that blew up on a
-    line would flood that line's alarms."""
-    healthy_before = torch.cat([torch.ones_like(mixed.model_healthy[:, :1]), mixed.model_healthy[:, :-1]], 1)
-    healthy_before = healthy_before | ~steps  # the first real row after padding: none before it in this chunk
-    chosen = torch.where(healthy_before[..., None], model_residuals.to(mixed.residuals.dtype), mixed.residuals)
+    model's own forecast, unless that forecast blew up (a residual not finite or beyond
+    BLOWN_RESIDUAL of the line's standardised scale on a sensor), where the combined one.
+    Why not the combined forecast everywhere: persistence, a member, follows a sustained fault
+    within a row and takes the mixture over there (SKAB's valve faults: recall 0.61 -> 0.02). Why
+    not the mixture's own health test (a forecast far outside the range seen): at a run's start
+    the range is a few rows wide and the model's first forecasts fail it, so the alarms would
+    switch from persistence's residuals to the model's mid-run and judge the model's by a scale
+    learnt on persistence's (SKAB's anomaly-free run, model seed 2: 21.5 alpha against 4.3)."""
+    model_residuals = model_residuals.to(mixed.residuals.dtype)
+    blown = (~torch.isfinite(model_residuals) | (model_residuals.abs() > BLOWN_RESIDUAL)) & torch.isfinite(
+        mixed.residuals
+    )
+    chosen = torch.where(blown.any(-1, keepdim=True), mixed.residuals, model_residuals)
     return chosen.masked_fill(~steps[..., None], math.nan)
 
 
