@@ -36,8 +36,7 @@ import pandas as pd
 import yaml
 
 from bench.common import library_versions
-from bench.forgetting import processed_outputs
-from features import FeatureBatch
+from bench.forgetting import processed_outputs, sequences
 from flows.settings import Settings, load_settings
 from lru_online.alarms import AlarmConfig
 
@@ -51,25 +50,6 @@ class Replay:
 def _part_index(path: Path) -> int:
     """k of batch-<id>-part-<k>[-group-<g>].parquet."""
     return int(path.stem.split("-part-")[1].split("-")[0])
-
-
-def _lines(frame: pd.DataFrame, settings: Settings) -> FeatureBatch:
-    """One file part's output rows, sorted by line and time, as the batch judge_lines reads;
-    only the targets and times are filled (with the residuals, all the detector reads)."""
-    spec = settings.feature_spec
-    codes = frame.groupby(spec.entity_column, sort=False).ngroup().to_numpy()
-    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(frame) else np.zeros(0, np.int64)
-    targets = frame[[f"target_{s}" for s in spec.sensors]].to_numpy(np.float32)
-    return FeatureBatch(
-        entities=frame[spec.entity_column].iloc[starts].astype(str).tolist(),
-        offsets=np.append(starts, len(frame)).astype(np.int64),
-        timestamps=pd.DatetimeIndex(pd.to_datetime(frame[spec.timestamp_column], utc=True)),
-        inputs=np.zeros((len(frame), 0), np.float32),
-        targets=targets,
-        dt=np.zeros(len(frame), np.float32),
-        raw=targets.astype(np.float64),
-        labels=None,
-    )
 
 
 def replay(settings: Settings, config: AlarmConfig) -> Replay:
@@ -86,10 +66,10 @@ def replay(settings: Settings, config: AlarmConfig) -> Replay:
             frame = pd.concat([pd.read_parquet(p) for p in parts if _part_index(p) == part], ignore_index=True)
             if spec.entity_column not in frame:  # a one-line log without a line column
                 frame[spec.entity_column] = settings.log_schema.single_line
-            frame = frame.sort_values([spec.entity_column, spec.timestamp_column], kind="stable")
+            # Each line's rows together in time order, as the pipeline judged them.
+            features, frame = sequences(frame, spec, file_is_run=False)
             # With the mixture on, the alarms judged `alarm_residual_*` (file_step.ScoredLines).
             judged = "alarm_residual" if f"alarm_residual_{spec.sensors[0]}" in frame else "residual"
-            features = _lines(frame, settings)
             scored = ScoredLines(
                 forecast=np.zeros((len(features), 0, len(spec.sensors))),
                 residuals=frame[[f"{judged}_{s}" for s in spec.sensors]].to_numpy(np.float64),

@@ -51,12 +51,11 @@ def stage(data: Path, stream: Path, parts: int) -> int:
     return rows
 
 
-def forecast_table(settings) -> list[tuple[str, float, float, int]]:
+def forecast_table(settings, online: list[list[Path]]) -> list[tuple[str, float, float, int]]:
     """Per sensor and over all: the model's one-step MSE and persistence's on the same entries
-    (rows after initial training, each with the reading before it)."""
-    outputs = forgetting.processed_outputs(settings)[settings.initial_training.batches :]
+    (the `online` files' rows, after initial training, each with the reading before it)."""
     sensors = settings.feature_spec.sensors
-    rows = pd.concat([pd.read_parquet(p) for parts in outputs for p in parts], ignore_index=True)
+    rows = pd.concat([pd.read_parquet(p) for parts in online for p in parts], ignore_index=True)
     rows = rows.sort_values(settings.feature_spec.timestamp_column, kind="stable")
     targets = rows[[f"target_{s}" for s in sensors]].to_numpy(np.float64)
     residuals = rows[[f"residual_{s}" for s in sensors]].to_numpy(np.float64)
@@ -73,9 +72,7 @@ def forecast_table(settings) -> list[tuple[str, float, float, int]]:
     return table
 
 
-def alarm_and_drift(settings) -> dict:
-    outputs = forgetting.processed_outputs(settings)
-    online = outputs[settings.initial_training.batches :]
+def alarm_and_drift(settings, online: list[list[Path]], files: int) -> dict:
     flags = pd.concat([pd.read_parquet(p, columns=["anomaly"]) for parts in online for p in parts])["anomaly"]
     with sqlite3.connect(settings.workdir / "lru_online.db") as connection:
         drift = connection.execute("SELECT entity, sequence FROM drift_events").fetchall()
@@ -89,7 +86,7 @@ def alarm_and_drift(settings) -> dict:
         "plant_events": sum(1 for entity, _ in drift if entity == "*plant*"),
         "files_with_drift": len({sequence for _, sequence in drift}),
         "retrainings": int(retrainings),
-        "files": len(outputs),
+        "files": files,
     }
 
 
@@ -119,9 +116,11 @@ def main() -> None:
     )
     print(f"{args.data.name}: {rows} rows, {args.parts + 1} files; backfill {seconds:.0f} s; {summary}")
     print(f"{'one-step forecast (standardised)':<34} {'model MSE':>10} {'persistence':>12} {'ratio':>6} {'entries':>8}")
-    for sensor, model, persistence, used in forecast_table(settings):
+    outputs = forgetting.processed_outputs(settings)
+    online = outputs[settings.initial_training.batches :]
+    for sensor, model, persistence, used in forecast_table(settings, online):
         print(f"{sensor:<34} {model:>10.4f} {persistence:>12.4f} {model / persistence:>6.2f} {used:>8}")
-    figures = alarm_and_drift(settings)
+    figures = alarm_and_drift(settings, online, len(outputs))
     share = figures["alarmed"] / max(figures["rows"], 1)
     print(
         f"alarms after initial training: {figures['alarmed']} of {figures['rows']} rows ({100 * share:.2f} %, "

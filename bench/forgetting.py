@@ -78,7 +78,7 @@ def _read(files: list[Path], file_number: int) -> pd.DataFrame:
     return frame
 
 
-def _sequences(rows: pd.DataFrame, spec: FeatureSpec, file_is_run: bool) -> tuple[FeatureBatch, pd.DataFrame]:
+def sequences(rows: pd.DataFrame, spec: FeatureSpec, file_is_run: bool) -> tuple[FeatureBatch, pd.DataFrame]:
     """The rows as the model's sequences (one per line, or one per line and file for runs),
     and the rows in the batch's flat order."""
     keys = [spec.entity_column, "file_number"] if file_is_run else [spec.entity_column]
@@ -127,7 +127,7 @@ def measure(settings: Settings, share: float = 0.2) -> Forgetting:
     context = pd.concat([*initial, early], ignore_index=True)
     context["measured"] = context["measured"].fillna(False).astype(bool)
 
-    batch, ordered = _sequences(context, spec, settings.log_schema.file_is_run)
+    batch, ordered = sequences(context, spec, settings.log_schema.file_is_run)
     db = Database(settings.database_url)
     try:
         learner = LiveModel(settings, db).load()

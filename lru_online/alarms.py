@@ -546,11 +546,21 @@ class AlarmResult:
 
 
 class _Calibration(NamedTuple):
-    """What a chart's held scores give each line: its threshold, how many it holds, the largest."""
+    """What a chart's held scores give each line: its threshold, how many it holds, the largest,
+    and the held scores sorted (the held ones first), for any other quantile of them."""
 
     threshold: torch.Tensor  # (B,)
     held: torch.Tensor  # (B,)
     largest: torch.Tensor  # (B,) −inf while it holds none
+    ordered: torch.Tensor  # (B, K) ascending, the held scores first, then +inf
+
+    def quantile(self, probability: float) -> torch.Tensor:
+        """(B,) each line's `probability` quantile of its held scores, interpolated as
+        torch.nanquantile does (NaN where it holds none), from the sort already made."""
+        rank = probability * (self.held - 1).clamp(min=0).to(self.ordered.dtype)
+        below, above = rank.floor().long(), rank.ceil().long()
+        low, high = self.ordered.gather(1, below[:, None])[:, 0], self.ordered.gather(1, above[:, None])[:, 0]
+        return torch.where(self.held > 0, torch.lerp(low, high, rank - below), math.nan)
 
 
 class AnomalyDetector:
@@ -577,7 +587,7 @@ class AnomalyDetector:
         line's warm-up ends; the recent level starts at the held one. Without, NaN both."""
         if not self.config.tail_rows or state.lines == 0:
             return state.tail_level, state.tail_level
-        held_level = torch.nanquantile(state.calibration, TAIL_QUANTILE, dim=1)
+        held_level = calibrated.quantile(TAIL_QUANTILE)
         held_level = torch.where(torch.isfinite(calibrated.threshold), held_level, math.nan)
         return held_level, torch.where(torch.isnan(state.tail_level), held_level, state.tail_level)
 
@@ -607,7 +617,7 @@ class AnomalyDetector:
         held = torch.isfinite(calibration).sum(1)
         if calibration.shape[1] == 0:  # a chart that is not kept (no short chart): no threshold
             none = torch.full(held.shape, unusable, dtype=calibration.dtype)
-            return _Calibration(none, held, torch.full_like(none, -math.inf))
+            return _Calibration(none, held, torch.full_like(none, -math.inf), calibration)
         ordered = torch.sort(torch.nan_to_num(calibration, nan=math.inf), dim=1).values
         rank = torch.ceil((held + 1).double() * (1 - rate)).long()
         picked = ordered.gather(1, (rank.clamp(1, ordered.shape[1]) - 1)[:, None])[:, 0]
@@ -618,6 +628,7 @@ class AnomalyDetector:
             torch.where(usable, picked, torch.full_like(picked, unusable)),
             held,
             torch.where(held > 0, largest, torch.full_like(largest, -math.inf)),
+            ordered,
         )
 
     def detect(
