@@ -1,5 +1,5 @@
 """An ETT transformer station streamed through the product itself: forecast, alarms, drift and
-forgetting of the pipeline's own model on a series nobody tuned it on.
+forgetting of the pipeline's own forecaster on a series nobody tuned it on.
 
     python bench/ett_pipeline.py --data ../shared/data/ett/ETTh1.csv --out OUT
                                  [--config configs/ett_backfill.yaml] [--parts 20]
@@ -9,14 +9,16 @@ its first 20 % (ETT's usual training share) in the first file, which initial tra
 first model on, the rest in `--parts` files, through `lru-online backfill` with
 configs/ett_backfill.yaml (the embedded defaults plus the log format). Printed, over the rows
 after initial training:
-- the one-step forecast's MSE on the model's standardised targets beside persistence's (the
-  reading before) on the same entries, per sensor and over all;
+- the one-step forecast's MSE (the output's, so the mixture's with `mixture.enabled`, the
+  default) on the model's standardised targets beside persistence's (the reading before) on the
+  same entries, per sensor and over all;
 - the rows the alarms flagged, against the configured α: ETT has no labels, so every alarmed
   row counts, an upper bound of the false-alarm rate on a stream with daily and weekly patterns
   and a load that drifts for two years;
 - drift events (one per detector and sensor), the files they fell in and the retrainings;
 - forgetting (`bench/forgetting.py`): the first fifth of the online rows re-scored by the final
-  model, frozen, against the error made on them while streaming.
+  model, frozen (through a fresh mixture with it on), against the error made on them while
+  streaming.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def main() -> None:
         f"of {usable_cores()} usable cores; {library_versions()}; config {config.name}, α = {alpha}"
     )
     print(f"{args.data.name}: {rows} rows, {args.parts + 1} files; backfill {seconds:.0f} s; {summary}")
-    print(f"{'one-step forecast (standardised)':<34} {'model MSE':>10} {'persistence':>12} {'ratio':>6} {'entries':>8}")
+    print(f"{'one-step forecast (standardised)':<34} {'MSE':>10} {'persistence':>12} {'ratio':>6} {'entries':>8}")
     outputs = forgetting.processed_outputs(settings)
     online = outputs[settings.initial_training.batches :]
     for sensor, model, persistence, used in forecast_table(settings, online):

@@ -283,7 +283,7 @@ class MixtureSettings(_MixtureFields):
     range of what was seen): where the model diverges or lags a jump on a line, that line's
     forecast follows persistence until the model earns its weight back."""
 
-    enabled: bool = False
+    enabled: bool = True
     members: tuple[Literal["lru", "persistence"], ...] = MIXTURE_MEMBERS
 
     @model_validator(mode="after")

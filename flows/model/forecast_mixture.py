@@ -114,6 +114,17 @@ def mix_lines(
     )
 
 
+def residuals_from_a_fresh_mixture(
+    setup: MixtureSetup, model_forecast: torch.Tensor, targets: torch.Tensor, steps: torch.Tensor
+) -> torch.Tensor:
+    """(B, T, S) the one-step residuals of B lines whose model forecasts (B, T, H, S) go through
+    a mixture started afresh (equal weights) at each line's first row: how a model would have
+    forecast those rows as a line's forecaster, for a frozen or a new model replayed over them."""
+    lines, _, horizon, sensors = model_forecast.shape
+    fresh = carried_mixtures([None] * lines, len(setup.members), horizon, sensors)
+    return mix_lines(setup.config, setup.members, model_forecast, targets, steps, fresh, None).residuals
+
+
 def alarm_residuals(model_residuals: torch.Tensor, mixed: MixedLines, steps: torch.Tensor) -> torch.Tensor:
     """(B, T, S) what the alarms judge with the mixture on: each row's residual against the
     model's own forecast, unless that forecast blew up (a residual not finite or beyond

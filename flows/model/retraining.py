@@ -35,6 +35,7 @@ from features import FeatureBatch
 from flows import faults
 from flows.model.file_step import carried_state
 from flows.model.fleet import new_learner, save_checkpoint
+from flows.model.forecast_mixture import MixtureSetup, residuals_from_a_fresh_mixture
 from flows.model.live import LiveModel
 from flows.model.reference import build_reference
 from flows.model.registry_package import register_version
@@ -176,12 +177,19 @@ def _champion_mse(window: RecentWindow) -> float:
     return float(np.mean(finite**2)) if finite.size else float("nan")
 
 
-def _evaluate(learner: OnlineLearner, window: RecentWindow) -> tuple[float, dict[str, bytes]]:
+def _evaluate(
+    learner: OnlineLearner, window: RecentWindow, mixture: MixtureSetup | None
+) -> tuple[float, dict[str, bytes]]:
     """Held-out one-step MSE over all lines, each read from a zero state, and each line's state
-    at its newest event (the end of its last sequence: rows are in time order)."""
+    at its newest event (the end of its last sequence: rows are in time order). With the
+    mixture on, the champion's stored residuals are its mixture's, so the challenger is judged
+    as it would forecast once promoted: through a mixture started afresh on each line."""
     u, y, dt, steps = window.full.tensors()
     scored = learner.score(u, y, None, dt, steps)
-    held = window.full.flat(scored.residuals.numpy())[window.holdout]
+    residuals = scored.residuals
+    if mixture is not None:
+        residuals = residuals_from_a_fresh_mixture(mixture, scored.forecast, y, steps)
+    held = window.full.flat(residuals.float().numpy())[window.holdout]
     finite = held[np.isfinite(held)]
     states = {e: s.to_bytes() for e, s in zip(window.full.entities, scored.state.unbind(), strict=True)}
     return (float(np.mean(finite**2)) if finite.size else float("nan")), states
@@ -277,7 +285,7 @@ def retrain(
     ]
 
     champion_mse = _champion_mse(window)
-    challenger_mse, challenger_states = _evaluate(challenger, window)
+    challenger_mse, challenger_states = _evaluate(challenger, window, settings.mixture.setup())
     margin = settings.retrain.margin
     promoted = bool(challenger_mse < champion_mse * (1 - margin))
     reason = (

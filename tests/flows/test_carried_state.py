@@ -17,6 +17,7 @@ def test_batches_one_by_one_equal_one_pass(tmp_path, prefect_api):
         update={"learning_rate": 0.0, "replay_batch": 0},
         initial_training={"batches": 1, "epochs": 1},
         drift={"on_detect": "record"},
+        mixture={"enabled": False},  # the model's own scores (with the mixture: test_forecast_mixture)
     )
     truth = small_plant(settings, entities=1, batches=6, rows_per_batch=90, broken_batches={})
     originals = {name: read_batch(settings.paths.landing / name, settings.log_schema) for name in truth.files}

@@ -136,7 +136,7 @@ def test_retraining_reads_each_file_of_a_line_as_its_own_run(tmp_path, prefect_a
     try:
         window = _load_window(pipeline.live)
         learner = pipeline.live.load()
-        mse, states = _evaluate(learner, window)
+        mse, states = _evaluate(learner, window, None)  # the model alone, as the loop below scores
     finally:
         pipeline.close()
     spec = settings.feature_spec

@@ -16,7 +16,13 @@ from features import build_features
 from flows.ingest.landing import read_batch
 from flows.model.file_step import score_lines
 from flows.model.fleet import new_learner
-from flows.model.forecast_mixture import PREFIX, MixtureSetup, carried_mixtures, mix_lines
+from flows.model.forecast_mixture import (
+    PREFIX,
+    MixtureSetup,
+    carried_mixtures,
+    mix_lines,
+    residuals_from_a_fresh_mixture,
+)
 from flows.model.registry_package import ScoringSetup
 from flows.monitor.tracking import Tracker
 from flows.orchestrate.prefect_flows import continual_update
@@ -132,10 +138,9 @@ def test_the_scoring_setup_keeps_the_mixture_through_json(tmp_path):
     with_mixture = ScoringSetup.from_settings(load_settings(None, workdir=tmp_path, mixture=MIXTURE))
     setup = ScoringSetup.from_json(with_mixture.to_json())
     assert setup.mixture == MixtureSetup(("lru", "persistence"), MixtureConfig(half_life=6.0, temperature=4.0))
-    assert (
-        ScoringSetup.from_json(ScoringSetup.from_settings(load_settings(None, workdir=tmp_path)).to_json()).mixture
-        is None
-    )
+    assert ScoringSetup.from_settings(load_settings(None, workdir=tmp_path)).mixture is not None  # on by default
+    without = load_settings(None, workdir=tmp_path, mixture={"enabled": False})
+    assert ScoringSetup.from_json(ScoringSetup.from_settings(without).to_json()).mixture is None
 
 
 def test_a_line_whose_model_forecast_blew_up_starts_its_next_file_from_a_fresh_state(tmp_path):
@@ -186,3 +191,23 @@ def test_a_line_whose_model_forecast_blew_up_starts_its_next_file_from_a_fresh_s
     mixture = MixtureState.from_tensors(codec.decode(again.hidden["line-b"])[0], PREFIX)
     assert np.isfinite(again.forecast).all()
     assert mixture.losses[0, 0].max() < 1e3  # the model's recent loss on line-b: back to a forecast's
+
+
+def test_a_replayed_model_is_judged_through_a_fresh_mixture():
+    """What a frozen or new model replayed over rows forecasts as a line's forecaster: where it
+    blew up, persistence (the previous reading: an independent reference); where it is exact, the
+    mixture starts from equal weights and moves to the model as it sees it be right."""
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randn(2, 60, 3, generator=generator, dtype=torch.float64).cumsum(1)
+    steps = torch.ones(2, 60, dtype=torch.bool)
+    exact = torch.cat([targets[:, 1:], targets[:, -1:]], 1)[:, :, None, :]  # row t forecasts row t+1
+    forecast = torch.stack([torch.full_like(exact[0], math.nan), exact[1]])  # line 0 blown, line 1 exact
+    setup = MixtureSetup(("lru", "persistence"), MixtureConfig(half_life=6.0, temperature=4.0))
+    residuals = residuals_from_a_fresh_mixture(setup, forecast, targets, steps).numpy()
+    persistence = np.diff(targets[0].numpy(), axis=0)
+    np.testing.assert_allclose(residuals[0, 1:], persistence, rtol=1e-9, atol=1e-9)
+    assert np.isnan(residuals[:, 0]).all()  # no forecast for a line's first row
+    # The exact model earns the weight within a few half-lives: its residuals fall to a hundredth
+    # of persistence's.
+    assert np.abs(residuals[1, 30:]).max() < 0.01 * np.abs(persistence).mean()
+    assert np.abs(residuals[1, 1:5]).mean() > 0.1 * np.abs(persistence).mean()  # equal weights at first

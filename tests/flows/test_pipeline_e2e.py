@@ -142,7 +142,7 @@ def _champion_holdout_mse(settings, decision) -> float:
         frames.append(rows[rows["entity"] == summary.entity].assign(sequence=summary.sequence))
     rows = pd.concat(frames).sort_values(["entity", "sequence", "timestamp"], kind="stable")
     newest = rows.groupby("entity").tail(settings.retrain.holdout_rows)
-    values = newest.filter(like="residual_").to_numpy().ravel()
+    values = newest.filter(regex="^residual_").to_numpy().ravel()
     return float(np.mean(values[np.isfinite(values)] ** 2))
 
 

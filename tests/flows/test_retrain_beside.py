@@ -46,8 +46,8 @@ def test_a_challenger_trained_while_files_land_catches_up_on_them_and_is_swapped
     judged = {}
     evaluate = retraining._evaluate
 
-    def files_land_while_it_trains(learner, window):
-        mse, states = evaluate(learner, window)
+    def files_land_while_it_trains(learner, window, mixture):
+        mse, states = evaluate(learner, window, mixture)
         judged["learner"], judged["states"] = copy.deepcopy(learner), dict(states)
         continual_update(config=config)  # the files behind the retraining go on meanwhile
         return mse, states
