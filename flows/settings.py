@@ -269,7 +269,12 @@ class AlarmSettings(_AlarmFields):
         return AlarmConfig(**self.model_dump(exclude={"event_name"}))
 
 
-_MixtureFields = _core_section("_MixtureFields", MixtureConfig, exclude=(), defaults={})
+# The pipeline's half-life and temperature: `python bench/mixture_tune.py` over the backfills of
+# the demo plant, nab-aws, ETTh1 and SKAB (22 series), lowest median ratio to the better member
+# on each line's first half (README, "The forecast a line gets").
+_MixtureFields = _core_section(
+    "_MixtureFields", MixtureConfig, exclude=(), defaults={"half_life": 48.0, "temperature": 16.0}
+)
 
 MIXTURE_MEMBERS = ("lru", "persistence")
 

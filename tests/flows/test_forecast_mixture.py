@@ -26,7 +26,7 @@ from flows.model.forecast_mixture import (
 from flows.model.registry_package import ScoringSetup
 from flows.monitor.tracking import Tracker
 from flows.orchestrate.prefect_flows import continual_update
-from flows.settings import load_settings
+from flows.settings import MixtureSettings, load_settings
 from lru_online import RecurrentState, codec
 from lru_online.mixture import MixtureConfig, MixtureState
 from tests.flows.helpers import one_pass, small_config, small_plant
@@ -85,7 +85,8 @@ def test_a_model_that_diverges_on_one_line_leaves_that_lines_forecast_to_persist
     model[0, 350:] = math.nan
     steps = torch.ones(2, 400, dtype=torch.bool)
     carried = carried_mixtures([None, None], 2, 1, 3)
-    mixed = mix_lines(MixtureConfig(), ("lru", "persistence"), model, targets, steps, carried, None)
+    pipeline = MixtureSettings().config()  # the pipeline's own half-life and temperature
+    mixed = mix_lines(pipeline, ("lru", "persistence"), model, targets, steps, carried, None)
 
     assert torch.isfinite(mixed.forecast).all()
     torch.testing.assert_close(mixed.forecast[0, 300:, 0], targets[0, 300:])  # persistence alone

@@ -117,7 +117,9 @@ def _stream(lines: int, rows: int, seed: int) -> np.ndarray:
     return walk
 
 
-def test_a_level_shift_of_fifty_sigma_and_a_diverging_member_cannot_poison_the_mixture():
+# The core's defaults and the pipeline's (flows/settings.py, chosen by bench/mixture_tune.py).
+@pytest.mark.parametrize("half_life, temperature", [(12.0, 8.0), (48.0, 16.0)])
+def test_a_level_shift_of_fifty_sigma_and_a_diverging_member_cannot_poison_the_mixture(half_life, temperature):
     """Four lines streamed row by row, one step ahead: persistence, the mean of the last 20 rows
     (finite, but wrong for 20 rows after the shift) and a member that grows its forecast
     100-fold every row from row 350 (inf from row 505) and says NaN from row 600. The mixture
@@ -126,7 +128,7 @@ def test_a_level_shift_of_fifty_sigma_and_a_diverging_member_cannot_poison_the_m
     every member missed alike (lru_online.mixture); even there it misses by less than the
     worst healthy member."""
     walk = _stream(4, 1500, seed=3)
-    mixture = LossMixture(MixtureConfig(half_life=12.0, temperature=8.0))
+    mixture = LossMixture(MixtureConfig(half_life=half_life, temperature=temperature))
     state = mixture.seen(MixtureState.fresh(4, 3, 1, 2), torch.from_numpy(walk[:, :300]))
     errors = {"mixture": [], "persistence": [], "mean": []}
     rows = range(300, 1499)
