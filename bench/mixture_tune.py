@@ -1,9 +1,15 @@
-"""Chooses the forecast mixture's half-life and temperature on many series at once, from the
+"""Chooses the forecast mixture's members and settings on many series at once, from the
 outputs backfills stored: seconds per setting, not a backfill per setting and series.
 
     python bench/mixture_tune.py --workdir WORK [--workdir WORK ...] [--config FILE ...]
                                  [--half-lives 3,6,12,24,48] [--temperatures 0,2,4,8,16,32]
+                                 [--members lru+persistence,lru+persistence+linear]
+                                 [--lookbacks 8,24,48] [--linear-steps 0.1,0.5,1]
                                  [--tuning-share 0.5]
+
+The grid is every combination of the member sets (default: the folders' own), the `linear`
+member's lookback and step (for sets that hold it; default: the folders' own) and the
+half-lives and temperatures; the folders' own setup is always in it, first.
 
 Each WORK is a work folder a backfill filled with the mixture on (the default); `--config`, given
 once per WORK in the same order, is the config it ran with (the embedded defaults otherwise).
@@ -15,17 +21,19 @@ the model would have forecast the same rows the same way. Each output row holds 
 (`target_*`) and the model's own one-step residual (`alarm_residual_*`; it is the combined one
 only on rows where the model blew up), so the model's forecast of a row is the reading minus
 that residual. Per line, in time order (each file its own run with `log_schema.file_is_run`),
-those forecasts and persistence go through `forecast_mixture.residuals_from_a_fresh_mixture`
-under each setting. Not in the output, and so not replayed exactly: the model's forecast of a
+those forecasts and the other members (persistence, and the `linear` member, which learns from
+the readings alone) go through `forecast_mixture.residuals_from_a_fresh_mixture` under each
+setting. Not in the output, and so not replayed exactly: the model's forecast of a
 missing reading (the latest reading stands in: no loss is charged there, but the real forecast
 may have lain outside the line's seen range, which marks the model diverged on that row), a
 model that blew up, and a retraining a different mixture would have judged differently. As a
 check, the folder's own setting replayed beside the stored `residual_*` is printed.
 
 The rule, fixed before any figure was seen: per series, the mixture's one-step MSE over its
-tuning rows (the first `--tuning-share` of each line's rows) divided by the better of its two
-members' MSEs on the same entries (the model alone, persistence): 1 is as good as knowing the
-better member in advance, below 1 better than either. The setting with the lowest median of that
+tuning rows (the first `--tuning-share` of each line's rows) divided by the better of the model's
+alone and persistence's MSE on the same entries, whatever the members: 1 is as good as knowing
+the better of the two in advance, below 1 better than either, so member sets compare on one
+scale. The setting with the lowest median of that
 ratio over the series is chosen (the work folders' own setting first among equals). Printed per
 setting: the median, the 90th percentile and the worst series on the tuning rows; then the chosen
 setting's and the folders' own setting's spread across series on the report rows (the rest of
@@ -48,6 +56,7 @@ from bench.forgetting import processed_outputs, sequences
 from flows.model.forecast_mixture import MixtureSetup, residuals_from_a_fresh_mixture
 from flows.settings import Settings, load_settings
 from lru_online.mixture import MixtureConfig
+from lru_online.online_linear import OnlineLinearConfig
 
 
 @dataclass
@@ -112,7 +121,7 @@ def load_set(settings: Settings, share: float) -> SeriesSet:
         steps=steps,
         stored=padded([f"residual_{s}" for s in spec.sensors]),
         tuning=tuning,
-        setup=MixtureSetup(tuple(settings.mixture.members), settings.mixture.config()),
+        setup=settings.mixture.setup(),
     )
 
 
@@ -169,6 +178,13 @@ def main() -> None:
     parser.add_argument("--half-lives", type=_floats, default=[3, 6, 12, 24, 48])
     parser.add_argument("--temperatures", type=_floats, default=[0, 2, 4, 8, 16, 32])
     parser.add_argument("--tuning-share", type=float, default=0.5)
+    parser.add_argument(
+        "--members",
+        type=lambda text: [tuple(group.split("+")) for group in text.split(",")],
+        help="member sets to compare, e.g. lru+persistence,lru+persistence+linear (default: the folders' own)",
+    )
+    parser.add_argument("--lookbacks", type=lambda t: [int(v) for v in _floats(t)], help="the linear member's")
+    parser.add_argument("--linear-steps", type=_floats, help="the linear member's normalised LMS step")
     args = parser.parse_args()
     if args.config and len(args.config) != len(args.workdir):
         raise SystemExit("--config: give one per --workdir, in the same order")
@@ -192,15 +208,19 @@ def main() -> None:
         )
         sets.append(found)
     own = sets[0].setup
-    members = own.members
-    grid = [own.config] + [
-        MixtureConfig(half_life=h, temperature=t)
-        for h, t in itertools.product(args.half_lives, args.temperatures)
-        if (h, t) != (own.config.half_life, own.config.temperature)
-    ]
+    member_sets = args.members or [own.members]
+    lookbacks = args.lookbacks or [own.linear.lookback]
+    linear_steps = args.linear_steps or [own.linear.step]
+    grid = [own]
+    for members, lookback, step, half_life, temperature in itertools.product(
+        member_sets, lookbacks, linear_steps, args.half_lives, args.temperatures
+    ):
+        linear = OnlineLinearConfig(lookback, step) if "linear" in members else own.linear
+        candidate = MixtureSetup(members, MixtureConfig(half_life=half_life, temperature=temperature), linear)
+        if candidate not in grid:
+            grid.append(candidate)
 
-    def ratios_of(config: MixtureConfig, part: str) -> dict[str, float]:
-        setup = MixtureSetup(members, config)
+    def ratios_of(setup: MixtureSetup, part: str) -> dict[str, float]:
         out: dict[str, float] = {}
         for found in sets:
             rows = found.tuning if part == "tuning" else found.steps & ~found.tuning
@@ -208,24 +228,26 @@ def main() -> None:
         return out
 
     print(f"\ntuning rows (the first {args.tuning_share:.0%} of each line): mixture MSE / better member's MSE")
-    print(f"{'half-life':>9} {'temperature':>11} {'median':>7} {'p90':>7} {'worst':>7}")
+    print(f"{'members':<24} {'linear':>10} {'half-life':>9} {'temperature':>11} {'median':>7} {'p90':>7} {'worst':>7}")
     results = []
-    for config in grid:
-        median, p90, worst = spread(ratios_of(config, "tuning"))
-        results.append((median, config))
-        print(f"{config.half_life:>9g} {config.temperature:>11g} {median:>7.3f} {p90:>7.3f} {worst:>7.3f}")
+    for setup in grid:
+        median, p90, worst = spread(ratios_of(setup, "tuning"))
+        results.append((median, setup))
+        print(f"{_describe(setup)} {median:>7.3f} {p90:>7.3f} {worst:>7.3f}")
     chosen = min(results, key=lambda r: r[0])[1]  # min keeps the first (own) among equals
-    print(f"\nchosen by the rule: half-life {chosen.half_life:g}, temperature {chosen.temperature:g}")
+    print(f"\nchosen by the rule: {_describe(chosen)}")
 
     print("\nreport rows (the rest of each line), not looked at for the choice:")
-    for label, config in (("chosen", chosen), ("own", own.config)):
-        ratios = ratios_of(config, "report")
+    for label, setup in (("chosen", chosen), ("own", own)):
+        ratios = ratios_of(setup, "report")
         median, p90, worst = spread(ratios)
         name = max((n for n in ratios if np.isfinite(ratios[n])), key=lambda n: ratios[n])
-        print(
-            f"{label:>6}: half-life {config.half_life:g}, temperature {config.temperature:g}: median {median:.3f}, "
-            f"p90 {p90:.3f}, worst {worst:.3f} ({name})"
-        )
+        print(f"{label:>6}: {_describe(setup)}: median {median:.3f}, p90 {p90:.3f}, worst {worst:.3f} ({name})")
+
+
+def _describe(setup: MixtureSetup) -> str:
+    linear = f"{setup.linear.lookback}/{setup.linear.step:g}" if "linear" in setup.members else "-"
+    return f"{'+'.join(setup.members):<24} {linear:>10} {setup.config.half_life:>9g} {setup.config.temperature:>11g}"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from lru_online.alarms import AlarmConfig
 from lru_online.learner import LearnerConfig
 from lru_online.mixture import MixtureConfig
 from lru_online.model import ModelConfig
+from lru_online.online_linear import OnlineLinearConfig
 
 
 class ConfigError(ValueError):
@@ -276,7 +277,9 @@ _MixtureFields = _core_section(
     "_MixtureFields", MixtureConfig, exclude=(), defaults={"half_life": 48.0, "temperature": 16.0}
 )
 
-MIXTURE_MEMBERS = ("lru", "persistence")
+MIXTURE_MEMBERS = ("lru", "persistence", "linear")
+
+LinearMemberSettings = _core_section("LinearMemberSettings", OnlineLinearConfig, exclude=(), defaults={})
 
 
 class MixtureSettings(_MixtureFields):
@@ -284,12 +287,15 @@ class MixtureSettings(_MixtureFields):
     weighted per horizon step and sensor by their recent losses (lru_online.mixture), whose
     combined forecast is what the pipeline stores (the alarms judge the model's own residual
     unless it blew up: forecast_mixture.alarm_residuals). Members: `lru`
-    (the model) and `persistence` (the line's last reading, the forecast that never leaves the
+    (the model), `persistence` (the line's last reading, the forecast that never leaves the
     range of what was seen): where the model diverges or lags a jump on a line, that line's
-    forecast follows persistence until the model earns its weight back."""
+    forecast follows persistence until the model earns its weight back; `linear`, a linear
+    forecaster each line learns online on its own rows (lru_online.online_linear; its settings
+    under `linear:`)."""
 
     enabled: bool = True
-    members: tuple[Literal["lru", "persistence"], ...] = MIXTURE_MEMBERS
+    members: tuple[Literal["lru", "persistence", "linear"], ...] = MIXTURE_MEMBERS
+    linear: LinearMemberSettings = Field(default_factory=LinearMemberSettings)
 
     @model_validator(mode="after")
     def _consistent(self) -> MixtureSettings:
@@ -302,11 +308,13 @@ class MixtureSettings(_MixtureFields):
         return self
 
     def config(self) -> MixtureConfig:
-        return MixtureConfig(**self.model_dump(exclude={"enabled", "members"}))
+        return MixtureConfig(**self.model_dump(exclude={"enabled", "members", "linear"}))
 
     def setup(self) -> MixtureSetup | None:
         """What the scoring step needs, or None with the mixture off."""
-        return MixtureSetup(tuple(self.members), self.config()) if self.enabled else None
+        if not self.enabled:
+            return None
+        return MixtureSetup(tuple(self.members), self.config(), OnlineLinearConfig(**self.linear.model_dump()))
 
 
 class RetrainSettings(_Section):

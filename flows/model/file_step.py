@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 
 from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
-from flows.model.forecast_mixture import PREFIX as MIXTURE_PREFIX
 from flows.model.forecast_mixture import MixtureSetup, alarm_residuals, carried_mixtures, mix_lines
 from flows.monitor.drift_detectors import Detection, LineDrift, check_lines
 from flows.settings import DriftSettings
@@ -183,10 +182,8 @@ def score_lines(
     judged = None
     if mixture is not None:
         config = learner.model.config
-        carried = carried_mixtures(
-            [r[0] if r else None for r in records], len(mixture.members), config.horizon, config.n_targets
-        )
-        mixed = mix_lines(mixture.config, mixture.members, forecast, y, steps, carried, state.last_forecast)
+        carried = carried_mixtures([r[0] if r else None for r in records], mixture, config.horizon, config.n_targets)
+        mixed = mix_lines(mixture, forecast, y, steps, carried, state.last_forecast)
         judged = features.flat(alarm_residuals(residuals, mixed, steps).float().numpy())
         forecast, residuals, scores = mixed.forecast.float(), mixed.residuals.float(), mixed.scores.float()
         hidden = scored.state.hidden
@@ -195,7 +192,7 @@ def score_lines(
             reset = mixed.model_diverged[:, None]
             hidden = [torch.where(reset, new, old) for new, old in zip(fresh, hidden, strict=True)]
         ends = RecurrentState(hidden, mixed.last_forecast.float())
-        beside = [mixed.state.select(i).tensors(MIXTURE_PREFIX) for i in range(len(features.entities))]
+        beside = mixed.records()
     result = ScoredLines(
         forecast=features.flat(forecast.numpy()),
         residuals=features.flat(residuals.numpy()),

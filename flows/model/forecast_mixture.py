@@ -1,21 +1,26 @@
 """The forecast a line gets with `mixture.enabled`: the model's and its other members' forecasts
 combined per line, horizon step and sensor by their recent losses (lru_online.mixture).
 
-The members are computed for every line of a part at once, and the combination runs over all
-its rows at once (`LossMixture.run`). What a line carries between files goes into its forecaster
-state record beside the model's hidden state (`RecurrentState.to_bytes(beside=...)`): the
-mixture's losses, the range of values it has seen and the members' forecasts still to be judged,
-and, as the record's last forecast, the combined forecast of its last row, against which its
-next file's first row is scored. A line where the model's forecast diverged at its last row
-(not finite, or a whole seen range beyond what the line has seen) starts its next file from a
-fresh hidden state: the state that carried it there is no good state to go on from, and the model
-forgets a line's context within a few rows. A retraining replays its window with the new model and stores
-its hidden states alone: the mixture of a promoted model starts afresh (equal weights), as its
-record on the lines does.
+The members: `lru` (the model), `persistence` (the line's last reading) and `linear` (a linear
+forecaster each line learns online on its own rows, lru_online.online_linear). They are computed
+for every line of a part at once, and the combination runs over all its rows at once
+(`LossMixture.run`). What a line carries between files goes into its forecaster state record
+beside the model's hidden state (`RecurrentState.to_bytes(beside=...)`): the mixture's losses,
+the range of values it has seen and the members' forecasts still to be judged, the linear
+member's weights and last readings, and, as the record's last forecast, the combined forecast of
+its last row, against which its next file's first row is scored. A line where the model's
+forecast diverged at its last row (not finite, or a whole seen range beyond what the line has
+seen) starts its next file from a fresh hidden state: the state that carried it there is no good
+state to go on from, and the model forgets a line's context within a few rows; a line where the
+linear member's did starts it with zero linear weights (persistence) for the same reason. A
+retraining replays its window with the new model and stores its hidden states alone: the mixture
+of a promoted model starts afresh (equal weights, zero linear weights), as its record on the
+lines does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -23,19 +28,30 @@ import torch
 
 from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
 from lru_online.model import last_real_forecast, one_step_residuals
+from lru_online.online_linear import OnlineLinear, OnlineLinearConfig, OnlineLinearState
 
 PREFIX = "mixture."  # where a line's mixture tensors sit in its forecaster state record
+LINEAR_PREFIX = "linear."  # and the `linear` member's
 # A one-step residual beyond this many of the line's standardised units is no forecast: real
 # lines stay within tens (SKAB's wandering vibration ~10, a 50-sigma load shift on an ETT station).
 BLOWN_RESIDUAL = 1e3
 
 
 class MixtureSetup(NamedTuple):
-    """What the pipeline and a registry version need to mix: the members, in order, and the
-    combination's settings (the `mixture:` section with `enabled: true`)."""
+    """What the pipeline and a registry version need to mix: the members, in order, the
+    combination's settings and the `linear` member's (the `mixture:` section with `enabled: true`)."""
 
     members: tuple[str, ...]
     config: MixtureConfig
+    linear: OnlineLinearConfig = OnlineLinearConfig()
+
+
+class CarriedMixtures(NamedTuple):
+    """What B lines carried into a chunk for the mixture: its state and the `linear` member's
+    (None without that member)."""
+
+    mixture: MixtureState
+    linear: OnlineLinearState | None
 
 
 class MixedLines(NamedTuple):
@@ -46,21 +62,39 @@ class MixedLines(NamedTuple):
     state: MixtureState
     weights: torch.Tensor  # (B, T, M) each member's weight, averaged over steps and sensors
     model_diverged: torch.Tensor  # (B,) the model's forecast at the line's last row diverged
+    linear: OnlineLinearState | None  # the `linear` member's state after the chunk
+
+    def records(self) -> list[dict[str, torch.Tensor]]:
+        """Each line's tensors to store beside its hidden state."""
+        out = []
+        for line in range(self.state.lines):
+            tensors = self.state.select(line).tensors(PREFIX)
+            if self.linear is not None:
+                tensors |= self.linear.select(line).tensors(LINEAR_PREFIX)
+            out.append(tensors)
+        return out
 
 
 def carried_mixtures(
-    records: list[dict[str, torch.Tensor] | None], members: int, horizon: int, sensors: int
-) -> MixtureState:
-    """Each line's mixture state from the tensors of its stored forecaster record (as
-    `codec.decode` read them); a line without one (new, a new run, or the mixture just turned
-    on or reshaped) starts with equal weights."""
-    states = []
+    records: list[dict[str, torch.Tensor] | None], setup: MixtureSetup, horizon: int, sensors: int
+) -> CarriedMixtures:
+    """Each line's mixture state (and `linear` member's) from the tensors of its stored
+    forecaster record (as `codec.decode` read them); a line without one (new, a new run, or the
+    mixture just turned on or reshaped) starts with equal weights (and zero linear weights:
+    persistence)."""
+    members = len(setup.members)
+    states, linears = [], []
     for record in records:
         stored = MixtureState.from_tensors(record, PREFIX) if record else None
         if stored is None or stored.losses.shape != (1, members, horizon, sensors):
             stored = MixtureState.fresh(1, members, horizon, sensors)
         states.append(stored)
-    return MixtureState.cat(states)
+        if "linear" in setup.members:
+            linear = OnlineLinearState.from_tensors(record, LINEAR_PREFIX) if record else None
+            if linear is None or not linear.fits(sensors, horizon, setup.linear):
+                linear = OnlineLinearState.fresh(1, sensors, horizon, setup.linear)
+            linears.append(linear)
+    return CarriedMixtures(MixtureState.cat(states), OnlineLinearState.cat(linears) if linears else None)
 
 
 def persistence_forecasts(
@@ -81,25 +115,31 @@ def persistence_forecasts(
 
 
 def mix_lines(
-    config: MixtureConfig,
-    members: tuple[str, ...],
+    setup: MixtureSetup,
     model_forecast: torch.Tensor,
     targets: torch.Tensor,
     steps: torch.Tensor,
-    carried: MixtureState,
+    carried: CarriedMixtures,
     carried_forecast: torch.Tensor | None,
 ) -> MixedLines:
     """The combined forecasts of B right-padded lines (the model's `model_forecast` (B, T, H,
     S), `targets` (B, T, S), `steps` (B, T)), their residuals and scores, from what each line
     carried (its mixture state and last combined forecast, (B, H, S) or None)."""
+    members = setup.members
     horizon = model_forecast.shape[2]
     targets = targets.to(torch.float64)
+    linear = None
+    if "linear" in members:
+        linear = OnlineLinear(setup.linear).run(carried.linear, targets, steps)
     built = {
         "lru": lambda: model_forecast.to(torch.float64),
-        "persistence": lambda: persistence_forecasts(targets, steps, carried, members.index("persistence"), horizon),
+        "persistence": lambda: persistence_forecasts(
+            targets, steps, carried.mixture, members.index("persistence"), horizon
+        ),
+        "linear": lambda: linear.forecast,
     }
     forecasts = torch.stack([built[name]() for name in members], dim=2)
-    run = LossMixture(config).run(carried, forecasts, targets, steps)
+    run = LossMixture(setup.config).run(carried.mixture, forecasts, targets, steps)
     previous = carried_forecast.to(torch.float64) if carried_forecast is not None else None
     residuals = one_step_residuals(run.forecast, targets, previous)
     residuals = residuals.masked_fill(~steps[..., None], math.nan)
@@ -111,6 +151,7 @@ def mix_lines(
         run.state,
         run.weights.mean(dim=(-2, -1)),
         _diverged_at_last_row(run.healthy[..., members.index("lru")], steps),
+        _reset_where_diverged(linear.state, run.healthy[..., members.index("linear")], steps) if linear else None,
     )
 
 
@@ -121,8 +162,8 @@ def residuals_from_a_fresh_mixture(
     a mixture started afresh (equal weights) at each line's first row: how a model would have
     forecast those rows as a line's forecaster, for a frozen or a new model replayed over them."""
     lines, _, horizon, sensors = model_forecast.shape
-    fresh = carried_mixtures([None] * lines, len(setup.members), horizon, sensors)
-    return mix_lines(setup.config, setup.members, model_forecast, targets, steps, fresh, None).residuals
+    fresh = carried_mixtures([None] * lines, setup, horizon, sensors)
+    return mix_lines(setup, model_forecast, targets, steps, fresh, None).residuals
 
 
 def alarm_residuals(model_residuals: torch.Tensor, mixed: MixedLines, steps: torch.Tensor) -> torch.Tensor:
@@ -141,6 +182,21 @@ def alarm_residuals(model_residuals: torch.Tensor, mixed: MixedLines, steps: tor
     )
     chosen = torch.where(blown.any(-1, keepdim=True), mixed.residuals, model_residuals)
     return chosen.masked_fill(~steps[..., None], math.nan)
+
+
+def _reset_where_diverged(state: OnlineLinearState, healthy: torch.Tensor, steps: torch.Tensor) -> OnlineLinearState:
+    """The `linear` member's state with zero weights (persistence) on lines where its forecast
+    at the last row diverged or its weights are no longer finite: weights that took it there
+    are no good state to go on from, and it relearns a line within a few hundred rows."""
+    broken = _diverged_at_last_row(healthy, steps) | ~torch.isfinite(state.weights).flatten(1).all(dim=1)
+    broken |= ~torch.isfinite(state.gradient).flatten(1).all(dim=1)
+    reset = broken[:, None, None, None]
+    return dataclasses.replace(
+        state,
+        weights=torch.where(reset, 0.0, state.weights),
+        gradient=torch.where(reset, 0.0, state.gradient),
+        energy=torch.where(reset[..., 0], 0.0, state.energy),
+    )
 
 
 def _diverged_at_last_row(healthy: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:

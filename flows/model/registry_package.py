@@ -28,6 +28,7 @@ from flows.storage.models import ModelState
 from flows.storage.work_folder import resolved_path
 from lru_online.alarms import AlarmConfig
 from lru_online.mixture import MixtureConfig
+from lru_online.online_linear import OnlineLinearConfig
 
 SCORING_FILE = "scoring.json"
 LINES_FILE = "lines.parquet"
@@ -61,7 +62,11 @@ class ScoringSetup:
     def to_json(self) -> str:
         mixture = None
         if self.mixture is not None:
-            mixture = {"members": list(self.mixture.members), **asdict(self.mixture.config)}
+            mixture = {
+                "members": list(self.mixture.members),
+                **asdict(self.mixture.config),
+                "linear": asdict(self.mixture.linear),
+            }
         data = {
             "features": asdict(self.spec),
             "alarms": asdict(self.alarms),
@@ -79,7 +84,8 @@ class ScoringSetup:
         mixture = data.get("mixture")  # absent from versions registered before the mixture
         if mixture is not None:
             members = tuple(mixture.pop("members"))
-            mixture = MixtureSetup(members, MixtureConfig(**mixture))
+            linear = OnlineLinearConfig(**mixture.pop("linear", {}))  # absent before the linear member
+            mixture = MixtureSetup(members, MixtureConfig(**mixture), linear)
         return cls(spec, AlarmConfig(**data["alarms"]), bool(data.get("file_is_run", False)), mixture)
 
 

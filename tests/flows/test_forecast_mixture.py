@@ -17,6 +17,7 @@ from flows.ingest.landing import read_batch
 from flows.model.file_step import score_lines
 from flows.model.fleet import new_learner
 from flows.model.forecast_mixture import (
+    LINEAR_PREFIX,
     PREFIX,
     MixtureSetup,
     carried_mixtures,
@@ -29,6 +30,7 @@ from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import MixtureSettings, load_settings
 from lru_online import RecurrentState, codec
 from lru_online.mixture import MixtureConfig, MixtureState
+from lru_online.online_linear import OnlineLinearConfig, OnlineLinearState
 from tests.flows.helpers import one_pass, small_config, small_plant
 
 MIXTURE = {"enabled": True, "half_life": 6.0, "temperature": 4.0}
@@ -36,7 +38,8 @@ MIXTURE = {"enabled": True, "half_life": 6.0, "temperature": 4.0}
 
 def test_files_one_by_one_mix_as_one_pass_over_their_rows(tmp_path, prefect_api):
     """Learning off, so the model is the same for every file: the scores, forecasts and mixture
-    state streamed file by file equal one pass of the model and the mixture over all rows."""
+    state (the `linear` member's too, which learns as it goes) streamed file by file equal one
+    pass of the model and the mixture over all rows."""
     settings, config = small_config(
         tmp_path,
         update={"learning_rate": 0.0, "replay_batch": 0},
@@ -52,13 +55,14 @@ def test_files_one_by_one_mix_as_one_pass_over_their_rows(tmp_path, prefect_api)
     assert len(run.summaries) == 5
     outputs = run.outputs
     streamed = MixtureState.from_tensors(codec.decode(run.record)[0], PREFIX)
+    streamed_linear = OnlineLinearState.from_tensors(codec.decode(run.record)[0], LINEAR_PREFIX)
 
     spec = settings.feature_spec
     u, y, dt, steps = run.features.tensors()
     model = run.learner.score(u, y, None, dt, steps)
     setup = settings.mixture.setup()
-    fresh = carried_mixtures([None], len(setup.members), 1, len(spec.sensors))
-    whole = mix_lines(setup.config, setup.members, model.forecast, y, steps, fresh, None)
+    fresh = carried_mixtures([None], setup, 1, len(spec.sensors))
+    whole = mix_lines(setup, model.forecast, y, steps, fresh, None)
 
     np.testing.assert_allclose(outputs["score"], whole.scores[0].numpy(), rtol=1e-4, atol=1e-5, equal_nan=True)
     for index, sensor in enumerate(spec.sensors):
@@ -66,9 +70,13 @@ def test_files_one_by_one_mix_as_one_pass_over_their_rows(tmp_path, prefect_api)
             outputs[f"forecast_h1_{sensor}"], whole.forecast[0, :, 0, index].numpy(), rtol=1e-4, atol=1e-5
         )
     torch.testing.assert_close(streamed.losses, whole.state.losses, rtol=1e-4, atol=1e-6)
-    # Not the model's forecasts: persistence took part.
+    torch.testing.assert_close(streamed_linear.weights, whole.linear.weights, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(streamed_linear.recent, whole.linear.recent, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert setup.members == ("lru", "persistence", "linear")  # the defaults'
+    assert whole.linear.weights.abs().max() > 0  # it learnt
+    # Not the model's forecasts: the other members took part.
     assert not np.allclose(outputs["score"], model.scores[0].numpy(), equal_nan=True)
-    assert 0.05 < whole.weights[0, -1, 1] < 0.95
+    assert (whole.weights[0, 100:].mean(0) > 0.05).sum() >= 2  # at least two members share the weight
 
 
 def test_a_model_that_diverges_on_one_line_leaves_that_lines_forecast_to_persistence():
@@ -84,9 +92,9 @@ def test_a_model_that_diverges_on_one_line_leaves_that_lines_forecast_to_persist
     model[0, 300:350] = 1e30
     model[0, 350:] = math.nan
     steps = torch.ones(2, 400, dtype=torch.bool)
-    carried = carried_mixtures([None, None], 2, 1, 3)
-    pipeline = MixtureSettings().config()  # the pipeline's own half-life and temperature
-    mixed = mix_lines(pipeline, ("lru", "persistence"), model, targets, steps, carried, None)
+    pipeline = MixtureSetup(("lru", "persistence"), MixtureSettings().config())  # the pipeline's own settings
+    carried = carried_mixtures([None, None], pipeline, 1, 3)
+    mixed = mix_lines(pipeline, model, targets, steps, carried, None)
 
     assert torch.isfinite(mixed.forecast).all()
     torch.testing.assert_close(mixed.forecast[0, 300:, 0], targets[0, 300:])  # persistence alone
@@ -120,7 +128,8 @@ def test_a_registry_version_mixes_the_next_file_as_the_pipeline_then_does(tmp_pa
     continual_update(config=config)
     snapshot = [v["version"] for v in Tracker(settings).versions() if v["kind"] == "snapshot"][-1]
     model = mlflow.pyfunc.load_model(f"models:/{settings.tracking.model_name}/{snapshot}")
-    assert model.unwrap_python_model().setup.mixture == MixtureSetup(("lru", "persistence"), settings.mixture.config())
+    assert model.unwrap_python_model().setup.mixture == settings.mixture.setup()
+    assert settings.mixture.setup().members == ("lru", "persistence", "linear")
     predicted = model.predict(raw)
 
     raw.to_csv(settings.paths.landing / "next.csv", index=False)
@@ -136,9 +145,12 @@ def test_a_registry_version_mixes_the_next_file_as_the_pipeline_then_does(tmp_pa
 
 
 def test_the_scoring_setup_keeps_the_mixture_through_json(tmp_path):
-    with_mixture = ScoringSetup.from_settings(load_settings(None, workdir=tmp_path, mixture=MIXTURE))
+    chosen = {**MIXTURE, "linear": {"lookback": 12, "step": 1.5}}
+    with_mixture = ScoringSetup.from_settings(load_settings(None, workdir=tmp_path, mixture=chosen))
     setup = ScoringSetup.from_json(with_mixture.to_json())
-    assert setup.mixture == MixtureSetup(("lru", "persistence"), MixtureConfig(half_life=6.0, temperature=4.0))
+    assert setup.mixture == MixtureSetup(
+        ("lru", "persistence", "linear"), MixtureConfig(half_life=6.0, temperature=4.0), OnlineLinearConfig(12, 1.5)
+    )
     assert ScoringSetup.from_settings(load_settings(None, workdir=tmp_path)).mixture is not None  # on by default
     without = load_settings(None, workdir=tmp_path, mixture={"enabled": False})
     assert ScoringSetup.from_json(ScoringSetup.from_settings(without).to_json()).mixture is None
@@ -212,3 +224,24 @@ def test_a_replayed_model_is_judged_through_a_fresh_mixture():
     # of persistence's.
     assert np.abs(residuals[1, 30:]).max() < 0.01 * np.abs(persistence).mean()
     assert np.abs(residuals[1, 1:5]).mean() > 0.1 * np.abs(persistence).mean()  # equal weights at first
+
+
+def test_a_linear_member_that_diverged_on_a_line_is_reset_there_and_cannot_poison_it():
+    """Two random-walk lines; line 0 arrives with linear weights blown to 1e30. Its mixed forecast
+    stays finite (the other members'), and it leaves the chunk with zero linear weights
+    (persistence, to relearn from); line 1 keeps what it learnt."""
+    rng = np.random.default_rng(4)
+    targets = torch.from_numpy(rng.normal(size=(2, 200, 3)).cumsum(1))
+    model = torch.cat([targets[:, 1:], targets[:, -1:]], 1)[:, :, None, :] + 0.5  # biased, finite
+    steps = torch.ones(2, 200, dtype=torch.bool)
+    setup = MixtureSettings().setup()
+    carried = carried_mixtures([None, None], setup, 1, 3)
+    carried.linear.weights[0] = 1e30
+    mixed = mix_lines(setup, model, targets, steps, carried, None)
+
+    assert torch.isfinite(mixed.forecast[:, :-1]).all()
+    assert (mixed.weights[0, :, setup.members.index("linear")] == 0).all()
+    assert (mixed.linear.weights[0] == 0).all()
+    assert mixed.linear.weights[1].abs().max() > 0
+    stored = OnlineLinearState.from_tensors(mixed.records()[0], LINEAR_PREFIX)
+    assert (stored.weights == 0).all()

@@ -1,0 +1,217 @@
+"""An online linear forecaster per line and sensor: NLinear's map (Zeng et al. 2023) learnt by
+normalised least mean squares, batched over lines, for the forecast mixture.
+
+A sensor's forecast h rows ahead is its latest reading plus a linear map of its last `lookback`
+readings minus that latest one, plus a bias: what NLinear forecasts, on changes from the last
+value, so that a level the line never showed before is no extrapolation. With zero weights it
+is persistence; each line learns its own weights per sensor and horizon step, online, from its
+own rows, with no training before: a line that drifts, trends or oscillates gets a forecaster
+that follows it within a few hundred rows, whatever the model learnt on the fleet.
+
+Why normalised LMS: its step is scaled by the inputs' energy, w += μ·Σ e·z / (ε + Σ ‖z‖²), so it
+stays stable for any 0 < μ < 2 whatever the readings' scale (a transformer load 50 standard
+deviations outside its training months, a stuck sensor), with no learning rate to retune per
+series. The rows of a block of BLOCK_ROWS are forecast with the weights as the block found
+them and then learnt together (one normalised step over their summed gradient, which the same
+bound keeps stable): a few tensor operations per block for every line at once, not per row.
+Blocks are counted on each line's own rows, not on a file's: a line carries how far into its
+current block it is and that block's gradient so far, so the files of a line give what one pass
+over its rows gives, however they are cut (lines are shifted by their phase so that all their
+blocks line up in a batch).
+
+A reading that is missing is carried forward from the sensor's latest one (persistence's
+convention); before a line's first reading of a sensor there is no forecast (NaN), as for
+persistence, and a window reaching back before it reads that first reading. A target that is
+missing teaches nothing. Everything a line carries between files is `OnlineLinearState`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from lru_online import codec
+
+
+@dataclass(frozen=True)
+class OnlineLinearConfig:
+    lookback: int = 96  # readings per window, the latest included
+    step: float = 0.5  # μ of normalised LMS per block of BLOCK_ROWS rows, in (0, 2)
+
+    def __post_init__(self) -> None:
+        if self.lookback < 1:
+            raise ValueError(f"OnlineLinearConfig.lookback must be >= 1, got {self.lookback}")
+        if not 0 < self.step < 2:
+            raise ValueError(
+                f"OnlineLinearConfig.step must be in (0, 2), where normalised LMS is stable; got {self.step}"
+            )
+
+
+# Rows forecast with the same weights and then learnt together: a few tensor operations per
+# block for every line at once. The step is per block, so about step / BLOCK_ROWS per row.
+BLOCK_ROWS = 16
+# Keeps the normalised step defined on a flat window (every change 0); small against the bias
+# feature's own energy of 1 per row.
+ENERGY_FLOOR = 1e-6
+
+
+@dataclass
+class OnlineLinearState:
+    """What each of B lines carries: weights (B, S, H, lookback) over the window's changes from
+    its latest reading (the latest's own slot is the bias); its last lookback + H readings (B,
+    lookback + H, S), carried forward where missing, NaN before the first; how many of its rows
+    its current block holds (B,) and their summed gradient (B, S, H, lookback) and input energy
+    (B, S, H) so far. Float32, as the member computes (its forecasts are one of several the
+    mixture weighs)."""
+
+    weights: torch.Tensor
+    recent: torch.Tensor
+    phase: torch.Tensor
+    gradient: torch.Tensor
+    energy: torch.Tensor
+
+    @classmethod
+    def fresh(cls, lines: int, sensors: int, horizon: int, config: OnlineLinearConfig) -> OnlineLinearState:
+        return cls(
+            torch.zeros(lines, sensors, horizon, config.lookback),
+            torch.full((lines, config.lookback + horizon, sensors), math.nan),
+            torch.zeros(lines),
+            torch.zeros(lines, sensors, horizon, config.lookback),
+            torch.zeros(lines, sensors, horizon),
+        )
+
+    def fits(self, sensors: int, horizon: int, config: OnlineLinearConfig) -> bool:
+        """Whether the state is one of these shapes (a stored one may predate a changed config)."""
+        weights = (sensors, horizon, config.lookback)
+        return (
+            self.weights.shape[1:] == weights
+            and self.gradient.shape[1:] == weights
+            and self.energy.shape[1:] == weights[:2]
+            and self.recent.shape[1:] == (config.lookback + horizon, sensors)
+        )
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    def select(self, index: int) -> OnlineLinearState:
+        return OnlineLinearState(**{name: t[index : index + 1].clone() for name, t in self._tensors().items()})
+
+    @staticmethod
+    def cat(states: list[OnlineLinearState]) -> OnlineLinearState:
+        if not states:
+            raise ValueError("OnlineLinearState.cat needs at least one state")
+        names = states[0]._tensors()
+        return OnlineLinearState(**{name: torch.cat([s._tensors()[name] for s in states]) for name in names})
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {prefix + name: tensor for name, tensor in self._tensors().items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> OnlineLinearState | None:
+        """What `tensors(prefix)` stored, or None where nothing was."""
+        names = [field.name for field in fields(cls)]
+        if not any(prefix + name in tensors for name in names):
+            return None
+        if not all(prefix + name in tensors for name in names):
+            raise codec.CodecError(f"an online linear state under {prefix!r} lacks some of {names}")
+        return cls(**{name: tensors[prefix + name].float() for name in names})
+
+
+class LinearRun:
+    """The forecasts of a chunk and the state after it (`OnlineLinear.run`)."""
+
+    def __init__(self, forecast: torch.Tensor, state: OnlineLinearState) -> None:
+        self.forecast = forecast  # (B, T, H, S) made at each row for the next H
+        self.state = state
+
+
+class OnlineLinear:
+    def __init__(self, config: OnlineLinearConfig | None = None) -> None:
+        self.config = config or OnlineLinearConfig()
+
+    def run(self, state: OnlineLinearState, values: torch.Tensor, steps: torch.Tensor) -> LinearRun:
+        """B right-padded lines' readings (B, T, S; NaN: missing) with `steps` (B, T) False at
+        padding: each row's forecast of the next H rows, then learning from the rows whose
+        values came, block by block, in the order a row-by-row learner would see them."""
+        lines, length, sensors = values.shape
+        lookback = self.config.lookback
+        horizon = state.weights.shape[2]
+        history = state.recent.shape[1]  # lookback + horizon rows before the chunk
+        steps = steps.to(torch.bool)
+        raw = torch.where(steps[..., None], values.to(torch.float64), math.nan)
+        # Each line shifted right by its phase, so that block boundaries fall on multiples of
+        # BLOCK_ROWS for all: its rows start at `history + phase`; the `phase` rows before them
+        # are the last rows of `recent`, already learnt from (their targets are not in `truth`).
+        phase = state.phase.long()
+        span = history + BLOCK_ROWS - 1 + length
+        source = torch.arange(span)[None, :] - phase[:, None]  # (B, span) position in recent + chunk
+        inside = (source >= 0) & (source < history + length)
+        pick = source.clamp(0, history + length - 1)[..., None].expand(-1, -1, sensors)
+        sequence = torch.where(inside[..., None], torch.cat([state.recent.double(), raw], 1).gather(1, pick), math.nan)
+        targets = torch.cat([torch.full_like(state.recent.double(), math.nan), raw], 1).gather(1, pick)
+        truth = torch.where(inside[..., None], targets, math.nan).transpose(1, 2).float()
+
+        found = torch.isfinite(sequence)
+        positions = torch.arange(span)[None, :, None]
+        index = torch.where(found, positions, -1).cummax(dim=1).values
+        # Each position's latest reading per sensor (from before the chunk too); NaN before the first.
+        filled = torch.where(index >= 0, sequence.gather(1, index.clamp(min=0)), math.nan)
+        # The windows read the first reading in the slots before it (a window is then flat there),
+        # and 0 for a sensor never read (its forecast is NaN through `latest` anyway).
+        first = torch.where(found, positions, span).amin(dim=1, keepdim=True)
+        first_value = sequence.gather(1, first.clamp(max=span - 1))
+        padded = torch.where(index >= 0, filled, torch.nan_to_num(first_value, nan=0.0))
+        # Sensor-major, so that a block's windows are one strided view: (B, S, positions, L).
+        windows_of = padded.transpose(1, 2).float().unfold(2, lookback, 1)  # window ending at p: index p - L + 1
+        latest_of = filled.transpose(1, 2).float()  # (B, S, positions): NaN before the first reading
+        padded_latest_of = padded.transpose(1, 2).float()  # the window's own last slot
+
+        weights = state.weights.float().clone()  # (B, S, H, L)
+        gradient = state.gradient.float().clone()
+        energy = state.energy.float().clone()
+        block_ends = phase + steps.sum(1)  # where each line's rows end, in shifted rows
+        forecast = torch.full((lines, sensors, span - history, horizon), math.nan)
+        for lo in range(0, int(block_ends.max()) if lines else 0, BLOCK_ROWS):
+            hi = lo + BLOCK_ROWS
+            # The block's rows and the H rows before them, whose forecasts the block's values judge.
+            first_row, end_row = history + lo - horizon, history + hi
+            # One contiguous (B·S, H + R, L) block of windows: the products below read it in place.
+            changes = windows_of[:, :, first_row - lookback + 1 : end_row - lookback + 1].flatten(0, 1).contiguous()
+            changes.sub_(padded_latest_of[:, :, first_row:end_row].flatten(0, 1)[..., None])
+            changes[..., -1] = 1.0  # the latest's own change is 0: its slot is the bias
+            energies = torch.linalg.vector_norm(changes, dim=-1).square()  # (B·S, H + R)
+            latest = latest_of[:, :, first_row:end_row].flatten(0, 1)
+            flat_weights = weights.flatten(0, 1)  # (B·S, H, L)
+            made = latest[:, horizon:, None] + torch.bmm(changes[:, horizon:], flat_weights.transpose(1, 2))
+            forecast[:, :, lo:hi] = made.unflatten(0, (lines, sensors))
+            # The gradient of the forecasts whose targets came in this block: made at row t for
+            # t + h, t + h in [lo, hi), with the weights the block found.
+            target_rows = truth[:, :, history + lo : end_row].flatten(0, 1)  # (B·S, R)
+            rows = target_rows.shape[1]  # BLOCK_ROWS, or fewer at the end of the shifted rows
+            for h in range(horizon):
+                made_at = slice(horizon - h - 1, horizon - h - 1 + rows)
+                window = changes[:, made_at]  # (B·S, R, L)
+                guess = latest[:, made_at] + torch.bmm(window, flat_weights[:, h, :, None])[..., 0]
+                known = torch.isfinite(target_rows) & torch.isfinite(guess)
+                error = torch.where(known, target_rows - torch.where(known, guess, 0.0), 0.0)
+                gradient[:, :, h] += torch.bmm(error[:, None], window)[:, 0].unflatten(0, (lines, sensors))
+                energy[:, :, h] += torch.where(known, energies[:, made_at], 0.0).sum(-1).unflatten(0, (lines, sensors))
+            # A line learns at the end of each block it completed; one whose rows end inside the
+            # block carries its gradient so far to its next chunk.
+            done = (hi <= block_ends)[:, None, None]
+            step = self.config.step * gradient / (ENERGY_FLOOR + energy)[..., None]
+            weights = torch.where(done[..., None], weights + step, weights)
+            gradient = torch.where(done[..., None], 0.0, gradient)
+            energy = torch.where(done, 0.0, energy)
+        # Each line's last lookback + H readings (its rows, shifted by its phase, end at history + block_ends).
+        last = (block_ends[:, None] + torch.arange(history)[None, :])[..., None].expand(-1, -1, sensors)
+        recent = filled.gather(1, last).float()
+        # Each line's forecasts, from its shifted rows back to its own.
+        own = (phase[:, None] + torch.arange(length)[None, :]).clamp(max=span - history - 1)
+        forecast = forecast.gather(2, own[:, None, :, None].expand(-1, sensors, -1, horizon))
+        forecast = forecast.permute(0, 2, 3, 1).double()  # (B, T, H, S)
+        forecast = torch.where(steps[..., None, None], forecast, math.nan)
+        new_phase = (state.phase + steps.sum(1)) % BLOCK_ROWS
+        return LinearRun(forecast, OnlineLinearState(weights, recent, new_phase.float(), gradient, energy))
