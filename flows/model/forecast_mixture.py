@@ -13,9 +13,9 @@ forecast diverged at its last row (not finite, or a whole seen range beyond what
 seen) starts its next file from a fresh hidden state: the state that carried it there is no good
 state to go on from, and the model forgets a line's context within a few rows; a line where the
 linear member's did starts it with zero linear weights (persistence) for the same reason. A
-retraining replays its window with the new model and stores its hidden states alone: the mixture
-of a promoted model starts afresh (equal weights, zero linear weights), as its record on the
-lines does.
+retraining replays its window with the new model and stores its hidden states: the mixture of a
+promoted model starts afresh (equal weights), while each line keeps its linear member's state
+(`keep_linear_member`): that member learns from the line's readings alone, not from the model.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from typing import NamedTuple
 
 import torch
 
+from lru_online import codec
 from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
 from lru_online.model import last_real_forecast, one_step_residuals
 from lru_online.online_linear import OnlineLinear, OnlineLinearConfig, OnlineLinearState
+from lru_online.state import RecurrentState
 
 PREFIX = "mixture."  # where a line's mixture tensors sit in its forecaster state record
 LINEAR_PREFIX = "linear."  # and the `linear` member's
@@ -164,6 +166,18 @@ def residuals_from_a_fresh_mixture(
     lines, _, horizon, sensors = model_forecast.shape
     fresh = carried_mixtures([None] * lines, setup, horizon, sensors)
     return mix_lines(setup, model_forecast, targets, steps, fresh, None).residuals
+
+
+def keep_linear_member(stored: bytes | None, promoted: bytes) -> bytes:
+    """A line's record for a promoted model: the promoted model's hidden state (`promoted`, a
+    bare `RecurrentState` record) beside the linear member's tensors of the line's stored
+    record, where it has them. Both must stand at the same row of the line (the newest one
+    committed), as they do when a retraining swaps its model in."""
+    if not stored:
+        return promoted
+    tensors, _ = codec.decode(stored)
+    linear = {name: tensor for name, tensor in tensors.items() if name.startswith(LINEAR_PREFIX)}
+    return RecurrentState.from_bytes(promoted).to_bytes(beside=linear) if linear else promoted
 
 
 def alarm_residuals(model_residuals: torch.Tensor, mixed: MixedLines, steps: torch.Tensor) -> torch.Tensor:

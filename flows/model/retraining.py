@@ -35,7 +35,7 @@ from features import FeatureBatch
 from flows import faults
 from flows.model.file_step import carried_state
 from flows.model.fleet import new_learner, save_checkpoint
-from flows.model.forecast_mixture import MixtureSetup, residuals_from_a_fresh_mixture
+from flows.model.forecast_mixture import MixtureSetup, keep_linear_member, residuals_from_a_fresh_mixture
 from flows.model.live import LiveModel
 from flows.model.reference import build_reference
 from flows.model.registry_package import register_version
@@ -236,6 +236,9 @@ def _swap_in(
             model.reference = reference
             model.drift_since_sequence = caught_up
             session.flush()  # fails if an update run committed since the model was read
+            # Read after the flush: no file part committed since, so these stand where `hidden` does.
+            stored = dict(session.execute(select(EntityState.entity, EntityState.hidden_state)).all())
+            hidden = {entity: keep_linear_member(stored.get(entity), state) for entity, state in hidden.items()}
             session.connection().execute(
                 update(EntityState)
                 .where(EntityState.entity == bindparam("key"))
