@@ -46,12 +46,13 @@ Everything is batched over B lines (B = 1 for one series) and carried per line (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from lru_online import codec
+from lru_online.line_tensors import LineTensors
 
 # A loss no finite forecast needs to pass; M of them still sum to a float64, and so do 4,096 of
 # them over the products down to 1e-8 that `LossMixture.run` divides by.
@@ -82,10 +83,13 @@ class MixtureConfig:
 
 
 @dataclass
-class MixtureState:
+class MixtureState(LineTensors):
     """What each of B lines carries: its members' recent losses, the range of its values and
     the members' (clipped) forecasts made at its last H rows, whose values are still to come
     (`LossMixture.run`)."""
+
+    DTYPE: ClassVar[torch.dtype] = torch.float64
+    KIND: ClassVar[str] = "a mixture state"
 
     losses: torch.Tensor  # (B, M, H, S) float64
     low: torch.Tensor  # (B, S) smallest value seen per sensor (+inf: none yet)
@@ -119,38 +123,11 @@ class MixtureState:
     def lines(self) -> int:
         return self.losses.shape[0]
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
-
-    def select(self, index: int) -> MixtureState:
-        return MixtureState(**{name: tensor[index : index + 1].clone() for name, tensor in self._tensors().items()})
-
-    @staticmethod
-    def cat(states: list[MixtureState]) -> MixtureState:
-        if not states:
-            raise ValueError("MixtureState.cat needs at least one state")
-        return MixtureState(**{name: torch.cat([s._tensors()[name] for s in states]) for name in states[0]._tensors()})
-
     def to_bytes(self) -> bytes:
         """One line's state (B = 1)."""
         if self.lines != 1:
             raise ValueError("MixtureState.to_bytes stores one line; select it first")
         return codec.encode(self._tensors(), {"kind": "mixture"})
-
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The state's tensors under `prefix`, to be stored beside another state's (one line's
-        forecaster state: its members' and the mixture's in one record)."""
-        return {prefix + name: tensor for name, tensor in self._tensors().items()}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> MixtureState | None:
-        """What `tensors(prefix)` stored, or None where nothing was."""
-        names = [field.name for field in fields(cls)]
-        if not any(prefix + name in tensors for name in names):
-            return None
-        if not all(prefix + name in tensors for name in names):
-            raise codec.CodecError(f"a mixture state under {prefix!r} lacks some of {names}")
-        return cls(**{name: tensors[prefix + name].double() for name in names})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MixtureState:

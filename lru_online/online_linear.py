@@ -28,11 +28,12 @@ missing teaches nothing. Everything a line carries between files is `OnlineLinea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from lru_online import codec
+from lru_online.line_tensors import LineTensors
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,16 @@ ENERGY_FLOOR = 1e-6
 
 
 @dataclass
-class OnlineLinearState:
+class OnlineLinearState(LineTensors):
     """What each of B lines carries: weights (B, S, H, lookback) over the window's changes from
     its latest reading (the latest's own slot is the bias); its last lookback + H readings (B,
     lookback + H, S), carried forward where missing, NaN before the first; how many of its rows
     its current block holds (B,) and their summed gradient (B, S, H, lookback) and input energy
     (B, S, H) so far. Float32, as the member computes (its forecasts are one of several the
     mixture weighs)."""
+
+    DTYPE: ClassVar[torch.dtype] = torch.float32
+    KIND: ClassVar[str] = "an online linear state"
 
     weights: torch.Tensor
     recent: torch.Tensor
@@ -92,39 +96,12 @@ class OnlineLinearState:
             and self.recent.shape[1:] == (config.lookback + horizon, sensors)
         )
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
 
-    def select(self, index: int) -> OnlineLinearState:
-        return OnlineLinearState(**{name: t[index : index + 1].clone() for name, t in self._tensors().items()})
-
-    @staticmethod
-    def cat(states: list[OnlineLinearState]) -> OnlineLinearState:
-        if not states:
-            raise ValueError("OnlineLinearState.cat needs at least one state")
-        names = states[0]._tensors()
-        return OnlineLinearState(**{name: torch.cat([s._tensors()[name] for s in states]) for name in names})
-
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {prefix + name: tensor for name, tensor in self._tensors().items()}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> OnlineLinearState | None:
-        """What `tensors(prefix)` stored, or None where nothing was."""
-        names = [field.name for field in fields(cls)]
-        if not any(prefix + name in tensors for name in names):
-            return None
-        if not all(prefix + name in tensors for name in names):
-            raise codec.CodecError(f"an online linear state under {prefix!r} lacks some of {names}")
-        return cls(**{name: tensors[prefix + name].float() for name in names})
-
-
-class LinearRun:
+class LinearRun(NamedTuple):
     """The forecasts of a chunk and the state after it (`OnlineLinear.run`)."""
 
-    def __init__(self, forecast: torch.Tensor, state: OnlineLinearState) -> None:
-        self.forecast = forecast  # (B, T, H, S) made at each row for the next H
-        self.state = state
+    forecast: torch.Tensor  # (B, T, H, S) made at each row for the next H
+    state: OnlineLinearState
 
 
 class OnlineLinear:

@@ -236,9 +236,10 @@ def _swap_in(
             model.reference = reference
             model.drift_since_sequence = caught_up
             session.flush()  # fails if an update run committed since the model was read
-            # Read after the flush: no file part committed since, so these stand where `hidden` does.
-            stored = dict(session.execute(select(EntityState.entity, EntityState.hidden_state)).all())
-            hidden = {entity: keep_linear_member(stored.get(entity), state) for entity, state in hidden.items()}
+            if "linear" in live.settings.mixture.members and live.settings.mixture.enabled:
+                # Read after the flush: no file part committed since, so these stand where `hidden` does.
+                stored = dict(session.execute(select(EntityState.entity, EntityState.hidden_state)).all())
+                hidden = {entity: keep_linear_member(stored.get(entity), state) for entity, state in hidden.items()}
             session.connection().execute(
                 update(EntityState)
                 .where(EntityState.entity == bindparam("key"))
