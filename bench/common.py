@@ -1,6 +1,6 @@
-"""What the benchmark scripts share: the repository's place, its benchmark configs, the
-learning rate of a running learner, matplotlib without a screen, the cores a run may use,
-settings run side by side and the real `lru-online backfill` of a folder."""
+"""What the benchmark scripts share: the repository's place, its benchmark configs, matplotlib
+without a screen, the cores a run may use, settings run side by side and the real
+`lru-online backfill` of a folder."""
 
 from __future__ import annotations
 
@@ -26,12 +26,6 @@ def load_config(name: str) -> dict[str, Any]:
 
     path = ROOT / "configs" / f"{name}.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-
-
-def set_learning_rate(learner, value: float) -> None:
-    """Sets the learning rate of an lru_online OnlineLearner's optimizer."""
-    for group in learner.optimizer.param_groups:
-        group["lr"] = value
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")

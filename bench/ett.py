@@ -16,14 +16,16 @@ training rows; errors are on standardised values.
 The driver enforces the protocol: a method is handed the series cut at the last row it may see,
 for forecasting and for learning alike.
 
-Methods: `lru` — one configuration for every series and both protocols (configs/ett.yaml): an
-online ensemble, as OneNet does, of the lru_online forecaster with LRU blocks (`lru-blocks`),
-the forecaster's linear path alone (`lru-linear`), the online NLinear and persistence, combined
-per horizon step and column by their recent losses (lru_online.mixture), each LRU carrying
-its state through the whole series; `linear` — NLinear on the last 60 rows, updated by SGD every
-step; `persistence` — the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone
-(reported on `OT`); `lru-blocks`, `lru-linear` — one member alone; `lru-replay`, `lru-ewc` —
-the lru with the learner's replay or EWC, for the forgetting comparison (not run by default).
+Methods: `lru` — one configuration for every series and both protocols (configs/ett.yaml): the
+product's series ensemble (lru_online.series_ensemble), as OneNet does, of the lru_online
+forecaster with LRU blocks (`lru-blocks`), the forecaster's linear path alone (`lru-linear`),
+the online NLinear and persistence, combined per horizon step and column by their recent losses
+(lru_online.mixture), each LRU carrying its state through the whole series; `linear` — NLinear
+on the last 60 rows, updated by SGD every step (lru_online.series_nlinear); `persistence` —
+the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone (reported on `OT`), the one
+forecaster of this file, a baseline; `lru-blocks`, `lru-linear` — one member alone;
+`lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC, for the forgetting
+comparison (not run by default).
 
 Splits: the combination's two settings were chosen on the first 20 % of the stream (windows
 starting at rows 3600–5759, `python bench/ett_tune.py`); the report split is the rest. The table
@@ -41,22 +43,23 @@ prints one table, `--json` the same figures, `--plots` forecast and cumulative-e
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from bench.common import load_config, pyplot, set_learning_rate
-from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
+from bench.common import load_config, pyplot
+from lru_online.mixture import MixtureConfig
+from lru_online.series_ensemble import SeriesEnsemble
+from lru_online.series_forecaster import Persistence, SeriesForecaster, target_windows
+from lru_online.series_lru import LruSeriesForecaster, SeriesLruConfig
+from lru_online.series_nlinear import NLinearConfig, OnlineNLinear
 
 TRAIN_END, VALID_END, STREAM_END = 2880, 3600, 14400
 # Windows starting before this row are the tuning split (the first 20 % of the stream).
@@ -123,27 +126,6 @@ class Protocol:
         return self.visible_after_forecast(start) - self.horizon
 
 
-class Method:
-    """A forecaster under the online protocol. `history` is always the series cut at the last
-    row the method may see; windows are named by the row of their first target step."""
-
-    learns = False
-
-    def fit(self, series: np.ndarray, horizon: int) -> None:
-        """Rows [0, 3600): train on [0, 2880), validate on [2880, 3600)."""
-
-    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
-        """Rows len(history) … len(history)+H-1, shape (H, columns)."""
-        raise NotImplementedError
-
-    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
-        """Learn the window starting at `window`; its target lies inside `history`."""
-
-    def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
-        """Frozen forecasts of the given windows, (len(starts), H, columns)."""
-        return np.stack([self.forecast(series[:s], horizon) for s in starts])
-
-
 @dataclass
 class StreamResult:
     pred: np.ndarray
@@ -153,18 +135,14 @@ class StreamResult:
     frozen_first_fifth: np.ndarray | None = None
 
 
-def true_windows(series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
-    return np.stack([series[s : s + horizon] for s in starts])
-
-
 def run_stream(
-    method: Method, series: np.ndarray, protocol: Protocol, forgetting: bool = True, until: int | None = None
+    method: SeriesForecaster, series: np.ndarray, protocol: Protocol, forgetting: bool = True, until: int | None = None
 ) -> StreamResult:
     """The protocol's windows (those starting before `until`, when given), test then train."""
     horizon, starts = protocol.horizon, protocol.starts()
     if until is not None:
         starts = range(starts.start, min(starts.stop, until))
-    method.fit(series[:VALID_END], horizon)
+    method.fit(series[:VALID_END], horizon, TRAIN_END)
     pred = np.empty((len(starts), horizon, series.shape[1]), dtype=np.float32)
     started = time.perf_counter()
     for i, start in enumerate(starts):
@@ -175,7 +153,7 @@ def run_stream(
     frozen = None
     if forgetting and method.learns:
         frozen = method.rescore(series, first_fifth(starts), horizon)
-    return StreamResult(pred, true_windows(series, starts, horizon), np.asarray(starts), seconds, frozen)
+    return StreamResult(pred, target_windows(series, starts, horizon), np.asarray(starts), seconds, frozen)
 
 
 def first_fifth(starts: range) -> range:
@@ -183,82 +161,8 @@ def first_fifth(starts: range) -> range:
 
 
 # --- methods --------------------------------------------------------------------------------
-class Persistence(Method):
-    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
-        return np.repeat(history[-1:], horizon, axis=0)
-
-
-@dataclass
-class LinearConfig:
-    lookback: int = LOOKBACK
-    fit_epochs: int = 30
-    fit_learning_rate: float = 1e-3
-    online_learning_rate: float = 1e-3
-    seed: int = 0
-
-
-class OnlineNLinear(Method):
-    """NLinear (Zeng et al. 2023): one linear map from the last `lookback` rows to the next H,
-    shared by every column, on values minus the last row; SGD on each newly learnable window."""
-
-    learns = True
-
-    def __init__(self, config: LinearConfig | None = None) -> None:
-        self.config = config or LinearConfig(**load_config("ett").get("linear", {}))
-
-    def _inputs(self, series: np.ndarray, starts) -> tuple:
-        import torch
-
-        lookback = self.config.lookback
-        windows = np.stack([series[s - lookback : s] for s in starts])  # (n, lookback, C)
-        return torch.from_numpy(windows).transpose(1, 2)  # (n, C, lookback)
-
-    def _predict(self, inputs):
-        last = inputs[..., -1:]
-        return (self.linear(inputs - last) + last).transpose(-1, -2)  # (n, H, C)
-
-    def fit(self, series: np.ndarray, horizon: int) -> None:
-        import torch
-
-        torch.manual_seed(self.config.seed)
-        c = self.config
-        self.linear = torch.nn.Linear(c.lookback, horizon)
-        train = range(c.lookback, TRAIN_END - horizon + 1)
-        valid = range(TRAIN_END, VALID_END - horizon + 1)
-        x_train, y_train = self._inputs(series, train), torch.from_numpy(true_windows(series, train, horizon))
-        x_valid, y_valid = self._inputs(series, valid), torch.from_numpy(true_windows(series, valid, horizon))
-        optimizer = torch.optim.Adam(self.linear.parameters(), lr=c.fit_learning_rate)
-        generator = torch.Generator().manual_seed(c.seed)
-        best = (math.inf, None)
-        for _ in range(c.fit_epochs):
-            for batch in torch.randperm(len(train), generator=generator).split(32):
-                loss = torch.nn.functional.mse_loss(self._predict(x_train[batch]), y_train[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            with torch.no_grad():
-                valid_loss = float(torch.nn.functional.mse_loss(self._predict(x_valid), y_valid))
-            if valid_loss < best[0]:
-                best = (valid_loss, {k: v.clone() for k, v in self.linear.state_dict().items()})
-        self.linear.load_state_dict(best[1])
-        self.optimizer = torch.optim.SGD(self.linear.parameters(), lr=c.online_learning_rate)
-
-    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return self._predict(self._inputs(history, [len(history)]))[0].numpy()
-
-    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
-        import torch
-
-        target = torch.from_numpy(history[window : window + horizon])[None]
-        loss = torch.nn.functional.mse_loss(self._predict(self._inputs(history, [window])), target)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-
-
+# The forecasters are the product's (lru_online.series_*); this bench builds them from
+# configs/ett.yaml and drives them under the protocol. SNARIMAX is river's, a baseline.
 @dataclass
 class SnarimaxConfig:
     p: int = 2
@@ -271,7 +175,7 @@ class SnarimaxConfig:
     learning_rate: float = 0.001
 
 
-class RiverSnarimax(Method):
+class RiverSnarimax(SeriesForecaster):
     """river's SNARIMAX on the target column alone, learning each value once it has arrived
     (under both protocols: an ARIMA cannot learn a value before the ones that precede it)."""
 
@@ -279,7 +183,7 @@ class RiverSnarimax(Method):
         self.config = config or SnarimaxConfig(**load_config("ett").get("snarimax", {}))
         self.target = target
 
-    def fit(self, series: np.ndarray, horizon: int) -> None:
+    def fit(self, series: np.ndarray, horizon: int, train_rows: int) -> None:
         from river import linear_model, optim, time_series
 
         c = self.config
@@ -305,215 +209,6 @@ class RiverSnarimax(Method):
 
 
 @dataclass
-class LruConfig:
-    """Set on ETTh1 (configs/ett.yaml holds the values used)."""
-
-    d_model: int = 64
-    d_state: int = 64
-    n_layers: int = 2
-    r_min: float = 0.5  # eigenvalue moduli at initialisation: how long the state remembers
-    r_max: float = 0.99
-    window: int = 48  # rows of truncated BPTT behind each learned window
-    fit_learning_rate: float = 1e-3
-    fit_epochs: int = 20
-    online_learning_rate: float = 1e-4
-    grad_clip: float | None = 1.0
-    dropout: float = 0.0
-    inputs: str = "levels"  # levels | changes | both
-    linear_state: int = 0  # the model's linear path (0: none); it reads the inputs' changes
-    channel_independent: bool = False
-    newest_events: int = 1  # events of the BPTT window that carry loss at each online step
-    replay_batch: int = 0
-    replay_capacity: int = 512
-    ewc_weight: float = 0.0
-    ewc_every: int = 720  # online steps between EWC consolidations
-    seed: int = 0
-    linear_path: dict = field(default_factory=dict)  # fields the `lru-linear` member changes
-    variants: dict = field(default_factory=dict)  # method name → fields it changes
-
-
-class LruStreamMethod(Method):
-    """The lru_online forecaster and online learner: at each event it forecasts the next H rows;
-    the state is carried through every row of the series. Online, each step backpropagates the
-    newly learnable window's loss through the `window` rows before it, starting from the carried
-    state there; replay and EWC are the learner's own.
-
-    member "blocks": the configured LRU blocks; "linear": the model's linear path alone (the
-    config's `linear_path` fields). `variant` names a `variants` entry (lru-replay, lru-ewc)."""
-
-    learns = True
-
-    def __init__(self, config: LruConfig | None = None, member: str = "blocks", variant: str | None = None) -> None:
-        if member not in ("blocks", "linear"):
-            raise ValueError(f"member must be blocks or linear, got {member!r}")
-        base = config or LruConfig(**load_config("ett").get("lru", {}))
-        shaped = replace(base, **base.linear_path) if member == "linear" else base
-        self.config = replace(shaped, **base.variants.get(variant, {})) if variant else shaped
-
-    def fit(self, series: np.ndarray, horizon: int) -> None:
-        import torch
-
-        from lru_online import LearnerConfig, LRUForecaster, ModelConfig, OnlineLearner
-
-        c = self.config
-        torch.manual_seed(c.seed)
-        columns = series.shape[1]
-        features = 2 if c.inputs == "both" else 1
-        model = LRUForecaster(
-            ModelConfig(
-                n_inputs=features if c.channel_independent else features * columns,
-                n_targets=1 if c.channel_independent else columns,
-                d_model=c.d_model,
-                d_state=c.d_state,
-                n_layers=c.n_layers,
-                horizon=horizon,
-                r_min=c.r_min,
-                r_max=c.r_max,
-                dropout=c.dropout,
-                linear_state=c.linear_state,
-                linear_inputs=self._change_columns(columns) if c.linear_state else None,
-            )
-        )
-        self.learner = OnlineLearner(
-            model,
-            LearnerConfig(
-                learning_rate=c.fit_learning_rate,
-                window=c.window,
-                replay_batch=c.replay_batch,
-                replay_capacity=c.replay_capacity,
-                replay_weight=1.0 if c.replay_batch else 0.0,
-                ewc_weight=c.ewc_weight,
-                grad_clip=c.grad_clip,
-                seed=c.seed,
-            ),
-        )
-        train = self._inputs(series, 0, TRAIN_END)
-        future, mask = self._targets(series[:TRAIN_END], 0, TRAIN_END, horizon)
-        valid = range(TRAIN_END, VALID_END - horizon + 1)
-        best = (math.inf, None)
-        for _ in range(c.fit_epochs):
-            self.learner.update_forecasts(train, future, mask)
-            error = float(np.mean((self._frozen(series, valid, horizon) - true_windows(series, valid, horizon)) ** 2))
-            if error < best[0]:
-                best = (error, {k: v.clone() for k, v in model.state_dict().items()})
-        model.load_state_dict(best[1])
-        # The fit's reservoir holds training windows only; the online phase starts with it.
-        set_learning_rate(self.learner, c.online_learning_rate)
-        if c.ewc_weight > 0:
-            self.learner.consolidate_forecasts(train, future, mask)
-        self.states: deque = deque(maxlen=c.window + horizon + 2)  # (rows consumed, state)
-        self.state = None
-        self.consumed = 0
-        self.online_steps = 0
-
-    # Layout: one sequence of all columns, or (channel_independent) each column its own sequence
-    # in the batch, sharing the weights, as PatchTST and NLinear treat multivariate series.
-    def _inputs(self, history: np.ndarray, first: int, end: int):
-        """Model inputs for rows [first, end): the rows, their changes from the row before (which
-        stay in range when the levels drift away from the training months), or both."""
-        import torch
-
-        rows = history[first:end]
-        before = history[first - 1 : end - 1] if first > 0 else np.concatenate([history[:1], history[: end - 1]])
-        parts = {"levels": [rows], "changes": [rows - before], "both": [rows, rows - before]}[self.config.inputs]
-        stacked = np.stack(parts, axis=-1)  # (T, columns, features)
-        if self.config.channel_independent:
-            return torch.from_numpy(np.ascontiguousarray(stacked.transpose(1, 0, 2)))
-        return torch.from_numpy(np.ascontiguousarray(stacked.reshape(len(rows), -1)))[None]
-
-    def _change_columns(self, columns: int) -> tuple[int, ...]:
-        """Where the rows' changes lie among the model inputs (see `_inputs`): the linear path
-        reads them alone, so that its forecast of the next changes does not hang on the levels,
-        which drift away from the training months."""
-        if self.config.inputs == "levels":
-            raise ValueError("LruConfig.linear_state needs inputs 'changes' or 'both'")
-        features = 2 if self.config.inputs == "both" else 1
-        per_sequence = 1 if self.config.channel_independent else columns
-        return tuple(column * features + features - 1 for column in range(per_sequence))
-
-    def _targets(self, history: np.ndarray, first: int, end: int, horizon: int):
-        future, mask = change_targets(history, first, end, horizon)  # (1, T, H, columns)
-        if self.config.channel_independent:
-            return future.permute(3, 1, 2, 0).contiguous(), mask.permute(3, 1, 2, 0).contiguous()
-        return future, mask
-
-    def _rows(self, forecast) -> np.ndarray:
-        """Model forecasts (B, …, H, n) as (…, H, columns)."""
-        if self.config.channel_independent:
-            return np.moveaxis(forecast[..., 0].numpy(), 0, -1)
-        return forecast[0].numpy()
-
-    def _frozen(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
-        """Forecasts of the given windows by the current weights, state from row 0."""
-        import torch
-
-        end = starts[-1]
-        inputs = self._inputs(series, 0, end)
-        scored = self.learner.score(inputs, torch.zeros((*inputs.shape[:2], self.learner.model.config.n_targets)))
-        events = np.asarray(starts) - 1  # event t forecasts rows t+1 …, as changes from row t
-        return self._rows(scored.forecast)[events] + series[events][:, None]
-
-    def _advance(self, history: np.ndarray) -> None:
-        """Carries the state through the rows not yet consumed, keeping recent states by row."""
-        keep = self.states.maxlen
-        bulk_end = len(history) - keep
-        if bulk_end > self.consumed:
-            self.state = self.learner.model(self._inputs(history, self.consumed, bulk_end), self.state)[1]
-            self.consumed = bulk_end
-        while self.consumed < len(history):
-            self.states.append((self.consumed, self.state))
-            self.state = self.learner.model(self._inputs(history, self.consumed, self.consumed + 1), self.state)[1]
-            self.consumed += 1
-
-    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            self._advance(history)
-        return history[-1] + self._rows(self.state.last_forecast)
-
-    def _state_before(self, row: int):
-        for consumed, state in self.states:
-            if consumed == row:
-                return state
-        return None
-
-    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
-        c = self.config
-        first = window - c.window  # BPTT over the rows [first, window): event window-1 forecasts `window`
-        state = self._state_before(first)
-        if first < 0 or state is None:
-            return
-        future, mask = self._targets(history, first, window, horizon)
-        mask[:, : c.window - c.newest_events] = False
-        self.learner.update_forecasts(self._inputs(history, first, window), future, mask, state)
-        self.online_steps += 1
-        if c.ewc_weight > 0 and self.online_steps % c.ewc_every == 0:
-            # From a zero state: the states kept reach back one window only, and the recurrence
-            # forgets its start within a few hundred rows.
-            recent = history[-c.ewc_every :]
-            future, mask = self._targets(recent, 0, len(recent), horizon)
-            self.learner.consolidate_forecasts(self._inputs(recent, 0, len(recent)), future, mask)
-
-    def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
-        return self._frozen(series, starts, horizon)
-
-
-def change_targets(history: np.ndarray, first: int, end: int, horizon: int):
-    """What the forecaster learns at events [first, end): the next H rows minus the event's own
-    row (as NLinear subtracts the last value: the model learns changes, not levels), and a mask
-    that is false where a target row lies beyond `history`."""
-    import torch
-
-    events = np.arange(first, end)
-    rows = events[:, None] + 1 + np.arange(horizon)[None]  # (T, H)
-    inside = rows < len(history)
-    values = history[np.minimum(rows, len(history) - 1)] - history[events][:, None]
-    mask = np.broadcast_to(inside[..., None], values.shape)
-    return torch.from_numpy(np.where(mask, values, 0.0).astype(np.float32))[None], torch.from_numpy(mask.copy())[None]
-
-
-@dataclass
 class EnsembleConfig:
     """configs/ett.yaml `ensemble`: the members of the `lru` method and how they are combined."""
 
@@ -522,125 +217,34 @@ class EnsembleConfig:
     temperature: float = 8.0
 
 
-class OnlineEnsemble(Method):
-    """Forecasters side by side, combined per horizon step and column by their recent losses
-    (the product's `lru_online.mixture`, one line). Each member forecasts and learns under the
-    protocol as if alone; a window's forecasts are judged when the window is learned, so under
-    `delayed` the weights use only targets that have arrived. The losses start from each
-    member's error on the validation rows.
-
-    No member can poison the combination: the mixture gives a member whose forecast is not
-    finite or leaves the bound of the values seen weight 0 and charges its loss clipped (see
-    lru_online.mixture); after the window is learned the member is reset to its last snapshot,
-    taken every `SNAPSHOT_WINDOWS` windows over which it stayed healthy."""
-
-    learns = True
-    SNAPSHOT_WINDOWS = 96
-
-    def __init__(self, members: dict[str, Method], combine: MixtureConfig, record: bool = False) -> None:
-        self.members = members
-        self.mixture = LossMixture(combine)
-        self.record = record  # keep every window's member forecasts (for bench/ett_tune.py)
-
-    def fit(self, series: np.ndarray, horizon: int) -> None:
-        valid = range(TRAIN_END, VALID_END - horizon + 1)
-        truth = true_windows(series, valid, horizon)
-        losses = []
-        for member in self.members.values():
-            member.fit(series, horizon)
-            losses.append(np.mean((member.rescore(series, valid, horizon) - truth) ** 2, axis=0))
-        self.starting_losses = np.stack(losses)
-        self.state = MixtureState.fresh(1, *self.starting_losses.shape, torch.from_numpy(self.starting_losses))
-        self.state = self.mixture.seen(self.state, torch.from_numpy(series[None, :VALID_END]))
-        self.seen = VALID_END
-        self.pending: dict[int, np.ndarray] = {}  # window start → member forecasts (K, H, C)
-        self.recorded: list[tuple[int, np.ndarray]] = []
-        self.report_weights = np.zeros(len(self.members))
-        self.report_windows = 0
-        self.snapshots = {name: copy.deepcopy(member) for name, member in self.members.items()}
-        self.healthy_windows = dict.fromkeys(self.members, 0)
-        self.diverged: set[str] = set()
-        self.resets = dict.fromkeys(self.members, 0)
-
-    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
-        if len(history) > self.seen:
-            self.state = self.mixture.seen(self.state, torch.from_numpy(history[None, self.seen :]))
-            self.seen = len(history)
-        forecasts = np.stack([member.forecast(history, horizon) for member in self.members.values()])
-        last = torch.from_numpy(np.repeat(history[-1:], horizon, axis=0))[None]
-        mixed = self.mixture.combine(self.state, torch.from_numpy(forecasts)[None], fallback=last)
-        healthy = mixed.healthy[0].numpy()
-        self.diverged |= {name for name, ok in zip(self.members, healthy, strict=True) if not ok}
-        self.pending[len(history)] = mixed.members[0].numpy()
-        if self.record:
-            self.recorded.append((len(history), self.pending[len(history)]))
-        if len(history) >= TUNING_END and healthy.any():
-            self.report_weights += mixed.weights[0].mean(dim=(1, 2)).numpy()
-            self.report_windows += 1
-        return mixed.forecast[0].numpy().astype(np.float32)
-
-    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
-        for member in self.members.values():
-            if member.learns:
-                member.learn(history, window, horizon)
-        forecasts = self.pending.pop(window, None)
-        if forecasts is not None:  # None: a window from before the stream began
-            truth = torch.from_numpy(history[window : window + horizon])[None]
-            self.state = self.mixture.observe(self.state, torch.from_numpy(forecasts)[None], truth)
-        for name in self.members:
-            if name in self.diverged:
-                self.members[name] = copy.deepcopy(self.snapshots[name])
-                self.healthy_windows[name] = 0
-                self.resets[name] += 1
-            else:
-                self.healthy_windows[name] += 1
-                if self.healthy_windows[name] >= self.SNAPSHOT_WINDOWS:
-                    self.snapshots[name] = copy.deepcopy(self.members[name])
-                    self.healthy_windows[name] = 0
-        self.diverged.clear()
-
-    def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
-        forecasts = np.stack([member.rescore(series, starts, horizon) for member in self.members.values()])
-        return np.einsum("khc,knhc->nhc", self.mixture.weights(self.state)[0].numpy(), forecasts)
-
-    def mean_report_weights(self) -> dict[str, float]:
-        """Each member's weight, averaged over horizon steps, columns and report windows."""
-        share = self.report_weights / max(self.report_windows, 1)
-        return {name: float(w) for name, w in zip(self.members, share, strict=True)}
+def lru_config(member: str = "blocks", variant: str | None = None) -> SeriesLruConfig:
+    """configs/ett.yaml `lru` for one LRU member: "blocks", the configured LRU blocks, or
+    "linear", the model's linear path alone (the `linear_path` fields changed); `variant` names
+    a `variants` entry (lru-replay, lru-ewc) whose fields change too."""
+    if member not in ("blocks", "linear"):
+        raise ValueError(f"member must be blocks or linear, got {member!r}")
+    fields = dict(load_config("ett").get("lru", {}))
+    linear_path, variants = fields.pop("linear_path", {}), fields.pop("variants", {})
+    if member == "linear":
+        fields.update(linear_path)
+    if variant:
+        fields.update(variants.get(variant, {}))
+    return SeriesLruConfig(**fields)
 
 
-def replay_combination(
-    recorded: list[tuple[int, np.ndarray]],
-    starting_losses: np.ndarray,
-    series: np.ndarray,
-    protocol: Protocol,
-    combine: MixtureConfig,
-) -> np.ndarray:
-    """The ensemble's forecasts (n, H, C) for recorded member forecasts (already clipped to the
-    bound) under other combination settings: the members do not depend on them, so tuning
-    needs no second stream."""
-    mixture = LossMixture(combine)
-    state = MixtureState.fresh(1, *starting_losses.shape, torch.from_numpy(starting_losses))
-    by_start = {start: torch.from_numpy(forecasts)[None] for start, forecasts in recorded}
-    out = []
-    for start, _ in recorded:
-        out.append(torch.einsum("bmhs,bmhs->bhs", mixture.weights(state), by_start[start])[0].numpy())
-        window = protocol.window_to_learn(start)
-        if window in by_start:
-            truth = torch.from_numpy(series[window : window + protocol.horizon])[None]
-            state = mixture.observe(state, by_start[window], truth)
-    return np.stack(out).astype(np.float32)
+def nlinear() -> OnlineNLinear:
+    return OnlineNLinear(NLinearConfig(**load_config("ett").get("linear", {})))
 
 
-MEMBERS: dict[str, Callable[[str | None], Method]] = {
-    "lru-blocks": lambda variant: LruStreamMethod(member="blocks", variant=variant),
-    "lru-linear": lambda variant: LruStreamMethod(member="linear", variant=variant),
-    "linear": lambda variant: OnlineNLinear(),
+MEMBERS: dict[str, Callable[[str | None], SeriesForecaster]] = {
+    "lru-blocks": lambda variant: LruSeriesForecaster(lru_config("blocks", variant)),
+    "lru-linear": lambda variant: LruSeriesForecaster(lru_config("linear", variant)),
+    "linear": lambda variant: nlinear(),
     "persistence": lambda variant: Persistence(),
 }
 
 
-def ensemble(variant: str | None = None, record: bool = False) -> OnlineEnsemble:
+def ensemble(variant: str | None = None, record: bool = False) -> SeriesEnsemble:
     """The configured `lru` method (configs/ett.yaml `ensemble`), its LRU members with a variant."""
     data = load_config("ett").get("ensemble", {})
     config = EnsembleConfig(**{**data, "members": tuple(data.get("members", EnsembleConfig.members))})
@@ -648,18 +252,18 @@ def ensemble(variant: str | None = None, record: bool = False) -> OnlineEnsemble
     if unknown:
         raise ValueError(f"configs/ett.yaml ensemble.members: unknown {sorted(unknown)}; known: {sorted(MEMBERS)}")
     members = {name: MEMBERS[name](variant) for name in config.members}
-    return OnlineEnsemble(members, MixtureConfig(config.half_life, config.temperature), record)
+    return SeriesEnsemble(members, MixtureConfig(config.half_life, config.temperature), record, TUNING_END)
 
 
 # Each builds a fresh method, given the index of the target column and the protocol's name (the
 # same configuration serves both protocols).
-METHODS: dict[str, Callable[[int, str], Method]] = {
+METHODS: dict[str, Callable[[int, str], SeriesForecaster]] = {
     "lru": lambda target, protocol: ensemble(),
-    "linear": lambda target, protocol: OnlineNLinear(),
+    "linear": lambda target, protocol: nlinear(),
     "persistence": lambda target, protocol: Persistence(),
     "snarimax": lambda target, protocol: RiverSnarimax(target),
-    "lru-blocks": lambda target, protocol: LruStreamMethod(member="blocks"),
-    "lru-linear": lambda target, protocol: LruStreamMethod(member="linear"),
+    "lru-blocks": lambda target, protocol: LruSeriesForecaster(lru_config("blocks")),
+    "lru-linear": lambda target, protocol: LruSeriesForecaster(lru_config("linear")),
     "lru-replay": lambda target, protocol: ensemble(variant="lru-replay"),
     "lru-ewc": lambda target, protocol: ensemble(variant="lru-ewc"),
 }
@@ -808,8 +412,8 @@ def main() -> None:
             result = run_stream(method, series.values, Protocol(args.protocol, horizon))
             streams.setdefault(name, {})[horizon] = result
             results.setdefault(name, {})[horizon] = figures(result, target)
-            if isinstance(method, OnlineEnsemble):
-                results[name][horizon]["member_weights"] = method.mean_report_weights()
+            if isinstance(method, SeriesEnsemble):
+                results[name][horizon]["member_weights"] = method.mean_weights()
             folder = args.out / name
             folder.mkdir(parents=True, exist_ok=True)
             np.savez(

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.ett import TUNING_END, Protocol, ensemble, load_series, replay_combination, run_stream
+from bench.ett import TUNING_END, Protocol, ensemble, load_series, run_stream
 from lru_online.mixture import MixtureConfig
+from lru_online.series_ensemble import replay_combination
 
 
 def main() -> None:
@@ -53,7 +54,12 @@ def main() -> None:
         starts = result.start
         persistence = float(np.mean((series[starts - 1][:, None] - result.true) ** 2))
         configured = replay_combination(
-            method.recorded, method.starting_losses, series, protocol, method.mixture.config
+            method.recorded,
+            method.starting_losses,
+            series,
+            horizon,
+            protocol.window_to_learn,
+            method.mixture.config,
         )
         np.testing.assert_allclose(configured, result.pred, rtol=1e-5, atol=1e-6)  # the replay is the ensemble
         members = np.stack([forecasts for _, forecasts in method.recorded], axis=1)  # (K, n, H, C)
@@ -65,7 +71,7 @@ def main() -> None:
         )
         for pair in grid:
             combined = replay_combination(
-                method.recorded, method.starting_losses, series, protocol, MixtureConfig(*pair)
+                method.recorded, method.starting_losses, series, horizon, protocol.window_to_learn, MixtureConfig(*pair)
             )
             ratios[pair].append(float(np.mean((combined - result.true) ** 2)) / persistence)
 

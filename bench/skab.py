@@ -59,7 +59,7 @@ from bench.anomaly_metrics import (
     match_changepoints,
     write_predictions,
 )
-from bench.common import load_config, pyplot, set_learning_rate
+from bench.common import load_config, pyplot
 
 TRAIN_ROWS = 400
 LABELS = ("anomaly", "changepoint")
@@ -364,7 +364,7 @@ class LruForecastResidual:
                 ),
             )
             epochs = c.fit_epochs
-        set_learning_rate(self.learner, c.learning_rate)
+        self.learner.set_learning_rate(c.learning_rate)
         z = self._tensor(rows)
         holdout = min(c.calibration_holdout_rows, len(rows) // 2)
         fit, held = z[:, : len(rows) - holdout], z[:, len(rows) - holdout :]
@@ -402,7 +402,7 @@ class LruForecastResidual:
             thresholds[lo:hi] = float(judged.thresholds[0])
             alarms[lo:hi] = judged.alarms[0].numpy()
             if not self.frozen and c.online_learning_rate > 0 and not judged.alarms.any():
-                set_learning_rate(self.learner, c.online_learning_rate)
+                self.learner.set_learning_rate(c.online_learning_rate)
                 self.learner.update(chunk, chunk, self.state)
             self.state = scored.state
         return Detection(alarms, raw, compared, thresholds)

@@ -96,6 +96,12 @@ class OnlineLearner:
         self.ewc = EWCPenalty(self.config.ewc_weight, self.config.ewc_decay)
         self.updates = 0
 
+    def set_learning_rate(self, value: float) -> None:
+        """Changes the optimizer's learning rate in place (its moments are kept): a fit at one
+        rate, then online updates at a smaller one."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
     # --- test ---------------------------------------------------------------------------
     @torch.no_grad()
     def score(

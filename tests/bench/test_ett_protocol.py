@@ -11,6 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lru_online.series_ensemble import SeriesEnsemble, replay_combination
+from lru_online.series_forecaster import Persistence
+from lru_online.series_lru import LruSeriesForecaster, SeriesLruConfig, change_targets
+from lru_online.series_nlinear import OnlineNLinear
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -76,8 +81,8 @@ class Recorder:
         self.forecast_lengths: list[int] = []
         self.learned: list[tuple[int, int, int]] = []  # (rows handed, window, last forecast start)
 
-    def fit(self, series, horizon):
-        assert len(series) == 3600
+    def fit(self, series, horizon, train_rows):
+        assert (len(series), train_rows) == (3600, 2880)
 
     def forecast(self, history, horizon):
         self.forecast_lengths.append(len(history))
@@ -114,7 +119,7 @@ def test_fsnet_hands_the_whole_target_right_after_the_forecast(ett, horizon):
 
 def test_change_targets_mask_rows_not_handed(ett):
     history = np.arange(20, dtype=np.float32).reshape(10, 2) ** 2
-    future, mask = ett.change_targets(history, 6, 9, horizon=3)
+    future, mask = change_targets(history, 6, 9, horizon=3)
     assert future.shape == mask.shape == (1, 3, 3, 2)
     # event 6 forecasts rows 7, 8, 9 as changes from row 6
     np.testing.assert_array_equal(future[0, 0].numpy(), history[7:10] - history[6])
@@ -134,12 +139,12 @@ def test_lru_under_delayed_learns_only_from_what_it_was_handed(ett, tmp_path, sh
     """The LRU method, end to end on a short protocol stretch, sees no row beyond what the
     driver hands it: its forecasts are the same whatever the unseen rows hold."""
     series = np.random.default_rng(3).normal(size=(14_400, 7)).astype(np.float32)
-    config = ett.LruConfig(d_model=8, d_state=8, window=8, fit_epochs=1, inputs="both", **shape)
+    config = SeriesLruConfig(d_model=8, d_state=8, window=8, fit_epochs=1, inputs="both", **shape)
     protocol = ett.Protocol("delayed", 4)
 
     def stream(data):
-        method = ett.LruStreamMethod(config)
-        method.fit(data[:3600], protocol.horizon)
+        method = LruSeriesForecaster(config)
+        method.fit(data[:3600], protocol.horizon, 2880)
         out = []
         for start in protocol.starts()[:40]:
             out.append(method.forecast(data[:start], protocol.horizon))
@@ -162,24 +167,30 @@ def test_lru_under_delayed_learns_only_from_what_it_was_handed(ett, tmp_path, sh
 @pytest.mark.parametrize("inputs", ["changes", "both"])
 @pytest.mark.parametrize("channel_independent", [False, True])
 def test_the_linear_path_reads_the_changes_of_the_rows(ett, inputs, channel_independent):
-    method = ett.LruStreamMethod(ett.LruConfig(inputs=inputs, channel_independent=channel_independent))
+    method = LruSeriesForecaster(SeriesLruConfig(inputs=inputs, channel_independent=channel_independent))
     history = np.random.default_rng(4).normal(size=(30, 7)).astype(np.float32)
     inputs_seen = method._inputs(history, 10, 20)  # (sequences, rows, features)
-    read = inputs_seen[..., list(method._change_columns(7))].numpy()
+    read = inputs_seen[..., list(method.change_columns(7))].numpy()
     changes = history[10:20] - history[9:19]  # (rows, columns)
     np.testing.assert_array_equal(read, changes.T[..., None] if channel_independent else changes[None])
 
 
-def test_the_linear_member_and_a_variant_change_their_fields(ett):
-    config = ett.LruConfig(
-        n_layers=2,
-        linear_path={"n_layers": 0, "linear_state": 16},
-        variants={"lru-ewc": {"ewc_weight": 5.0}},
-    )
-    linear_ewc = ett.LruStreamMethod(config, member="linear", variant="lru-ewc").config
+def test_the_linear_member_and_a_variant_change_their_fields(ett, monkeypatch):
+    configured = {
+        "lru": {
+            "n_layers": 2,
+            "inputs": "both",
+            "linear_path": {"n_layers": 0, "linear_state": 16},
+            "variants": {"lru-ewc": {"ewc_weight": 5.0}},
+        }
+    }
+    monkeypatch.setattr(ett, "load_config", lambda name: configured)
+    linear_ewc = ett.lru_config("linear", "lru-ewc")
     assert (linear_ewc.n_layers, linear_ewc.linear_state, linear_ewc.ewc_weight) == (0, 16, 5.0)
-    blocks = ett.LruStreamMethod(config).config
+    blocks = ett.lru_config("blocks")
     assert (blocks.n_layers, blocks.linear_state, blocks.ewc_weight) == (2, 0, 0.0)
+    with pytest.raises(ValueError, match="blocks or linear"):
+        ett.lru_config("convolution")
 
 
 def test_one_configuration_serves_both_protocols(ett):
@@ -195,7 +206,7 @@ class Constant:
 
     learns = False
 
-    def fit(self, series, horizon):
+    def fit(self, series, horizon, train_rows):
         pass
 
     def forecast(self, history, horizon):
@@ -208,8 +219,8 @@ class Constant:
 def _small_ensemble(ett, record=False):
     from lru_online.mixture import MixtureConfig
 
-    members = {"persistence": ett.Persistence(), "zero": Constant()}
-    return ett.OnlineEnsemble(members, MixtureConfig(half_life=12.0, temperature=4.0), record=record)
+    members = {"persistence": Persistence(), "zero": Constant()}
+    return SeriesEnsemble(members, MixtureConfig(half_life=12.0, temperature=4.0), record=record)
 
 
 @pytest.mark.parametrize("protocol", ["fsnet", "delayed"])
@@ -223,8 +234,9 @@ def test_the_ensemble_follows_the_member_that_carries_over(ett, protocol):
     persistence = float(np.mean((walk[result.start - 1][:, None] - result.true) ** 2))
     assert float(np.mean((result.pred[50:] - result.true[50:]) ** 2)) < 1.1 * persistence
     assert method.mixture.weights(method.state)[0, 0].min() > 0.95
-    replayed = ett.replay_combination(
-        method.recorded, method.starting_losses, walk, ett.Protocol(protocol, 4), method.mixture.config
+    window_to_learn = ett.Protocol(protocol, 4).window_to_learn
+    replayed = replay_combination(
+        method.recorded, method.starting_losses, walk, 4, window_to_learn, method.mixture.config
     )
     np.testing.assert_allclose(replayed, result.pred, rtol=1e-6)
 
@@ -251,9 +263,9 @@ def test_the_ensemble_under_delayed_weighs_only_what_has_arrived(ett):
     assert not np.array_equal(changed_weights, weights)
 
 
-def test_the_linear_path_needs_changes_among_the_inputs(ett):
+def test_the_linear_path_needs_changes_among_the_inputs():
     with pytest.raises(ValueError, match="needs inputs 'changes' or 'both'"):
-        ett.LruStreamMethod(ett.LruConfig(inputs="levels"))._change_columns(7)
+        SeriesLruConfig(inputs="levels", linear_state=8)
 
 
 def test_bench_writes_exchange_files_and_figures(ett, tmp_path, monkeypatch):
@@ -301,7 +313,7 @@ class Exploding:
     def __init__(self, after: int) -> None:
         self.after, self.learned, self.scale = after, 0, 1.0
 
-    def fit(self, series, horizon):
+    def fit(self, series, horizon, train_rows):
         pass
 
     def forecast(self, history, horizon):
@@ -327,14 +339,14 @@ def test_no_member_can_poison_the_ensemble(ett, protocol):
     rng = np.random.default_rng(8)
     walk = 5.0 + np.cumsum(rng.normal(scale=0.1, size=(14_400, 3)), axis=0).astype(np.float32)
     walk[3800:] += 50 * walk[:2880].std(axis=0)  # far outside anything the members were fitted on
-    members = {"persistence": ett.Persistence(), "linear": ett.OnlineNLinear(), "exploding": Exploding(after=30)}
-    method = ett.OnlineEnsemble(members, MixtureConfig(half_life=12.0, temperature=8.0))
+    members = {"persistence": Persistence(), "linear": OnlineNLinear(), "exploding": Exploding(after=30)}
+    method = SeriesEnsemble(members, MixtureConfig(half_life=12.0, temperature=8.0))
     result = ett.run_stream(method, walk, ett.Protocol(protocol, 4), forgetting=False, until=4100)
 
     assert np.isfinite(result.pred).all()
     assert method.resets["exploding"] >= 2 and method.resets["persistence"] == 0
     healthy_errors = []
-    for member in (ett.Persistence(), ett.OnlineNLinear()):
+    for member in (Persistence(), OnlineNLinear()):
         alone = ett.run_stream(member, walk, ett.Protocol(protocol, 4), forgetting=False, until=4100)
         with np.errstate(over="ignore", invalid="ignore"):
             error = float(np.mean((alone.pred - alone.true) ** 2))

@@ -1,0 +1,133 @@
+"""Series forecasters side by side on one series, combined per horizon step and column by their
+recent losses (lru_online.mixture, one line), as OneNet does: the ETT bench's `lru` method.
+
+Each member forecasts and learns under the protocol as if alone; a window's member forecasts
+are judged when the window is learned, so under a delayed protocol the weights use only
+targets that have arrived. The losses start from each member's error on the validation rows of
+its fit.
+
+No member can poison the combination: the mixture gives a member whose forecast is not finite
+or leaves the bound of the values seen weight 0 and charges its loss clipped (see
+lru_online.mixture); after the window is learned such a member is reset to its last snapshot,
+taken every `SNAPSHOT_WINDOWS` windows over which it stayed healthy.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
+from lru_online.series_forecaster import SeriesForecaster, target_windows
+
+
+class SeriesEnsemble(SeriesForecaster):
+    learns = True
+    SNAPSHOT_WINDOWS = 96  # healthy windows between snapshots (four days of an hourly series)
+
+    def __init__(
+        self,
+        members: dict[str, SeriesForecaster],
+        combine: MixtureConfig,
+        record: bool = False,
+        weights_counted_from: int = 0,
+    ) -> None:
+        self.members = members
+        self.mixture = LossMixture(combine)
+        self.record = record  # keep every window's member forecasts (to replay other settings)
+        self.weights_counted_from = weights_counted_from  # first window start `mean_weights` averages
+
+    def fit(self, series: np.ndarray, horizon: int, train_rows: int) -> None:
+        valid = range(train_rows, len(series) - horizon + 1)
+        truth = target_windows(series, valid, horizon)
+        losses = []
+        for member in self.members.values():
+            member.fit(series, horizon, train_rows)
+            losses.append(np.mean((member.rescore(series, valid, horizon) - truth) ** 2, axis=0))
+        self.starting_losses = np.stack(losses)
+        self.state = MixtureState.fresh(1, *self.starting_losses.shape, torch.from_numpy(self.starting_losses))
+        self.state = self.mixture.seen(self.state, torch.from_numpy(series[None]))
+        self.seen = len(series)
+        self.pending: dict[int, np.ndarray] = {}  # window start → member forecasts (K, H, C)
+        self.recorded: list[tuple[int, np.ndarray]] = []
+        self.weight_sums = np.zeros(len(self.members))
+        self.weighted_windows = 0
+        self.snapshots = {name: copy.deepcopy(member) for name, member in self.members.items()}
+        self.healthy_windows = dict.fromkeys(self.members, 0)
+        self.diverged: set[str] = set()
+        self.resets = dict.fromkeys(self.members, 0)
+
+    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
+        if len(history) > self.seen:
+            self.state = self.mixture.seen(self.state, torch.from_numpy(history[None, self.seen :]))
+            self.seen = len(history)
+        forecasts = np.stack([member.forecast(history, horizon) for member in self.members.values()])
+        last = torch.from_numpy(np.repeat(history[-1:], horizon, axis=0))[None]
+        mixed = self.mixture.combine(self.state, torch.from_numpy(forecasts)[None], fallback=last)
+        healthy = mixed.healthy[0].numpy()
+        self.diverged |= {name for name, ok in zip(self.members, healthy, strict=True) if not ok}
+        self.pending[len(history)] = mixed.members[0].numpy()
+        if self.record:
+            self.recorded.append((len(history), self.pending[len(history)]))
+        if len(history) >= self.weights_counted_from and healthy.any():
+            self.weight_sums += mixed.weights[0].mean(dim=(1, 2)).numpy()
+            self.weighted_windows += 1
+        return mixed.forecast[0].numpy().astype(np.float32)
+
+    def learn(self, history: np.ndarray, window: int, horizon: int) -> None:
+        for member in self.members.values():
+            if member.learns:
+                member.learn(history, window, horizon)
+        forecasts = self.pending.pop(window, None)
+        if forecasts is not None:  # None: a window from before the stream began
+            truth = torch.from_numpy(history[window : window + horizon])[None]
+            self.state = self.mixture.observe(self.state, torch.from_numpy(forecasts)[None], truth)
+        for name in self.members:
+            if name in self.diverged:
+                self.members[name] = copy.deepcopy(self.snapshots[name])
+                self.healthy_windows[name] = 0
+                self.resets[name] += 1
+            else:
+                self.healthy_windows[name] += 1
+                if self.healthy_windows[name] >= self.SNAPSHOT_WINDOWS:
+                    self.snapshots[name] = copy.deepcopy(self.members[name])
+                    self.healthy_windows[name] = 0
+        self.diverged.clear()
+
+    def rescore(self, series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
+        forecasts = np.stack([member.rescore(series, starts, horizon) for member in self.members.values()])
+        return np.einsum("khc,knhc->nhc", self.mixture.weights(self.state)[0].numpy(), forecasts)
+
+    def mean_weights(self) -> dict[str, float]:
+        """Each member's weight, averaged over horizon steps, columns and the windows from
+        `weights_counted_from` on."""
+        share = self.weight_sums / max(self.weighted_windows, 1)
+        return {name: float(w) for name, w in zip(self.members, share, strict=True)}
+
+
+def replay_combination(
+    recorded: list[tuple[int, np.ndarray]],
+    starting_losses: np.ndarray,
+    series: np.ndarray,
+    horizon: int,
+    window_to_learn: Callable[[int], int],
+    combine: MixtureConfig,
+) -> np.ndarray:
+    """The ensemble's forecasts (n, H, C) for recorded member forecasts (already clipped to the
+    bound) under other combination settings, `window_to_learn(start)` being the window the
+    protocol lets it learn after forecasting `start`: the members do not depend on the
+    combination, so trying its settings needs no second stream."""
+    mixture = LossMixture(combine)
+    state = MixtureState.fresh(1, *starting_losses.shape, torch.from_numpy(starting_losses))
+    by_start = {start: torch.from_numpy(forecasts)[None] for start, forecasts in recorded}
+    out = []
+    for start, _ in recorded:
+        out.append(torch.einsum("bmhs,bmhs->bhs", mixture.weights(state), by_start[start])[0].numpy())
+        window = window_to_learn(start)
+        if window in by_start:
+            truth = torch.from_numpy(series[window : window + horizon])[None]
+            state = mixture.observe(state, by_start[window], truth)
+    return np.stack(out).astype(np.float32)
