@@ -53,7 +53,12 @@ import torch
 
 from bench.common import library_versions
 from bench.forgetting import processed_outputs, sequences
-from flows.model.forecast_mixture import MixtureSetup, residuals_from_a_fresh_mixture
+from flows.model.forecast_mixture import (
+    MixtureSetup,
+    forecasts_from_residuals,
+    latest_readings,
+    residuals_from_a_fresh_mixture,
+)
 from flows.settings import Settings, load_settings
 from lru_online.mixture import MixtureConfig
 from lru_online.online_linear import OnlineLinearConfig
@@ -97,18 +102,7 @@ def load_set(settings: Settings, share: float) -> SeriesSet:
     def padded(columns: list[str]) -> torch.Tensor:
         return torch.from_numpy(batch.padded(ordered[columns].to_numpy(np.float64), fill=np.nan))
 
-    model_residual = padded([f"alarm_residual_{s}" for s in spec.sensors])
-    forecast_of_row = targets - model_residual  # the model's forecast of each row, made the row before
-    made_at = torch.cat([forecast_of_row[:, 1:], torch.full_like(forecast_of_row[:, :1], np.nan)], 1)
-    # Where the next reading is missing its forecast is not in the output, but the model made a
-    # finite one, and a missing member forecast counts as a diverged member for the whole line.
-    # No loss is charged against a missing reading, so any finite value stands in for it: the
-    # line's latest reading (0, the standardised mean, before its first).
-    finite = torch.isfinite(targets)
-    index = torch.where(finite, torch.arange(targets.shape[1])[None, :, None], -1).cummax(dim=1).values
-    latest = torch.where(index >= 0, targets.gather(1, index.clamp(min=0)), 0.0)
-    next_missing = torch.cat([~finite[:, 1:], torch.ones_like(finite[:, :1])], 1)
-    made_at = torch.where(next_missing & ~torch.isfinite(made_at), latest, made_at)
+    model_forecast = forecasts_from_residuals(targets, padded([f"alarm_residual_{s}" for s in spec.sensors]))
     tuning = torch.from_numpy(batch.padded(ordered["tuning"].to_numpy(), fill=False))
     line_of = ordered[spec.entity_column].astype(str).to_numpy()[batch.offsets[:-1]]
     folder = f"{settings.workdir.parent.name}/{settings.workdir.name}"  # benches name theirs OUT/work
@@ -116,8 +110,8 @@ def load_set(settings: Settings, share: float) -> SeriesSet:
         name=folder,
         series=[f"{folder}/{line}" for line in line_of],
         targets=targets,
-        model_forecast=made_at[:, :, None, :],
-        latest=torch.where(index >= 0, latest, np.nan),
+        model_forecast=model_forecast,
+        latest=latest_readings(targets),
         steps=steps,
         stored=padded([f"residual_{s}" for s in spec.sensors]),
         tuning=tuning,

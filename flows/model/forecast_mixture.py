@@ -168,6 +168,30 @@ def residuals_from_a_fresh_mixture(
     return mix_lines(setup, model_forecast, targets, steps, fresh, None).residuals
 
 
+def latest_readings(targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, S) each row's latest finite reading per sensor, up to and including the row; NaN
+    before a line's first reading of the sensor."""
+    finite = torch.isfinite(targets)
+    index = torch.where(finite, torch.arange(targets.shape[1])[None, :, None], -1).cummax(dim=1).values
+    return torch.where(index >= 0, targets.gather(1, index.clamp(min=0)), math.nan)
+
+
+def forecasts_from_residuals(targets: torch.Tensor, model_residuals: torch.Tensor) -> torch.Tensor:
+    """(B, T, 1, S) the one-step forecast a model made at each row of B right-padded lines, read
+    back from the readings `targets` (B, T, S) and the model's one-step residuals there
+    (`alarm_residual_*`, (B, T, S)): the forecast made at row t is row t+1's reading minus its
+    residual. Where row t+1's reading is missing the output holds no residual, though the model
+    made a finite forecast, and a missing member forecast would count as a diverged member for
+    the whole line; no loss is charged against a missing reading, so any finite value stands in:
+    the line's latest reading (0, the standardised mean, before its first)."""
+    targets = targets.to(torch.float64)
+    forecast_of_row = targets - model_residuals.to(torch.float64)
+    made_at = torch.cat([forecast_of_row[:, 1:], torch.full_like(forecast_of_row[:, :1], math.nan)], 1)
+    next_missing = torch.cat([~torch.isfinite(targets[:, 1:]), torch.ones_like(targets[:, :1], dtype=torch.bool)], 1)
+    stand_in = latest_readings(targets).nan_to_num(0.0)
+    return torch.where(next_missing & ~torch.isfinite(made_at), stand_in, made_at)[:, :, None, :]
+
+
 def keep_linear_member(stored: bytes | None, promoted: bytes) -> bytes:
     """A line's record for a promoted model: the promoted model's hidden state (`promoted`, a
     bare `RecurrentState` record) beside the linear member's tensors of the line's stored

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -35,7 +36,12 @@ from features import FeatureBatch
 from flows import faults
 from flows.model.file_step import carried_state
 from flows.model.fleet import new_learner, save_checkpoint
-from flows.model.forecast_mixture import MixtureSetup, keep_linear_member, residuals_from_a_fresh_mixture
+from flows.model.forecast_mixture import (
+    MixtureSetup,
+    forecasts_from_residuals,
+    keep_linear_member,
+    residuals_from_a_fresh_mixture,
+)
 from flows.model.live import LiveModel
 from flows.model.reference import build_reference
 from flows.model.registry_package import register_version
@@ -75,7 +81,10 @@ class RecentWindow:
     train: FeatureBatch
     full: FeatureBatch
     holdout: np.ndarray  # (rows of `full`,) bool: the held-out rows
-    holdout_residuals: np.ndarray  # the champion's test-then-train residuals there
+    stored_residuals: np.ndarray  # (rows of `full`, sensors) the champion's test-then-train residuals
+    # With the mixture on, the champion model's own one-step residuals on every row (the
+    # `alarm_residual_*` columns), from which its forecasts are read back.
+    model_residuals: np.ndarray | None
     holdout_update_index: int  # the champion's update count when the first held-out row's batch began
     raw: np.ndarray  # readings of every row
     last_sequence: int
@@ -136,8 +145,18 @@ def _load_window(live: LiveModel) -> RecentWindow | None:
     if summaries.empty:
         return None
     residuals = [f"residual_{s}" for s in spec.sensors]
+    model_residuals = [f"alarm_residual_{s}" for s in spec.sensors] if live.settings.mixture.enabled else []
     readings = [f"raw_{s}" for s in spec.sensors]
-    rows = _read_rows(live, summaries, [*_feature_columns(live), *readings, *residuals])
+    columns = [*_feature_columns(live), *readings, *residuals]
+    try:
+        rows = _read_rows(live, summaries, [*columns, *model_residuals])
+    except ValueError:
+        if not model_residuals:
+            raise
+        # Files written before the mixture was switched on hold no model residuals: the champion
+        # is then judged by its stored residuals, as with the mixture off.
+        model_residuals = []
+        rows = _read_rows(live, summaries, columns)
     line = rows[spec.entity_column]
     from_end = rows.groupby(line, sort=False).cumcount(ascending=False)  # 0 = a line's newest row
     rows = rows[(from_end < settings.window_rows).to_numpy()].reset_index(drop=True)
@@ -165,16 +184,42 @@ def _load_window(live: LiveModel) -> RecentWindow | None:
         train=FeatureBatch.from_frame(rows[train], spec, runs_by),
         full=FeatureBatch.from_frame(rows, spec, runs_by),
         holdout=holdout,
-        holdout_residuals=rows.loc[holdout, residuals].to_numpy(np.float64),
+        stored_residuals=rows[residuals].to_numpy(np.float64),
+        model_residuals=rows[model_residuals].to_numpy(np.float64) if model_residuals else None,
         holdout_update_index=min(int(update_index.get((e, int(s))) or 0) for e, s in first_held.items()),
         raw=rows[readings].to_numpy(np.float64),
         last_sequence=last_sequence,
     )
 
 
-def _champion_mse(window: RecentWindow) -> float:
-    finite = window.holdout_residuals[np.isfinite(window.holdout_residuals)]
+def _held_out_mse(window: RecentWindow, residuals: np.ndarray) -> float:
+    """Mean squared residual over the held-out rows of `residuals` (rows of `full`, sensors)."""
+    held = residuals[window.holdout]
+    finite = held[np.isfinite(held)]
     return float(np.mean(finite**2)) if finite.size else float("nan")
+
+
+def _through_a_fresh_mixture(window: RecentWindow, mixture: MixtureSetup, forecast: torch.Tensor) -> np.ndarray:
+    """The residuals (rows of `full`, sensors) of one-step model forecasts (lines, T, 1, S) put
+    through a mixture started afresh at each line's window: how that model would forecast the
+    window as a line's forecaster."""
+    _, y, _, steps = window.full.tensors()
+    residuals = residuals_from_a_fresh_mixture(mixture, forecast, y, steps)
+    return window.full.flat(residuals.numpy())
+
+
+def _champion_mse(window: RecentWindow, mixture: MixtureSetup | None) -> float:
+    """The champion's held-out one-step MSE, as it forecast those rows before learning from them.
+    With the mixture on, its model's forecasts (read back from its own residuals) go through a
+    mixture started afresh at the window's start, as the challenger's do: the stored mixed
+    residuals come from a mixture that has weighed its members for the whole stream, and a
+    fresh one would give the champion a handicap the challenger does not have."""
+    if mixture is None or window.model_residuals is None:
+        return _held_out_mse(window, window.stored_residuals)
+    _, y, _, _ = window.full.tensors()
+    model_residuals = torch.from_numpy(window.full.padded(window.model_residuals, fill=np.nan))
+    forecast = forecasts_from_residuals(y, model_residuals)
+    return _held_out_mse(window, _through_a_fresh_mixture(window, mixture, forecast))
 
 
 def _evaluate(
@@ -182,17 +227,16 @@ def _evaluate(
 ) -> tuple[float, dict[str, bytes]]:
     """Held-out one-step MSE over all lines, each read from a zero state, and each line's state
     at its newest event (the end of its last sequence: rows are in time order). With the
-    mixture on, the champion's stored residuals are its mixture's, so the challenger is judged
-    as it would forecast once promoted: through a mixture started afresh on each line."""
+    mixture on, its one-step forecasts go through a mixture started afresh on each line's
+    window, as the champion's do (`_champion_mse`)."""
     u, y, dt, steps = window.full.tensors()
     scored = learner.score(u, y, None, dt, steps)
-    residuals = scored.residuals
-    if mixture is not None:
-        residuals = residuals_from_a_fresh_mixture(mixture, scored.forecast, y, steps)
-    held = window.full.flat(residuals.float().numpy())[window.holdout]
-    finite = held[np.isfinite(held)]
+    if mixture is None:
+        residuals = window.full.flat(scored.residuals.float().numpy())
+    else:
+        residuals = _through_a_fresh_mixture(window, mixture, scored.forecast[:, :, :1])
     states = {e: s.to_bytes() for e, s in zip(window.full.entities, scored.state.unbind(), strict=True)}
-    return (float(np.mean(finite**2)) if finite.size else float("nan")), states
+    return _held_out_mse(window, residuals), states
 
 
 def _catch_up(live: LiveModel, learner: OnlineLearner, hidden: dict[str, bytes], after: int) -> int:
@@ -278,8 +322,7 @@ def retrain(
     champion = live.load()
 
     challenger = new_learner(settings, live.spec)
-    for group in challenger.optimizer.param_groups:
-        group["lr"] = settings.retrain.learning_rate
+    challenger.set_learning_rate(settings.retrain.learning_rate)
     challenger.replay.load_state_dict(champion.replay.state_dict())
     challenger.forget_replay_from(window.holdout_update_index)
     u, y, dt, steps = window.train.tensors()
@@ -288,7 +331,7 @@ def retrain(
         challenger.update(u, y, None, dt, steps, lines_per_step=groups)["loss"] for _ in range(settings.retrain.epochs)
     ]
 
-    champion_mse = _champion_mse(window)
+    champion_mse = _champion_mse(window, settings.mixture.setup())
     challenger_mse, challenger_states = _evaluate(challenger, window, settings.mixture.setup())
     margin = settings.retrain.margin
     promoted = bool(challenger_mse < champion_mse * (1 - margin))

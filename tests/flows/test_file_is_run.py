@@ -16,7 +16,7 @@ from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_featur
 from flows.ingest.landing import read_batch
 from flows.model.initial_training import training_features, training_sequences
 from flows.model.registry_package import ScoringSetup, signature
-from flows.model.retraining import _evaluate, _load_window
+from flows.model.retraining import _champion_mse, _evaluate, _load_window
 from flows.orchestrate.pipeline import Pipeline
 from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import LogSchema
@@ -158,3 +158,34 @@ def test_retraining_reads_each_file_of_a_line_as_its_own_run(tmp_path, prefect_a
     residuals = np.concatenate(held_out)
     finite = residuals[np.isfinite(residuals)]
     assert mse == pytest.approx(float(np.mean(finite**2)), rel=1e-5)
+
+
+def test_with_the_mixture_on_champion_and_challenger_are_judged_through_the_same_fresh_mixture(tmp_path, prefect_api):
+    """Learning off and each file a run, so the champion forecast every held-out row as the
+    frozen model reading that file from a zero state: a challenger that is the champion's model
+    must then be judged exactly as the champion, both through a mixture started afresh at the
+    window (each file's, as each file is a run)."""
+    schema = LogSchema().model_dump() | {"file_is_run": True}
+    settings, config = small_config(
+        tmp_path,
+        log_schema=schema,
+        update={"learning_rate": 0.0, "replay_batch": 0},
+        initial_training={"batches": 2, "epochs": 2},
+        drift={"on_detect": "record"},
+        retrain={"window_rows": 120, "holdout_rows": 40, "epochs": 1},
+        mixture={"enabled": True, "half_life": 6.0, "temperature": 4.0},
+    )
+    small_plant(settings, entities=2, batches=6, rows_per_batch=40, plant_files=True, broken_batches={})
+    continual_update(config=config)
+
+    pipeline = Pipeline(settings)
+    try:
+        window = _load_window(pipeline.live)
+        champion = pipeline.live.load()
+    finally:
+        pipeline.close()
+    setup = settings.mixture.setup()
+    assert window.model_residuals is not None
+    challenger_mse, _ = _evaluate(champion, window, setup)
+    champion_mse = _champion_mse(window, setup)
+    assert champion_mse == pytest.approx(challenger_mse, rel=1e-5)

@@ -245,3 +245,41 @@ def test_a_linear_member_that_diverged_on_a_line_is_reset_there_and_cannot_poiso
     assert mixed.linear.weights[1].abs().max() > 0
     stored = OnlineLinearState.from_tensors(mixed.records()[0], LINEAR_PREFIX)
     assert (stored.weights == 0).all()
+
+
+def test_retraining_judges_the_champion_through_a_mixture_started_at_its_window(tmp_path, prefect_api):
+    """Learning off, so the champion forecast every row as one pass of its frozen model over the
+    line (the independent reference): its held-out MSE for a retraining is that pass's forecasts
+    of the window put through a fresh mixture, as the challenger's are, read back from the
+    stored model residuals; not its stored mixed residuals, which a mixture carried through the
+    whole stream made."""
+    from flows.model.retraining import _champion_mse, _load_window
+    from flows.orchestrate.pipeline import Pipeline
+
+    settings, config = small_config(
+        tmp_path,
+        update={"learning_rate": 0.0, "replay_batch": 0},
+        initial_training={"batches": 1, "epochs": 1},
+        drift={"on_detect": "record"},
+        retrain={"window_rows": 120, "holdout_rows": 40, "epochs": 1},
+        mixture=MIXTURE,
+    )
+    truth = small_plant(settings, entities=1, batches=5, rows_per_batch=90, broken_batches={})
+    originals = {name: read_batch(settings.paths.landing / name, settings.log_schema) for name in truth.files}
+    continual_update(config=config)
+    run = one_pass(settings, originals, "line-1")
+    pipeline = Pipeline(settings)
+    try:
+        window = _load_window(pipeline.live)
+    finally:
+        pipeline.close()
+
+    setup = settings.mixture.setup()
+    u, y, dt, steps = run.features.tensors()
+    model = run.learner.score(u, y, None, dt, steps)
+    recent = slice(y.shape[1] - 120, None)
+    residuals = residuals_from_a_fresh_mixture(setup, model.forecast[:, recent, :1], y[:, recent], steps[:, recent])
+    held = residuals[0, -40:].numpy()
+    expected = float(np.mean(held[np.isfinite(held)] ** 2))
+    assert _champion_mse(window, setup) == pytest.approx(expected, rel=1e-4)
+    assert _champion_mse(window, None) != pytest.approx(expected, rel=1e-3)  # the stored mixed residuals'

@@ -58,7 +58,7 @@ def test_a_challenger_trained_while_files_land_catches_up_on_them_and_is_swapped
 
     monkeypatch.setattr(retraining, "_evaluate", files_land_while_it_trains)
     # Injected: a champion whose held-out error blew up, so the challenger surely wins.
-    monkeypatch.setattr(retraining, "_champion_mse", lambda window: float("inf"))
+    monkeypatch.setattr(retraining, "_champion_mse", lambda window, mixture: float("inf"))
     pipeline = Pipeline(settings)
     try:
         outcome = retraining.retrain(pipeline.live, pipeline.tracker)
