@@ -4,6 +4,10 @@ Layout: magic b"LRUT", format version (u32), header length (u64), a UTF-8 JSON h
 the raw little-endian tensor bytes. Decoding parses JSON and copies bytes into tensors of
 whitelisted dtypes after checking every offset and size, so untrusted bytes can at worst be
 rejected — nothing in them is ever executed.
+
+A fleet stores one record per line, and thousands of lines are written and read per file:
+`encode_lines` and `decode_lines` do that for all lines at once (one header, one array of
+bodies), giving and taking the same bytes as `encode` and `decode` line by line.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 MAGIC = b"LRUT"
@@ -57,6 +62,79 @@ def encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None)
         offset += len(raw)
     header = json.dumps({"meta": meta or {}, "tensors": entries}, sort_keys=True).encode()
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
+
+
+def encode_lines(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> list[bytes]:
+    """One record per line of tensors whose dimension 0 is the line (each (B, ...)): record b is
+    the bytes `encode` gives for {name: tensor[b : b + 1]}, every line's tensors keeping a
+    leading dimension of 1. Built from one header and one (B, body bytes) array."""
+    lines = {tensor.shape[0] for tensor in tensors.values() if tensor.dim() > 0}
+    if len(lines) != 1 or any(tensor.dim() == 0 for tensor in tensors.values()):
+        raise ValueError(f"codec.encode_lines: tensors need one leading line dimension, got {len(lines)} sizes")
+    count = lines.pop()
+    if count == 0:
+        return []
+    entries, bodies, offset = [], [], 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _NAMES:
+            raise TypeError(f"codec: tensor {name!r} has unsupported dtype {tensor.dtype}")
+        data = tensor.detach().to("cpu").contiguous()
+        nbytes = math.prod(data.shape[1:]) * _ITEMSIZE[data.dtype]
+        shape = [1, *data.shape[1:]]
+        entries.append({"name": name, "dtype": _NAMES[data.dtype], "shape": shape, "offset": offset, "nbytes": nbytes})
+        if nbytes:
+            bodies.append(data.reshape(count, -1).view(torch.uint8).numpy())
+        offset += nbytes
+    header = json.dumps({"meta": meta or {}, "tensors": entries}, sort_keys=True).encode()
+    start = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
+    body = np.concatenate(bodies, axis=1) if bodies else np.empty((count, 0), dtype=np.uint8)
+    return [start + row.tobytes() for row in body]
+
+
+class LineGroup(NamedTuple):
+    """Records of several lines that share one layout, read together (`decode_lines`)."""
+
+    lines: list[int]  # their positions in the list of records given
+    tensors: dict[str, torch.Tensor]  # each (len(lines), ...): line i's tensors at row i
+    meta: dict[str, Any]
+
+
+def decode_lines(records: list[bytes | None]) -> list[LineGroup]:
+    """The records of many lines (None: a line without one), read once per layout: records
+    with the same header and length are one group, its first record checked as `decode`
+    checks any record and the others read from one array of their bodies. Tensors stored with
+    a leading dimension of 1 (as `encode_lines` writes them) come back stacked along it; a
+    record whose tensors are not all of that shape is a group of its own, as `decode` reads it."""
+    layouts: dict[bytes, list[int]] = {}
+    for index, data in enumerate(records):
+        if not data:
+            continue
+        if len(data) < _PREFIX.size:
+            raise CodecError(f"codec: {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+        header_len = _PREFIX.unpack_from(data)[2]
+        key = bytes(data[: _PREFIX.size + min(header_len, _MAX_HEADER_BYTES)]) + struct.pack("<Q", len(data))
+        layouts.setdefault(key, []).append(index)
+    groups = []
+    for key, lines in layouts.items():
+        tensors, meta = decode(records[lines[0]])
+        if len(lines) == 1 or any(tensor.shape[:1] != (1,) for tensor in tensors.values()):
+            groups.extend(LineGroup([i], *decode(records[i])) for i in lines)
+            continue
+        body_start = len(key) - 8
+        bodies = np.frombuffer(b"".join(memoryview(records[i])[body_start:] for i in lines), dtype=np.uint8)
+        bodies = bodies.reshape(len(lines), -1)
+        entries = json.loads(records[lines[0]][_PREFIX.size : body_start].decode())["tensors"]
+        stacked = {}
+        for entry in entries:
+            tensor = tensors[entry["name"]]
+            part = bodies[:, entry["offset"] : entry["offset"] + entry["nbytes"]]
+            stacked[entry["name"]] = (
+                torch.from_numpy(part.copy()).view(tensor.dtype).reshape(len(lines), *tensor.shape[1:])
+                if entry["nbytes"]
+                else torch.empty((len(lines), *tensor.shape[1:]), dtype=tensor.dtype)
+            )
+        groups.append(LineGroup(lines, stacked, meta))
+    return groups
 
 
 def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

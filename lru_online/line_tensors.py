@@ -26,6 +26,16 @@ class LineTensors:
         """Line `index` alone (B = 1), copied."""
         return type(self)(**{name: tensor[index : index + 1].clone() for name, tensor in self._tensors().items()})
 
+    def place(self, lines: list[int], other: Self) -> Self:
+        """A copy with the given lines replaced by `other`'s rows, in order (len(lines) of them)."""
+        index = torch.as_tensor(lines, dtype=torch.long)
+        replaced = {}
+        for name, tensor in self._tensors().items():
+            tensor = tensor.clone()
+            tensor[index] = getattr(other, name).to(tensor.dtype)
+            replaced[name] = tensor
+        return type(self)(**replaced)
+
     @classmethod
     def cat(cls, states: list[Self]) -> Self:
         if not states:

@@ -44,6 +44,22 @@ class RecurrentState:
         forecast = self.last_forecast[rows] if self.last_forecast is not None else None
         return RecurrentState([h[rows] for h in self.hidden], forecast)
 
+    def place(self, rows: list[int], other: RecurrentState) -> RecurrentState:
+        """A copy with the given rows replaced by `other`'s, in order; rows `other` carries no
+        forecast for keep this state's."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+
+        def replaced(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            out = mine.clone()
+            out[index] = theirs.to(out.dtype)
+            return out
+
+        hidden = [replaced(mine, theirs) for mine, theirs in zip(self.hidden, other.hidden, strict=True)]
+        forecast = self.last_forecast
+        if forecast is not None and other.last_forecast is not None:
+            forecast = replaced(forecast, other.last_forecast)
+        return RecurrentState(hidden, forecast)
+
     @staticmethod
     def cat(states: list[RecurrentState]) -> RecurrentState:
         """Stacks states along the batch axis (the inverse of `unbind`)."""
@@ -59,18 +75,25 @@ class RecurrentState:
         forecast = torch.cat([s.last_forecast for s in states]) if all(has_forecast) else None
         return RecurrentState(hidden, forecast)
 
-    def to_bytes(self, beside: dict[str, torch.Tensor] | None = None) -> bytes:
-        """The state's bytes; `beside`: more tensors of the same line's forecaster stored with
-        it (a mixture's, lru_online.mixture), which `from_bytes` leaves alone."""
+    def _record(self, beside: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         tensors = {f"hidden.{i}": h for i, h in enumerate(self.hidden)}
         if self.last_forecast is not None:
             tensors["last_forecast"] = self.last_forecast
         if beside:
             clash = set(beside) & set(tensors)
             if clash:
-                raise ValueError(f"RecurrentState.to_bytes: {sorted(clash)} are the state's own tensors")
+                raise ValueError(f"RecurrentState: {sorted(clash)} are the state's own tensors")
             tensors |= beside
-        return codec.encode(tensors, {"kind": "RecurrentState", "layers": len(self.hidden)})
+        return tensors
+
+    def to_bytes(self, beside: dict[str, torch.Tensor] | None = None) -> bytes:
+        """The state's bytes; `beside`: more tensors of the same line's forecaster stored with
+        it (a mixture's, lru_online.mixture), which `from_bytes` leaves alone."""
+        return codec.encode(self._record(beside), {"kind": "RecurrentState", "layers": len(self.hidden)})
+
+    def lines_to_bytes(self, beside: dict[str, torch.Tensor] | None = None) -> list[bytes]:
+        """Each row's `to_bytes(beside=...)` (`beside`: tensors of B rows), written at once."""
+        return codec.encode_lines(self._record(beside), {"kind": "RecurrentState", "layers": len(self.hidden)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RecurrentState:

@@ -143,25 +143,24 @@ def _counts(values: dict) -> dict[str, int]:
 
 def carried_state(learner: OnlineLearner, entities: list[str], hidden: dict[str, bytes | None]) -> RecurrentState:
     """The lines' hidden states stacked in order; a new line starts from zero with no forecast."""
-    return _stacked_states(learner, _decoded_records(entities, hidden))
+    return _stacked_states(learner, _decoded_records(entities, hidden), len(entities))
 
 
-def _decoded_records(entities: list[str], hidden: dict[str, bytes | None]) -> list[tuple[dict, dict] | None]:
-    """Each line's stored forecaster record, read once (None: the line has none)."""
-    return [codec.decode(hidden[e]) if hidden.get(e) else None for e in entities]
+def _decoded_records(entities: list[str], hidden: dict[str, bytes | None]) -> list[codec.LineGroup]:
+    """The lines' stored forecaster records, read at once (grouped by layout; a line without
+    one is in no group)."""
+    return codec.decode_lines([hidden.get(e) for e in entities])
 
 
-def _stacked_states(learner: OnlineLearner, records: list[tuple[dict, dict] | None]) -> RecurrentState:
+def _stacked_states(learner: OnlineLearner, records: list[codec.LineGroup], lines: int) -> RecurrentState:
     model = learner.model
-    states = []
-    for record in records:
-        if record is not None:
-            states.append(RecurrentState.from_decoded(*record))
-            continue
-        fresh = model.initial_state(1)
-        forecast = torch.full((1, model.config.horizon, model.config.n_targets), float("nan"))
-        states.append(RecurrentState(fresh.hidden, forecast))
-    return RecurrentState.cat(states)
+    state = RecurrentState(
+        model.initial_state(lines).hidden,
+        torch.full((lines, model.config.horizon, model.config.n_targets), float("nan")),
+    )
+    for group in records:
+        state = state.place(group.lines, RecurrentState.from_decoded(group.tensors, group.meta))
+    return state
 
 
 def score_lines(
@@ -175,14 +174,15 @@ def score_lines(
     .forecast_mixture) and each line's record carries its mixture state too."""
     u, y, dt, steps = features.tensors()
     records = _decoded_records(features.entities, hidden)
-    state = _stacked_states(learner, records)
+    state = _stacked_states(learner, records, len(features.entities))
     scored = learner.score(u, y, state, dt, steps)
     forecast, residuals, scores, ends = scored.forecast, scored.residuals, scored.scores, scored.state
-    beside: list[dict | None] = [None] * len(features.entities)
+    beside = None
     judged = None
     if mixture is not None:
         config = learner.model.config
-        carried = carried_mixtures([r[0] if r else None for r in records], mixture, config.horizon, config.n_targets)
+        lines = len(features.entities)
+        carried = carried_mixtures(records, lines, mixture, config.horizon, config.n_targets)
         mixed = mix_lines(mixture, forecast, y, steps, carried, state.last_forecast)
         judged = features.flat(alarm_residuals(residuals, mixed, steps).float().numpy())
         forecast, residuals, scores = mixed.forecast.float(), mixed.residuals.float(), mixed.scores.float()
@@ -192,15 +192,12 @@ def score_lines(
             reset = mixed.model_diverged[:, None]
             hidden = [torch.where(reset, new, old) for new, old in zip(fresh, hidden, strict=True)]
         ends = RecurrentState(hidden, mixed.last_forecast.float())
-        beside = mixed.records()
+        beside = mixed.record_tensors()
     result = ScoredLines(
         forecast=features.flat(forecast.numpy()),
         residuals=features.flat(residuals.numpy()),
         scores=features.flat(scores.numpy()),
-        hidden={
-            entity: end.to_bytes(beside=extra)
-            for entity, end, extra in zip(features.entities, ends.unbind(), beside, strict=True)
-        },
+        hidden=dict(zip(features.entities, ends.lines_to_bytes(beside), strict=True)),
         update_index=learner.updates,
         alarm_residuals=judged,
     )

@@ -66,37 +66,33 @@ class MixedLines(NamedTuple):
     model_diverged: torch.Tensor  # (B,) the model's forecast at the line's last row diverged
     linear: OnlineLinearState | None  # the `linear` member's state after the chunk
 
-    def records(self) -> list[dict[str, torch.Tensor]]:
-        """Each line's tensors to store beside its hidden state."""
-        out = []
-        for line in range(self.state.lines):
-            tensors = self.state.select(line).tensors(PREFIX)
-            if self.linear is not None:
-                tensors |= self.linear.select(line).tensors(LINEAR_PREFIX)
-            out.append(tensors)
-        return out
+    def record_tensors(self) -> dict[str, torch.Tensor]:
+        """The lines' tensors to store beside their hidden states (each (B, ...))."""
+        tensors = self.state.tensors(PREFIX)
+        if self.linear is not None:
+            tensors |= self.linear.tensors(LINEAR_PREFIX)
+        return tensors
 
 
 def carried_mixtures(
-    records: list[dict[str, torch.Tensor] | None], setup: MixtureSetup, horizon: int, sensors: int
+    stored: list[codec.LineGroup], lines: int, setup: MixtureSetup, horizon: int, sensors: int
 ) -> CarriedMixtures:
-    """Each line's mixture state (and `linear` member's) from the tensors of its stored
-    forecaster record (as `codec.decode` read them); a line without one (new, a new run, or the
-    mixture just turned on or reshaped) starts with equal weights (and zero linear weights:
-    persistence)."""
+    """The mixture states (and `linear` member's) of `lines` lines from their stored forecaster
+    records (as `codec.decode_lines` read them, grouped by layout); a line without one (new, a
+    new run, or the mixture just turned on or reshaped) starts with equal weights (and zero
+    linear weights: persistence)."""
     members = len(setup.members)
-    states, linears = [], []
-    for record in records:
-        stored = MixtureState.from_tensors(record, PREFIX) if record else None
-        if stored is None or stored.losses.shape != (1, members, horizon, sensors):
-            stored = MixtureState.fresh(1, members, horizon, sensors)
-        states.append(stored)
-        if "linear" in setup.members:
-            linear = OnlineLinearState.from_tensors(record, LINEAR_PREFIX) if record else None
-            if linear is None or not linear.fits(sensors, horizon, setup.linear):
-                linear = OnlineLinearState.fresh(1, sensors, horizon, setup.linear)
-            linears.append(linear)
-    return CarriedMixtures(MixtureState.cat(states), OnlineLinearState.cat(linears) if linears else None)
+    mixture = MixtureState.fresh(lines, members, horizon, sensors)
+    linear = OnlineLinearState.fresh(lines, sensors, horizon, setup.linear) if "linear" in setup.members else None
+    for group in stored:
+        kept = MixtureState.from_tensors(group.tensors, PREFIX)
+        if kept is not None and kept.losses.shape[1:] == (members, horizon, sensors):
+            mixture = mixture.place(group.lines, kept)
+        if linear is not None:
+            kept_linear = OnlineLinearState.from_tensors(group.tensors, LINEAR_PREFIX)
+            if kept_linear is not None and kept_linear.fits(sensors, horizon, setup.linear):
+                linear = linear.place(group.lines, kept_linear)
+    return CarriedMixtures(mixture, linear)
 
 
 def persistence_forecasts(
@@ -164,7 +160,7 @@ def residuals_from_a_fresh_mixture(
     a mixture started afresh (equal weights) at each line's first row: how a model would have
     forecast those rows as a line's forecaster, for a frozen or a new model replayed over them."""
     lines, _, horizon, sensors = model_forecast.shape
-    fresh = carried_mixtures([None] * lines, setup, horizon, sensors)
+    fresh = carried_mixtures([], lines, setup, horizon, sensors)
     return mix_lines(setup, model_forecast, targets, steps, fresh, None).residuals
 
 

@@ -61,7 +61,7 @@ def test_files_one_by_one_mix_as_one_pass_over_their_rows(tmp_path, prefect_api)
     u, y, dt, steps = run.features.tensors()
     model = run.learner.score(u, y, None, dt, steps)
     setup = settings.mixture.setup()
-    fresh = carried_mixtures([None], setup, 1, len(spec.sensors))
+    fresh = carried_mixtures([], 1, setup, 1, len(spec.sensors))
     whole = mix_lines(setup, model.forecast, y, steps, fresh, None)
 
     np.testing.assert_allclose(outputs["score"], whole.scores[0].numpy(), rtol=1e-4, atol=1e-5, equal_nan=True)
@@ -93,7 +93,7 @@ def test_a_model_that_diverges_on_one_line_leaves_that_lines_forecast_to_persist
     model[0, 350:] = math.nan
     steps = torch.ones(2, 400, dtype=torch.bool)
     pipeline = MixtureSetup(("lru", "persistence"), MixtureSettings().config())  # the pipeline's own settings
-    carried = carried_mixtures([None, None], pipeline, 1, 3)
+    carried = carried_mixtures([], 2, pipeline, 1, 3)
     mixed = mix_lines(pipeline, model, targets, steps, carried, None)
 
     assert torch.isfinite(mixed.forecast).all()
@@ -235,7 +235,7 @@ def test_a_linear_member_that_diverged_on_a_line_is_reset_there_and_cannot_poiso
     model = torch.cat([targets[:, 1:], targets[:, -1:]], 1)[:, :, None, :] + 0.5  # biased, finite
     steps = torch.ones(2, 200, dtype=torch.bool)
     setup = MixtureSettings().setup()
-    carried = carried_mixtures([None, None], setup, 1, 3)
+    carried = carried_mixtures([], 2, setup, 1, 3)
     carried.linear.weights[0] = 1e30
     mixed = mix_lines(setup, model, targets, steps, carried, None)
 
@@ -243,7 +243,7 @@ def test_a_linear_member_that_diverged_on_a_line_is_reset_there_and_cannot_poiso
     assert (mixed.weights[0, :, setup.members.index("linear")] == 0).all()
     assert (mixed.linear.weights[0] == 0).all()
     assert mixed.linear.weights[1].abs().max() > 0
-    stored = OnlineLinearState.from_tensors(mixed.records()[0], LINEAR_PREFIX)
+    stored = OnlineLinearState.from_tensors(mixed.record_tensors(), LINEAR_PREFIX).select(0)
     assert (stored.weights == 0).all()
 
 
