@@ -235,7 +235,7 @@ def _evaluate(
         residuals = window.full.flat(scored.residuals.float().numpy())
     else:
         residuals = _through_a_fresh_mixture(window, mixture, scored.forecast[:, :, :1])
-    states = {e: s.to_bytes() for e, s in zip(window.full.entities, scored.state.unbind(), strict=True)}
+    states = dict(zip(window.full.entities, scored.state.lines_to_bytes(), strict=True))
     return _held_out_mse(window, residuals), states
 
 
@@ -260,7 +260,7 @@ def _catch_up(live: LiveModel, learner: OnlineLearner, hidden: dict[str, bytes],
         state = carried_state(learner, features.entities, start)
         scored = learner.score(u, y, state, dt, steps)
         learner.update(u, y, state, dt, steps)
-        hidden.update({e: end.to_bytes() for e, end in zip(features.entities, scored.state.unbind(), strict=True)})
+        hidden.update(zip(features.entities, scored.state.lines_to_bytes(), strict=True))
     return int(summaries["sequence"].max())
 
 

@@ -7,8 +7,10 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sqlalchemy import select
 
+from flows.model.forecast_mixture import forecasts_from_residuals, residuals_from_a_fresh_mixture
 from flows.monitor.status import balanced, pipeline_status
 from flows.monitor.tracking import CHAMPION, Tracker
 from flows.orchestrate.prefect_flows import continual_update
@@ -130,19 +132,34 @@ def test_retraining_ran_and_the_champion_alias_marks_the_winner(plant):
 
 def _champion_holdout_mse(settings, decision) -> float:
     """Squared residuals of each line's newest `holdout_rows` rows committed up to the end of
-    the decision's window, read back from the output files."""
+    the decision's window, read back from the output files. With the forecast mixture on, the
+    champion model's own forecasts of each line's newest `window_rows` rows (its readings minus
+    its model residuals) go through a mixture started afresh at the window's first row."""
     db = Database(settings.database_url)
     with db.session() as session:
-        summaries = list(
-            session.scalars(select(BatchSummary).where(BatchSummary.sequence <= decision.window_sequence))
-        )
+        summaries = list(session.scalars(select(BatchSummary).where(BatchSummary.sequence <= decision.window_sequence)))
     frames = []
     for summary in summaries:
         rows = pd.read_parquet(resolved_path(settings.workdir, summary.features_path))
         frames.append(rows[rows["entity"] == summary.entity].assign(sequence=summary.sequence))
     rows = pd.concat(frames).sort_values(["entity", "sequence", "timestamp"], kind="stable")
-    newest = rows.groupby("entity").tail(settings.retrain.holdout_rows)
-    values = newest.filter(regex="^residual_").to_numpy().ravel()
+    setup = settings.mixture.setup()
+    if setup is None:
+        newest = rows.groupby("entity").tail(settings.retrain.holdout_rows)
+        values = newest.filter(regex="^residual_").to_numpy().ravel()
+        return float(np.mean(values[np.isfinite(values)] ** 2))
+    sensors = settings.feature_spec.sensors
+    held = []
+    for _, line in rows.groupby("entity", sort=False):
+        window = line.tail(settings.retrain.window_rows)
+        targets = torch.from_numpy(window[[f"target_{s}" for s in sensors]].to_numpy(np.float64))[None]
+        model_residuals = torch.from_numpy(window[[f"alarm_residual_{s}" for s in sensors]].to_numpy(np.float64))[None]
+        steps = torch.ones(1, len(window), dtype=torch.bool)
+        forecast = forecasts_from_residuals(targets, model_residuals)
+        residuals = residuals_from_a_fresh_mixture(setup, forecast, targets, steps)[0].numpy()
+        if len(window) > settings.retrain.holdout_rows:
+            held.append(residuals[-settings.retrain.holdout_rows :].ravel())
+    values = np.concatenate(held)
     return float(np.mean(values[np.isfinite(values)] ** 2))
 
 
