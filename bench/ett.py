@@ -17,11 +17,11 @@ The driver enforces the protocol: a method is handed the series cut at the last 
 for forecasting and for learning alike.
 
 Methods: `lru` — one configuration for every series and both protocols (configs/ett.yaml): the
-product's series ensemble (lru_online.series_ensemble), as OneNet does, of the lru_online
+product's series ensemble (flows.model.series_ensemble), as OneNet does, of the lru_online
 forecaster with LRU blocks (`lru-blocks`), the forecaster's linear path alone (`lru-linear`),
 the online NLinear and persistence, combined per horizon step and column by their recent losses
 (lru_online.mixture), each LRU carrying its state through the whole series; `linear` — NLinear
-on the last 60 rows, updated by SGD every step (lru_online.series_nlinear); `persistence` —
+on the last 60 rows, updated by SGD every step (flows.model.series_nlinear); `persistence` —
 the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone (reported on `OT`), the one
 forecaster of this file, a baseline; `lru-blocks`, `lru-linear` — one member alone;
 `lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC, for the forgetting
@@ -55,11 +55,11 @@ import numpy as np
 import pandas as pd
 
 from bench.common import load_config, pyplot
+from flows.model.series_ensemble import SeriesEnsemble
+from flows.model.series_forecaster import Persistence, SeriesForecaster, target_windows
+from flows.model.series_lru import LruSeriesForecaster, SeriesLruConfig
+from flows.model.series_nlinear import NLinearConfig, OnlineNLinear
 from lru_online.mixture import MixtureConfig
-from lru_online.series_ensemble import SeriesEnsemble
-from lru_online.series_forecaster import Persistence, SeriesForecaster, target_windows
-from lru_online.series_lru import LruSeriesForecaster, SeriesLruConfig
-from lru_online.series_nlinear import NLinearConfig, OnlineNLinear
 
 TRAIN_END, VALID_END, STREAM_END = 2880, 3600, 14400
 # Windows starting before this row are the tuning split (the first 20 % of the stream).
@@ -161,7 +161,7 @@ def first_fifth(starts: range) -> range:
 
 
 # --- methods --------------------------------------------------------------------------------
-# The forecasters are the product's (lru_online.series_*); this bench builds them from
+# The forecasters are the product's (flows.model.series_*); this bench builds them from
 # configs/ett.yaml and drives them under the protocol. SNARIMAX is river's, a baseline.
 @dataclass
 class SnarimaxConfig:

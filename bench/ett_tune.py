@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from bench.ett import TUNING_END, Protocol, ensemble, load_series, run_stream
+from flows.model.series_ensemble import replay_combination
 from lru_online.mixture import MixtureConfig
-from lru_online.series_ensemble import replay_combination
 
 
 def main() -> None:

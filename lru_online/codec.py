@@ -17,7 +17,6 @@ import math
 import struct
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 MAGIC = b"LRUT"
@@ -83,12 +82,13 @@ def encode_lines(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None =
         shape = [1, *data.shape[1:]]
         entries.append({"name": name, "dtype": _NAMES[data.dtype], "shape": shape, "offset": offset, "nbytes": nbytes})
         if nbytes:
-            bodies.append(data.reshape(count, -1).view(torch.uint8).numpy())
+            bodies.append(data.reshape(count, -1).view(torch.uint8))
         offset += nbytes
     header = json.dumps({"meta": meta or {}, "tensors": entries}, sort_keys=True).encode()
     start = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
-    body = np.concatenate(bodies, axis=1) if bodies else np.empty((count, 0), dtype=np.uint8)
-    return [start + row.tobytes() for row in body]
+    if not bodies:
+        return [start] * count
+    return [start + row.tobytes() for row in torch.cat(bodies, dim=1).numpy()]
 
 
 class LineGroup(NamedTuple):
@@ -121,7 +121,8 @@ def decode_lines(records: list[bytes | None]) -> list[LineGroup]:
             groups.extend(LineGroup([i], *decode(records[i])) for i in lines)
             continue
         body_start = len(key) - 8
-        bodies = np.frombuffer(b"".join(memoryview(records[i])[body_start:] for i in lines), dtype=np.uint8)
+        joined = bytearray(b"".join(memoryview(records[i])[body_start:] for i in lines))
+        bodies = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
         bodies = bodies.reshape(len(lines), -1)
         entries = json.loads(records[lines[0]][_PREFIX.size : body_start].decode())["tensors"]
         stacked = {}
@@ -129,7 +130,7 @@ def decode_lines(records: list[bytes | None]) -> list[LineGroup]:
             tensor = tensors[entry["name"]]
             part = bodies[:, entry["offset"] : entry["offset"] + entry["nbytes"]]
             stacked[entry["name"]] = (
-                torch.from_numpy(part.copy()).view(tensor.dtype).reshape(len(lines), *tensor.shape[1:])
+                part.contiguous().view(tensor.dtype).reshape(len(lines), *tensor.shape[1:])
                 if entry["nbytes"]
                 else torch.empty((len(lines), *tensor.shape[1:]), dtype=tensor.dtype)
             )

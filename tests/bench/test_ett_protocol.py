@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lru_online.series_ensemble import SeriesEnsemble, replay_combination
-from lru_online.series_forecaster import Persistence
-from lru_online.series_lru import LruSeriesForecaster, SeriesLruConfig, change_targets
-from lru_online.series_nlinear import OnlineNLinear
+from flows.model.series_ensemble import SeriesEnsemble, replay_combination
+from flows.model.series_forecaster import Persistence
+from flows.model.series_lru import LruSeriesForecaster, SeriesLruConfig, change_targets
+from flows.model.series_nlinear import OnlineNLinear
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@ window it is handed: one linear map from the last `lookback` rows to the next H,
 column, on values minus the last row (changes, so that a level the training rows never showed
 is no extrapolation).
 
-It is the ETT ensemble's linear member (lru_online.series_ensemble). The pipeline's per-line
+It is the ETT ensemble's linear member (flows.model.series_ensemble). The pipeline's per-line
 linear member is lru_online.online_linear: learnt from zero weights by normalised LMS, batched
 over lines, with no fit and no learning rate; this one is fitted with Adam and early stopping
 on the rows before the stream, as the published online protocols allow.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lru_online.series_forecaster import SeriesForecaster, target_windows
+from flows.model.series_forecaster import SeriesForecaster, target_windows
 
 
 @dataclass(frozen=True)

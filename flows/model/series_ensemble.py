@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from flows.model.series_forecaster import SeriesForecaster, target_windows
 from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
-from lru_online.series_forecaster import SeriesForecaster, target_windows
 
 
 class SeriesEnsemble(SeriesForecaster):

@@ -1,5 +1,5 @@
 """Forecasters of one multivariate series under an online protocol: what the series ensemble
-(lru_online.series_ensemble) combines, and persistence, the floor every member must beat.
+(flows.model.series_ensemble) combines, and persistence, the floor every member must beat.
 
 A series forecaster is fitted once on the rows before the stream, then, window by window, it
 forecasts the next H rows from the rows it has been handed and learns a window once that

@@ -4,7 +4,7 @@ every row of the series. Online, each learned window backpropagates its loss thr
 `window` rows before it, starting from the state carried there (truncated BPTT); replay and EWC
 are the learner's own.
 
-It is the ETT ensemble's LRU member (lru_online.series_ensemble), with LRU blocks or with the
+It is the ETT ensemble's LRU member (flows.model.series_ensemble), with LRU blocks or with the
 model's linear path alone. The pipeline runs the same model and learner batched over lines
 (flows.model.fleet); this one serves a single series under a protocol that hands it windows.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flows.model.series_forecaster import SeriesForecaster, target_windows
 from lru_online.learner import LearnerConfig, OnlineLearner
 from lru_online.model import LRUForecaster, ModelConfig
-from lru_online.series_forecaster import SeriesForecaster, target_windows
 from lru_online.state import RecurrentState
 
 
