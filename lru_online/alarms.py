@@ -376,7 +376,8 @@ class AlarmState:
         batch = cls.fresh(len(stored), sensors, config)
         if packed:
             batch = _scatter(batch, packed, cls._unpack_many([decoded[i] for i in packed], layout, config))
-        others = [i for i, item in enumerate(decoded) if item is not None and i not in set(packed)]
+        unpacked = set(packed)
+        others = [i for i, item in enumerate(decoded) if item is not None and i not in unpacked]
         if others:
             batch = _scatter(batch, others, cls.cat([cls.from_bytes(stored[i], config) for i in others]))
         return batch
