@@ -4,7 +4,6 @@ without a screen, the cores a run may use, settings run side by side and the rea
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+from flows.cores import usable_cores as usable_cores  # the benches' worker counts follow it
 
 Result = TypeVar("Result")
 
@@ -28,7 +29,6 @@ def load_config(name: str) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 def library_versions() -> str:
@@ -43,20 +43,6 @@ def library_versions() -> str:
         except PackageNotFoundError:
             found.append(f"{name} -")
     return ", ".join(found)
-
-
-def usable_cores(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota. A
-    container limited to 2 cores still sees every core of its host in `os.cpu_count()`, and a
-    tuner starting one worker per host core there would slow every setting down."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = cgroup_cpu_max.read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota to read: the affinity stands
-    return cores
 
 
 def run_in_scratch_folders(settings: list[dict], run: Callable[[dict, Path], Result], workers: int) -> list[Result]:

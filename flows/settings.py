@@ -156,10 +156,18 @@ _UpdateFields = _core_section(
 
 
 class UpdateSettings(_UpdateFields):
+    # Torch's intra-op threads in the process that runs the fleet step; null: the usable cores
+    # less one, left to the run's helper process and Prefect's API (flows.cores.driver_threads).
+    torch_threads: int | None = Field(None, ge=1)
+
     @model_validator(mode="after")
     def _consistent(self) -> UpdateSettings:
-        LearnerConfig(**self.model_dump())
+        LearnerConfig(**self.learner_fields())
         return self
+
+    def learner_fields(self) -> dict:
+        """The fields of the core's LearnerConfig."""
+        return self.model_dump(exclude={"torch_threads"})
 
 
 class FeatureSettings(_Section):

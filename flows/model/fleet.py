@@ -19,7 +19,7 @@ def model_config(settings: Settings, spec: FeatureSpec) -> ModelConfig:
 
 
 def learner_config(settings: Settings, learning_rate: float | None = None) -> LearnerConfig:
-    config = LearnerConfig(**settings.update.model_dump())
+    config = LearnerConfig(**settings.update.learner_fields())
     return config if learning_rate is None else dataclasses.replace(config, learning_rate=learning_rate)
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from features import FeatureBatch
 from flows import faults
+from flows.cores import driver_threads
 from flows.ingest.checks import FileCheck
 from flows.ingest.expectations import ensure_suite, generated_from_other_schema
 from flows.ingest.landing import BatchReadError, discover, iter_batch
@@ -79,6 +81,7 @@ class FilePart:
 class Pipeline:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        torch.set_num_threads(driver_threads(settings.update.torch_threads))
         settings.ensure_folders()
         self.db = Database(settings.database_url)
         self.db.migrate()
