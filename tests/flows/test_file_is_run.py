@@ -116,29 +116,33 @@ def test_the_per_run_settings_travel_with_a_registered_version_and_a_request_is_
     assert ScoringSetup.from_json(json.dumps(stored_before)) == continuous
 
 
+def _retraining_window_of_runs(tmp_path, batches: int, **overrides):
+    """A 2-line plant of plant-wide files, each a run, through a real flow run: its settings,
+    the retraining window `_load_window` reads and the live model."""
+    settings, config = small_config(
+        tmp_path,
+        log_schema=LogSchema().model_dump() | {"file_is_run": True},
+        initial_training={"batches": 2, "epochs": 2},
+        drift={"on_detect": "record"},
+        retrain={"window_rows": 120, "holdout_rows": 40, "epochs": 1},
+        **overrides,
+    )
+    small_plant(settings, entities=2, batches=batches, rows_per_batch=40, plant_files=True, broken_batches={})
+    continual_update(config=config)
+    pipeline = Pipeline(settings)
+    try:
+        return settings, _load_window(pipeline.live), pipeline.live.load()
+    finally:
+        pipeline.close()
+
+
 def test_retraining_reads_each_file_of_a_line_as_its_own_run(tmp_path, prefect_api):
     """With each file a run, the retraining window holds one sequence per line and file, and
     the challenger is judged on each held-out file read from a zero state: its MSE equals that
     of the model scoring every file of every line on its own (an independent loop over the
     output files)."""
-    schema = LogSchema().model_dump() | {"file_is_run": True}
-    settings, config = small_config(
-        tmp_path,
-        log_schema=schema,
-        initial_training={"batches": 2, "epochs": 2},
-        drift={"on_detect": "record"},
-        retrain={"window_rows": 120, "holdout_rows": 40, "epochs": 1},
-    )
-    small_plant(settings, entities=2, batches=5, rows_per_batch=40, plant_files=True, broken_batches={})
-    continual_update(config=config)
-
-    pipeline = Pipeline(settings)
-    try:
-        window = _load_window(pipeline.live)
-        learner = pipeline.live.load()
-        mse, states = _evaluate(learner, window, None)  # the model alone, as the loop below scores
-    finally:
-        pipeline.close()
+    settings, window, learner = _retraining_window_of_runs(tmp_path, batches=5)
+    mse, states = _evaluate(learner, window, None)  # the model alone, as the loop below scores
     spec = settings.feature_spec
     outputs = sorted((settings.paths.output / "batches").glob("*.parquet"))
     assert len(outputs) == 5
@@ -165,25 +169,12 @@ def test_with_the_mixture_on_champion_and_challenger_are_judged_through_the_same
     frozen model reading that file from a zero state: a challenger that is the champion's model
     must then be judged exactly as the champion, both through a mixture started afresh at the
     window (each file's, as each file is a run)."""
-    schema = LogSchema().model_dump() | {"file_is_run": True}
-    settings, config = small_config(
+    settings, window, champion = _retraining_window_of_runs(
         tmp_path,
-        log_schema=schema,
+        batches=6,
         update={"learning_rate": 0.0, "replay_batch": 0},
-        initial_training={"batches": 2, "epochs": 2},
-        drift={"on_detect": "record"},
-        retrain={"window_rows": 120, "holdout_rows": 40, "epochs": 1},
         mixture={"enabled": True, "half_life": 6.0, "temperature": 4.0},
     )
-    small_plant(settings, entities=2, batches=6, rows_per_batch=40, plant_files=True, broken_batches={})
-    continual_update(config=config)
-
-    pipeline = Pipeline(settings)
-    try:
-        window = _load_window(pipeline.live)
-        champion = pipeline.live.load()
-    finally:
-        pipeline.close()
     setup = settings.mixture.setup()
     assert window.model_residuals is not None
     challenger_mse, _ = _evaluate(champion, window, setup)
