@@ -199,11 +199,12 @@ def _held_out_mse(window: RecentWindow, residuals: np.ndarray) -> float:
     return float(np.mean(finite**2)) if finite.size else float("nan")
 
 
-def _through_a_fresh_mixture(window: RecentWindow, mixture: MixtureSetup, forecast: torch.Tensor) -> np.ndarray:
-    """The residuals (rows of `full`, sensors) of one-step model forecasts (lines, T, 1, S) put
-    through a mixture started afresh at each line's window: how that model would forecast the
-    window as a line's forecaster."""
-    _, y, _, steps = window.full.tensors()
+def _through_a_fresh_mixture(
+    window: RecentWindow, mixture: MixtureSetup, forecast: torch.Tensor, y: torch.Tensor, steps: torch.Tensor
+) -> np.ndarray:
+    """The residuals (rows of `full`, sensors) of one-step model forecasts (lines, T, 1, S) of
+    the window's targets `y` put through a mixture started afresh at each line's window: how
+    that model would forecast the window as a line's forecaster."""
     residuals = residuals_from_a_fresh_mixture(mixture, forecast, y, steps)
     return window.full.flat(residuals.numpy())
 
@@ -216,10 +217,10 @@ def _champion_mse(window: RecentWindow, mixture: MixtureSetup | None) -> float:
     fresh one would give the champion a handicap the challenger does not have."""
     if mixture is None or window.model_residuals is None:
         return _held_out_mse(window, window.stored_residuals)
-    _, y, _, _ = window.full.tensors()
+    _, y, _, steps = window.full.tensors()
     model_residuals = torch.from_numpy(window.full.padded(window.model_residuals, fill=np.nan))
     forecast = forecasts_from_residuals(y, model_residuals)
-    return _held_out_mse(window, _through_a_fresh_mixture(window, mixture, forecast))
+    return _held_out_mse(window, _through_a_fresh_mixture(window, mixture, forecast, y, steps))
 
 
 def _evaluate(
@@ -234,7 +235,7 @@ def _evaluate(
     if mixture is None:
         residuals = window.full.flat(scored.residuals.float().numpy())
     else:
-        residuals = _through_a_fresh_mixture(window, mixture, scored.forecast[:, :, :1])
+        residuals = _through_a_fresh_mixture(window, mixture, scored.forecast[:, :, :1], y, steps)
     states = dict(zip(window.full.entities, scored.state.lines_to_bytes(), strict=True))
     return _held_out_mse(window, residuals), states
 
