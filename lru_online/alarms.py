@@ -9,7 +9,12 @@ Per line and row, the residuals are standardised by the line's own residual scal
 mean of squared residuals over its recent normal rows), then smoothed by a mean chart: the
 mean over sensors of n·m², m the mean of a sensor's last n ≤ `smoothing_rows` standardised
 residuals. While the forecaster is right this is χ²(1)-like per sensor; a sustained shift
-adds up over the window where one squared residual drowns in noise.
+adds up over the window where one squared residual drowns in noise. A column's scale counts the
+rows since that column first had a residual, and the mean is over the columns a line has had
+rows in: a column that starts late (a consistency regression once it has learnt, a sensor that
+comes online) is read against its own rows, not against a scale diluted by the rows before it
+started, and its silence does not hold the line's scores (and the threshold held from them)
+down until then. Read the old way, a plant of 40-row files with no faults alarmed at ~6-8α.
 
 The threshold is a split-conformal quantile of the line's recent smoothed scores: with n of
 them held, the ⌈(n+1)(1−α)⌉-th smallest, α = `false_alarm_rate`, so that a new normal score
@@ -659,19 +664,26 @@ class AnomalyDetector:
         residuals = raw_residuals - state.bias[:, None, :] if self.config.bias_rows else raw_residuals
         finite = torch.isfinite(residuals) & steps[..., None]
         squares = torch.where(finite, residuals, 0.0) ** 2
-        # A line without a scale yet (its first rows) is standardised by those rows themselves.
+        # A column without a scale yet (a line's first rows, or a column that starts reporting
+        # later: a consistency regression once it has learnt, a sensor that comes online) is
+        # standardised by its rows of this chunk themselves.
+        started = state.square_mean > 0  # (B, S)
         chunk_mean = squares.sum(1) / finite.sum(1).clamp(min=1)
-        square_mean = torch.where(state.scale_rows[:, None] > 0, state.square_mean, chunk_mean)
+        square_mean = torch.where(started, state.square_mean, chunk_mean)
         scale = torch.sqrt(torch.where(square_mean > 0, square_mean, 1.0))
         standard = torch.where(finite, residuals, 0.0) / scale[:, None, :]
+        # The charts average over the columns a line has had rows in, so that a column that has
+        # not reported yet does not hold its line's scores down until it starts (and the
+        # threshold held from those rows with them).
+        active = started | finite.any(1)
 
-        scores = torch.where(steps, self._mean_chart(standard, state, self.config.smoothing_rows), math.nan)
+        scores = torch.where(steps, self._mean_chart(standard, state, self.config.smoothing_rows, active), math.nan)
         calibrated = self._main_calibration(state.calibration)
         held_level, tail_level = self._tail_levels(state, calibrated)
         thresholds = calibrated.threshold * self._tail_factor(held_level, tail_level)
         recent = self.config.recent_rows
         if recent:
-            recent_scores = torch.where(steps, self._mean_chart(standard, state, recent), math.nan)
+            recent_scores = torch.where(steps, self._mean_chart(standard, state, recent, active), math.nan)
             recent_calibrated = self._conformal(
                 state.recent_calibration, self.config.recent_false_alarm_rate, -math.inf
             )
@@ -698,7 +710,7 @@ class AnomalyDetector:
             self._calibration_update(state.calibration, self._held(scores, calibrated), steps),
             decided.quiet_rows,
             recent_calibration,
-            self._bias_update(state.bias, raw_residuals, finite, alarms.any(1), state.scale_rows),
+            self._bias_update(state.bias, raw_residuals, finite, alarms.any(1), state.scale_rows, started),
             decided.excess,
             *decided.recurring,
             self._tail_update(tail_level, scores, steps),
@@ -809,8 +821,9 @@ class AnomalyDetector:
         warm = calibrated.held[:, None] >= self.config.warmup_rows
         return torch.where(warm, torch.minimum(scores, calibrated.largest[:, None]), scores)
 
-    def _mean_chart(self, standard: torch.Tensor, state: AlarmState, window: int) -> torch.Tensor:
-        """The chart over each row's last `window` ≤ n rows (the history holds the n−1 before)."""
+    def _mean_chart(self, standard: torch.Tensor, state: AlarmState, window: int, active: torch.Tensor) -> torch.Tensor:
+        """The chart over each row's last `window` ≤ n rows (the history holds the n−1 before),
+        averaged over each line's `active` (B, S) columns."""
         n = self.config.smoothing_rows
         joined = torch.cat([state.history, standard], dim=1)  # (B, n−1+T, S)
         totals = torch.cat([torch.zeros_like(joined[:, :1]), joined.cumsum(1)], dim=1)
@@ -820,7 +833,7 @@ class AnomalyDetector:
         # Rows in the window: those of this chunk so far plus the real history rows.
         counts = torch.clamp(torch.arange(1, length + 1)[None, :] + state.history_rows[:, None], max=window)
         means = sums / counts[..., None]
-        return (counts[..., None] * means**2).mean(-1)
+        return (counts[..., None] * means**2).sum(-1) / active.sum(-1, keepdim=True).clamp(min=1)
 
     def _scale_update(
         self, state: AlarmState, squares: torch.Tensor, used: torch.Tensor
@@ -830,7 +843,8 @@ class AnomalyDetector:
         added = used.sum(1)  # (B, S)
         total = squares.where(used, 0.0).sum(1)
         rows = state.scale_rows[:, None].double()
-        weight_old = torch.clamp(rows, max=self.config.calibration_rows)
+        # A column's mean counts only the rows since it started (see `detect`), not its line's.
+        weight_old = torch.where(state.square_mean > 0, torch.clamp(rows, max=self.config.calibration_rows), 0.0)
         count = weight_old + added
         mean = torch.where(count > 0, (state.square_mean * weight_old + total) / count.clamp(min=1), state.square_mean)
         return mean, state.scale_rows + used.any(-1).sum(1)
@@ -842,17 +856,20 @@ class AnomalyDetector:
         finite: torch.Tensor,
         alarmed: torch.Tensor,
         rows_before: torch.Tensor,
+        started: torch.Tensor,
     ) -> torch.Tensor:
         """Each line's running mean residual, moved by its chunk's mean unless the chunk alarmed:
         weight 1 − (1 − 1/span)^rows, so chunks of any length forget at the same pace per row;
         while fewer than a span of rows are behind the line (`rows_before` (B,)), at least
-        rows/(rows_before + rows), the plain mean of its rows so far."""
+        rows/(rows_before + rows), the plain mean of its rows so far; a column that had not
+        `started` (B, S) before this chunk has none behind it."""
         if not self.config.bias_rows:
             return bias
         rows = finite.sum(1)  # (B, S)
         chunk_mean = torch.where(finite, residuals, 0.0).sum(1) / rows.clamp(min=1)
         weight = 1.0 - (1.0 - 1.0 / self.config.bias_rows) ** rows.double()
-        weight = torch.maximum(weight, rows.double() / (rows_before[:, None] + rows).clamp(min=1).double())
+        behind = torch.where(started, rows_before[:, None], 0)
+        weight = torch.maximum(weight, rows.double() / (behind + rows).clamp(min=1).double())
         moved = bias + torch.where(rows == 0, 0.0, weight) * (chunk_mean - bias)
         # A chunk that alarmed may only shrink the bias toward 0, never past it (module docstring).
         toward_zero = torch.where(bias * moved <= 0, 0.0, moved)

@@ -761,3 +761,54 @@ def test_until_a_span_of_rows_is_behind_a_line_its_bias_is_the_plain_mean_of_its
     for lo in range(0, 30, 10):
         state = detector.detect(torch.tensor(rows[:, lo : lo + 10]), state).state
     assert state.bias[0].tolist() == pytest.approx(rows[0].mean(0).tolist())
+
+
+def test_a_column_that_starts_reporting_late_is_scaled_by_its_own_rows():
+    """Lines with no residuals in one column for their first 300 rows (a consistency regression
+    still learning, a sensor that comes online): once it reports, its scale is that of its own
+    rows, not diluted by the rows before it started, its bias starts from its first chunk's
+    mean, and the line's scores keep their level."""
+    config = AlarmConfig(false_alarm_rate=0.1, calibration_rows=1000, warmup_rows=50, bias_rows=200)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(21)
+    rows = rng.normal(size=(40, 500, 2))
+    rows[..., 1] = rows[..., 1] * 3.0 + 0.5
+    rows[:, :300, 1] = math.nan
+    state, scores = AlarmState.fresh(40, 2, config), []
+    for lo in range(0, 500, 20):
+        judged = detector.detect(torch.tensor(rows[:, lo : lo + 20]), state, calibrate_only=True)
+        scores.append(judged.scores.numpy())
+        state = judged.state
+        if lo == 300:
+            assert state.bias[:, 1].tolist() == pytest.approx(rows[:, 300:320, 1].mean(1).tolist())
+    # Around the bias, the squares of a column of scale 3 (diluted by the 300 rows before it
+    # started, the scale would read about 3·√(200/500) ≈ 1.9).
+    assert np.sqrt(state.square_mean[:, 1].numpy()).mean() == pytest.approx(3.0, rel=0.05)
+    # Before it started, the scores average over the one column a line had; after, over both:
+    # each column's chart is χ²(1)-like either way, so their level does not jump.
+    scores = np.concatenate(scores, axis=1)
+    assert scores[:, 350:].mean() == pytest.approx(scores[:, 100:300].mean(), rel=0.3)
+
+
+def test_a_column_that_starts_late_does_not_raise_the_rate_of_false_alarms():
+    """Many lines of normal residuals whose second column starts reporting at row 150, judged in
+    chunks of 20 rows: the share of normal rows that alarm stays as it is when both columns
+    report from the first row."""
+    config = AlarmConfig(false_alarm_rate=0.02, smoothing_rows=10, calibration_rows=400, warmup_rows=100)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(22)
+    rows = rng.normal(size=(100, 600, 2)) * np.array([1.0, 4.0])
+
+    def alarm_rate(residuals: np.ndarray) -> float:
+        state, alarms = AlarmState.fresh(100, 2, config), []
+        for lo in range(0, 600, 20):
+            judged = detector.detect(torch.tensor(residuals[:, lo : lo + 20]), state)
+            alarms.append(judged.alarms.numpy())
+            state = judged.state
+        return float(np.concatenate(alarms, axis=1)[:, 200:].mean())
+
+    late = rows.copy()
+    late[:, :150, 1] = math.nan
+    from_the_start = alarm_rate(rows)
+    assert from_the_start < 2 * config.false_alarm_rate
+    assert alarm_rate(late) < 1.5 * from_the_start + 0.005
