@@ -313,7 +313,8 @@ class AlarmState:
         """Each line's state as bytes of two vectors: its figures in float64, and its
         consistency statistics and held scores (cut to those held) in float32; a line's record
         grows to ~2 KiB per chart at most, and a fleet reads two tensors per line, not ten
-        (`from_many`). The fields are packed for all lines at once."""
+        (`from_many`). Lines holding as many scores of each chart share one layout and are
+        written together (`codec.encode_lines`): in a settled fleet, all of them."""
         lines = self.lines
         figures = torch.cat(
             [
@@ -336,28 +337,38 @@ class AlarmState:
         flat = self.consistency.flat_many() if self.consistency is not None else torch.empty(lines, 0)
         calibration, recent = self.calibration.to(torch.float32), self.recent_calibration.to(torch.float32)
         held_calibration, held_recent = torch.isfinite(calibration), torch.isfinite(recent)
-        out = []
-        for line in range(lines):
-            kept = calibration[line][held_calibration[line]], recent[line][held_recent[line]]
+        counts = torch.stack([held_calibration.sum(1), held_recent.sum(1)], dim=1)
+        out: list[bytes] = [b""] * lines
+        layouts, layout_of_line = torch.unique(counts, dim=0, return_inverse=True)
+        for layout, (held, recent_held) in enumerate(layouts.tolist()):
+            group = torch.nonzero(layout_of_line == layout).flatten()
+            size = len(group)
+            # Boolean masks flatten row by row: each line's held scores in their stored order.
+            kept = (
+                calibration[group][held_calibration[group]].reshape(size, held),
+                recent[group][held_recent[group]].reshape(size, recent_held),
+            )
             packed = {
                 "columns": self.square_mean.shape[1],
                 "history": self.history.shape[1],
-                "calibration": len(kept[0]),
-                "recent_calibration": len(kept[1]),
+                "calibration": held,
+                "recent_calibration": recent_held,
                 "consistency_sensors": sensors,
                 "recurring_events": self.recurring_time.shape[1],
                 "tail_level": 1,
             }
             meta = {"kind": "AlarmState", "capacity": self.calibration.shape[1], "packed": packed}
-            out.append(codec.encode({"figures": figures[line], "held": torch.cat([flat[line], *kept])}, meta))
+            records = codec.encode_lines({"figures": figures[group], "held": torch.cat([flat[group], *kept], 1)}, meta)
+            for line, record in zip(group.tolist(), records, strict=True):
+                out[line] = record
         return out
 
     @classmethod
     def from_many(cls, stored: list[bytes | None], sensors: int, config: AlarmConfig) -> AlarmState:
         """Many lines' stored states (None: a line without one, which starts fresh) as one
-        batch, in order. States packed by `to_bytes` for this configuration are unpacked all at
-        once (a fleet of 2,000 lines would otherwise spend a third of a second on per-line
-        tensor calls); others go through `from_bytes`."""
+        batch, in order. Records of one layout packed for this configuration are read together
+        (`codec.decode_lines`; a fleet of 2,000 lines would otherwise spend a third of a second
+        on per-line tensor calls); others go through `from_bytes`."""
         columns, history = config.columns(sensors), config.smoothing_rows - 1
         layout = {
             "columns": columns,
@@ -366,48 +377,42 @@ class AlarmState:
             "recurring_events": config.recurring_events,
             "tail_level": 1,
         }
-        decoded = [codec.decode(data) if data else None for data in stored]
-        packed = [
-            i
-            for i, item in enumerate(decoded)
-            if item is not None
-            and item[1].get("kind") == "AlarmState"
+        batch = cls.fresh(len(stored), sensors, config)
+        for group in codec.decode_lines(stored):
+            packed = group.meta.get("packed", {})
             # A state packed before the recurring-events bar holds no potential onsets; one packed
             # before the tail level goes through from_bytes, which leaves the level to warm up.
-            and all(
-                item[1].get("packed", {}).get(k, 0 if k == "recurring_events" else None) == v for k, v in layout.items()
-            )
-        ]
-        batch = cls.fresh(len(stored), sensors, config)
-        if packed:
-            batch = _scatter(batch, packed, cls._unpack_many([decoded[i] for i in packed], layout, config))
-        unpacked = set(packed)
-        others = [i for i, item in enumerate(decoded) if item is not None and i not in unpacked]
-        if others:
-            batch = _scatter(batch, others, cls.cat([cls.from_bytes(stored[i], config) for i in others]))
+            if group.meta.get("kind") == "AlarmState" and all(
+                packed.get(k, 0 if k == "recurring_events" else None) == v for k, v in layout.items()
+            ):
+                part = cls._unpack_group(group.tensors, packed, layout, config)
+            else:
+                part = cls.cat([cls.from_bytes(stored[i], config) for i in group.lines])
+            batch = _scatter(batch, group.lines, part)
         return batch
 
     @classmethod
-    def _unpack_many(cls, decoded: list[tuple[dict, dict]], layout: dict, config: AlarmConfig) -> AlarmState:
+    def _unpack_group(
+        cls, tensors: dict[str, torch.Tensor], packed: dict, layout: dict, config: AlarmConfig
+    ) -> AlarmState:
+        """The states of lines whose records share one packed layout (`to_many`), read as one
+        batch: a record of one line (as older versions wrote, vectors without a line dimension)
+        or several stacked."""
         columns, history, sensors = layout["columns"], layout["history"], layout["consistency_sensors"]
-        figures = torch.stack([tensors["figures"] for tensors, _ in decoded])
-        lines = len(decoded)
+        lines = tensors["figures"].shape[0] if tensors["figures"].dim() == 2 else 1
+        figures, held = tensors["figures"].reshape(lines, -1), tensors["held"].reshape(lines, -1)
         state = _split_figures(figures, columns, history, layout["recurring_events"])
         width = consistency_values(sensors)
-        held = [tensors["held"] for tensors, _ in decoded]
-        consistency = None
-        if sensors:
-            flat = torch.stack([h[:width] for h in held])
-            consistency = ConsistencyState.cat_flat(flat, sensors)
+        consistency = ConsistencyState.cat_flat(held[:, :width], sensors) if sensors else None
+        offset = width
         for name, capacity in (
             ("calibration", config.calibration_rows),
             ("recent_calibration", config.calibration_rows if config.recent_rows else 0),
         ):
             buffer = torch.full((lines, capacity), math.nan, dtype=torch.float64)
-            for line, ((_, meta), values) in enumerate(zip(decoded, held, strict=True)):
-                offset = width + (meta["packed"]["calibration"] if name == "recent_calibration" else 0)
-                kept = values[offset : offset + min(meta["packed"][name], capacity)]
-                buffer[line, : len(kept)] = kept
+            kept = min(packed[name], capacity)
+            buffer[:, :kept] = held[:, offset : offset + kept]
+            offset += packed[name]
             state[name] = buffer
         return cls(**state, consistency=consistency)
 
@@ -417,7 +422,8 @@ class AlarmState:
         if meta.get("kind") != "AlarmState":
             raise codec.CodecError("state bytes do not hold an AlarmState")
         if "packed" in meta:
-            tensors = _unpacked(tensors, meta["packed"])
+            # Written alone (vectors) or by `to_many` (each with a line dimension of one).
+            tensors = _unpacked({k: v.reshape(-1) for k, v in tensors.items()}, meta["packed"])
             meta = meta | {"consistency_sensors": meta["packed"]["consistency_sensors"]}
         stored = "consistency" in tensors
         columns = tensors["square_mean"].shape[-1]

@@ -678,7 +678,9 @@ def test_a_state_packed_before_the_tail_level_reads_as_one_without_it():
     assert bool(torch.isfinite(state.tail_level).all())  # the level starts once a chunk begins warm
     tensors, meta = codec.decode(state.to_bytes())
     packed = {k: v for k, v in meta["packed"].items() if k != "tail_level"}
-    older = codec.encode({"figures": tensors["figures"][:-1], "held": tensors["held"]}, meta | {"packed": packed})
+    # Written then as vectors (records have since a line dimension of one: `to_many`).
+    figures, held = tensors["figures"].reshape(-1), tensors["held"].reshape(-1)
+    older = codec.encode({"figures": figures[:-1], "held": held}, meta | {"packed": packed})
     current = AlarmState.from_bytes(state.to_bytes(), config)  # as stored (quiet rows capped)
     for read in (AlarmState.from_many([older], 2, config), AlarmState.from_bytes(older, config)):
         assert bool(torch.isnan(read.tail_level).all())
@@ -812,3 +814,44 @@ def test_a_column_that_starts_late_does_not_raise_the_rate_of_false_alarms():
     from_the_start = alarm_rate(rows)
     assert from_the_start < 2 * config.false_alarm_rate
     assert alarm_rate(late) < 1.5 * from_the_start + 0.005
+
+
+def test_a_fleet_written_at_once_gives_each_line_its_own_record_and_reads_back():
+    """Lines holding different numbers of scores (two layouts) written by `to_many`: each
+    record is byte for byte the one the line alone gives, the batch read back holds every
+    field as stored, and a record written the older way (vectors without a line dimension)
+    reads the same."""
+    config = AlarmConfig(
+        false_alarm_rate=0.05,
+        calibration_rows=80,
+        warmup_rows=20,
+        recent_rows=2,
+        smoothing_rows=4,
+        bias_rows=30,
+        rate_control_step=1.0,
+        consistency_rows=10,
+        tail_rows=40,
+    )
+    detector = AnomalyDetector(config)
+    rows = torch.tensor(np.random.default_rng(23).normal(size=(6, 50, 3)))
+    steps = torch.ones(6, 50, dtype=torch.bool)
+    steps[3:, 30:] = False  # three lines hold 30 scores, three hold 50
+    state = detector.detect(rows, AlarmState.fresh(6, 3, config), steps=steps, readings=rows.cumsum(1)).state
+    records = state.to_many()
+    assert len({codec.decode(r)[1]["packed"]["calibration"] for r in records}) == 2
+    assert records == [state.select(i).to_bytes() for i in range(6)]
+
+    tensors, meta = codec.decode(records[4])
+    older = codec.encode({name: tensor.reshape(-1) for name, tensor in tensors.items()}, meta)
+    for stored in (records, [*records[:4], older, records[5]]):
+        batch = AlarmState.from_many(stored, 3, config)
+        alone = AlarmState.cat([AlarmState.from_bytes(r, config) for r in stored])
+        for name, value in alone._tensors().items():
+            assert torch.allclose(getattr(batch, name).double(), value.double(), equal_nan=True), name
+            if name not in ("calibration", "recent_calibration", "quiet_rows"):  # float32, capped on storing
+                assert torch.allclose(value.double(), getattr(state, name).double(), equal_nan=True), name
+        for name, value in alone.consistency.tensors().items():
+            assert torch.allclose(getattr(batch.consistency, name), value, equal_nan=True), name
+    held = torch.isfinite(state.calibration)
+    assert torch.equal(torch.isfinite(batch.calibration), held)
+    assert torch.allclose(batch.calibration[held], state.calibration[held].float().double())
