@@ -162,17 +162,13 @@ class OnlineLearner:
             mask = nn.functional.pad(mask, (0, 0, 0, 0, 0, missing))
             dt = nn.functional.pad(dt, (0, missing)) if dt is not None else None
         useful = mask.flatten(1).any(1).tolist()
+        # update_index tells when a window was seen, so a retraining can leave out windows
+        # from data it must not learn from (a held-out slice); the reservoir copies what it keeps.
+        update_index = torch.tensor(self.updates)
         for row, keep in enumerate(useful):
             if not keep:
                 continue
-            # update_index tells when a window was seen, so a retraining can leave out
-            # windows from data it must not learn from (a held-out slice).
-            window = {
-                "inputs": inputs[row],
-                "future": future[row],
-                "mask": mask[row],
-                "update_index": torch.tensor(self.updates),
-            }
+            window = {"inputs": inputs[row], "future": future[row], "mask": mask[row], "update_index": update_index}
             if dt is not None:
                 window["dt"] = dt[row]
             for index, h in enumerate(state.hidden):

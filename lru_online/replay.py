@@ -30,13 +30,14 @@ class ReservoirReplay:
         self.seen += 1
         if self.capacity == 0:
             return
-        stored = {key: value.detach().clone() for key, value in window.items()}
         if len(self.windows) < self.capacity:
-            self.windows.append(stored)
+            self.windows.append(_copied(window))
             return
+        # The slot is drawn before anything is copied: once the reservoir is full, most
+        # windows are not kept (a fleet offers thousands per file).
         slot = self._randint(self.seen)
         if slot < self.capacity:
-            self.windows[slot] = stored
+            self.windows[slot] = _copied(window)
 
     def sample(self, count: int) -> list[Window]:
         if not self.windows or count <= 0:
@@ -66,3 +67,8 @@ class ReservoirReplay:
             self.windows = [{key: values[i] for key, values in stacked.items()} for i in range(count)]
         else:
             self.windows = [dict(w) for w in state["windows"]]
+
+
+def _copied(window: Window) -> Window:
+    """The window's own copy, detached from the batch it was cut from."""
+    return {key: value.detach().clone() for key, value in window.items()}
