@@ -10,7 +10,9 @@ defaults of CONFIG, except that a detection is recorded (`drift.on_detect: recor
 file is judged by the same model it was scored with. Printed per plant: drift events per line
 per file (all, and per detector), plant-level events, the files with any event, and the
 retraining requests the configured `on_detect` would have made (at most one per file, none
-within `drift.retrain_cooldown_files` of the one before). The defaults are the simulator's seed
+within `drift.retrain_cooldown_files` of the one before), and the anomaly alarms on the rows the
+simulator did not label anomalous, past each line's warm-up: how many alarmed, as a multiple
+of the configured false-alarm rate α. The defaults are the simulator's seed
 11 (tuning plants are seeds 11-13; the demo's is 7).
 """
 
@@ -24,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from bench.common import ROOT
@@ -80,6 +83,7 @@ def run_plant(folder: Path, config: Path, entities: int, batches: int, rows: int
         if last is None or sequence - last > cooldown:
             requests, last = requests + 1, sequence
     lines_files = max(entities * judged, 1)
+    alarmed, normal = normal_rows_alarmed(settings.paths.output / "batches", folder / "ground_truth.json")
     return {
         "drifts": drifts,
         "files_judged": judged,
@@ -91,8 +95,28 @@ def run_plant(folder: Path, config: Path, entities: int, batches: int, rows: int
         "files_with_events": len(sequences),
         "retraining_requests": requests,
         "first_event_sequence": sequences[0] if sequences else None,
+        "normal_rows_judged": normal,
+        "normal_rows_alarmed": alarmed,
+        "alarm_rate_x_alpha": alarmed / max(normal, 1) / settings.alarms.false_alarm_rate,
     }
 
+
+def normal_rows_alarmed(outputs: Path, truth: Path) -> tuple[int, int]:
+    """Rows the simulator did not label anomalous, past their line's alarm warm-up (a finite
+    threshold), that alarmed; and how many such rows there were."""
+    import pandas as pd
+
+    labelled = pd.DataFrame(json.loads(truth.read_text())["anomalies"], columns=["entity", "timestamp"])
+    labelled = set(zip(labelled["entity"], pd.to_datetime(labelled["timestamp"], utc=True), strict=True))
+    alarmed = judged = 0
+    for path in sorted(outputs.glob("*.parquet")):
+        rows = pd.read_parquet(path, columns=["entity", "timestamp", "anomaly", "anomaly_threshold"])
+        keys = zip(rows["entity"], pd.to_datetime(rows["timestamp"], utc=True), strict=True)
+        normal = ~pd.Series([key in labelled for key in keys], index=rows.index)
+        live = normal & np.isfinite(rows["anomaly_threshold"])
+        judged += int(live.sum())
+        alarmed += int((rows["anomaly"].astype(bool) & live).sum())
+    return alarmed, judged
 
 
 def main() -> None:
@@ -123,7 +147,7 @@ def main() -> None:
     print(f"{args.entities} lines x {args.rows} rows per plant-wide file, {args.batches} files, seed {args.seed}")
     header = (
         f"{'plant':<12} {'files':>5} {'line events':>11} {'/line/file':>10} {'plant ev':>8} {'files w/':>8} "
-        f"{'retrain':>7}"
+        f"{'retrain':>7} {'normal rows':>11} {'alarmed':>7} {'x α':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -131,11 +155,13 @@ def main() -> None:
         print(
             f"{'drifts' if r['drifts'] else 'stationary':<12} {r['files_judged']:>5} {r['line_events']:>11} "
             f"{r['line_events_per_line_per_file']:>10.4f} {r['plant_events']:>8} {r['files_with_events']:>8} "
-            f"{r['retraining_requests']:>7}"
+            f"{r['retraining_requests']:>7} {r['normal_rows_judged']:>11} {r['normal_rows_alarmed']:>7} "
+            f"{r['alarm_rate_x_alpha']:>5.2f}"
         )
-        print("   per detector, per line per file: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in r["per_detector_per_line_per_file"].items()
-        ))
+        print(
+            "   per detector, per line per file: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in r["per_detector_per_line_per_file"].items())
+        )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "drift_rates.json").write_text(json.dumps(results, indent=2))
