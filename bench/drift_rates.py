@@ -107,7 +107,8 @@ def normal_rows_alarmed(outputs: Path, truth: Path) -> tuple[int, int]:
     import pandas as pd
 
     labelled = pd.DataFrame(json.loads(truth.read_text())["anomalies"], columns=["entity", "timestamp"])
-    labelled = set(zip(labelled["entity"], pd.to_datetime(labelled["timestamp"], utc=True), strict=True))
+    stamps = pd.to_datetime(labelled["timestamp"], utc=True, format="ISO8601")  # with and without fractions
+    labelled = set(zip(labelled["entity"], stamps, strict=True))
     alarmed = judged = 0
     for path in sorted(outputs.glob("*.parquet")):
         rows = pd.read_parquet(path, columns=["entity", "timestamp", "anomaly", "anomaly_threshold"])

@@ -11,7 +11,7 @@ from bench.drift_rates import normal_rows_alarmed
 
 
 def test_alarmed_normal_rows_leave_out_labelled_and_warming_up_rows(tmp_path):
-    times = pd.date_range("2026-01-05T06:00:00Z", periods=4, freq="10s")
+    times = pd.date_range("2026-01-05T06:00:00Z", periods=4, freq="10s") + pd.to_timedelta([0, 0, 0, 0.5], unit="s")
     outputs = tmp_path / "batches"
     outputs.mkdir()
     pd.DataFrame(
@@ -26,7 +26,11 @@ def test_alarmed_normal_rows_leave_out_labelled_and_warming_up_rows(tmp_path):
         {"entity": ["line-2"] * 2, "timestamp": times[:2], "anomaly": [0, 1], "anomaly_threshold": [2.0, 2.0]}
     ).to_parquet(outputs / "batch-2.parquet")
     truth = tmp_path / "ground_truth.json"
-    labelled = [{"entity": "line-1", "timestamp": times[3].isoformat(), "file": "batch-1"}]
+    # The simulator writes times with a fraction of a second only where they have one.
+    labelled = [
+        {"entity": "line-1", "timestamp": times[3].isoformat(), "file": "batch-1"},
+        {"entity": "line-9", "timestamp": times[0].isoformat(), "file": "batch-1"},
+    ]
     truth.write_text(json.dumps({"anomalies": labelled}))
     # line-1: rows 2 and 3 judged as normal (row 3 alarmed), row 4 labelled; line-2: both, one alarmed.
     assert normal_rows_alarmed(outputs, truth) == (2, 4)
