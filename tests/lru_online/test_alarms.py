@@ -479,11 +479,10 @@ def test_a_state_stored_before_episodes_and_rate_control_continues_its_alarm():
     assert restored.in_alarm.tolist() == [True] and restored.excess.tolist() == [0.0]
 
 
-@pytest.mark.parametrize(("consistency_rows", "recurring_events"), [(0, 0), (10, 0), (10, 8)])
-def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows, recurring_events):
-    """A fleet's stored states, one missing and one stored in the older one-tensor-a-field
-    format, read as one batch: the same tensors as reading each alone (a fresh one for None)."""
-    config = AlarmConfig(
+def _every_part(consistency_rows: int, recurring_events: int = 0) -> AlarmConfig:
+    """A small detector with every part of its state in use: both charts, bias, rate control,
+    tail level, and the consistency columns and recurring-events bar as asked."""
+    return AlarmConfig(
         false_alarm_rate=0.05,
         calibration_rows=80,
         warmup_rows=20,
@@ -495,6 +494,13 @@ def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows,
         recurring_events=recurring_events,
         tail_rows=40,
     )
+
+
+@pytest.mark.parametrize(("consistency_rows", "recurring_events"), [(0, 0), (10, 0), (10, 8)])
+def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows, recurring_events):
+    """A fleet's stored states, one missing and one stored in the older one-tensor-a-field
+    format, read as one batch: the same tensors as reading each alone (a fresh one for None)."""
+    config = _every_part(consistency_rows, recurring_events)
     detector = AnomalyDetector(config)
     rng = np.random.default_rng(6)
     rows = torch.tensor(rng.normal(size=(4, 60, 3)))
@@ -821,17 +827,7 @@ def test_a_fleet_written_at_once_gives_each_line_its_own_record_and_reads_back()
     record is byte for byte the one the line alone gives, the batch read back holds every
     field as stored, and a record written the older way (vectors without a line dimension)
     reads the same."""
-    config = AlarmConfig(
-        false_alarm_rate=0.05,
-        calibration_rows=80,
-        warmup_rows=20,
-        recent_rows=2,
-        smoothing_rows=4,
-        bias_rows=30,
-        rate_control_step=1.0,
-        consistency_rows=10,
-        tail_rows=40,
-    )
+    config = _every_part(consistency_rows=10)
     detector = AnomalyDetector(config)
     rows = torch.tensor(np.random.default_rng(23).normal(size=(6, 50, 3)))
     steps = torch.ones(6, 50, dtype=torch.bool)
