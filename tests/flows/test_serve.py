@@ -158,13 +158,17 @@ def test_serve_schedules_updates_triggers_retrain_and_stops_cleanly(tmp_path):
 
 # A flow run starting as SIGTERM arrives can get Prefect's own SIGTERM handler raising where it
 # cannot be caught: inside a garbage-collection callback (Python prints "Exception ignored in: ..."
-# and goes on) or inside a call from C++ (the flow-run process aborts with "terminate called ...
-# what(): Traceback ..."). Either way the run is cancelled and the server stops cleanly, as
-# asserted; only those reports are dropped.
+# and goes on), inside a call from C++ (the flow-run process aborts with "terminate called ...
+# what(): Traceback ..."), or while a task run is being created (Prefect's crash handling then
+# fails itself, "ValueError: Task run is not set", and logs the chain). Either way the run is
+# cancelled and the server stops cleanly, as asserted; only those reports are dropped.
 _STOPPED_FLOW_RUN = re.compile(
     r"(?:Exception ignored in: [^\n]*\n|(?:terminate called [^\n]*\n)?[ \t]*what\(\):[ \t]+)"
     r"Traceback \(most recent call last\):\n(?:[ \t][^\n]*\n)*"
     r"(?:prefect\.exceptions\.)?TerminationSignal[^\n]*"
+    # The interrupted task run's chain: every line up to Prefect's own error, no log line between.
+    r"|Traceback \(most recent call last\):\n(?:(?!\d\d:\d\d:\d\d\.\d+ \|)[^\n]*\n)*?"
+    r"ValueError: Task run is not set[^\n]*"
 )
 
 
