@@ -29,8 +29,6 @@ def load_config(name: str) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
-
-
 def library_versions() -> str:
     """The releases a streamed figure depends on beyond torch: online learning carries float
     rounding forward, so another numpy, pandas or river release moves the third digit."""

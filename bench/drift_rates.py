@@ -122,15 +122,14 @@ def normal_rows_alarmed(outputs: Path, truth: Path) -> tuple[int, int]:
 
     labelled = pd.DataFrame(json.loads(truth.read_text())["anomalies"], columns=["entity", "timestamp"])
     stamps = pd.to_datetime(labelled["timestamp"], utc=True, format="ISO8601")  # with and without fractions
-    labelled = set(zip(labelled["entity"], stamps, strict=True))
+    labelled = pd.MultiIndex.from_arrays([labelled["entity"], stamps])
     alarmed = judged = 0
     for path in sorted(outputs.glob("*.parquet")):
         rows = pd.read_parquet(path, columns=["entity", "timestamp", "anomaly", "anomaly_threshold"])
-        keys = zip(rows["entity"], pd.to_datetime(rows["timestamp"], utc=True), strict=True)
-        normal = ~pd.Series([key in labelled for key in keys], index=rows.index)
-        live = normal & np.isfinite(rows["anomaly_threshold"])
+        keys = pd.MultiIndex.from_arrays([rows["entity"], pd.to_datetime(rows["timestamp"], utc=True)])
+        live = ~keys.isin(labelled) & np.isfinite(rows["anomaly_threshold"].to_numpy())
         judged += int(live.sum())
-        alarmed += int((rows["anomaly"].astype(bool) & live).sum())
+        alarmed += int((rows["anomaly"].to_numpy().astype(bool) & live).sum())
     return alarmed, judged
 
 
