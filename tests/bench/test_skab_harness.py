@@ -54,3 +54,29 @@ def test_the_seed_spread_reruns_the_configured_lru_and_means_each_figure(skab):
     assert set(mean) == set(skab.COLUMNS)
     assert mean["far_percent"] == pytest.approx((rows[0]["far_percent"] + rows[1]["far_percent"]) / 2, abs=0.005)
     assert mean["f1"] == pytest.approx((rows[0]["f1"] + rows[1]["f1"]) / 2, abs=0.005)
+
+
+def test_the_normal_run_is_cut_into_experiments_whose_test_rows_all_count_as_normal(skab):
+    import numpy as np
+
+    files, normal = skab.load_folder(DATA)
+    rows = skab.experiment_rows(files)
+    assert 1000 < rows < 1300  # valve1's experiments hold about 1,100 rows each
+    pieces = skab.normal_pieces(normal, rows)
+    assert len(pieces) == len(normal.frame) // rows
+    assert all(len(p.frame) == rows and not p.anomaly.any() and not p.changepoint.any() for p in pieces)
+    # Consecutive and disjoint: the second piece starts where the first ends.
+    assert pieces[1].frame.index[0] == normal.frame.index[rows]
+    with pytest.raises(ValueError, match="no test rows"):
+        skab.normal_pieces(normal, skab.TRAIN_ROWS)
+    run = skab.run_method("t2", pieces[:3], None, "strict", None)
+    figures = skab.normal_run_figures(run)
+    alarms = [d.alarms for d in run.detections]
+    # Every alarmed test row is a false alarm: the FAR is the alarmed share, per piece and pooled.
+    assert figures["piece_far_percent"] == [round(100 * float(a.mean()), 1) for a in alarms]
+    assert figures["far_percent"] == pytest.approx(100 * float(np.concatenate(alarms).mean()), abs=0.005)
+    assert figures["worst_piece_far_percent"] == max(figures["piece_far_percent"])
+    # SKAB's changepoints are every start and end of an alarm span (the first row counts as a
+    # change from nothing); on a normal run each one is a false positive.
+    changes = sum(int(a[0]) + int(np.sum(np.abs(np.diff(a)))) for a in alarms)
+    assert figures["false_positives"] == changes

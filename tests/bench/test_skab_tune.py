@@ -110,9 +110,9 @@ def test_each_halfs_figures_are_those_of_its_files_run_alone():
     files, _ = load_folder(DATA)
     picked = [f for f in files if f.relative in ("valve1/0.csv", "valve1/1.csv")]
     setting = ({"smoothing_rows": 40, "false_alarm_rate": 0.01, "recent_rows": 0, "bias_rows": 200}, 0)
-    whole, first, second = _figures(setting, 0, picked)
-    alone_first, _, _ = _figures(setting, 0, picked[:1])
-    alone_second, _, _ = _figures(setting, 0, picked[1:])
+    whole, first, second, pooled = _figures(setting, 0, picked)
+    alone_first, _, _, _ = _figures(setting, 0, picked[:1])
+    alone_second, _, _, _ = _figures(setting, 0, picked[1:])
     timing = {"rows_per_second"}  # the run's speed, not a figure of its files
     assert {k: v for k, v in first.items() if k not in timing} == {
         k: v for k, v in alone_first.items() if k not in timing
@@ -122,3 +122,24 @@ def test_each_halfs_figures_are_those_of_its_files_run_alone():
     }
     assert whole["false_positives"] == first["false_positives"] + second["false_positives"]
     assert whole["files"] == 2 and first["files"] == second["files"] == 1
+    assert math.isnan(pooled["normal_far_percent"]) and pooled["false_positives"] == whole["false_positives"]
+
+
+@pytest.mark.skipif(not (DATA / "valve1").is_dir(), reason=f"SKAB data not at {DATA}")
+def test_the_rule_reads_the_valve_files_and_the_normal_runs_pooled():
+    from bench.skab import experiment_rows, load_folder, normal_pieces
+
+    files, normal = load_folder(DATA)
+    picked = [f for f in files if f.relative in ("valve1/0.csv", "valve1/1.csv")]
+    pieces = normal_pieces(normal, experiment_rows(files))[6:8]  # the wandering end of the run
+    setting = ({"smoothing_rows": 20, "false_alarm_rate": 0.005, "recent_rows": 0, "bias_rows": 200}, 0)
+    valve, first, second, pooled = _figures(setting, 0, picked, pieces)
+    assert (valve["files"], first["files"], second["files"], pooled["files"]) == (2, 1, 1, 4)
+    # The pooled FAR is over every normal test row: the valve files' and the pieces'.
+    valve_normal = sum(int((f.anomaly[400:] == 0).sum()) for f in picked)
+    piece_rows = sum(len(p.frame) - 400 for p in pieces)
+    alone = _figures(setting, 0, pieces)[0]  # the pieces run as the only files
+    assert pooled["normal_far_percent"] == alone["far_percent"] > 0
+    false_alarms = valve["far_percent"] / 100 * valve_normal + alone["far_percent"] / 100 * piece_rows
+    assert pooled["far_percent"] == pytest.approx(100 * false_alarms / (valve_normal + piece_rows), abs=0.02)
+    assert pooled["false_positives"] == valve["false_positives"] + alone["false_positives"]
