@@ -727,10 +727,9 @@ def main() -> None:
     print_forgetting(results["all"])
     normal_runs, pieces = {}, []
     if args.protocol == "strict" and normal is not None:
-        rows = experiment_rows(files)
-        pieces = normal_pieces(normal, rows)
+        pieces = normal_pieces(normal, experiment_rows(files))
         normal_runs = {name: normal_run_figures(run_method(name, pieces, None, "strict", None)) for name in names}
-        print_normal_runs(normal_runs, rows)
+        print_normal_runs(normal_runs, len(pieces[0].frame))
     spread = {}
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",")]

@@ -23,7 +23,7 @@ valve1 tuning files and, when the split holds it, `anomaly-free.csv` cut into ex
 normal runs as `bench/skab.py` prints them. Every setting of the grid runs `bench/skab.py`'s
 `lru` under the strict protocol from scratch (the alarms decide which chunks the learner updates
 on, so nothing can be replayed). The rule judges the whole tuning split, valve1 files and normal
-runs pooled (their normal test rows in one FAR, their false onsets in one NAB): among the
+runs pooled (their normal test rows in one FAR, their changepoints in one NAB): among the
 settings whose pooled FAR stays at or below `--far-limit` %, the highest pooled NAB (lower FAR
 breaking ties); `--rank-by f1`: the highest F1, NAB breaking ties (the rule of the choices
 before 2026-12-03). The valve1 files' own figures and the normal runs' FAR are printed beside.
@@ -97,8 +97,10 @@ def in_first_half(files: list[SkabFile]) -> list[bool]:
 
 
 def mean_figures(per_seed: list[dict]) -> dict:
-    """One setting's figures over its seeds: the mean of each, and the FAR's range."""
-    mean = {key: round(sum(f[key] for f in per_seed) / len(per_seed), 3) for key in MEANED}
+    """One setting's figures over its seeds: the mean of each (the normal runs' FAR where the
+    figures hold it), and the FAR's range."""
+    keys = [*MEANED, *(["normal_far_percent"] if "normal_far_percent" in per_seed[0] else [])]
+    mean = {key: round(sum(f[key] for f in per_seed) / len(per_seed), 3) for key in keys}
     fars = [f["far_percent"] for f in per_seed]
     return mean | {"far_min": min(fars), "far_max": max(fars), "seeds": len(per_seed)}
 
@@ -173,7 +175,7 @@ def grid(args: argparse.Namespace) -> list[dict]:
 
 def settings_with_refits(args: argparse.Namespace) -> list[tuple[dict, int]]:
     """Every alarm setting of the grid at each of `--tail-rows` (when given) and `--refit-epochs`."""
-    tails = _ints(getattr(args, "tail_rows", "0"))
+    tails = _ints(args.tail_rows)
     alarms = [alarm | {"tail_rows": tail} if tail else alarm for alarm in grid(args) for tail in tails]
     return list(itertools.product(alarms, _ints(args.refit_epochs)))
 
@@ -229,8 +231,7 @@ def main() -> None:
     valve = [mean_figures([run[0] for run in runs]) for runs in per_setting]
     halves = [(mean_figures([run[1] for run in runs]), mean_figures([run[2] for run in runs])) for runs in per_setting]
     results = [
-        (setting, mean_figures([run[3] for run in runs]) | {"normal_far_percent": _mean([run[3] for run in runs])})
-        for setting, runs in zip(settings, per_setting, strict=True)
+        (setting, mean_figures([run[3] for run in runs])) for setting, runs in zip(settings, per_setting, strict=True)
     ]
     print(f"means over {len(seeds)} seed(s); valve1: the tuning files alone; pooled: with the normal runs")
     print(
@@ -262,10 +263,6 @@ def main() -> None:
             f"chosen (highest pooled {args.rank_by.upper()} with pooled FAR <= {args.far_limit} %): alarm {alarm}, "
             f"refit_epochs {refit_epochs} -> {figures}"
         )
-
-
-def _mean(pooled: list[dict]) -> float:
-    return round(sum(f["normal_far_percent"] for f in pooled) / len(pooled), 3)
 
 
 if __name__ == "__main__":

@@ -711,7 +711,9 @@ class AnomalyDetector:
         new_state = AlarmState(
             # An alarmed row counts at the scale it was judged by: a long fault does not widen
             # the scale over itself, and normal rows are not thinned of their largest squares.
-            *self._scale_update(state, torch.where(alarms[..., None], square_mean[:, None, :], squares), finite),
+            *self._scale_update(
+                state, torch.where(alarms[..., None], square_mean[:, None, :], squares), finite, started
+            ),
             *self._history_update(state, standard, steps),
             self._calibration_update(state.calibration, self._held(scores, calibrated), steps),
             decided.quiet_rows,
@@ -842,15 +844,15 @@ class AnomalyDetector:
         return (counts[..., None] * means**2).sum(-1) / active.sum(-1, keepdim=True).clamp(min=1)
 
     def _scale_update(
-        self, state: AlarmState, squares: torch.Tensor, used: torch.Tensor
+        self, state: AlarmState, squares: torch.Tensor, used: torch.Tensor, started: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A running mean over the newest ~`calibration_rows` normal rows (exponential forgetting
-        once that many are behind it)."""
+        once that many are behind it); a column that had not `started` (B, S) has none behind it."""
         added = used.sum(1)  # (B, S)
         total = squares.where(used, 0.0).sum(1)
         rows = state.scale_rows[:, None].double()
         # A column's mean counts only the rows since it started (see `detect`), not its line's.
-        weight_old = torch.where(state.square_mean > 0, torch.clamp(rows, max=self.config.calibration_rows), 0.0)
+        weight_old = torch.where(started, torch.clamp(rows, max=self.config.calibration_rows), 0.0)
         count = weight_old + added
         mean = torch.where(count > 0, (state.square_mean * weight_old + total) / count.clamp(min=1), state.square_mean)
         return mean, state.scale_rows + used.any(-1).sum(1)

@@ -41,6 +41,7 @@ def test_every_alarm_setting_is_tried_at_every_refit_length():
         recent_rates="0.7",
         bias_rows="0",
         threshold_fits="conformal",
+        tail_rows="0",
         refit_epochs="0,10",
     )
     settings = settings_with_refits(args)
