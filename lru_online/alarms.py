@@ -98,6 +98,28 @@ at random times would otherwise find one "at the same time" on most days). A lin
 and an event at a new time of day are judged as before; a row that continues an episode is not
 held to it; the rate control's bound holds as it is (this only raises the bar for opening).
 
+Judged relative to the plant. Lines of one plant share what happens to all of them: a process
+change made on every line at once (a new valve, a new batch of raw material), a shared utility
+(the pump header, the supply voltage, the hall's temperature). A forecaster misses such a change
+on every line at once, and each line alone cannot tell it from a fault of its own: a well-trained
+fleet of 60 simulated lines alarmed on half the rows of the file in which every line's valve was
+changed. With `common_mode_lines` set, each row's standardised residual is read relative to the
+plant's: the chunk's time span is cut into stretches of about `COMMON_MODE_ROWS` rows of a
+typical line, and per stretch and column the median over the lines of their mean standardised
+residual there is taken off every line's rows in it, where at least that many lines have rows
+(a stretch with fewer takes the nearest one's: where lines' clocks drift apart at a chunk's
+ends). Lines need not share timestamps, only the stretch of time. Why a line's own fault still
+alarms: a median moves only once more than half the lines move together. Why normal rows keep
+their rate: the median of k lines' means over m rows each has a spread of about
+1.25/√(k·m) of a residual's scale (0.14 for 20 lines of 4 rows), well inside the noise the
+threshold was calibrated on, and the held scores are taken the same way. The scales learn
+what the chart judged (a plant-wide step does not widen them); the bias learns the raw residual,
+so once a plant's new level is each line's bias the plant's shift falls back to about zero. What
+a plant-wide change leaves: lines whose shift differs from the median (a shift that scales with
+each line's load), and the stretch it falls in. A change of the whole plant is then no line's
+alarm; it is the plant's drift (when the lines' drift detectors fire on most lines of a file,
+flows.monitor.drift_detectors raises one plant-level event).
+
 A chunk of rows (one file of a line) is judged against the threshold as it stood before the
 chunk, then the chunk's normal rows join the calibration: the same test-then-train order as
 the model. Everything is batched over lines (right-padded, with a step mask) and the state
@@ -115,6 +137,7 @@ import torch
 from lru_online import codec
 from lru_online.consistency import ConsistencyConfig, ConsistencyState, consistency_residuals, consistency_values
 
+COMMON_MODE_ROWS = 4  # rows of a typical line per stretch of time the plant's median is taken over (README)
 TAIL_QUANTILE = 0.75  # of the recent scores `tail_rows` follows: above the median, robust to a short fault
 NEVER = 2**62  # quiet rows of a line that never alarmed
 EXACT = 2**52  # quiet rows are stored as float64: beyond this many, "a long time" is enough
@@ -153,6 +176,10 @@ class AlarmConfig:
     # > 0: the threshold follows the level of the line's recent scores over about this many rows,
     # with the held threshold as its floor (module docstring); 0: the held threshold alone.
     tail_rows: int = 0
+    # > 0: each row is judged relative to the plant: the median standardised residual of the lines
+    # with rows in the same stretch of the chunk's time is taken off, where at least this many
+    # lines have rows (module docstring); 0: each line alone.
+    common_mode_lines: int = 0
 
     def columns(self, sensors: int) -> int:
         """Residual columns the detector charts for `sensors` sensors."""
@@ -171,6 +198,8 @@ class AlarmConfig:
             raise ValueError(f"AlarmConfig.judge_rows must be >= 0, got {self.judge_rows}")
         if self.tail_rows < 0:
             raise ValueError(f"AlarmConfig.tail_rows must be >= 0, got {self.tail_rows}")
+        if self.common_mode_lines < 0 or self.common_mode_lines == 1:
+            raise ValueError(f"AlarmConfig.common_mode_lines must be 0 or >= 2, got {self.common_mode_lines}")
         if self.episode_gap_rows < 0:
             raise ValueError(f"AlarmConfig.episode_gap_rows must be >= 0, got {self.episode_gap_rows}")
         if self.consistency_rows < 0 or self.consistency_rows == 1:
@@ -678,6 +707,12 @@ class AnomalyDetector:
         square_mean = torch.where(started, state.square_mean, chunk_mean)
         scale = torch.sqrt(torch.where(square_mean > 0, square_mean, 1.0))
         standard = torch.where(finite, residuals, 0.0) / scale[:, None, :]
+        if self.config.common_mode_lines:
+            if times is None:
+                raise ValueError("AlarmConfig.common_mode_lines is set: detect needs the rows' times")
+            standard = torch.where(finite, standard - self.common_mode(standard, finite, times), 0.0)
+            # The scales learn from what the chart judged: a plant-wide step does not widen them.
+            squares = (standard * scale[:, None, :]) ** 2
         # The charts average over the columns a line has had rows in, so that a column that has
         # not reported yet does not hold its line's scores down until it starts (and the
         # threshold held from those rows with them).
@@ -821,6 +856,38 @@ class AnomalyDetector:
         rows = counted.sum(1)
         after = torch.clamp(excess - step * rate * rows, min=0.0) if step else excess
         return torch.clamp(quiet + present.sum(1), max=NEVER), after
+
+    def common_mode(self, standard: torch.Tensor, finite: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """The plant's shift in each row's standardised residual (B, T, S), taken off before the
+        chart. The chunk's time span is cut into equal stretches of about `COMMON_MODE_ROWS` rows
+        of a typical line; per stretch and column, the median over the lines with rows there of
+        their mean standardised residual, where at least `common_mode_lines` lines have rows; 0
+        elsewhere. Lines need not share timestamps, only the stretch of time."""
+        lines, columns = standard.shape[0], standard.shape[-1]
+        if lines < self.config.common_mode_lines:
+            return torch.zeros_like(standard)
+        timed = finite & torch.isfinite(times)[..., None]
+        known = times[timed.any(-1)]
+        if known.numel() == 0:
+            return torch.zeros_like(standard)
+        start, span = known.min(), known.max() - known.min()
+        rows = timed.any(-1).sum(1)
+        stretches = max(1, int(rows[rows > 0].median()) // COMMON_MODE_ROWS)
+        width = span / stretches if span > 0 else 1.0
+        stretch = ((torch.nan_to_num(times, nan=0.0) - start) / width).floor().clamp(0, stretches - 1).long()
+        index = stretch[..., None].expand_as(standard)
+        sums = torch.zeros(lines, stretches, columns, dtype=standard.dtype)
+        sums.scatter_add_(1, index, torch.where(timed, standard, 0.0))
+        counts = torch.zeros_like(sums).scatter_add_(1, index, timed.to(sums.dtype))
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), math.nan)
+        enough = (counts > 0).sum(0) >= self.config.common_mode_lines  # (stretches, S)
+        # A stretch with too few lines (where lines' clocks drift apart at a chunk's ends, or
+        # a gap) takes the nearest stretch's shift: the plant's shift lasts, its lines do not.
+        nearest = _nearest_true(enough)
+        # nanquantile, not nanmedian: with an even count of lines, the mean of the middle two.
+        shift = means.nanquantile(0.5, dim=0).gather(0, nearest.clamp(min=0))
+        shift = torch.where(nearest >= 0, shift, 0.0)
+        return shift.gather(0, index.reshape(-1, columns)).reshape(standard.shape)
 
     def _held(self, scores: torch.Tensor, calibrated: _Calibration) -> torch.Tensor:
         """Scores as the calibration holds them: as they are while a line warms up, then capped
@@ -1020,6 +1087,17 @@ def _quiet_before(
     before = torch.cummax(torch.cat([torch.zeros(lines, 1, dtype=torch.long), last_alarm[:, :-1]], 1), 1).values
     since_chunk = position - 1  # rows of this chunk before this one
     return torch.where(before > 0, position - 1 - before, torch.clamp(carried[:, None] + since_chunk, max=NEVER))
+
+
+def _nearest_true(flags: torch.Tensor) -> torch.Tensor:
+    """Per column of `flags` (N, S), the index of the nearest True row to each row (the earlier
+    one on a tie), −1 in a column with none."""
+    rows = flags.shape[0]
+    position = torch.arange(rows)[:, None].expand_as(flags)
+    before = torch.where(flags, position, -1).cummax(0).values
+    after = torch.where(flags, position, 2 * rows).flip(0).cummin(0).values.flip(0)
+    take_after = (before < 0) | ((after < rows) & (after - position < position - before))
+    return torch.where(take_after, torch.where(after < rows, after, -1), before)
 
 
 def gamma_quantile(held: torch.Tensor, probability: float) -> torch.Tensor:

@@ -142,3 +142,45 @@ def test_a_fault_free_plant_of_small_files_alarms_within_its_rate(tmp_path, pref
     live = rows[rows["anomaly_threshold"] < float("inf")]  # past each line's warm-up
     assert len(live) >= 30 * 40 * 5
     assert live["anomaly"].mean() <= 2 * settings.alarms.false_alarm_rate
+
+
+def test_a_change_made_on_every_line_at_once_is_judged_relative_to_the_plant(tmp_path, prefect_api):
+    """30 lines in plant-wide files; from file 8 on every line's valve is changed (the pressure
+    and flow relation jumps), no faults. Judged relative to the plant (the defaults), that file's
+    rows alarm at well under the rate each line alone gives them (its stored residuals re-judged
+    with `common_mode_lines: 0` through the pipeline's own judge), and the other files' rows
+    alarm no more often than alone."""
+    from dataclasses import replace
+
+    from bench.alarm_replay import replay
+
+    settings, config = small_config(
+        tmp_path, initial_training={"batches": 4, "epochs": 2}, drift={"on_detect": "record"}
+    )
+    small_plant(
+        settings,
+        entities=30,
+        batches=11,
+        rows_per_batch=40,
+        plant_files=True,
+        broken_batches={},
+        anomaly_rate=0.0,
+        gradual_drift_start=99,
+        abrupt_drift_batch=8,
+    )
+    continual_update(config=config)
+    assert settings.alarms.common_mode_lines == 20
+    change, others = {}, {}
+    for name, lines in (("plant", 20), ("alone", 0)):
+        rows = replay(settings, replace(settings.alarms.config(), common_mode_lines=lines)).rows
+        files = rows.groupby("entity").cumcount() // 40
+        change[name] = rows["anomaly"][files == 8].mean()
+        others[name] = rows["anomaly"][files > 4][files != 8].mean()
+        if name == "plant":  # the replay gives back what the run flagged (tests/bench/test_alarm_replay.py)
+            outputs = sorted((settings.workdir / "output" / "batches").glob("*.parquet"))
+            stored = pd.concat([pd.read_parquet(p, columns=["entity", "anomaly"]) for p in outputs])
+            assert int(stored["anomaly"].sum()) == int(rows["anomaly"].sum())
+    alpha = settings.alarms.false_alarm_rate
+    assert change["alone"] > 10 * alpha
+    assert change["plant"] < 0.6 * change["alone"]
+    assert others["plant"] <= others["alone"] + alpha

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lru_online import codec
-from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector, gamma_quantile
+from lru_online.alarms import COMMON_MODE_ROWS, AlarmConfig, AlarmState, AnomalyDetector, gamma_quantile
 
 
 def _unit_scaled(lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
@@ -851,3 +851,128 @@ def test_a_fleet_written_at_once_gives_each_line_its_own_record_and_reads_back()
     held = torch.isfinite(state.calibration)
     assert torch.equal(torch.isfinite(batch.calibration), held)
     assert torch.allclose(batch.calibration[held], state.calibration[held].float().double())
+
+
+def _plant_reference(standard: np.ndarray, finite: np.ndarray, times: np.ndarray, minimum: int) -> np.ndarray:
+    """The plant's shift row by row, straight from its definition: stretches of the chunk's time
+    span, each line's mean over its rows there, their median where enough lines have rows."""
+    lines, length, columns = standard.shape
+    timed = finite & np.isfinite(times)[..., None]
+    known = times[timed.any(-1)]
+    rows = timed.any(-1).sum(1)
+    stretches = max(1, int(np.median(rows[rows > 0])) // COMMON_MODE_ROWS)
+    edges = np.linspace(known.min(), known.max(), stretches + 1)
+    shift = np.zeros_like(standard)
+    enough = np.zeros((stretches, columns), dtype=bool)
+    medians = np.zeros((stretches, columns))
+    stretch_of = np.zeros((lines, length), dtype=int)
+    for line in range(lines):
+        for t in range(length):
+            if not np.isfinite(times[line, t]):
+                continue
+            k = min(int(np.searchsorted(edges, times[line, t], side="right")) - 1, stretches - 1)
+            within = (times >= edges[k]) & ((times < edges[k + 1]) if k < stretches - 1 else (times <= edges[-1]))
+            for column in range(columns):
+                means = [
+                    standard[other, within[other] & timed[other, :, column], column].mean()
+                    for other in range(lines)
+                    if (within[other] & timed[other, :, column]).any()
+                ]
+                enough[k, column] = len(means) >= minimum
+                medians[k, column] = np.median(means) if means else 0.0
+                stretch_of[line, t] = k
+    # A stretch with too few lines takes the nearest one's (the earlier on a tie).
+    for line in range(lines):
+        for t in range(length):
+            if not np.isfinite(times[line, t]):
+                continue
+            for column in range(columns):
+                usable = np.flatnonzero(enough[:, column])
+                if usable.size:
+                    k = usable[np.argmin(np.abs(usable - stretch_of[line, t]))]
+                    shift[line, t, column] = medians[k, column]
+    return shift
+
+
+def test_the_plants_shift_is_the_median_over_lines_of_their_means_in_each_stretch_of_time():
+    rng = np.random.default_rng(30)
+    lines, length, columns = 9, 40, 2
+    standard = rng.normal(size=(lines, length, columns)) + np.linspace(0, 3, length)[None, :, None]
+    times = np.cumsum(rng.exponential(1.0, (lines, length)), axis=1)  # lines share no timestamp
+    finite = rng.random((lines, length, columns)) > 0.15
+    times[2, 30:] = np.nan  # a shorter line, right-padded
+    finite[2, 30:] = False
+    standard = np.where(finite, standard, 0.0)
+    detector = AnomalyDetector(AlarmConfig(common_mode_lines=6))  # the last stretch has 5: it takes the one before
+    shift = detector.common_mode(torch.tensor(standard), torch.tensor(finite), torch.tensor(times)).numpy()
+    expected = _plant_reference(standard, finite, times, 6)
+    assert np.abs(expected).max() > 1.0  # the test's plant does move
+    np.testing.assert_allclose(np.where(finite, shift, 0.0), np.where(finite, expected, 0.0), atol=1e-12)
+
+
+def _plant(rng: np.random.Generator, lines: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    residuals = rng.normal(size=(lines, length, 3))
+    times = np.cumsum(rng.exponential(1.0, (lines, length)), axis=1) + rng.uniform(0, 1, (lines, 1))
+    return residuals, times
+
+
+def _alarms_after(detector: AnomalyDetector, calibration, rows, calibration_times, times) -> np.ndarray:
+    state = detector.detect(
+        torch.tensor(calibration),
+        AlarmState.fresh(rows.shape[0], 3, detector.config),
+        calibrate_only=True,
+        times=torch.tensor(calibration_times),
+    ).state
+    return detector.detect(torch.tensor(rows), state, times=torch.tensor(times)).alarms.numpy()
+
+
+def test_a_plant_wide_step_is_taken_off_every_line_while_one_lines_own_fault_still_alarms():
+    """40 lines with their own clocks, calibrated on normal rows; then the whole plant steps by
+    4σ in one column from the middle of the next chunk on, and line 7 alone steps by 5σ in another.
+    Judged alone, most lines alarm on the plant's step; relative to the plant (at least 20
+    lines), once past the stretch of time it falls in the plant's step alarms about as often as
+    normal rows, and line 7's fault still alarms."""
+    rng = np.random.default_rng(31)
+    lines, length = 40, 200
+    calibration, calibration_times = _plant(rng, lines, 600)
+    rows, times = _plant(rng, lines, length)
+    times += calibration_times[:, -1:]
+    middle = np.median(times[:, length // 2])
+    after = times >= middle
+    rows[..., 0] += 4.0 * after
+    rows[7, :, 1] += 5.0 * after[7]
+    base = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=1, calibration_rows=600, warmup_rows=100)
+    alone = _alarms_after(AnomalyDetector(base), calibration, rows, calibration_times, times)
+    plant = _alarms_after(
+        AnomalyDetector(replace(base, common_mode_lines=20)), calibration, rows, calibration_times, times
+    )
+    others = np.arange(lines) != 7
+    assert alone[others][after[others]].mean() > 0.5
+    # The stretch of time the step falls in is half before, half after it: its rows may alarm.
+    stretch = (np.nanmax(times) - np.nanmin(times)) / (length // COMMON_MODE_ROWS)
+    settled = times >= middle + stretch
+    assert plant[others][settled[others]].mean() < 3 * base.false_alarm_rate
+    assert plant[others][after[others]].mean() < 0.1
+    assert plant[others][~after[others]].mean() < 3 * base.false_alarm_rate
+    assert plant[7][after[7]].mean() > 0.5
+
+
+def test_with_fewer_lines_than_the_plant_needs_each_line_is_judged_alone():
+    rng = np.random.default_rng(32)
+    calibration, calibration_times = _plant(rng, 10, 300)
+    rows, times = _plant(rng, 10, 100)
+    rows[3, 50:] += 5.0
+    base = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=5, calibration_rows=300, warmup_rows=100, bias_rows=50)
+    plant = replace(base, common_mode_lines=20)
+    np.testing.assert_array_equal(
+        _alarms_after(AnomalyDetector(base), calibration, rows, calibration_times, times),
+        _alarms_after(AnomalyDetector(plant), calibration, rows, calibration_times, times),
+    )
+
+
+def test_the_plants_shift_needs_the_rows_times():
+    detector = AnomalyDetector(AlarmConfig(common_mode_lines=2))
+    with pytest.raises(ValueError, match="common_mode_lines"):
+        detector.detect(torch.zeros(3, 4, 2), AlarmState.fresh(3, 2, detector.config))
+    with pytest.raises(ValueError, match="common_mode_lines"):
+        AlarmConfig(common_mode_lines=1)
