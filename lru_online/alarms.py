@@ -104,11 +104,12 @@ change made on every line at once (a new valve, a new batch of raw material), a 
 on every line at once, and each line alone cannot tell it from a fault of its own: a well-trained
 fleet of 60 simulated lines alarmed on half the rows of the file in which every line's valve was
 changed. With `common_mode_lines` set, each row's standardised residual is read relative to the
-plant's: the chunk's time span is cut into stretches of about `COMMON_MODE_ROWS` rows of a
-typical line, and per stretch and column the median over the lines of their mean standardised
-residual there is taken off every line's rows in it, where at least that many lines have rows
-(a stretch with fewer takes the nearest one's: where lines' clocks drift apart at a chunk's
-ends). Lines need not share timestamps, only the stretch of time. Why a line's own fault still
+plant's: time is cut into stretches of `COMMON_MODE_ROWS` typical row spacings, and per
+stretch and column the median over the lines of their mean standardised residual there is
+taken off every line's rows in it, where at least that many lines have rows (in a stretch with
+fewer, where lines' clocks drift apart at a chunk's ends, a line's rows take the nearest such
+stretch's, if it lies within the line's own rows of the chunk). Lines need not share
+timestamps, only the stretch of time, and lines far apart in time are not read together. Why a line's own fault still
 alarms: a median moves only once more than half the lines move together. Why normal rows keep
 their rate: the median of k lines' means over m rows each has a spread of about
 1.25/√(k·m) of a residual's scale (0.14 for 20 lines of 4 rows), well inside the noise the
@@ -137,7 +138,7 @@ import torch
 from lru_online import codec
 from lru_online.consistency import ConsistencyConfig, ConsistencyState, consistency_residuals, consistency_values
 
-COMMON_MODE_ROWS = 4  # rows of a typical line per stretch of time the plant's median is taken over (README)
+COMMON_MODE_ROWS = 4  # typical row spacings per stretch of time the plant's median is taken over (README)
 TAIL_QUANTILE = 0.75  # of the recent scores `tail_rows` follows: above the median, robust to a short fault
 NEVER = 2**62  # quiet rows of a line that never alarmed
 EXACT = 2**52  # quiet rows are stored as float64: beyond this many, "a long time" is enough
@@ -859,35 +860,49 @@ class AnomalyDetector:
 
     def common_mode(self, standard: torch.Tensor, finite: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """The plant's shift in each row's standardised residual (B, T, S), taken off before the
-        chart. The chunk's time span is cut into equal stretches of about `COMMON_MODE_ROWS` rows
-        of a typical line; per stretch and column, the median over the lines with rows there of
-        their mean standardised residual, where at least `common_mode_lines` lines have rows; 0
-        elsewhere. Lines need not share timestamps, only the stretch of time."""
+        chart. Time is cut into stretches of `COMMON_MODE_ROWS` typical row spacings (the median
+        over lines of each line's median spacing in the chunk); per stretch and column, the
+        median over the lines with rows there of their mean standardised residual, where at least
+        `common_mode_lines` lines have rows; in a stretch with fewer, a line's rows take the
+        nearest such stretch's if it lies within the line's own rows of the chunk; 0 elsewhere.
+        Lines need not share timestamps, only the stretch of time."""
         lines, columns = standard.shape[0], standard.shape[-1]
         if lines < self.config.common_mode_lines:
             return torch.zeros_like(standard)
         timed = finite & torch.isfinite(times)[..., None]
-        known = times[timed.any(-1)]
-        if known.numel() == 0:
+        has_rows = timed.any(-1)
+        if not bool(has_rows.any()):
             return torch.zeros_like(standard)
-        start, span = known.min(), known.max() - known.min()
-        rows = timed.any(-1).sum(1)
-        stretches = max(1, int(rows[rows > 0].median()) // COMMON_MODE_ROWS)
-        width = span / stretches if span > 0 else 1.0
-        stretch = ((torch.nan_to_num(times, nan=0.0) - start) / width).floor().clamp(0, stretches - 1).long()
+        at = torch.where(has_rows, times, math.nan)
+        spacing = torch.diff(at, dim=1).nanmedian(1).values  # NaN for a line with one row
+        typical = spacing[torch.isfinite(spacing)].median() if bool(torch.isfinite(spacing).any()) else 0.0
+        width = COMMON_MODE_ROWS * float(typical) if typical > 0 else 1.0
+        start = at[has_rows].min()
+        # Only the stretches that hold rows: a chunk spanning years costs its rows, not its span.
+        number = ((torch.where(has_rows, at, start) - start) / width).floor().long()
+        occupied, compact = torch.unique(number[has_rows], return_inverse=True)
+        stretches = occupied.numel()
+        stretch = torch.zeros_like(number)
+        stretch[has_rows] = compact
         index = stretch[..., None].expand_as(standard)
         sums = torch.zeros(lines, stretches, columns, dtype=standard.dtype)
         sums.scatter_add_(1, index, torch.where(timed, standard, 0.0))
         counts = torch.zeros_like(sums).scatter_add_(1, index, timed.to(sums.dtype))
         means = torch.where(counts > 0, sums / counts.clamp(min=1), math.nan)
         enough = (counts > 0).sum(0) >= self.config.common_mode_lines  # (stretches, S)
-        # A stretch with too few lines (where lines' clocks drift apart at a chunk's ends, or
-        # a gap) takes the nearest stretch's shift: the plant's shift lasts, its lines do not.
-        nearest = _nearest_true(enough)
+        # A stretch with too few lines (where lines' clocks drift apart at a chunk's ends, or a
+        # gap) takes the nearest stretch's shift, the plant's shift lasting while its lines come
+        # and go; but a line takes it only from a stretch within its own span of the chunk, so
+        # that the lines of a plant of unrelated series far apart in time are not read together.
+        nearest = _nearest_true(enough, occupied)  # (stretches, S)
         # nanquantile, not nanmedian: with an even count of lines, the mean of the middle two.
         shift = means.nanquantile(0.5, dim=0).gather(0, nearest.clamp(min=0))
-        shift = torch.where(nearest >= 0, shift, 0.0)
-        return shift.gather(0, index.reshape(-1, columns)).reshape(standard.shape)
+        source = nearest.gather(0, index.reshape(-1, columns)).reshape(standard.shape)  # per row
+        first = torch.where(has_rows, stretch, stretches).min(1).values[:, None, None]
+        last = torch.where(has_rows, stretch, -1).max(1).values[:, None, None]
+        usable = (source >= first) & (source <= last)
+        per_row = shift.gather(0, index.reshape(-1, columns)).reshape(standard.shape)
+        return torch.where(usable, per_row, 0.0)
 
     def _held(self, scores: torch.Tensor, calibrated: _Calibration) -> torch.Tensor:
         """Scores as the calibration holds them: as they are while a line warms up, then capped
@@ -1089,15 +1104,18 @@ def _quiet_before(
     return torch.where(before > 0, position - 1 - before, torch.clamp(carried[:, None] + since_chunk, max=NEVER))
 
 
-def _nearest_true(flags: torch.Tensor) -> torch.Tensor:
-    """Per column of `flags` (N, S), the index of the nearest True row to each row (the earlier
-    one on a tie), −1 in a column with none."""
+def _nearest_true(flags: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Per column of `flags` (N, S), the index of the True row whose position (N,), ascending, is
+    nearest to each row's (the earlier one on a tie), −1 in a column with none."""
     rows = flags.shape[0]
-    position = torch.arange(rows)[:, None].expand_as(flags)
-    before = torch.where(flags, position, -1).cummax(0).values
-    after = torch.where(flags, position, 2 * rows).flip(0).cummin(0).values.flip(0)
-    take_after = (before < 0) | ((after < rows) & (after - position < position - before))
-    return torch.where(take_after, torch.where(after < rows, after, -1), before)
+    index = torch.arange(rows)[:, None].expand_as(flags)
+    before = torch.where(flags, index, -1).cummax(0).values
+    after = torch.where(flags, index, rows).flip(0).cummin(0).values.flip(0)
+    here = positions[:, None].expand_as(flags)
+    gap_before = torch.where(before >= 0, here - positions[before.clamp(min=0)], math.inf)
+    gap_after = torch.where(after < rows, positions[after.clamp(max=rows - 1)] - here, math.inf)
+    take_after = gap_after < gap_before
+    return torch.where(take_after, after, torch.where(before >= 0, before, -1))
 
 
 def gamma_quantile(held: torch.Tensor, probability: float) -> torch.Tensor:

@@ -854,60 +854,66 @@ def test_a_fleet_written_at_once_gives_each_line_its_own_record_and_reads_back()
 
 
 def _plant_reference(standard: np.ndarray, finite: np.ndarray, times: np.ndarray, minimum: int) -> np.ndarray:
-    """The plant's shift row by row, straight from its definition: stretches of the chunk's time
-    span, each line's mean over its rows there, their median where enough lines have rows."""
+    """The plant's shift row by row, straight from its definition: stretches of COMMON_MODE_ROWS
+    typical row spacings, each line's mean over its rows there, their median where enough lines
+    have rows, else the nearest such stretch's if it lies within the line's own stretches."""
     lines, length, columns = standard.shape
     timed = finite & np.isfinite(times)[..., None]
-    known = times[timed.any(-1)]
-    rows = timed.any(-1).sum(1)
-    stretches = max(1, int(np.median(rows[rows > 0])) // COMMON_MODE_ROWS)
-    edges = np.linspace(known.min(), known.max(), stretches + 1)
+    present = timed.any(-1)
+    spacings = [np.median(np.diff(times[line][present[line]])) for line in range(lines) if present[line].sum() > 1]
+    width = COMMON_MODE_ROWS * np.median(spacings)
+    start = times[present].min()
+    number = np.where(present, np.floor((np.nan_to_num(times, nan=start) - start) / width), -1).astype(int)
+    occupied = sorted(set(number[present].tolist()))
+    medians, enough = {}, {}
+    for k in occupied:
+        for column in range(columns):
+            means = [
+                standard[line, (number[line] == k) & timed[line, :, column], column].mean()
+                for line in range(lines)
+                if ((number[line] == k) & timed[line, :, column]).any()
+            ]
+            enough[k, column] = len(means) >= minimum
+            medians[k, column] = np.median(means) if means else 0.0
     shift = np.zeros_like(standard)
-    enough = np.zeros((stretches, columns), dtype=bool)
-    medians = np.zeros((stretches, columns))
-    stretch_of = np.zeros((lines, length), dtype=int)
     for line in range(lines):
+        own = number[line][present[line]]
         for t in range(length):
-            if not np.isfinite(times[line, t]):
-                continue
-            k = min(int(np.searchsorted(edges, times[line, t], side="right")) - 1, stretches - 1)
-            within = (times >= edges[k]) & ((times < edges[k + 1]) if k < stretches - 1 else (times <= edges[-1]))
-            for column in range(columns):
-                means = [
-                    standard[other, within[other] & timed[other, :, column], column].mean()
-                    for other in range(lines)
-                    if (within[other] & timed[other, :, column]).any()
-                ]
-                enough[k, column] = len(means) >= minimum
-                medians[k, column] = np.median(means) if means else 0.0
-                stretch_of[line, t] = k
-    # A stretch with too few lines takes the nearest one's (the earlier on a tie).
-    for line in range(lines):
-        for t in range(length):
-            if not np.isfinite(times[line, t]):
+            if not present[line, t]:
                 continue
             for column in range(columns):
-                usable = np.flatnonzero(enough[:, column])
-                if usable.size:
-                    k = usable[np.argmin(np.abs(usable - stretch_of[line, t]))]
+                usable = [k for k in occupied if enough[k, column]]
+                if not usable:
+                    continue
+                distance = [abs(k - number[line, t]) for k in usable]
+                k = usable[int(np.argmin(distance))]  # the earlier on a tie
+                if own.min() <= k <= own.max():
                     shift[line, t, column] = medians[k, column]
     return shift
 
 
 def test_the_plants_shift_is_the_median_over_lines_of_their_means_in_each_stretch_of_time():
+    """Nine lines on their own clocks (one shorter), two more far later in time (a plant of
+    unrelated series), readings missing at random: the detector's shift equals the definition
+    computed row by row. The far lines get none; rows where the lines' clocks have drifted
+    apart take the nearest stretch's."""
     rng = np.random.default_rng(30)
-    lines, length, columns = 9, 40, 2
+    lines, length, columns = 11, 40, 2
     standard = rng.normal(size=(lines, length, columns)) + np.linspace(0, 3, length)[None, :, None]
     times = np.cumsum(rng.exponential(1.0, (lines, length)), axis=1)  # lines share no timestamp
+    times[9:] += 10_000.0
     finite = rng.random((lines, length, columns)) > 0.15
     times[2, 30:] = np.nan  # a shorter line, right-padded
     finite[2, 30:] = False
     standard = np.where(finite, standard, 0.0)
-    detector = AnomalyDetector(AlarmConfig(common_mode_lines=6))  # the last stretch has 5: it takes the one before
+    detector = AnomalyDetector(AlarmConfig(common_mode_lines=6))
     shift = detector.common_mode(torch.tensor(standard), torch.tensor(finite), torch.tensor(times)).numpy()
     expected = _plant_reference(standard, finite, times, 6)
-    assert np.abs(expected).max() > 1.0  # the test's plant does move
     np.testing.assert_allclose(np.where(finite, shift, 0.0), np.where(finite, expected, 0.0), atol=1e-12)
+    assert np.abs(expected[:9]).max() > 1.0  # the plant does move
+    assert not expected[9:].any()  # the far lines are not read against it
+    late = times[:9] > np.nanquantile(times[:9, -1], 0.5)  # where fewer than six lines still report
+    assert np.abs(expected[:9][late & finite[:9].any(-1)]).min() > 0.0
 
 
 def _plant(rng: np.random.Generator, lines: int, length: int) -> tuple[np.ndarray, np.ndarray]:
