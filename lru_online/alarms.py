@@ -884,19 +884,28 @@ class AnomalyDetector:
         stretches = occupied.numel()
         stretch = torch.zeros_like(number)
         stretch[has_rows] = compact
-        index = stretch[..., None].expand_as(standard)
-        sums = torch.zeros(lines, stretches, columns, dtype=standard.dtype)
-        sums.scatter_add_(1, index, torch.where(timed, standard, 0.0))
-        counts = torch.zeros_like(sums).scatter_add_(1, index, timed.to(sums.dtype))
-        means = torch.where(counts > 0, sums / counts.clamp(min=1), math.nan)
-        enough = (counts > 0).sum(0) >= self.config.common_mode_lines  # (stretches, S)
+        # Each line's mean per stretch it has rows in: (line, stretch) pairs, not a dense (B,
+        # stretches) grid, since a plant whose lines' files cover different hours occupies many
+        # stretches with few lines each.
+        line_of_row = torch.arange(lines)[:, None].expand_as(stretch)
+        pairs, pair_of_row = torch.unique((line_of_row * stretches + stretch)[has_rows], return_inverse=True)
+        sums = torch.zeros(pairs.numel(), columns, dtype=standard.dtype)
+        sums.index_add_(0, pair_of_row, torch.where(timed, standard, 0.0)[has_rows])
+        counts = torch.zeros_like(sums).index_add_(0, pair_of_row, timed[has_rows].to(sums.dtype))
+        reported = counts > 0
+        means = sums / counts.clamp(min=1)
+        pair_stretch = pairs % stretches
+        lines_there = torch.zeros(stretches, columns, dtype=torch.long).index_add_(0, pair_stretch, reported.long())
+        enough = lines_there >= self.config.common_mode_lines  # (stretches, S)
+        groups = (pair_stretch[:, None] * columns + torch.arange(columns))[reported]
+        median = _group_medians(means[reported], groups, stretches * columns).reshape(stretches, columns)
         # A stretch with too few lines (where lines' clocks drift apart at a chunk's ends, or a
         # gap) takes the nearest stretch's shift, the plant's shift lasting while its lines come
         # and go; but a line takes it only from a stretch within its own span of the chunk, so
         # that the lines of a plant of unrelated series far apart in time are not read together.
         nearest = _nearest_true(enough, occupied)  # (stretches, S)
-        # nanquantile, not nanmedian: with an even count of lines, the mean of the middle two.
-        shift = means.nanquantile(0.5, dim=0).gather(0, nearest.clamp(min=0))
+        shift = median.gather(0, nearest.clamp(min=0))
+        index = stretch[..., None].expand_as(standard)
         source = nearest.gather(0, index.reshape(-1, columns)).reshape(standard.shape)  # per row
         first = torch.where(has_rows, stretch, stretches).min(1).values[:, None, None]
         last = torch.where(has_rows, stretch, -1).max(1).values[:, None, None]
@@ -1102,6 +1111,21 @@ def _quiet_before(
     before = torch.cummax(torch.cat([torch.zeros(lines, 1, dtype=torch.long), last_alarm[:, :-1]], 1), 1).values
     since_chunk = position - 1  # rows of this chunk before this one
     return torch.where(before > 0, position - 1 - before, torch.clamp(carried[:, None] + since_chunk, max=NEVER))
+
+
+def _group_medians(values: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
+    """The median of `values` (n,) within each of the groups 0 … count − 1 named by `groups`
+    (n,): the mean of the middle two for an even size, NaN for an empty group."""
+    if values.numel() == 0:
+        return torch.full((count,), math.nan, dtype=values.dtype)
+    by_value = torch.argsort(values)
+    order = by_value[torch.argsort(groups[by_value], stable=True)]  # by group, then by value
+    ordered = values[order]
+    sizes = torch.bincount(groups, minlength=count)
+    offsets = sizes.cumsum(0) - sizes
+    low = (offsets + (sizes - 1).clamp(min=0) // 2).clamp(max=values.numel() - 1)
+    high = (offsets + sizes // 2).clamp(max=values.numel() - 1)
+    return torch.where(sizes > 0, (ordered[low] + ordered[high]) / 2, math.nan)
 
 
 def _nearest_true(flags: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
