@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -74,6 +75,21 @@ def _has_work(settings) -> bool:
         db.dispose()
 
 
+@contextlib.contextmanager
+def _early_api(settings) -> Iterator:
+    """Prefect's temporary API for this command, started now (flows.orchestrate.temporary_api);
+    an API that cannot start is a clear error, not a traceback."""
+    from flows.orchestrate.local_server import ServerUnavailable
+    from flows.orchestrate.temporary_api import TemporaryApi
+
+    try:
+        with TemporaryApi(settings.workdir) as api:
+            yield api
+    except ServerUnavailable as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _config_arg(config: Path | None) -> str | None:
     return str(config.resolve()) if config else None
 
@@ -118,9 +134,11 @@ def run(config: ConfigOption = None, workdir: WorkdirOption = None, max_batches:
         # model or MLflow to load. A scheduled deployment runs the flow itself and is unaffected.
         typer.echo(json.dumps({"processed": 0, "quarantined": 0, "late": 0, "skipped": 0, "idle": 1}))
         return
-    from flows.orchestrate.prefect_flows import continual_update
+    with _early_api(settings) as api:  # it boots while the flows are imported
+        from flows.orchestrate.prefect_flows import continual_update
 
-    result = continual_update(config=_config_arg(config), workdir=str(settings.workdir), max_batches=max_batches)
+        api.ready()
+        result = continual_update(config=_config_arg(config), workdir=str(settings.workdir), max_batches=max_batches)
     typer.echo(json.dumps(result["run"]))
 
 
@@ -135,12 +153,16 @@ def backfill(
     if not source.is_dir():
         typer.echo(f"error: {source} is not a folder", err=True)
         raise typer.Exit(2)
-    from flows.orchestrate.prefect_flows import backfill as backfill_flow
-    from flows.orchestrate.prefect_flows import backfill_files
-    from flows.orchestrate.progress import LedgerProgress
+    with _early_api(settings) as api:
+        from flows.orchestrate.prefect_flows import backfill as backfill_flow
+        from flows.orchestrate.prefect_flows import backfill_files
+        from flows.orchestrate.progress import LedgerProgress
 
-    with LedgerProgress(settings, files=len(backfill_files(source))):
-        result = backfill_flow(source=str(source.resolve()), config=_config_arg(config), workdir=str(settings.workdir))
+        api.ready()
+        with LedgerProgress(settings, files=len(backfill_files(source))):
+            result = backfill_flow(
+                source=str(source.resolve()), config=_config_arg(config), workdir=str(settings.workdir)
+            )
     typer.echo(json.dumps({"files": result["files"], "batches": result.get("batches"), "rows": result.get("rows")}))
 
 
