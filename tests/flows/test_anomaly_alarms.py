@@ -117,26 +117,33 @@ def _pipeline_events(name: str, pipeline: str, since: datetime, until, seconds: 
         time.sleep(0.5)
 
 
-def test_a_fault_free_plant_of_small_files_alarms_within_its_rate(tmp_path, prefect_api):
-    """A plant of 30 lines, 40 rows per line per plant-wide file, no faults and no drift, with the
-    embedded defaults' alarms: its live rows alarm at most 2α. The consistency columns start
-    reporting after a line's first 100 readings, when the forecast columns already have a scale
-    and held scores; read against the line's rows before they started, they alarmed at ~6α."""
+def _fault_free_plant_of_30_lines(tmp_path, initial_files: int, epochs: int, files: int, valve_change: int):
+    """30 lines, 40 rows each per plant-wide file, no faults and no bearing wear, every line's
+    valve changed from file `valve_change` on, through a real flow run; its settings."""
     settings, config = small_config(
-        tmp_path, initial_training={"batches": 2, "epochs": 1}, drift={"on_detect": "record"}
+        tmp_path, initial_training={"batches": initial_files, "epochs": epochs}, drift={"on_detect": "record"}
     )
     small_plant(
         settings,
         entities=30,
-        batches=12,
+        batches=files,
         rows_per_batch=40,
         plant_files=True,
         broken_batches={},
         anomaly_rate=0.0,
         gradual_drift_start=99,
-        abrupt_drift_batch=99,
+        abrupt_drift_batch=valve_change,
     )
     continual_update(config=config)
+    return settings
+
+
+def test_a_fault_free_plant_of_small_files_alarms_within_its_rate(tmp_path, prefect_api):
+    """A plant of 30 lines, 40 rows per line per plant-wide file, no faults and no drift, with the
+    embedded defaults' alarms: its live rows alarm at most 2α. The consistency columns start
+    reporting after a line's first 100 readings, when the forecast columns already have a scale
+    and held scores; read against the line's rows before they started, they alarmed at ~6α."""
+    settings = _fault_free_plant_of_30_lines(tmp_path, initial_files=2, epochs=1, files=12, valve_change=99)
     outputs = sorted((settings.workdir / "output" / "batches").glob("*.parquet"))
     rows = pd.concat([pd.read_parquet(p, columns=["anomaly", "anomaly_threshold"]) for p in outputs])
     live = rows[rows["anomaly_threshold"] < float("inf")]  # past each line's warm-up
@@ -154,21 +161,7 @@ def test_a_change_made_on_every_line_at_once_is_judged_relative_to_the_plant(tmp
 
     from bench.alarm_replay import replay
 
-    settings, config = small_config(
-        tmp_path, initial_training={"batches": 4, "epochs": 2}, drift={"on_detect": "record"}
-    )
-    small_plant(
-        settings,
-        entities=30,
-        batches=11,
-        rows_per_batch=40,
-        plant_files=True,
-        broken_batches={},
-        anomaly_rate=0.0,
-        gradual_drift_start=99,
-        abrupt_drift_batch=8,
-    )
-    continual_update(config=config)
+    settings = _fault_free_plant_of_30_lines(tmp_path, initial_files=4, epochs=2, files=11, valve_change=8)
     assert settings.alarms.common_mode_lines == 20
     change, others = {}, {}
     for name, lines in (("plant", 20), ("alone", 0)):
