@@ -21,10 +21,10 @@ def test_alarmed_normal_rows_leave_out_labelled_and_warming_up_rows(tmp_path):
             "anomaly": [1, 0, 1, 1],
             "anomaly_threshold": [math.inf, 2.0, 2.0, 2.0],  # the first row is still warming up
         }
-    ).to_parquet(outputs / "batch-1.parquet")
+    ).to_parquet(outputs / "batch-00000001-part-0000.parquet")
     pd.DataFrame(
         {"entity": ["line-2"] * 2, "timestamp": times[:2], "anomaly": [0, 1], "anomaly_threshold": [2.0, 2.0]}
-    ).to_parquet(outputs / "batch-2.parquet")
+    ).to_parquet(outputs / "batch-00000002-part-0000.parquet")
     truth = tmp_path / "ground_truth.json"
     # The simulator writes times with a fraction of a second only where they have one.
     labelled = [
@@ -33,4 +33,9 @@ def test_alarmed_normal_rows_leave_out_labelled_and_warming_up_rows(tmp_path):
     ]
     truth.write_text(json.dumps({"anomalies": labelled}))
     # line-1: rows 2 and 3 judged as normal (row 3 alarmed), row 4 labelled; line-2: both, one alarmed.
-    assert normal_rows_alarmed(outputs, truth) == (2, 4)
+    assert normal_rows_alarmed(outputs, truth) == (2, 4, 0.5)
+    # A second part of file 2 (another line group): the file's parts count together.
+    pd.DataFrame(
+        {"entity": ["line-3"] * 2, "timestamp": times[:2], "anomaly": [1, 1], "anomaly_threshold": [2.0, 2.0]}
+    ).to_parquet(outputs / "batch-00000002-part-0000-group-1.parquet")
+    assert normal_rows_alarmed(outputs, truth) == (4, 6, 0.75)
