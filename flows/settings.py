@@ -250,7 +250,7 @@ class DriftSettings(_Section):
 # Each row judged relative to the plant (`common_mode_lines` 20, lru_online.alarms
 # COMMON_MODE_ROWS 4): the highest mean F1 over four simulated tuning plants (seeds 11 and 12,
 # with and without drifts, plant-wide files of 60 x 240 and 200 x 40 rows) over 10, 20, 40 lines
-# x stretches of 4, 8, 16 rows, every plant's normal rows at most 2α, a tie within 0.005 going
+# x stretches of 4, 8, 16 typical row spacings, every plant's normal rows at most 2α, a tie within 0.005 going
 # to more lines (README, "Judged relative to the plant").
 _AlarmFields = _core_section(
     "_AlarmFields",

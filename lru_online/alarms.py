@@ -109,8 +109,9 @@ stretch and column the median over the lines of their mean standardised residual
 taken off every line's rows in it, where at least that many lines have rows (in a stretch with
 fewer, where lines' clocks drift apart at a chunk's ends, a line's rows take the nearest such
 stretch's, if it lies within the line's own rows of the chunk). Lines need not share
-timestamps, only the stretch of time, and lines far apart in time are not read together. Why a line's own fault still
-alarms: a median moves only once more than half the lines move together. Why normal rows keep
+timestamps, only the stretch of time, and lines far apart in time are not read together. Why a
+line's own fault still alarms: a median moves only once more than half the lines move together.
+Why normal rows keep
 their rate: the median of k lines' means over m rows each has a spread of about
 1.25/√(k·m) of a residual's scale (0.14 for 20 lines of 4 rows), well inside the noise the
 threshold was calibrated on, and the held scores are taken the same way. The scales learn
@@ -1138,8 +1139,7 @@ def _nearest_true(flags: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     here = positions[:, None].expand_as(flags)
     gap_before = torch.where(before >= 0, here - positions[before.clamp(min=0)], math.inf)
     gap_after = torch.where(after < rows, positions[after.clamp(max=rows - 1)] - here, math.inf)
-    take_after = gap_after < gap_before
-    return torch.where(take_after, after, torch.where(before >= 0, before, -1))
+    return torch.where(gap_after < gap_before, after, before)  # `before` is −1 where there is none
 
 
 def gamma_quantile(held: torch.Tensor, probability: float) -> torch.Tensor:

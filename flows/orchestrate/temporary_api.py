@@ -67,12 +67,16 @@ class TemporaryApi:
         self.api_url: str | None = None
 
     @property
+    def home(self) -> Path:
+        """Prefect's home for the command: PREFECT_HOME (the CLI sets the work folder's)."""
+        return Path(os.environ.get("PREFECT_HOME") or prefect_home(self.workdir))
+
+    @property
     def log_path(self) -> Path:
-        return Path(os.environ.get("PREFECT_HOME") or prefect_home(self.workdir)) / LOG
+        return self.home / LOG
 
     def __enter__(self) -> TemporaryApi:
-        home = Path(os.environ.get("PREFECT_HOME") or prefect_home(self.workdir))
-        if "PREFECT_API_URL" in os.environ or _profile_api_url(home):  # an API to report to already
+        if "PREFECT_API_URL" in os.environ or _profile_api_url(self.home):  # an API to report to already
             return self
         port = _free_port()
         self.api_url = f"http://{HOST}:{port}/api"
