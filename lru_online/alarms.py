@@ -20,12 +20,16 @@ The threshold is a split-conformal quantile of the line's recent smoothed scores
 them held, the ⌈(n+1)(1−α)⌉-th smallest, α = `false_alarm_rate`, so that a new normal score
 exceeds it with probability at most α while the scores stay exchangeable. It holds up to
 `calibration_rows` of the line's scores (which ones: see `_calibration_update`). Once the
-line holds `warmup_rows` of them, a new score is held capped at the largest one already held:
-that keeps the count of scores above any threshold (all the quantile depends on), so normal
-rows keep their α, while a long fault can lift a threshold no higher than the line's largest
-recent score. (Leaving alarmed rows out instead would ratchet every threshold down; holding
-them as they are would let a fault raise the threshold over itself.) A line alarms only once
-it holds `warmup_rows` scores.
+line holds `warmup_rows` of them, a new score is held capped at the largest score the line has
+ever held: that keeps the count of scores above any threshold (all the quantile depends on), so
+normal rows keep their α, while a long fault can lift a threshold no higher than the line's
+largest normal score. (Leaving alarmed rows out instead would ratchet every threshold down;
+holding them as they are would let a fault raise the threshold over itself.) The cap is kept
+apart from the buffer: capped at the buffer's own largest, a line whose early rows were calm
+locked itself low once a quiet file had pushed its busy scores out of the buffer (every later
+score held at that quiet file's largest, the threshold with them: a nab-aws disk-write series
+whose first two days read zero alarmed on 42 % of its normal rows for a week). A line alarms
+only once it holds `warmup_rows` scores.
 
 With `threshold_fit="gamma"` the threshold is instead the (1−α) quantile of a Gamma law fitted
 to the held scores by their mean and variance. Why: the held scores of an n-row mean chart are
@@ -265,6 +269,9 @@ class AlarmState:
     row_seconds: torch.Tensor  # (B,)
     # The level of the line's recent scores `tail_rows` follows (NaN until its warm-up ends).
     tail_level: torch.Tensor  # (B,)
+    # The largest score the line has ever held (NaN: none yet): the cap on the scores it holds
+    # once warm, kept apart from the buffer, which may evict it.
+    held_peak: torch.Tensor  # (B,)
     # The sensors' regressions on each other (`consistency_rows`); None without them. With
     # them, the columns (S above) are each sensor's forecast residual, then its consistency one.
     consistency: ConsistencyState | None = None
@@ -287,6 +294,7 @@ class AlarmState:
             torch.zeros(lines, config.recurring_events, dtype=torch.float64),
             torch.zeros(lines, dtype=torch.int64),
             torch.zeros(lines, dtype=torch.float64),
+            torch.full((lines,), math.nan, dtype=torch.float64),
             torch.full((lines,), math.nan, dtype=torch.float64),
             ConsistencyState.fresh(lines, sensors) if config.consistency_rows else None,
         )
@@ -316,6 +324,7 @@ class AlarmState:
             "recurring_next": self.recurring_next,
             "row_seconds": self.row_seconds,
             "tail_level": self.tail_level,
+            "held_peak": self.held_peak,
         }
 
     def select(self, index: int) -> AlarmState:
@@ -361,6 +370,7 @@ class AlarmState:
                 self.recurring_next.double()[:, None],
                 self.row_seconds[:, None],
                 self.tail_level[:, None],
+                self.held_peak[:, None],
             ],
             dim=1,
         )
@@ -387,6 +397,7 @@ class AlarmState:
                 "consistency_sensors": sensors,
                 "recurring_events": self.recurring_time.shape[1],
                 "tail_level": 1,
+                "held_peak": 1,
             }
             meta = {"kind": "AlarmState", "capacity": self.calibration.shape[1], "packed": packed}
             records = codec.encode_lines({"figures": figures[group], "held": torch.cat([flat[group], *kept], 1)}, meta)
@@ -407,12 +418,14 @@ class AlarmState:
             "consistency_sensors": sensors if config.consistency_rows else 0,
             "recurring_events": config.recurring_events,
             "tail_level": 1,
+            "held_peak": 1,
         }
         batch = cls.fresh(len(stored), sensors, config)
         for group in codec.decode_lines(stored):
             packed = group.meta.get("packed", {})
             # A state packed before the recurring-events bar holds no potential onsets; one packed
-            # before the tail level goes through from_bytes, which leaves the level to warm up.
+            # before the tail level or the held peak goes through from_bytes, which leaves them
+            # to warm up.
             if group.meta.get("kind") == "AlarmState" and all(
                 packed.get(k, 0 if k == "recurring_events" else None) == v for k, v in layout.items()
             ):
@@ -432,7 +445,7 @@ class AlarmState:
         columns, history, sensors = layout["columns"], layout["history"], layout["consistency_sensors"]
         lines = tensors["figures"].shape[0] if tensors["figures"].dim() == 2 else 1
         figures, held = tensors["figures"].reshape(lines, -1), tensors["held"].reshape(lines, -1)
-        state = _split_figures(figures, columns, history, layout["recurring_events"])
+        state = _split_figures(figures, columns, history, layout["recurring_events"], peak=1)
         width = consistency_values(sensors)
         consistency = ConsistencyState.cat_flat(held[:, :width], sensors) if sensors else None
         offset = width
@@ -499,6 +512,8 @@ class AlarmState:
             fresh.row_seconds = tensors["row_seconds"].to(torch.float64).reshape(1)
         if "tail_level" in tensors:  # a state stored before the tail level warms one up
             fresh.tail_level = tensors["tail_level"].to(torch.float64).reshape(1)
+        if "held_peak" in tensors:  # stored before the peak was kept: it starts from the buffer's largest
+            fresh.held_peak = tensors["held_peak"].to(torch.float64).reshape(1)
         return fresh
 
 
@@ -514,7 +529,7 @@ def _scatter(batch: AlarmState, lines: list[int], part: AlarmState) -> AlarmStat
 
 
 def _split_figures(
-    figures: torch.Tensor, columns: int, history: int, events: int, tail: int = 1
+    figures: torch.Tensor, columns: int, history: int, events: int, tail: int = 1, peak: int = 0
 ) -> dict[str, torch.Tensor]:
     """Lines' `figures` vectors (L, n), as `to_many` packs them, back into named (L, ...) fields."""
     fields = (
@@ -530,6 +545,7 @@ def _split_figures(
         ("recurring_next", ()),
         ("row_seconds", ()),
         ("tail_level", (tail,)),
+        ("held_peak", (peak,)),
     )
     out, start = {}, 0
     for name, shape in fields:
@@ -539,7 +555,9 @@ def _split_figures(
     for name in ("scale_rows", "history_rows", "quiet_rows", "recurring_next"):
         out[name] = out[name].long()
     # Packed before the tail level existed: none yet.
-    out["tail_level"] = out["tail_level"][:, 0] if tail else torch.full((len(figures),), math.nan, dtype=figures.dtype)
+    none = torch.full((len(figures),), math.nan, dtype=figures.dtype)
+    out["tail_level"] = out["tail_level"][:, 0] if tail else none
+    out["held_peak"] = out["held_peak"][:, 0] if peak else none.clone()
     return out
 
 
@@ -551,6 +569,7 @@ def _unpacked(tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, torch
         packed["history"],
         packed.get("recurring_events", 0),
         packed.get("tail_level", 0),
+        packed.get("held_peak", 0),
     )
     held, sensors = tensors["held"], packed["consistency_sensors"]
     start = consistency_values(sensors)
@@ -732,7 +751,9 @@ class AnomalyDetector:
             )
             recent_thresholds = recent_calibrated.threshold
             recent_calibration = self._calibration_update(
-                state.recent_calibration, self._held(recent_scores, recent_calibrated), steps
+                state.recent_calibration,
+                self._held(recent_scores, recent_calibrated, recent_calibrated.largest),
+                steps,
             )
         else:
             recent_scores = torch.full_like(scores, math.inf)
@@ -745,6 +766,8 @@ class AnomalyDetector:
             raise ValueError("AlarmConfig.recurring_events is set: detect needs the rows' times")
         decided = self._decide(scores, thresholds, candidates, steps, state, times)
         alarms = decided.alarms
+        peak = torch.fmax(calibrated.largest, state.held_peak)
+        held = self._held(scores, calibrated, peak)
         new_state = AlarmState(
             # An alarmed row counts at the scale it was judged by: a long fault does not widen
             # the scale over itself, and normal rows are not thinned of their largest squares.
@@ -752,13 +775,14 @@ class AnomalyDetector:
                 state, torch.where(alarms[..., None], square_mean[:, None, :], squares), finite, started
             ),
             *self._history_update(state, standard, steps),
-            self._calibration_update(state.calibration, self._held(scores, calibrated), steps),
+            self._calibration_update(state.calibration, held, steps),
             decided.quiet_rows,
             recent_calibration,
             self._bias_update(state.bias, raw_residuals, finite, alarms.any(1), state.scale_rows, started),
             decided.excess,
             *decided.recurring,
             self._tail_update(tail_level, scores, steps),
+            torch.fmax(peak, torch.where(steps, held, -math.inf).amax(1)) if length else peak,
             consistency,
         )
         episodes = self._episodes(alarms, decided.onsets, scores, decided.row_thresholds)
@@ -914,12 +938,13 @@ class AnomalyDetector:
         per_row = shift.gather(0, index.reshape(-1, columns)).reshape(standard.shape)
         return torch.where(usable, per_row, 0.0)
 
-    def _held(self, scores: torch.Tensor, calibrated: _Calibration) -> torch.Tensor:
+    def _held(self, scores: torch.Tensor, calibrated: _Calibration, cap: torch.Tensor) -> torch.Tensor:
         """Scores as the calibration holds them: as they are while a line warms up, then capped
-        at its largest held score. The cap comes from the whole warm-up, not from whatever
-        first chunk a line happened to get (10 rows of a small file are no measure of normal)."""
+        at `cap` (B,), the largest score it has held. The cap comes from the whole warm-up, not
+        from whatever first chunk a line happened to get (10 rows of a small file are no measure
+        of normal)."""
         warm = calibrated.held[:, None] >= self.config.warmup_rows
-        return torch.where(warm, torch.minimum(scores, calibrated.largest[:, None]), scores)
+        return torch.where(warm, torch.minimum(scores, cap[:, None]), scores)
 
     def _mean_chart(self, standard: torch.Tensor, state: AlarmState, window: int, active: torch.Tensor) -> torch.Tensor:
         """The chart over each row's last `window` ≤ n rows (the history holds the n−1 before),

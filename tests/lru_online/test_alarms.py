@@ -225,6 +225,42 @@ def test_a_warm_up_in_small_files_is_held_as_it_is_and_only_then_capped():
     assert float(after[torch.isfinite(after)].max()) == pytest.approx(float(scores.max()))
 
 
+def _busy_after_a_quiet_file(keep_peak: bool, seed: int = 3) -> list[float]:
+    """A line whose first file (80 rows) starts with five large residuals and then reads almost
+    nothing (as a series that reads zero until it starts), then a busy file of 40 rows, a quiet
+    one of 45 that pushes the first file's large scores out of the 80-score buffer, and four
+    busy ones. Returns the share of rows alarmed in each busy file after the quiet one;
+    `keep_peak` False wipes the held peak before each file, as if the cap were the buffer's
+    own largest."""
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=80, warmup_rows=10)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(seed)
+    first = np.concatenate([rng.normal(size=5), 0.05 * rng.normal(size=75)])
+    busy = [0.3 * rng.normal(size=40) for _ in range(5)]
+    files = [first, busy[0], 0.05 * rng.normal(size=45), *busy[1:]]
+    state, shares = AlarmState.fresh(1, 1, config), []
+    for number, rows in enumerate(files):
+        if not keep_peak:
+            state.held_peak = torch.full_like(state.held_peak, math.nan)
+        judged = detector.detect(torch.tensor(rows, dtype=torch.float64)[None, :, None], state)
+        state = judged.state
+        if number >= 3:
+            shares.append(float(judged.alarms.double().mean()))
+    return shares
+
+
+def test_a_quiet_file_does_not_lock_a_line_s_threshold_low():
+    """The cap on held scores is the largest score the line ever held, not the buffer's own
+    largest: after a quiet file evicted the busy scores, the first busy file alarms (its
+    threshold came from quiet rows), but its scores are held as they are and the next busy
+    files alarm at about α. Capped at the buffer's largest, every later busy file alarms on
+    nearly every row (the lock seen on a nab-aws series whose first days read zero)."""
+    kept = _busy_after_a_quiet_file(keep_peak=True)
+    assert kept[0] > 0.5
+    assert np.mean(kept[1:]) <= 0.15
+    assert min(_busy_after_a_quiet_file(keep_peak=False)[1:]) > 0.5
+
+
 def test_an_alarm_running_on_into_the_next_chunk_is_one_episode_continued():
     config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=100, warmup_rows=50)
     detector = AnomalyDetector(config)
@@ -674,24 +710,28 @@ def test_skipping_the_rows_no_line_passes_decides_as_the_row_by_row_walk(recurri
     assert int(want.alarms.sum()) > 0
 
 
-def test_a_state_packed_before_the_tail_level_reads_as_one_without_it():
-    """A line's state packed by the version before `tail_rows` (its figures one value shorter):
-    read alone or in a batch, every field as stored and the level left to warm up (NaN)."""
+@pytest.mark.parametrize("missing", [("tail_level", "held_peak"), ("held_peak",)])
+def test_a_state_packed_by_an_older_version_reads_as_one_without_its_newer_fields(missing):
+    """A line's state packed by the version before `tail_rows`, or before the held peak (its
+    figures shorter by those trailing values): read alone or in a batch, every field as stored
+    and the missing ones left to warm up (NaN)."""
     config = AlarmConfig(false_alarm_rate=0.1, calibration_rows=40, warmup_rows=10, bias_rows=20, tail_rows=30)
     detector = AnomalyDetector(config)
     rows = torch.tensor(np.random.default_rng(9).normal(size=(1, 50, 2)))
     state = detector.detect(rows[:, 25:], detector.detect(rows[:, :25], _fresh(config)).state).state
     assert bool(torch.isfinite(state.tail_level).all())  # the level starts once a chunk begins warm
+    assert bool(torch.isfinite(state.held_peak).all())
     tensors, meta = codec.decode(state.to_bytes())
-    packed = {k: v for k, v in meta["packed"].items() if k != "tail_level"}
+    packed = {k: v for k, v in meta["packed"].items() if k not in missing}
     # Written then as vectors (records have since a line dimension of one: `to_many`).
     figures, held = tensors["figures"].reshape(-1), tensors["held"].reshape(-1)
-    older = codec.encode({"figures": figures[:-1], "held": held}, meta | {"packed": packed})
+    older = codec.encode({"figures": figures[: -len(missing)], "held": held}, meta | {"packed": packed})
     current = AlarmState.from_bytes(state.to_bytes(), config)  # as stored (quiet rows capped)
     for read in (AlarmState.from_many([older], 2, config), AlarmState.from_bytes(older, config)):
-        assert bool(torch.isnan(read.tail_level).all())
         for name, value in current._tensors().items():
-            if name != "tail_level":
+            if name in missing:
+                assert bool(torch.isnan(getattr(read, name)).all()), name
+            else:
                 assert torch.allclose(getattr(read, name).double(), value.double(), equal_nan=True), name
 
 
