@@ -1,0 +1,112 @@
+"""Perturbed copies of NAB-style streams: does the alarms' normal-row rate hold on what real
+streams do that the given ones may not? (The real-streams issue, part 1: bursts of missing
+data, irregular sampling, slow wander.)
+
+    python bench/nab_perturb.py --data DIR --out PERTURBED --kind gaps|irregular|wander [--seed 0]
+    python bench/nab.py --data PERTURBED --out RESULTS
+
+Each series keeps its first 15 % (bench/nab.py's initial training file) as it is, and no row
+of a labelled window is removed; windows.json is copied, so the labels mean what they meant.
+Kinds, applied after the first 15 % only:
+- gaps: six bursts of missing rows, each 1-3 % of the series long, at random places;
+- irregular: a third of the rows, drawn one by one, removed (uneven spacing throughout);
+- wander: a slow random walk added to the values (a Gaussian walk's moving mean over
+  `WANDER_ROWS` rows, scaled so that its largest excursion is 3 standard deviations of the
+  series), labelled rows included;
+- volatility: from a random row between 30 % and 70 % of the series on, every value's distance
+  from its level (the median of the `WANDER_ROWS` rows around it) three times as large: the
+  same level, three times the spread, labelled rows included.
+Random draws come from `--seed` and the file's name, so a file's copy does not depend on
+which other files the folder holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.nab import INITIAL_SHARE, Series, load_series
+
+KINDS = ("gaps", "irregular", "wander", "volatility")
+GAP_BURSTS = 6
+GAP_SHARE = (0.01, 0.03)  # each burst's length, as a share of the series
+IRREGULAR_SHARE = 1 / 3
+WANDER_ROWS = 288  # a day of 5-minute rows: the walk's smoothing span
+WANDER_SDS = 3.0
+VOLATILITY_FACTOR = 3.0
+VOLATILITY_START = (0.3, 0.7)  # where the change may fall, as a share of the series
+
+
+def perturb(item: Series, kind: str, rng: np.random.Generator) -> pd.DataFrame:
+    """The series' rows after the perturbation `kind` (timestamp, value)."""
+    frame = item.frame[["timestamp", "value"]].reset_index(drop=True)
+    rows = len(frame)
+    first = int(INITIAL_SHARE * rows)
+    labelled = np.zeros(rows, dtype=bool)
+    for lo, hi in item.windows:
+        labelled[lo : hi + 1] = True
+    if kind == "gaps":
+        removed = np.zeros(rows, dtype=bool)
+        for _ in range(GAP_BURSTS):
+            length = int(rng.uniform(*GAP_SHARE) * rows)
+            start = int(rng.integers(first, max(first + 1, rows - length)))
+            removed[start : start + length] = True
+        return frame[~(removed & ~labelled)].reset_index(drop=True)
+    if kind == "irregular":
+        removed = rng.random(rows) < IRREGULAR_SHARE
+        removed[:first] = False
+        return frame[~(removed & ~labelled)].reset_index(drop=True)
+    if kind == "wander":
+        walk = np.convolve(np.cumsum(rng.normal(size=rows)), np.ones(WANDER_ROWS) / WANDER_ROWS, mode="same")
+        walk = walk - walk[first]
+        walk[:first] = 0.0
+        largest = np.abs(walk).max()
+        scale = WANDER_SDS * float(frame["value"].std()) / largest if largest > 0 else 0.0
+        return frame.assign(value=frame["value"] + walk * scale)
+    if kind == "volatility":
+        level = frame["value"].rolling(WANDER_ROWS, center=True, min_periods=1).median().to_numpy()
+        start = int(rng.uniform(*VOLATILITY_START) * rows)
+        factor = np.where(np.arange(rows) >= max(start, first), VOLATILITY_FACTOR, 1.0)
+        return frame.assign(value=level + factor * (frame["value"].to_numpy() - level))
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def write_perturbed(data: Path, out: Path, kind: str, seed: int) -> list[Path]:
+    """Every series of `data` perturbed into `out` (same file names), windows.json copied."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "windows.json", out / "windows.json")
+    written = []
+    for item in load_series(data):
+        rng = np.random.default_rng([seed, zlib.crc32(item.name.encode())])
+        frame = perturb(item, kind, rng)
+        frame = frame.assign(timestamp=frame["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"))
+        path = out / item.name
+        frame.to_csv(path, index=False)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder of timestamp,value CSV files + windows.json")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kind", choices=KINDS, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.out.resolve() == args.data.resolve():
+        raise SystemExit("--out must not be --data: the perturbed copies would overwrite the streams")
+    written = write_perturbed(args.data, args.out, args.kind, args.seed)
+    before = {item.name: len(item.frame) for item in load_series(args.data)}
+    after = {path.name: sum(1 for _ in path.open()) - 1 for path in written}
+    rows = {name: [before[name], after[name]] for name in sorted(before)}
+    print(json.dumps({"kind": args.kind, "seed": args.seed, "rows before, after": rows}))
+
+
+if __name__ == "__main__":
+    main()
