@@ -554,7 +554,7 @@ def _split_figures(
         start += count
     for name in ("scale_rows", "history_rows", "quiet_rows", "recurring_next"):
         out[name] = out[name].long()
-    # Packed before the tail level existed: none yet.
+    # Packed before the tail level or the held peak existed: none yet.
     none = torch.full((len(figures),), math.nan, dtype=figures.dtype)
     out["tail_level"] = out["tail_level"][:, 0] if tail else none
     out["held_peak"] = out["held_peak"][:, 0] if peak else none.clone()
