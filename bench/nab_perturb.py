@@ -1,8 +1,8 @@
 """Perturbed copies of NAB-style streams: does the alarms' normal-row rate hold on what real
 streams do that the given ones may not? (The real-streams issue, part 1: bursts of missing
-data, irregular sampling, slow wander.)
+data, irregular sampling, slow wander, scale changes; and streams longer than these.)
 
-    python bench/nab_perturb.py --data DIR --out PERTURBED --kind gaps|irregular|wander [--seed 0]
+    python bench/nab_perturb.py --data DIR --out PERTURBED --kind KIND [--seed 0]
     python bench/nab.py --data PERTURBED --out RESULTS
 
 Each series keeps its first 15 % (bench/nab.py's initial training file) as it is, and no row
@@ -15,7 +15,11 @@ Kinds, applied after the first 15 % only:
   series), labelled rows included;
 - volatility: from a random row between 30 % and 70 % of the series on, every value's distance
   from its level (the median of the `WANDER_ROWS` rows around it) three times as large: the
-  same level, three times the spread, labelled rows included.
+  same level, three times the spread, labelled rows included;
+- long: each series three times in a row (`LONG_COPIES`), time running on (each copy starts one
+  row spacing after the one before ends), its labelled windows copied with it into windows.json:
+  a stream three times as long whose every anomaly is labelled, cut by bench/nab.py into files
+  three times as large.
 Random draws come from `--seed` and the file's name, so a file's copy does not depend on
 which other files the folder holds.
 """
@@ -33,7 +37,7 @@ import pandas as pd
 
 from bench.nab import INITIAL_SHARE, Series, load_series
 
-KINDS = ("gaps", "irregular", "wander", "volatility")
+KINDS = ("gaps", "irregular", "wander", "volatility", "long")
 GAP_BURSTS = 6
 GAP_SHARE = (0.01, 0.03)  # each burst's length, as a share of the series
 IRREGULAR_SHARE = 1 / 3
@@ -41,6 +45,7 @@ WANDER_ROWS = 288  # a day of 5-minute rows: the walk's smoothing span
 WANDER_SDS = 3.0
 VOLATILITY_FACTOR = 3.0
 VOLATILITY_START = (0.3, 0.7)  # where the change may fall, as a share of the series
+LONG_COPIES = 3
 
 
 def perturb(item: Series, kind: str, rng: np.random.Generator) -> pd.DataFrame:
@@ -74,15 +79,39 @@ def perturb(item: Series, kind: str, rng: np.random.Generator) -> pd.DataFrame:
         start = int(rng.uniform(*VOLATILITY_START) * rows)
         factor = np.where(np.arange(rows) >= max(start, first), VOLATILITY_FACTOR, 1.0)
         return frame.assign(value=level + factor * (frame["value"].to_numpy() - level))
+    if kind == "long":
+        span = copy_span(frame["timestamp"])
+        return pd.concat(
+            [frame.assign(timestamp=frame["timestamp"] + copy * span) for copy in range(LONG_COPIES)],
+            ignore_index=True,
+        )
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
+def copy_span(stamps: pd.Series) -> pd.Timedelta:
+    """How far each `long` copy is shifted: the series' span and one median row spacing."""
+    return stamps.iloc[-1] - stamps.iloc[0] + stamps.diff().median()
+
+
 def write_perturbed(data: Path, out: Path, kind: str, seed: int) -> list[Path]:
-    """Every series of `data` perturbed into `out` (same file names), windows.json copied."""
+    """Every series of `data` perturbed into `out` (same file names), windows.json copied (for
+    `long`, each series' windows once per copy)."""
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(data / "windows.json", out / "windows.json")
+    series = load_series(data)
+    if kind == "long":
+        windows = json.loads((data / "windows.json").read_text())
+        for item in series:
+            span = copy_span(item.frame["timestamp"])
+            windows[item.name] = [
+                [str(pd.Timestamp(bound) + copy * span) for bound in window]
+                for copy in range(LONG_COPIES)
+                for window in windows.get(item.name, [])
+            ]
+        (out / "windows.json").write_text(json.dumps(windows, indent=1))
+    else:
+        shutil.copy(data / "windows.json", out / "windows.json")
     written = []
-    for item in load_series(data):
+    for item in series:
         rng = np.random.default_rng([seed, zlib.crc32(item.name.encode())])
         frame = perturb(item, kind, rng)
         frame = frame.assign(timestamp=frame["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"))

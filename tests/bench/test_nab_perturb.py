@@ -14,7 +14,15 @@ import pandas as pd
 import pytest
 
 from bench import nab
-from bench.nab_perturb import GAP_BURSTS, KINDS, VOLATILITY_FACTOR, WANDER_ROWS, WANDER_SDS, write_perturbed
+from bench.nab_perturb import (
+    GAP_BURSTS,
+    KINDS,
+    LONG_COPIES,
+    VOLATILITY_FACTOR,
+    WANDER_ROWS,
+    WANDER_SDS,
+    write_perturbed,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 2000
@@ -34,7 +42,7 @@ def _streams(folder: Path) -> None:
     (folder / "windows.json").write_text(json.dumps(windows))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "long"])
 def test_a_perturbation_keeps_the_first_share_and_every_labelled_row(tmp_path, kind):
     data, out = tmp_path / "data", tmp_path / kind
     _streams(data)
@@ -80,6 +88,21 @@ def test_a_perturbation_keeps_the_first_share_and_every_labelled_row(tmp_path, k
                 assert 1 <= (spacing > 1).sum() <= GAP_BURSTS
             else:
                 assert removed == pytest.approx((ROWS - first - (hi - lo + 1)) / 3, rel=0.15)
+
+
+def test_a_long_copy_repeats_each_series_with_its_windows_and_time_running_on(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "long"
+    _streams(data)
+    write_perturbed(data, out, "long", seed=0)
+    for original, copy in zip(nab.load_series(data), nab.load_series(out), strict=True):
+        assert len(copy.frame) == LONG_COPIES * ROWS
+        assert copy.frame["timestamp"].is_monotonic_increasing
+        assert (copy.frame["timestamp"].diff().dropna() == pd.Timedelta(minutes=5)).all()
+        values = copy.frame["value"].to_numpy().reshape(LONG_COPIES, ROWS)
+        assert (values == original.frame["value"].to_numpy()).all()
+        # Every copy's window covers the same rows of that copy as the original's.
+        (lo, hi) = original.windows[0]
+        assert copy.windows == [(lo + k * ROWS, hi + k * ROWS) for k in range(LONG_COPIES)]
 
 
 def test_the_same_seed_gives_the_same_copy_whatever_else_the_folder_holds(tmp_path):
