@@ -93,9 +93,9 @@ def copy_span(stamps: pd.Series) -> pd.Timedelta:
     return stamps.iloc[-1] - stamps.iloc[0] + stamps.diff().median()
 
 
-def write_perturbed(data: Path, out: Path, kind: str, seed: int) -> list[Path]:
+def write_perturbed(data: Path, out: Path, kind: str, seed: int) -> dict[str, tuple[int, int]]:
     """Every series of `data` perturbed into `out` (same file names), windows.json copied (for
-    `long`, each series' windows once per copy)."""
+    `long`, each series' windows once per copy); each file's rows before and after."""
     out.mkdir(parents=True, exist_ok=True)
     series = load_series(data)
     if kind == "long":
@@ -110,15 +110,14 @@ def write_perturbed(data: Path, out: Path, kind: str, seed: int) -> list[Path]:
         (out / "windows.json").write_text(json.dumps(windows, indent=1))
     else:
         shutil.copy(data / "windows.json", out / "windows.json")
-    written = []
+    rows = {}
     for item in series:
         rng = np.random.default_rng([seed, zlib.crc32(item.name.encode())])
         frame = perturb(item, kind, rng)
         frame = frame.assign(timestamp=frame["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"))
-        path = out / item.name
-        frame.to_csv(path, index=False)
-        written.append(path)
-    return written
+        frame.to_csv(out / item.name, index=False)
+        rows[item.name] = (len(item.frame), len(frame))
+    return rows
 
 
 def main() -> None:
@@ -130,10 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.resolve() == args.data.resolve():
         raise SystemExit("--out must not be --data: the perturbed copies would overwrite the streams")
-    written = write_perturbed(args.data, args.out, args.kind, args.seed)
-    before = {item.name: len(item.frame) for item in load_series(args.data)}
-    after = {path.name: sum(1 for _ in path.open()) - 1 for path in written}
-    rows = {name: [before[name], after[name]] for name in sorted(before)}
+    rows = write_perturbed(args.data, args.out, args.kind, args.seed)
     print(json.dumps({"kind": args.kind, "seed": args.seed, "rows before, after": rows}))
 
 
