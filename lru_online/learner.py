@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lru_online.adamw import AdamW
 from lru_online.ewc import EWCPenalty
 from lru_online.model import LRUForecaster, ModelConfig, ScoredSequence
 from lru_online.replay import ReservoirReplay
@@ -89,9 +90,7 @@ class OnlineLearner:
     def __init__(self, model: LRUForecaster, config: LearnerConfig | None = None) -> None:
         self.model = model
         self.config = config or LearnerConfig()
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay
-        )
+        self.optimizer = AdamW(model.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         self.replay = ReservoirReplay(self.config.replay_capacity, self.config.seed)
         self.ewc = EWCPenalty(self.config.ewc_weight, self.config.ewc_decay)
         self.updates = 0
