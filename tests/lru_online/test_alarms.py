@@ -261,6 +261,25 @@ def test_a_quiet_file_does_not_lock_a_line_s_threshold_low():
     assert min(_busy_after_a_quiet_file(keep_peak=False)[1:]) > 0.5
 
 
+def test_the_cap_on_held_scores_stays_the_largest_of_the_warm_up():
+    """What the module docstring says of the cap: once a line is warm every score is held
+    capped at it, so wider rows later (alarmed or not) never raise it; only the tail level
+    lifts the threshold past it."""
+    config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=200, warmup_rows=100)
+    detector = AnomalyDetector(config)
+    generator = torch.Generator().manual_seed(3)
+    first = detector.detect(
+        torch.randn(1, 150, 1, generator=generator, dtype=torch.float64), AlarmState.fresh(1, 1, config)
+    )
+    warm_peak = float(first.scores.max())
+    assert float(first.state.held_peak[0]) == pytest.approx(warm_peak)
+    state = first.state
+    for _ in range(5):
+        state = detector.detect(3.0 * torch.randn(1, 60, 1, generator=generator, dtype=torch.float64), state).state
+    assert float(state.held_peak[0]) == pytest.approx(warm_peak)
+    assert float(torch.nan_to_num(state.calibration, nan=-1.0).max()) <= warm_peak
+
+
 def test_an_alarm_running_on_into_the_next_chunk_is_one_episode_continued():
     config = AlarmConfig(false_alarm_rate=0.05, smoothing_rows=1, calibration_rows=100, warmup_rows=50)
     detector = AnomalyDetector(config)
