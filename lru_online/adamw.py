@@ -1,11 +1,12 @@
 """AdamW (decoupled weight decay) for the online learner, without torch.optim.
 
 Why not `torch.optim.AdamW`: constructing any torch.optim optimizer imports `torch._dynamo`
-(torch's `_disable_dynamo` wrapper on the optimizer's methods), 1.1-1.9 s on 2 cores, paid by
+(torch's `_disable_dynamo` wrapper on the optimizer's methods), 1.1-1.4 s on 2 cores, paid by
 every process that loads a learner: each `lru-online run`, `backfill` and retraining, before its
 first row. Nothing else on the pipeline's path imports it. The update below is the one
 `torch.optim.AdamW` makes by default on CPU (its single-tensor path: no AMSGrad, no maximise),
-operation for operation, and `state_dict` / `load_state_dict` read and write torch.optim's
+operation for operation (on CUDA torch's default is its multi-tensor path: the same update, not
+checked bit for bit there), and `state_dict` / `load_state_dict` read and write torch.optim's
 layout, so checkpoints written by either load into the other
 (tests/lru_online/test_adamw.py checks both against torch.optim.AdamW).
 """
