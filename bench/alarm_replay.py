@@ -125,6 +125,7 @@ def nab_figures(result: Replay, data: Path, tuning: str, alpha: float) -> dict:
             "normal_rate_x_alpha": round(rate / alpha, 2),
         }
     out["worst_stream_x_alpha"] = round(max(f.normal_rate for f in figures.values()) / alpha, 2)
+    out["tuning_worst_x_alpha"] = round(max((figures[n].normal_rate for n in tuned), default=0.0) / alpha, 2)
     return out
 
 
