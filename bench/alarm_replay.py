@@ -160,6 +160,32 @@ def grid(settings: Settings, choices: list[str]) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
+def load_work_settings(workdir: Path, config: Path | None) -> tuple[Settings, Path | None]:
+    """The settings a work folder ran with: `config`, else its own config.yaml, else the
+    embedded defaults; and which config that was (None: the defaults)."""
+    if config is None and (workdir / "config.yaml").exists():
+        config = workdir / "config.yaml"
+    return load_settings(config, workdir=workdir), config
+
+
+def setting_figures(settings: Settings, overrides: dict, labels: str | None, tuning: str) -> dict:
+    """The work folder's flags replayed under its `alarms:` settings with `overrides`, scored by
+    `labels` (simulator, nab=DIR, skab=DIR; None: counts only)."""
+    alarms = settings.alarms.model_copy(update=overrides)
+    result = replay(settings, alarms.config())
+    figures = {"rows": len(result.rows), "alarmed": int(result.rows["anomaly"].sum()), "onsets": len(result.onsets)}
+    kind, _, folder = (labels or "").partition("=")
+    if kind == "simulator":
+        figures |= simulator_figures(result, settings.workdir)
+    elif kind == "nab":
+        figures |= nab_figures(result, Path(folder), tuning, alarms.false_alarm_rate)
+    elif kind == "skab":
+        figures |= skab_figures(result, Path(folder), alarms.false_alarm_rate)
+    elif kind:
+        raise SystemExit(f"--labels {labels!r}: expected simulator, nab=DIR or skab=DIR")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
@@ -168,26 +194,10 @@ def main() -> None:
     parser.add_argument("--labels", default=None, help="simulator, nab=DIR or skab=DIR")
     parser.add_argument("--tuning", default="ec2_cpu_utilization_*", help="nab: the declared tuning files")
     args = parser.parse_args()
-    config = args.config or (args.workdir / "config.yaml" if (args.workdir / "config.yaml").exists() else None)
-    settings = load_settings(config, workdir=args.workdir)
+    settings, config = load_work_settings(args.workdir, args.config)
     print(f"{library_versions()}; work folder {args.workdir}, config {config or 'embedded defaults'}")
     for overrides in grid(settings, args.choices) or [{}]:
-        alarms = settings.alarms.model_copy(update=overrides)
-        result = replay(settings, alarms.config())
-        figures = {
-            "rows": len(result.rows),
-            "alarmed": int(result.rows["anomaly"].sum()),
-            "onsets": len(result.onsets),
-        }
-        kind, _, folder = (args.labels or "").partition("=")
-        if kind == "simulator":
-            figures |= simulator_figures(result, args.workdir)
-        elif kind == "nab":
-            figures |= nab_figures(result, Path(folder), args.tuning, alarms.false_alarm_rate)
-        elif kind == "skab":
-            figures |= skab_figures(result, Path(folder), alarms.false_alarm_rate)
-        elif kind:
-            raise SystemExit(f"--labels {args.labels!r}: expected simulator, nab=DIR or skab=DIR")
+        figures = setting_figures(settings, overrides, args.labels, args.tuning)
         print(json.dumps({"alarms": overrides or "as run"} | figures))
 
 

@@ -121,25 +121,18 @@ def _plant(work: Path, seed: str) -> None:
 
 def judge(root: Path, data: Path, folder: Folder, overrides: dict) -> dict:
     """One folder's figures under one setting, by bench/alarm_replay.py's replay and scoring."""
-    from bench.alarm_replay import nab_figures, replay, simulator_figures, skab_figures
-    from flows.settings import load_settings
+    from bench.alarm_replay import load_work_settings, setting_figures
 
-    work = folder.work(root)
-    config = (
-        ROOT / folder.config if folder.config else (work / "config.yaml" if (work / "config.yaml").exists() else None)
-    )
-    settings = load_settings(config, workdir=work)
-    alarms = settings.alarms.model_copy(update=overrides)
-    result = replay(settings, alarms.config())
+    settings, _ = load_work_settings(folder.work(root), ROOT / folder.config if folder.config else None)
     if folder.labels == "nab":
-        series = root / folder.data if folder.data else data / "nab-aws"
-        return nab_figures(result, series, "ec2_cpu_utilization_*", alarms.false_alarm_rate)
+        labels = f"nab={root / folder.data if folder.data else data / 'nab-aws'}"
+    else:
+        labels = "simulator" if folder.labels == "simulator" else f"skab={data / 'skab'}"
+    figures = setting_figures(settings, overrides, labels, "ec2_cpu_utilization_*")
     if folder.labels == "simulator":
-        figures = simulator_figures(result, work)
-        return figures | {
-            "normal_rate_x_alpha": figures["false_alarms_per_1000_normal_rows"] / 1000 / alarms.false_alarm_rate
-        }
-    return skab_figures(result, data / "skab", alarms.false_alarm_rate)
+        alpha = overrides.get("false_alarm_rate", settings.alarms.false_alarm_rate)
+        figures["normal_rate_x_alpha"] = figures["false_alarms_per_1000_normal_rows"] / 1000 / alpha
+    return figures
 
 
 def tuning_rates(figures: dict[str, dict]) -> dict[str, float]:
