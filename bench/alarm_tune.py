@@ -124,6 +124,9 @@ def judge(root: Path, data: Path, folder: Folder, overrides: dict) -> dict:
     from bench.alarm_replay import load_work_settings, setting_figures
 
     settings, _ = load_work_settings(folder.work(root), ROOT / folder.config if folder.config else None)
+    reached = reaching(overrides, settings)
+    untouched = bool(overrides) and not reached
+    overrides = reached
     if folder.labels == "nab":
         labels = f"nab={root / folder.data if folder.data else data / 'nab-aws'}"
     else:
@@ -132,15 +135,24 @@ def judge(root: Path, data: Path, folder: Folder, overrides: dict) -> dict:
     if folder.labels == "simulator":
         alpha = overrides.get("false_alarm_rate", settings.alarms.false_alarm_rate)
         figures["normal_rate_x_alpha"] = figures["false_alarms_per_1000_normal_rows"] / 1000 / alpha
+    figures["untouched"] = untouched
     return figures
+
+
+def reaching(overrides: dict, settings) -> dict:
+    """The overrides that reach a folder: a field its own config sets is that config's choice,
+    which a setting of the defaults does not change, in the product as here (SKAB's config keeps
+    its own `continuation_step`)."""
+    return {k: v for k, v in overrides.items() if k not in settings.alarms.model_fields_set}
 
 
 def tuning_rates(figures: dict[str, dict]) -> dict[str, float]:
     """Each tuning stream's normal-row rate in α: a nab folder's worst tuning file, a plant's
-    normal rows, SKAB's anomaly-free run."""
+    normal rows, SKAB's anomaly-free run. A stream the setting does not reach (its config sets
+    every field of it) cannot tell settings apart and is left out."""
     rates = {}
     for name, found in figures.items():
-        if name in REPORT_ONLY:
+        if name in REPORT_ONLY or found.get("untouched"):
             continue
         if name.startswith("nab-"):
             rates[name] = found["tuning_worst_x_alpha"]
@@ -181,7 +193,8 @@ def _row(overrides: dict, figures: dict[str, dict]) -> str:
     return (
         f"{_label(overrides):<40} plants F1 {plants}  NAB tuning {given:5.1f}  score {score(figures):.4f}"
         f"  worst tuning {rates[worst]:.2f}α ({worst})\n"
-        f"{'':<40} report: {'  '.join(report)}  demo F1 {figures['demo']['f1']:.3f}"
+        f"{'':<40} report: {'  '.join(report)}  demo F1 {figures['demo']['f1']:.3f}\n"
+        f"{'':<40} tuning streams (α): " + "  ".join(f"{name} {rate:.2f}" for name, rate in rates.items())
     )
 
 

@@ -92,6 +92,23 @@ line is never pushed to alarm more often than its threshold says. A row that con
 episode (the row before it alarmed) is held against the plain threshold, so a fault alarms for
 as long as it lasts however high x stands.
 
+Long episodes. The rate control bounds onsets, not the rows after them, and most of the normal
+rows a long real stream alarms on follow one onset: a line settles at a level its forecaster
+has not learnt yet (it learns once per file), and every row until then is over the threshold
+(in nab-aws's streams cut into large files, runs of 40 to 300 rows after level shifts the labels
+do not mark, 90 % of the false alarmed rows). With `continuation_step` η_c > 0 the rows that
+could only continue an episode carry a second log-factor y ≥ 0: the row after an alarmed row
+must pass threshold·e^y, a row within `episode_gap_rows` of one threshold·e^max(x, y) (so
+that alternate rows cannot carry an episode past it), each alarmed row that does not open an
+episode raises y by η_c and every row lowers it by η_c·`continuation_rate`. The same argument
+as above gives: such rows are at most `continuation_rate`·T + y_T/η_c on any stream, and every
+alarmed row of a line at most (α + `continuation_rate`)·T plus both factors' slack. What it
+costs: a fault alarms from its onset for about log(score / threshold)/η_c rows (~40 at η_c
+0.1 for a score 50 times the threshold) and after that only on its rows that pass e^y; the
+score itself (`anomaly_score`) still shows it for as long as it lasts. A short fault (the
+demo's 5-row stuck sensor) alarms on every row. Where faults last hundreds of rows and must
+alarm throughout (SKAB's valve tests), a config sets it to 0.
+
 Recurring events. Real lines repeat themselves by the clock: a nightly job, a shift change,
 a cleaning cycle makes the same burst at about the same time every day, and a forecaster is
 surprised by it every time. With `recurring_events` E set, each line keeps its latest E
@@ -174,6 +191,11 @@ class AlarmConfig:
     # η of the rate control (module docstring): each episode raises the line's threshold by e^η,
     # each row lowers its log by η·α; 0: no rate control.
     rate_control_step: float = 0.0
+    # η_c of the rows' rate control (module docstring): each alarmed row that does not open an
+    # episode raises the bar for such rows by e^η_c, every row lowers its log by η_c times
+    # `continuation_rate`, the long-run share of rows allowed to continue episodes; 0: none.
+    continuation_step: float = 0.0
+    continuation_rate: float = 0.02
     # > 0: beside each sensor's forecast residual, its residual against the line's other sensors
     # in the same row (lru_online.consistency, with this memory in rows); 0: forecast residuals only.
     consistency_rows: int = 0
@@ -217,6 +239,11 @@ class AlarmConfig:
             raise ValueError(f"AlarmConfig.consistency_rows must be 0 or >= 2, got {self.consistency_rows}")
         if not 0.0 <= self.rate_control_step <= 20.0:
             raise ValueError(f"AlarmConfig.rate_control_step must be in [0, 20], got {self.rate_control_step}")
+        if not 0.0 <= self.continuation_step <= 20.0 or not 0.0 < self.continuation_rate < 1.0:
+            raise ValueError(
+                "AlarmConfig.continuation_step must be in [0, 20] and continuation_rate in (0, 1), got "
+                f"{self.continuation_step} and {self.continuation_rate}"
+            )
         if not 0 <= self.recurring_events <= 4096 or self.recurring_days < 1:
             raise ValueError(
                 "AlarmConfig.recurring_events must be in [0, 4096] and recurring_days >= 1, got "
@@ -278,6 +305,9 @@ class AlarmState:
     # once warm, kept apart from the buffer, which may evict it. Held scores are capped at it,
     # so once the line is warm it stays the largest of the chunks it warmed up in.
     held_peak: torch.Tensor  # (B,)
+    # y ≥ 0 of the rows' rate control: an alarmed row that does not open an episode must pass
+    # threshold·e^y (zeros without `continuation_step`).
+    continuation_excess: torch.Tensor  # (B,)
     # The sensors' regressions on each other (`consistency_rows`); None without them. With
     # them, the columns (S above) are each sensor's forecast residual, then its consistency one.
     consistency: ConsistencyState | None = None
@@ -302,6 +332,7 @@ class AlarmState:
             torch.zeros(lines, dtype=torch.float64),
             torch.full((lines,), math.nan, dtype=torch.float64),
             torch.full((lines,), math.nan, dtype=torch.float64),
+            torch.zeros(lines, dtype=torch.float64),
             ConsistencyState.fresh(lines, sensors) if config.consistency_rows else None,
         )
 
@@ -331,6 +362,7 @@ class AlarmState:
             "row_seconds": self.row_seconds,
             "tail_level": self.tail_level,
             "held_peak": self.held_peak,
+            "continuation_excess": self.continuation_excess,
         }
 
     def select(self, index: int) -> AlarmState:
@@ -377,6 +409,7 @@ class AlarmState:
                 self.row_seconds[:, None],
                 self.tail_level[:, None],
                 self.held_peak[:, None],
+                self.continuation_excess[:, None],
             ],
             dim=1,
         )
@@ -404,6 +437,7 @@ class AlarmState:
                 "recurring_events": self.recurring_time.shape[1],
                 "tail_level": 1,
                 "held_peak": 1,
+                "continuation_excess": 1,
             }
             meta = {"kind": "AlarmState", "capacity": self.calibration.shape[1], "packed": packed}
             records = codec.encode_lines({"figures": figures[group], "held": torch.cat([flat[group], *kept], 1)}, meta)
@@ -429,9 +463,9 @@ class AlarmState:
         batch = cls.fresh(len(stored), sensors, config)
         for group in codec.decode_lines(stored):
             packed = group.meta.get("packed", {})
-            # A state packed before the recurring-events bar holds no potential onsets; one packed
-            # before the tail level or the held peak goes through from_bytes, which leaves them
-            # to warm up.
+            # A state packed before the recurring-events bar holds no potential onsets, one packed
+            # before the rows' rate control starts it at 0; one packed before the tail level or
+            # the held peak goes through from_bytes, which leaves them to warm up.
             if group.meta.get("kind") == "AlarmState" and all(
                 packed.get(k, 0 if k == "recurring_events" else None) == v for k, v in layout.items()
             ):
@@ -451,7 +485,8 @@ class AlarmState:
         columns, history, sensors = layout["columns"], layout["history"], layout["consistency_sensors"]
         lines = tensors["figures"].shape[0] if tensors["figures"].dim() == 2 else 1
         figures, held = tensors["figures"].reshape(lines, -1), tensors["held"].reshape(lines, -1)
-        state = _split_figures(figures, columns, history, layout["recurring_events"], peak=1)
+        continuation = packed.get("continuation_excess", 0)
+        state = _split_figures(figures, columns, history, layout["recurring_events"], peak=1, continuation=continuation)
         width = consistency_values(sensors)
         consistency = ConsistencyState.cat_flat(held[:, :width], sensors) if sensors else None
         offset = width
@@ -520,6 +555,8 @@ class AlarmState:
             fresh.tail_level = tensors["tail_level"].to(torch.float64).reshape(1)
         if "held_peak" in tensors:  # stored before the peak was kept: it starts from the buffer's largest
             fresh.held_peak = tensors["held_peak"].to(torch.float64).reshape(1)
+        if "continuation_excess" in tensors:  # stored before the rows' rate control: y = 0
+            fresh.continuation_excess = tensors["continuation_excess"].to(torch.float64).reshape(1)
         return fresh
 
 
@@ -535,7 +572,7 @@ def _scatter(batch: AlarmState, lines: list[int], part: AlarmState) -> AlarmStat
 
 
 def _split_figures(
-    figures: torch.Tensor, columns: int, history: int, events: int, tail: int = 1, peak: int = 0
+    figures: torch.Tensor, columns: int, history: int, events: int, tail: int = 1, peak: int = 0, continuation: int = 0
 ) -> dict[str, torch.Tensor]:
     """Lines' `figures` vectors (L, n), as `to_many` packs them, back into named (L, ...) fields."""
     fields = (
@@ -552,6 +589,7 @@ def _split_figures(
         ("row_seconds", ()),
         ("tail_level", (tail,)),
         ("held_peak", (peak,)),
+        ("continuation_excess", (continuation,)),
     )
     out, start = {}, 0
     for name, shape in fields:
@@ -560,10 +598,13 @@ def _split_figures(
         start += count
     for name in ("scale_rows", "history_rows", "quiet_rows", "recurring_next"):
         out[name] = out[name].long()
-    # Packed before the tail level or the held peak existed: none yet.
+    # Packed before the tail level or the held peak existed: none yet; before the rows' rate
+    # control: y = 0.
     none = torch.full((len(figures),), math.nan, dtype=figures.dtype)
     out["tail_level"] = out["tail_level"][:, 0] if tail else none
     out["held_peak"] = out["held_peak"][:, 0] if peak else none.clone()
+    zeros = torch.zeros(len(figures), dtype=figures.dtype)
+    out["continuation_excess"] = out["continuation_excess"][:, 0] if continuation else zeros
     return out
 
 
@@ -576,6 +617,7 @@ def _unpacked(tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, torch
         packed.get("recurring_events", 0),
         packed.get("tail_level", 0),
         packed.get("held_peak", 0),
+        packed.get("continuation_excess", 0),
     )
     held, sensors = tensors["held"], packed["consistency_sensors"]
     start = consistency_values(sensors)
@@ -789,6 +831,7 @@ class AnomalyDetector:
             *decided.recurring,
             self._tail_update(tail_level, scores, steps),
             torch.fmax(peak, torch.where(steps, held, -math.inf).amax(1)) if length else peak,
+            decided.continuation_excess,
             consistency,
         )
         episodes = self._episodes(alarms, decided.onsets, scores, decided.row_thresholds)
@@ -812,16 +855,25 @@ class AnomalyDetector:
         order (all lines at once)."""
         gap = max(self.config.episode_gap_rows, 1)
         step, rate = self.config.rate_control_step, self.config.false_alarm_rate
+        continuation_step, continuation_rate = self.config.continuation_step, self.config.continuation_rate
         recurring = (state.recurring_time, state.recurring_score, state.recurring_next, state.row_seconds)
-        if not step and not self.config.recurring_events:  # every row against the plain threshold, all at once
+        if not step and not continuation_step and not self.config.recurring_events:
+            # Every row against the plain threshold, all at once.
             alarms = candidates & (scores > thresholds[:, None])
             quiet_before = _quiet_before(alarms, steps, state.quiet_rows)
             quiet_after = _quiet_before(alarms, steps, state.quiet_rows, after=True)
             row_thresholds = torch.where(steps, thresholds[:, None].expand_as(scores), math.nan)
             return _Decision(
-                alarms, alarms & (quiet_before >= gap), quiet_after, state.excess, row_thresholds, recurring
+                alarms,
+                alarms & (quiet_before >= gap),
+                quiet_after,
+                state.excess,
+                row_thresholds,
+                recurring,
+                state.continuation_excess,
             )
         quiet, excess = state.quiet_rows.clone(), state.excess.clone()
+        continuing = state.continuation_excess.clone()
         alarms, onsets = torch.zeros_like(steps), torch.zeros_like(steps)
         row_thresholds = torch.full_like(scores, math.nan)
         events = _RecurringEvents(*recurring, self.config) if self.config.recurring_events else None
@@ -838,12 +890,18 @@ class AnomalyDetector:
         done = 0  # rows before this one are decided
         for t in [*visited, scores.shape[1]]:
             if t > done:
-                quiet, excess = self._quiet_span(quiet, excess, thresholds, steps[:, done:t], row_thresholds[:, done:t])
+                quiet, excess, continuing = self._quiet_span(
+                    quiet, excess, continuing, thresholds, steps[:, done:t], row_thresholds[:, done:t]
+                )
             if t == scores.shape[1]:
                 break
             done = t + 1
             present = steps[:, t]
-            held_to = torch.where(quiet == 0, thresholds, thresholds * torch.exp(excess))
+            # A row that would continue an episode (fewer than `gap` quiet rows before it) is held
+            # to the continuation bar too, so that alternate rows cannot carry an episode past it.
+            held_to = thresholds * torch.exp(
+                torch.where(quiet == 0, continuing, torch.where(quiet < gap, torch.maximum(excess, continuing), excess))
+            )
             opens_above = held_to
             if events is not None:
                 opens_above = torch.maximum(
@@ -854,6 +912,11 @@ class AnomalyDetector:
             if step:
                 moved = torch.clamp(excess + step * (onset.double() - rate), min=0.0)
                 excess = torch.where(present, moved, excess)
+            if continuation_step:
+                moved = torch.clamp(
+                    continuing + continuation_step * ((alarm & ~onset).double() - continuation_rate), min=0.0
+                )
+                continuing = torch.where(present, moved, continuing)
             if events is not None:  # every potential onset, held back or not, so a daily burst stays known
                 events.add(
                     times[:, t], scores[:, t], present & candidates[:, t] & (quiet != 0) & (scores[:, t] > held_to)
@@ -863,31 +926,42 @@ class AnomalyDetector:
             row_thresholds[:, t] = torch.where(present, held_to, math.nan)
         if events is not None:
             recurring = (events.time, events.score, events.next, events.row_seconds)
-        return _Decision(alarms, onsets, quiet, excess, row_thresholds, recurring)
+        return _Decision(alarms, onsets, quiet, excess, row_thresholds, recurring, continuing)
 
     def _quiet_span(
         self,
         quiet: torch.Tensor,
         excess: torch.Tensor,
+        continuing: torch.Tensor,
         thresholds: torch.Tensor,
         present: torch.Tensor,
         row_thresholds: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows where no line passes its plain threshold (`present` (B, L) the real ones): each
-        counts as quiet and lowers the log-factor by η·α, as `_decide`'s walk would row by row
-        (max(x − a, 0) taken k times is max(x − k·a, 0)); fills their `row_thresholds` (a view)
-        with what each was held to and returns the quiet rows and log-factor after them."""
+        counts as quiet and lowers the log-factors by η·α and η_c·`continuation_rate`, as
+        `_decide`'s walk would row by row (max(x − a, 0) taken k times is max(x − k·a, 0)); fills
+        their `row_thresholds` (a view) with what each was held to and returns the quiet rows and
+        both log-factors after them."""
         step, rate = self.config.rate_control_step, self.config.false_alarm_rate
+        continuation_decay = self.config.continuation_step * self.config.continuation_rate
+        gap = max(self.config.episode_gap_rows, 1)
         counted = present.to(torch.float64)  # float64: a count times η·α must not round to float32
         before = torch.cumsum(counted, 1) - counted  # the span's real rows before each row
         factor = torch.clamp(excess[:, None] - step * rate * before, min=0.0) if step else excess[:, None]
-        held_to = torch.where(
-            (quiet[:, None] + before) == 0, thresholds[:, None], thresholds[:, None] * torch.exp(factor)
+        continued = torch.clamp(continuing[:, None] - continuation_decay * before, min=0.0)
+        quiet_before = quiet[:, None] + before
+        held_to = thresholds[:, None] * torch.exp(
+            torch.where(
+                quiet_before == 0,
+                continued,
+                torch.where(quiet_before < gap, torch.maximum(factor, continued), factor),
+            )
         )
         row_thresholds.copy_(torch.where(present, held_to, math.nan))
         rows = counted.sum(1)
         after = torch.clamp(excess - step * rate * rows, min=0.0) if step else excess
-        return torch.clamp(quiet + present.sum(1), max=NEVER), after
+        continuing = torch.clamp(continuing - continuation_decay * rows, min=0.0)
+        return torch.clamp(quiet + present.sum(1), max=NEVER), after, continuing
 
     def common_mode(self, standard: torch.Tensor, finite: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
         """The plant's shift in each row's standardised residual (B, T, S), taken off before the
@@ -1080,6 +1154,7 @@ class _Decision(NamedTuple):
     excess: torch.Tensor  # (B,) after the chunk
     row_thresholds: torch.Tensor  # (B, T)
     recurring: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # the bar's state after the chunk
+    continuation_excess: torch.Tensor  # (B,) after the chunk
 
 
 SECONDS_PER_DAY = 86_400.0

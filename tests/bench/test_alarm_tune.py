@@ -3,7 +3,9 @@ it refuses a setting with any tuning stream over 2α rather than picking the bes
 
 import pytest
 
-from bench.alarm_tune import FOLDERS, choose, score, tuning_rates
+from bench.alarm_tune import FOLDERS, choose, reaching, score, tuning_rates
+from bench.common import ROOT
+from flows.settings import load_settings
 
 
 def _figures(tuning_nab: float = 50.0, plant_f1: float = 0.6, worst: dict[str, float] | None = None) -> dict:
@@ -53,3 +55,18 @@ def test_the_rule_takes_the_best_score_among_settings_within_two_alpha_everywher
 def test_no_setting_within_two_alpha_is_no_choice():
     results = [({}, _figures(worst={"skab-seed2": 4.34})), ({"tail_rows": 512}, _figures(worst={"nab-long60": 2.5}))]
     assert choose(results) is None
+
+
+def test_a_setting_does_not_override_what_a_folders_own_config_sets():
+    skab = load_settings(ROOT / "configs/skab_backfill.yaml")
+    nab = load_settings(ROOT / "configs/nab.yaml")
+    grid = {"continuation_step": 0.1, "rate_control_step": 2.0}
+    assert reaching(grid, skab) == {"rate_control_step": 2.0}  # SKAB's config sets continuation_step 0
+    assert reaching(grid, nab) == grid
+
+
+def test_a_stream_the_setting_does_not_reach_does_not_decide():
+    untouched = _figures(tuning_nab=60.0, worst={"skab-seed2": 4.34})
+    untouched["skab-seed2"]["untouched"] = True
+    assert "skab-seed2" not in tuning_rates(untouched)
+    assert choose([({"continuation_step": 0.1}, untouched)])[0] == {"continuation_step": 0.1}

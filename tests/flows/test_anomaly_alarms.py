@@ -25,6 +25,9 @@ ALARMS = {
     "calibration_rows": 200,
     "warmup_rows": 50,
     "episode_gap_rows": 1,
+    # With any quiet row ending an episode, the rows' rate control would end the stuck fault's
+    # episode where its rows fade below the raised bar, and the next row would open another.
+    "continuation_step": 0.0,
 }
 
 

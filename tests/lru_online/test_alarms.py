@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lru_online import codec
-from lru_online.alarms import COMMON_MODE_ROWS, AlarmConfig, AlarmState, AnomalyDetector, gamma_quantile
+from lru_online.alarms import COMMON_MODE_ROWS, AlarmConfig, AlarmResult, AlarmState, AnomalyDetector, gamma_quantile
 
 
 def _unit_scaled(lines: int, sensors: int, config: AlarmConfig) -> AlarmState:
@@ -651,6 +651,8 @@ class _RowByRow(AnomalyDetector):
         step, rate = self.config.rate_control_step, self.config.false_alarm_rate
         recurring = (state.recurring_time, state.recurring_score, state.recurring_next, state.row_seconds)
         quiet, excess = state.quiet_rows.clone(), state.excess.clone()
+        continuing = state.continuation_excess.clone()
+        continuation_step, continuation_rate = self.config.continuation_step, self.config.continuation_rate
         alarms, onsets = torch.zeros_like(steps), torch.zeros_like(steps)
         row_thresholds = torch.full_like(scores, math.nan)
         events = _RecurringEvents(*recurring, self.config) if self.config.recurring_events else None
@@ -659,7 +661,8 @@ class _RowByRow(AnomalyDetector):
             events.measure_spacing(times, steps)
         for t in range(scores.shape[1]):
             present = steps[:, t]
-            held_to = torch.where(quiet == 0, thresholds, thresholds * torch.exp(excess))
+            within = torch.where(quiet < gap, torch.maximum(excess, continuing), excess)
+            held_to = thresholds * torch.exp(torch.where(quiet == 0, continuing, within))
             opens_above = held_to
             if events is not None:
                 before = events.same_time_before(times[:, t])
@@ -668,6 +671,9 @@ class _RowByRow(AnomalyDetector):
             onset = alarm & (quiet >= gap)
             if step:
                 excess = torch.where(present, torch.clamp(excess + step * (onset.double() - rate), min=0.0), excess)
+            if continuation_step:
+                moved = continuing + continuation_step * ((alarm & ~onset).double() - continuation_rate)
+                continuing = torch.where(present, torch.clamp(moved, min=0.0), continuing)
             if events is not None:
                 potential = present & candidates[:, t] & (quiet != 0) & (scores[:, t] > held_to)
                 events.add(times[:, t], scores[:, t], potential)
@@ -676,12 +682,14 @@ class _RowByRow(AnomalyDetector):
             row_thresholds[:, t] = torch.where(present, held_to, math.nan)
         if events is not None:
             recurring = (events.time, events.score, events.next, events.row_seconds)
-        return _Decision(alarms, onsets, quiet, excess, row_thresholds, recurring)
+        return _Decision(alarms, onsets, quiet, excess, row_thresholds, recurring, continuing)
 
 
 @pytest.mark.parametrize("recurring_events", [0, 8])
-@pytest.mark.parametrize("rate_control_step", [0.0, 1.0])
-def test_skipping_the_rows_no_line_passes_decides_as_the_row_by_row_walk(recurring_events, rate_control_step):
+@pytest.mark.parametrize(("rate_control_step", "continuation_step"), [(0.0, 0.0), (1.0, 0.0), (1.0, 0.3), (0.0, 0.3)])
+def test_skipping_the_rows_no_line_passes_decides_as_the_row_by_row_walk(
+    recurring_events, rate_control_step, continuation_step
+):
     """Four lines of uneven length (padding), a burst at the same time every day on two of them,
     random faults, episodes with a gap, over eight chunks of 300 rows carried from one to the
     next: the alarms, onsets, episodes, per-row thresholds and carried states equal those of the
@@ -694,6 +702,8 @@ def test_skipping_the_rows_no_line_passes_decides_as_the_row_by_row_walk(recurri
         warmup_rows=50,
         episode_gap_rows=5,
         rate_control_step=rate_control_step,
+        continuation_step=continuation_step,
+        continuation_rate=0.05,
         recurring_events=recurring_events,
         recurring_factor=2.0,
         recurring_tolerance_rows=3.0,
@@ -702,12 +712,15 @@ def test_skipping_the_rows_no_line_passes_decides_as_the_row_by_row_walk(recurri
     lines, chunk, sensors = 4, 300, 3
     rng = np.random.default_rng(12)
     fast_state = reference_state = AlarmState.fresh(lines, sensors, config)
+    raised = 0.0  # the largest continuation factor a chunk left
     spacing = 600.0  # 10-minute rows: 144 a day, a burst at the same time each day
     for number in range(8):
         residuals = rng.normal(size=(lines, chunk, sensors))
         rows = number * chunk + np.arange(chunk)
         residuals[:2, rows % 144 == 30] += 6.0  # the daily burst on lines 0 and 1
         faults = rng.random((lines, chunk)) < 0.004
+        for length in range(1, 4):  # faults of 1 to 4 rows: episodes with rows after their onset
+            faults[:, length:] |= faults[:, :-length] & (rng.random((lines, chunk - length)) < 0.7)
         residuals[faults] += rng.uniform(3, 9, size=(int(faults.sum()), sensors))
         steps = np.ones((lines, chunk), dtype=bool)
         steps[3, chunk - 1 - number * 20 :] = False  # line 3 reports fewer rows each chunk
@@ -722,24 +735,47 @@ def test_skipping_the_rows_no_line_passes_decides_as_the_row_by_row_walk(recurri
         assert [e.threshold for e in got.episodes] == pytest.approx([e.threshold for e in want.episodes], rel=1e-12)
         assert torch.equal(got.state.quiet_rows, want.state.quiet_rows)
         torch.testing.assert_close(got.state.excess, want.state.excess, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            got.state.continuation_excess, want.state.continuation_excess, rtol=1e-12, atol=1e-12
+        )
         for name in ("recurring_time", "recurring_score", "recurring_next", "calibration"):
             got_value, want_value = getattr(got.state, name), getattr(want.state, name)
             torch.testing.assert_close(got_value, want_value, rtol=0, atol=0, equal_nan=True)
         fast_state, reference_state = got.state, want.state
+        raised = max(raised, float(want.state.continuation_excess.max()))
     assert int(want.alarms.sum()) > 0
+    assert (raised > 0) == (continuation_step > 0)
 
 
-@pytest.mark.parametrize("missing", [("tail_level", "held_peak"), ("held_peak",)])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        ("tail_level", "held_peak", "continuation_excess"),
+        ("held_peak", "continuation_excess"),
+        ("continuation_excess",),
+    ],
+)
 def test_a_state_packed_by_an_older_version_reads_as_one_without_its_newer_fields(missing):
-    """A line's state packed by the version before `tail_rows`, or before the held peak (its
-    figures shorter by those trailing values): read alone or in a batch, every field as stored
-    and the missing ones left to warm up (NaN)."""
-    config = AlarmConfig(false_alarm_rate=0.1, calibration_rows=40, warmup_rows=10, bias_rows=20, tail_rows=30)
+    """A line's state packed by the version before `tail_rows`, before the held peak, or before
+    the rows' rate control (its figures shorter by those trailing values): read alone or in a
+    batch, every field as stored, the missing level and peak left to warm up (NaN) and the
+    missing continuation factor at 0."""
+    config = AlarmConfig(
+        false_alarm_rate=0.1,
+        calibration_rows=40,
+        warmup_rows=10,
+        bias_rows=20,
+        tail_rows=30,
+        episode_gap_rows=3,
+        continuation_step=0.5,
+        continuation_rate=0.05,
+    )
     detector = AnomalyDetector(config)
     rows = torch.tensor(np.random.default_rng(9).normal(size=(1, 50, 2)))
     state = detector.detect(rows[:, 25:], detector.detect(rows[:, :25], _fresh(config)).state).state
     assert bool(torch.isfinite(state.tail_level).all())  # the level starts once a chunk begins warm
     assert bool(torch.isfinite(state.held_peak).all())
+    state.continuation_excess = torch.full_like(state.continuation_excess, 0.75)  # as a line in alarm leaves it
     tensors, meta = codec.decode(state.to_bytes())
     packed = {k: v for k, v in meta["packed"].items() if k not in missing}
     # Written then as vectors (records have since a line dimension of one: `to_many`).
@@ -748,7 +784,9 @@ def test_a_state_packed_by_an_older_version_reads_as_one_without_its_newer_field
     current = AlarmState.from_bytes(state.to_bytes(), config)  # as stored (quiet rows capped)
     for read in (AlarmState.from_many([older], 2, config), AlarmState.from_bytes(older, config)):
         for name, value in current._tensors().items():
-            if name in missing:
+            if name == "continuation_excess" and name in missing:
+                assert bool((getattr(read, name) == 0).all())
+            elif name in missing:
                 assert bool(torch.isnan(getattr(read, name)).all()), name
             else:
                 assert torch.allclose(getattr(read, name).double(), value.double(), equal_nan=True), name
@@ -1041,3 +1079,55 @@ def test_the_plants_shift_needs_the_rows_times():
         detector.detect(torch.zeros(3, 4, 2), AlarmState.fresh(3, 2, detector.config))
     with pytest.raises(ValueError, match="common_mode_lines"):
         AlarmConfig(common_mode_lines=1)
+
+
+def _continuation_run(rows: torch.Tensor, continuation_step: float) -> AlarmResult:
+    """One line warmed up on its first 600 rows, then its other rows judged as one chunk (a
+    large file: the threshold and scale as they stood before it)."""
+    config = AlarmConfig(
+        false_alarm_rate=0.005,
+        smoothing_rows=1,
+        calibration_rows=512,
+        warmup_rows=100,
+        episode_gap_rows=96,
+        rate_control_step=1.0,
+        continuation_step=continuation_step,
+        continuation_rate=0.02,
+    )
+    detector = AnomalyDetector(config)
+    state = detector.detect(rows[:, :600], _fresh(config, 1), calibrate_only=True).state
+    return detector.detect(rows[:, 600:], state)
+
+
+def test_the_rows_rate_control_bounds_how_long_a_new_level_alarms_and_keeps_short_faults_whole():
+    """A line whose residual jumps by 4 scales and stays there within one large file (a level
+    the forecaster has not learnt yet, as after an unlabelled shift in a long stream): without
+    the rows' rate control nearly every row of the new level alarms; with it, the alarmed rows
+    that do not open an episode are at most continuation_rate·T + y_T/η_c, y_T ≤ log(largest
+    score / threshold) + η_c. A 5-row fault (the demo's stuck sensor) alarms on each of its rows
+    with it as without."""
+    rng = np.random.default_rng(3)
+    residuals = rng.normal(size=(1, 1_200, 1))
+    residuals[0, 700:] += 4.0
+    rows = torch.tensor(residuals)
+    plain, controlled = _continuation_run(rows, 0.0), _continuation_run(rows, 0.1)
+    assert float(plain.alarms[0, 100:].float().mean()) > 0.6
+    continuing = int((controlled.alarms & ~_onsets(controlled)).sum())
+    threshold = float(controlled.thresholds[0])
+    largest = float(controlled.scores[0].max())
+    assert 0 < continuing <= 0.02 * 600 + (math.log(largest / threshold) + 0.1) / 0.1
+    assert float(controlled.alarms[0, 100:].float().mean()) < 0.1
+
+    fault = rng.normal(size=(1, 900, 1))
+    fault[0, 750:755] += 8.0
+    for step in (0.0, 0.1):
+        assert bool(_continuation_run(torch.tensor(fault), step).alarms[0, 150:155].all())
+
+
+def _onsets(result: AlarmResult) -> torch.Tensor:
+    """(B, T) bool: each episode's first alarmed row of the chunk."""
+    onsets = torch.zeros_like(result.alarms)
+    for episode in result.episodes:
+        if not episode.continues:
+            onsets[episode.line, episode.start] = True
+    return onsets
