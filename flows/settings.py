@@ -257,8 +257,9 @@ class DriftSettings(_Section):
 # continuation_rate=0.01,0.02,0.04` (2026-12-06), the bench's rule (the highest mean of the plants'
 # F1 and the nab-aws tuning NAB among settings whose every tuning stream alarms at most 2α: nab-aws's
 # tuning files as given, with gaps, irregular, wandering, wider and in long files, the plants of
-# seeds 11 and 12); only this one qualified (worst 1.83α, nab-long; without it 4.01α, nab-long60)
-# (README, "Long alarm episodes").
+# seeds 11 and 12; SKAB's tuning stream keeps its config's own 0): it and 0.1 / 0.01 qualified,
+# this one at the higher score (worst 1.83α, nab-long; without it 4.01α, nab-long60) (README,
+# "Long alarm episodes").
 _AlarmFields = _core_section(
     "_AlarmFields",
     AlarmConfig,
