@@ -535,8 +535,8 @@ def test_a_state_stored_before_episodes_and_rate_control_continues_its_alarm():
 
 
 def _every_part(consistency_rows: int, recurring_events: int = 0) -> AlarmConfig:
-    """A small detector with every part of its state in use: both charts, bias, rate control,
-    tail level, and the consistency columns and recurring-events bar as asked."""
+    """A small detector with every part of its state in use: both charts, bias, both rate
+    controls, tail level, and the consistency columns and recurring-events bar as asked."""
     return AlarmConfig(
         false_alarm_rate=0.05,
         calibration_rows=80,
@@ -545,6 +545,9 @@ def _every_part(consistency_rows: int, recurring_events: int = 0) -> AlarmConfig
         smoothing_rows=4,
         bias_rows=30,
         rate_control_step=1.0,
+        episode_gap_rows=3,
+        continuation_step=0.3,
+        continuation_rate=0.1,
         consistency_rows=consistency_rows,
         recurring_events=recurring_events,
         tail_rows=40,
@@ -565,6 +568,7 @@ def test_many_stored_states_read_at_once_equal_each_read_alone(consistency_rows,
     for half in (slice(0, 30), slice(30, 60)):  # the second half is judged against a threshold
         state = detector.detect(rows[:, half], state, readings=rows.cumsum(1)[:, half], times=hourly[:, half]).state
     assert bool(torch.isfinite(state.tail_level).all())  # every line follows its scores' level
+    assert bool((state.continuation_excess > 0).any())  # episodes ran on: the rows' control moved
     if recurring_events:  # each line knows its spacing and holds potential onsets
         assert state.row_seconds.tolist() == [3600.0] * 4 and bool(torch.isfinite(state.recurring_time).any(1).all())
     stored = [state.select(i).to_bytes() for i in range(4)]
