@@ -89,8 +89,8 @@ row lowers it by η·α. Summed over T rows, x_T ≥ η·(episodes − α·T), s
 score over its threshold plus η (no row can open an episode above it). This is adaptive
 conformal inference (Gibbs and Candès 2021) kept one-sided: x never goes below 0, so a quiet
 line is never pushed to alarm more often than its threshold says. A row that continues an
-episode (the row before it alarmed) is held against the plain threshold, so a fault alarms for
-as long as it lasts however high x stands.
+episode (the row before it alarmed) is held against the plain threshold (times e^y below, with
+`continuation_step`), so a fault alarms for as long as it lasts however high x stands.
 
 Long episodes. The rate control bounds onsets, not the rows after them, and most of the normal
 rows a long real stream alarms on follow one onset: a line settles at a level its forecaster
