@@ -37,8 +37,12 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.common import ROOT, library_versions, run_cli, usable_cores
+
+if TYPE_CHECKING:
+    from flows.settings import Settings
 
 NAB_KINDS = ("given", "gaps", "irregular", "wander", "volatility", "long", "long60")
 PLANT_SEEDS = (11, 12)
@@ -125,21 +129,19 @@ def judge(root: Path, data: Path, folder: Folder, overrides: dict) -> dict:
 
     settings, _ = load_work_settings(folder.work(root), ROOT / folder.config if folder.config else None)
     reached = reaching(overrides, settings)
-    untouched = bool(overrides) and not reached
-    overrides = reached
     if folder.labels == "nab":
         labels = f"nab={root / folder.data if folder.data else data / 'nab-aws'}"
     else:
         labels = "simulator" if folder.labels == "simulator" else f"skab={data / 'skab'}"
-    figures = setting_figures(settings, overrides, labels, "ec2_cpu_utilization_*")
+    figures = setting_figures(settings, reached, labels, "ec2_cpu_utilization_*")
     if folder.labels == "simulator":
-        alpha = overrides.get("false_alarm_rate", settings.alarms.false_alarm_rate)
+        alpha = reached.get("false_alarm_rate", settings.alarms.false_alarm_rate)
         figures["normal_rate_x_alpha"] = figures["false_alarms_per_1000_normal_rows"] / 1000 / alpha
-    figures["untouched"] = untouched
+    figures["untouched"] = bool(overrides) and not reached  # the grid does not reach this folder
     return figures
 
 
-def reaching(overrides: dict, settings) -> dict:
+def reaching(overrides: dict, settings: Settings) -> dict:
     """The overrides that reach a folder: a field its own config sets is that config's choice,
     which a setting of the defaults does not change, in the product as here (SKAB's config keeps
     its own `continuation_step`)."""
