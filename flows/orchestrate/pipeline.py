@@ -93,7 +93,7 @@ class Pipeline:
         self._validation_docs = None
         self._tracker = None
         self.live = LiveModel(settings, self.db)
-        self.monitor = MonitorHelper(settings)
+        self.monitor = MonitorHelper(settings, in_driver=lambda: (self.db, self.tracker))
         self.local_work = LocalLineWork()
         self.dask_work: DaskLineWork | None = None
 

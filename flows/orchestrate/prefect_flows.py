@@ -177,7 +177,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
         pending = pending[:max_batches] if max_batches else pending
         files = [(batch_id, pipeline.ledger.path(pipeline.ledger.get(batch_id).source_file)) for batch_id in pending]
         if files:
-            pipeline.monitor.start()  # every processed file gives it a job; let it import meanwhile
+            pipeline.monitor.start(len(files))  # every processed file gives it a job; let it import meanwhile
         work = (pipeline.connect_dask() if files else None) or pipeline.local_work
         checked = work.checked_ahead(settings, files)
         progress = _Progress(len(files))
