@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -75,6 +77,33 @@ def _has_work(settings) -> bool:
         db.dispose()
 
 
+def main() -> None:
+    """`lru-online` (and `python -m flows`): the commands below, then an exit without the
+    interpreter's teardown (`_exit_now`)."""
+    atexit.register(_exit_now)  # before any command's imports: every handler they add runs first
+    try:
+        app()
+    except SystemExit as exit:
+        _exit_now.status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        raise
+    _exit_now.status = 0
+
+
+def _exit_now() -> None:
+    """The last exit handler of a command that ended with a status: flushes what is left and
+    exits. After Prefect's workers have sent their events and logs and the temporary API has
+    stopped (their handlers ran before this one), tearing down the interpreter's modules
+    (torch, MLflow, Prefect, Great Expectations) only costs time: about 2.4 s of a run on 2
+    cores. An exception that escaped the command (no status) exits the usual way."""
+    status = getattr(_exit_now, "status", None)
+    if status is None:
+        return
+    logging.shutdown()  # its own exit handler was registered before this one, so runs after it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 @contextlib.contextmanager
 def _early_api(settings) -> Iterator:
     """Prefect's temporary API for this command, started now (flows.orchestrate.temporary_api);
@@ -88,6 +117,14 @@ def _early_api(settings) -> Iterator:
     except ServerUnavailable as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
+
+
+def _import_while_api_boots() -> None:
+    """Imports Great Expectations and MLflow (about 2.5 s on 2 cores) while Prefect's API boots
+    on the other core: the first file's validation and tracking would otherwise wait for them
+    after the API is up."""
+    import great_expectations  # noqa: F401
+    import mlflow  # noqa: F401
 
 
 def _config_arg(config: Path | None) -> str | None:
@@ -137,6 +174,7 @@ def run(config: ConfigOption = None, workdir: WorkdirOption = None, max_batches:
     with _early_api(settings) as api:  # it boots while the flows are imported
         from flows.orchestrate.prefect_flows import continual_update
 
+        _import_while_api_boots()
         api.ready()
         result = continual_update(config=_config_arg(config), workdir=str(settings.workdir), max_batches=max_batches)
     typer.echo(json.dumps(result["run"]))
@@ -158,6 +196,7 @@ def backfill(
         from flows.orchestrate.prefect_flows import backfill_files
         from flows.orchestrate.progress import LedgerProgress
 
+        _import_while_api_boots()
         api.ready()
         with LedgerProgress(settings, files=len(backfill_files(source))):
             result = backfill_flow(
