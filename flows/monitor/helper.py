@@ -26,15 +26,19 @@ import tempfile
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 
 from flows.settings import Settings
+
+if TYPE_CHECKING:
+    from flows.monitor.tracking import Tracker
+    from flows.storage.database import Database
 
 
 class MonitorHelper:
     """`in_driver()` gives the database and MLflow client that jobs done in the driver use."""
 
-    def __init__(self, settings: Settings, in_driver: Callable[[], tuple[Any, Any]]) -> None:
+    def __init__(self, settings: Settings, in_driver: Callable[[], tuple[Database, Tracker]]) -> None:
         self.settings = settings
         self.in_driver = in_driver
         self._helper: subprocess.Popen | None = None
@@ -109,7 +113,7 @@ class MonitorHelper:
             self._helper = None
 
 
-def _answer(job: dict, settings: Settings, db, tracker) -> dict:
+def _answer(job: dict, settings: Settings, db: Database, tracker: Tracker) -> dict:
     """Does one job; its answer, or the error it met (reported to the run, which fails on it)."""
     from flows.monitor.drift_report import report_to_mlflow
     from flows.monitor.tracking import track_pending

@@ -77,16 +77,20 @@ def _has_work(settings) -> bool:
         db.dispose()
 
 
+_exit_status: int | None = None  # the command's, once it has ended with one (main)
+
+
 def main() -> None:
     """`lru-online` (and `python -m flows`): the commands below, then an exit without the
     interpreter's teardown (`_exit_now`)."""
+    global _exit_status
     atexit.register(_exit_now)  # before any command's imports: every handler they add runs first
     try:
         app()
-    except SystemExit as exit:
-        _exit_now.status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    except SystemExit as stop:
+        _exit_status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
         raise
-    _exit_now.status = 0
+    _exit_status = 0
 
 
 def _exit_now() -> None:
@@ -95,7 +99,7 @@ def _exit_now() -> None:
     stopped (their handlers ran before this one), tearing down the interpreter's modules
     (torch, MLflow, Prefect, Great Expectations) only costs time: about 2.4 s of a run on 2
     cores. An exception that escaped the command (no status) exits the usual way."""
-    status = getattr(_exit_now, "status", None)
+    status = _exit_status
     if status is None:
         return
     logging.shutdown()  # its own exit handler was registered before this one, so runs after it
