@@ -15,6 +15,7 @@ API calls, more than the work of a line group; the Prefect flow still shows one 
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,11 +47,15 @@ def _part(check: FileCheck, index: int) -> pd.DataFrame:
 
 
 def _worker_address() -> str | None:
+    """The address of the Dask worker this runs on; None in the driver. A worker has imported
+    `distributed` already; the driver of an embedded run never needs it, and importing it only
+    to ask cost the first file about 0.45 s on 2 cores."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
     try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except (ImportError, ValueError):
+        return distributed.get_worker().address
+    except ValueError:  # imported (a servers run's driver), but not on a worker
         return None
 
 

@@ -107,3 +107,17 @@ def test_a_run_with_dask_ends_exactly_like_one_without(tmp_path, prefect_api, cl
     # Every file's line groups ran on the workers, spread over both; the scheduler may still
     # steal a group onto the other worker now and then (allow_other_workers), so not every file.
     assert set(local_workers) == {0.0} and set(dask_workers) <= {1.0, 2.0} and 2.0 in dask_workers
+
+
+def test_the_driver_of_an_embedded_run_never_imports_dask():
+    """Asking whether a line group ran on a Dask worker must not import `distributed` in a
+    driver that has no scheduler (about half a second of a run's first file)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from flows.orchestrate.line_work import _worker_address; "
+        "print(_worker_address(), 'distributed' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["None", "False"]
