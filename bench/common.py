@@ -75,28 +75,38 @@ def pyplot():
 REPRODUCIBLE = {"LRU_ONLINE_RETRAIN__BESIDE": "false"}
 
 
-def run_cli(arguments: list[str], work: Path, reproducible: bool = True, threads: int | None = None) -> str:
+def run_cli(
+    arguments: list[str],
+    work: Path,
+    reproducible: bool = True,
+    threads: int | None = None,
+    source: Path = ROOT,
+    environment: dict[str, str] | None = None,
+) -> str:
     """`lru-online ARGUMENTS` in a child process with its own Prefect home in WORK and quiet
-    logs; `reproducible`: retraining inline (`REPRODUCIBLE`); `threads`: its torch threads. Its
-    standard output; stops the bench with the command's output when it fails."""
+    logs; `reproducible`: retraining inline (`REPRODUCIBLE`); `threads`: its torch threads;
+    `source`: the checkout whose `flows` runs (another one goes first on PYTHONPATH);
+    `environment`: variables set on top. Its standard output; stops the bench with the
+    command's output when it fails."""
     env = {
         **os.environ,
         "PREFECT_HOME": str(work / ".prefect"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
         **(REPRODUCIBLE if reproducible else {}),
+        **({"PYTHONPATH": str(source)} if source != ROOT else {}),
+        **(environment or {}),
     }
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "flows", *arguments]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    # `-m` puts the working folder first on sys.path: it must be the checkout that runs.
+    done = subprocess.run(command, cwd=source, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{arguments[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
-def run_backfill(
-    stream: Path, config: Path, work: Path, threads: int, reproducible: bool = True
-) -> tuple[float, str]:
+def run_backfill(stream: Path, config: Path, work: Path, threads: int, reproducible: bool = True) -> tuple[float, str]:
     """`lru-online backfill STREAM -c CONFIG -w WORK` on `threads` torch threads (`run_cli`):
     its wall seconds and its last line (the JSON counts)."""
     started = time.perf_counter()

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, library_versions
+from bench.common import ROOT, library_versions, run_cli
 from flows.orchestrate.temporary_api import TemporaryApi
 
 HELD_FILE = "line-1_batch-0009.parquet"
@@ -44,32 +44,14 @@ LIBRARIES = {
 }
 
 
-def _environment(source: Path, work: Path) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
-        "PYTHONPATH": str(source),
-        "PREFECT_HOME": str(work / ".prefect"),
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        "OMP_NUM_THREADS": "1",
-    }
-
-
 def _cli(source: Path, work: Path, *arguments: str, api_url: str | None = None) -> tuple[float, str]:
-    """`python -m flows ARGUMENTS -w WORK` from `source` (reporting to `api_url` when given):
-    wall seconds and its last output line."""
-    environment = _environment(source, work) | ({"PREFECT_API_URL": api_url} if api_url else {})
+    """`lru-online ARGUMENTS -w WORK` from the checkout `source`, on the defaults (retraining
+    beside) and one torch thread, reporting to `api_url` when given: wall seconds and its last
+    output line."""
+    environment = {"PREFECT_API_URL": api_url} if api_url else None
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "flows", *arguments, "-w", str(work)],
-        cwd=source,
-        env=environment,
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{arguments[0]} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return seconds, done.stdout.strip().splitlines()[-1]
+    output = run_cli([*arguments, "-w", str(work)], work, False, 1, source, environment)
+    return time.perf_counter() - started, output.strip().splitlines()[-1]
 
 
 def trained_folder(root: Path) -> tuple[Path, Path]:
@@ -84,12 +66,11 @@ def trained_folder(root: Path) -> tuple[Path, Path]:
     return work, held / HELD_FILE
 
 
-def own_work_seconds(work: Path) -> tuple[float, int]:
-    """The last committed file's stage seconds as the pipeline recorded them, and its rows."""
+def own_work_seconds(work: Path) -> float:
+    """The last committed file's stage seconds as the pipeline recorded them."""
     with sqlite3.connect(work / "lru_online.db") as db:
         (metrics,) = db.execute("select metrics from sequence_metrics order by sequence desc limit 1").fetchone()
-    figures = json.loads(metrics)
-    return sum(v for k, v in figures.items() if k.startswith("seconds_")), int(figures["rows"])
+    return sum(v for k, v in json.loads(metrics).items() if k.startswith("seconds_"))
 
 
 def _one_file(source: Path, trained: Path, held: Path, work: Path, api_url: str | None) -> tuple[float, float]:
@@ -98,7 +79,7 @@ def _one_file(source: Path, trained: Path, held: Path, work: Path, api_url: str 
     shutil.copy(held, work / "landing" / held.name)
     seconds, answer = _cli(source, work, "run", api_url=api_url)
     assert json.loads(answer)["processed"] == 1, answer
-    work_seconds, _ = own_work_seconds(work)
+    work_seconds = own_work_seconds(work)
     shutil.rmtree(work)
     return seconds, work_seconds
 
@@ -151,6 +132,7 @@ def main() -> None:
         os.environ["PREFECT_HOME"] = str(root / "api" / ".prefect")
         with TemporaryApi(root / "api") as api:  # the running API of the last rows
             api.ready()
+            os.environ.pop("PREFECT_API_URL", None)  # set by TemporaryApi; only the served runs get it
             for _ in range(arguments.runs):
                 for name, source in sources.items():  # alternated: both columns meet the same machine
                     figures[name].append(measure(source, trained, held, root / "scratch", api.api_url))
