@@ -19,16 +19,19 @@ for forecasting and for learning alike.
 Methods: `lru` — one configuration for every series and both protocols (configs/ett.yaml): the
 product's series ensemble (flows.model.series_ensemble), as OneNet does, of the lru_online
 forecaster with LRU blocks (`lru-blocks`), the forecaster's linear path alone (`lru-linear`),
-the online NLinear and persistence, combined per horizon step and column by their recent losses
-(lru_online.mixture), each LRU carrying its state through the whole series; `linear` — NLinear
+the online NLinear, persistence and the rows a day and a week back (`seasonal-day`,
+`seasonal-week`, periods in rows from the `date` column's spacing), combined per horizon step
+and column by their recent losses (lru_online.mixture), each LRU carrying its state through the
+whole series; `linear` — NLinear
 on the last 60 rows, updated by SGD every step (flows.model.series_nlinear); `persistence` —
 the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone (reported on `OT`), the one
 forecaster of this file, a baseline; `lru-blocks`, `lru-linear` — one member alone;
 `lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC, for the forgetting
 comparison (not run by default).
 
-Splits: the combination's two settings were chosen on the first 20 % of the stream (windows
-starting at rows 3600–5759, `python bench/ett_tune.py`); the report split is the rest. The table
+Splits: the ensemble's members and settings were chosen on the first 20 % of the stream
+(windows starting at rows 3600–5759) of ETTh1 and of its time-reversed copy (`python
+bench/ett_tune.py`); the report split is the rest. The table
 prints the report split, the whole stream (the published protocol, comparable with the papers)
 and the tuning split (not a result) apart.
 
@@ -56,7 +59,7 @@ import pandas as pd
 
 from bench.common import load_config, pyplot
 from flows.model.series_ensemble import SeriesEnsemble
-from flows.model.series_forecaster import Persistence, SeriesForecaster, target_windows
+from flows.model.series_forecaster import Persistence, SeasonalPersistence, SeriesForecaster, target_windows
 from flows.model.series_lru import LruSeriesForecaster, SeriesLruConfig
 from flows.model.series_nlinear import NLinearConfig, OnlineNLinear
 from lru_online.mixture import MixtureConfig
@@ -80,11 +83,16 @@ class Series:
     columns: tuple[str, ...]
     mean: np.ndarray
     std: np.ndarray
+    rows_per_day: int = 24  # from the `date` column's spacing (ETTh: hourly, ETTm: 15 minutes)
 
 
 def load_series(path: Path) -> Series:
     frame = pd.read_csv(path)
+    rows_per_day = 24
     if "date" in frame:
+        spacing = pd.to_datetime(frame["date"]).diff().median()
+        if not pd.isna(spacing) and spacing > pd.Timedelta(0):
+            rows_per_day = max(1, round(pd.Timedelta(days=1) / spacing))
         frame = frame.drop(columns="date")
     if TARGET_COLUMN not in frame:
         raise SystemExit(f"{path}: no '{TARGET_COLUMN}' column; not an ETT file")
@@ -99,7 +107,7 @@ def load_series(path: Path) -> Series:
         raise SystemExit(f"{path}: row {row + 2} (line) holds a missing or non-finite value")
     mean, std = raw[:TRAIN_END].mean(axis=0), raw[:TRAIN_END].std(axis=0)
     std = np.where(std > 0, std, 1.0)
-    return Series(((raw - mean) / std).astype(np.float32), tuple(frame.columns), mean, std)
+    return Series(((raw - mean) / std).astype(np.float32), tuple(frame.columns), mean, std, rows_per_day)
 
 
 @dataclass(frozen=True)
@@ -212,9 +220,9 @@ class RiverSnarimax(SeriesForecaster):
 class EnsembleConfig:
     """configs/ett.yaml `ensemble`: the members of the `lru` method and how they are combined."""
 
-    members: tuple[str, ...] = ("lru-blocks", "lru-linear", "linear", "persistence")
-    half_life: float = 12.0
-    temperature: float = 8.0
+    members: tuple[str, ...] = ("lru-blocks", "lru-linear", "linear", "persistence", "seasonal-day", "seasonal-week")
+    half_life: float = 1.5
+    temperature: float = 2.0
 
 
 def lru_config(member: str = "blocks", variant: str | None = None) -> SeriesLruConfig:
@@ -236,36 +244,49 @@ def nlinear() -> OnlineNLinear:
     return OnlineNLinear(NLinearConfig(**load_config("ett").get("linear", {})))
 
 
-MEMBERS: dict[str, Callable[[str | None], SeriesForecaster]] = {
-    "lru-blocks": lambda variant: LruSeriesForecaster(lru_config("blocks", variant)),
-    "lru-linear": lambda variant: LruSeriesForecaster(lru_config("linear", variant)),
-    "linear": lambda variant: nlinear(),
-    "persistence": lambda variant: Persistence(),
+# Each builds a member given the variant of its LRU (None: as configured) and the series' rows
+# per day (the seasonal members' periods are a day and a week of rows).
+MEMBERS: dict[str, Callable[[str | None, int], SeriesForecaster]] = {
+    "lru-blocks": lambda variant, rows_per_day: LruSeriesForecaster(lru_config("blocks", variant)),
+    "lru-linear": lambda variant, rows_per_day: LruSeriesForecaster(lru_config("linear", variant)),
+    "linear": lambda variant, rows_per_day: nlinear(),
+    "persistence": lambda variant, rows_per_day: Persistence(),
+    "seasonal-day": lambda variant, rows_per_day: SeasonalPersistence(rows_per_day),
+    "seasonal-week": lambda variant, rows_per_day: SeasonalPersistence(7 * rows_per_day),
 }
 
 
-def ensemble(variant: str | None = None, record: bool = False) -> SeriesEnsemble:
-    """The configured `lru` method (configs/ett.yaml `ensemble`), its LRU members with a variant."""
+def ensemble(
+    variant: str | None = None,
+    record: bool = False,
+    rows_per_day: int = 24,
+    members: tuple[str, ...] | None = None,
+    combine: MixtureConfig | None = None,
+) -> SeriesEnsemble:
+    """The configured `lru` method (configs/ett.yaml `ensemble`), its LRU members with a variant;
+    `members` and `combine` replace the configured ones (bench/ett_tune.py tries others)."""
     data = load_config("ett").get("ensemble", {})
     config = EnsembleConfig(**{**data, "members": tuple(data.get("members", EnsembleConfig.members))})
-    unknown = set(config.members) - set(MEMBERS)
+    names = members or config.members
+    unknown = set(names) - set(MEMBERS)
     if unknown:
         raise ValueError(f"configs/ett.yaml ensemble.members: unknown {sorted(unknown)}; known: {sorted(MEMBERS)}")
-    members = {name: MEMBERS[name](variant) for name in config.members}
-    return SeriesEnsemble(members, MixtureConfig(config.half_life, config.temperature), record, TUNING_END)
+    built = {name: MEMBERS[name](variant, rows_per_day) for name in names}
+    combine = combine or MixtureConfig(config.half_life, config.temperature)
+    return SeriesEnsemble(built, combine, record, TUNING_END)
 
 
-# Each builds a fresh method, given the index of the target column and the protocol's name (the
-# same configuration serves both protocols).
-METHODS: dict[str, Callable[[int, str], SeriesForecaster]] = {
-    "lru": lambda target, protocol: ensemble(),
-    "linear": lambda target, protocol: nlinear(),
-    "persistence": lambda target, protocol: Persistence(),
-    "snarimax": lambda target, protocol: RiverSnarimax(target),
-    "lru-blocks": lambda target, protocol: LruSeriesForecaster(lru_config("blocks")),
-    "lru-linear": lambda target, protocol: LruSeriesForecaster(lru_config("linear")),
-    "lru-replay": lambda target, protocol: ensemble(variant="lru-replay"),
-    "lru-ewc": lambda target, protocol: ensemble(variant="lru-ewc"),
+# Each builds a fresh method, given the index of the target column, the protocol's name (the
+# same configuration serves both protocols) and the series' rows per day.
+METHODS: dict[str, Callable[[int, str, int], SeriesForecaster]] = {
+    "lru": lambda target, protocol, rows_per_day: ensemble(rows_per_day=rows_per_day),
+    "linear": lambda target, protocol, rows_per_day: nlinear(),
+    "persistence": lambda target, protocol, rows_per_day: Persistence(),
+    "snarimax": lambda target, protocol, rows_per_day: RiverSnarimax(target),
+    "lru-blocks": lambda target, protocol, rows_per_day: LruSeriesForecaster(lru_config("blocks")),
+    "lru-linear": lambda target, protocol, rows_per_day: LruSeriesForecaster(lru_config("linear")),
+    "lru-replay": lambda target, protocol, rows_per_day: ensemble(variant="lru-replay", rows_per_day=rows_per_day),
+    "lru-ewc": lambda target, protocol, rows_per_day: ensemble(variant="lru-ewc", rows_per_day=rows_per_day),
 }
 DEFAULT_METHODS = "lru,linear,persistence,snarimax"
 
@@ -408,7 +429,7 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {}
     for name in names:
         for horizon in horizons:
-            method = METHODS[name](target, args.protocol)
+            method = METHODS[name](target, args.protocol, series.rows_per_day)
             result = run_stream(method, series.values, Protocol(args.protocol, horizon))
             streams.setdefault(name, {})[horizon] = result
             results.setdefault(name, {})[horizon] = figures(result, target)

@@ -41,6 +41,26 @@ class Persistence(SeriesForecaster):
         return np.repeat(history[-1:], horizon, axis=0)
 
 
+class SeasonalPersistence(SeriesForecaster):
+    """Each step's row one period earlier: the latest row at the same phase of the period (the
+    same hour yesterday, for a daily period), repeated a period back as often as the horizon needs.
+    Why beside the learned members: it needs no fit, so a series that wanders far from its
+    training range (a load 50 deviations out) leaves it as good as ever wherever the period
+    repeats, while a learned member is still catching up."""
+
+    def __init__(self, period: int) -> None:
+        if period < 1:
+            raise ValueError(f"period must be >= 1 row, got {period}")
+        self.period = period
+
+    def forecast(self, history: np.ndarray, horizon: int) -> np.ndarray:
+        steps = np.arange(horizon)
+        back = self.period * (steps // self.period + 1) - steps  # rows before len(history)
+        rows = len(history) - back
+        # Before a whole period has passed, the latest row stands in (persistence).
+        return history[np.where(rows >= 0, rows, len(history) - 1)]
+
+
 def target_windows(series: np.ndarray, starts: range, horizon: int) -> np.ndarray:
     """The rows each window forecasts, (len(starts), H, columns)."""
     return np.stack([series[s : s + horizon] for s in starts])

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from flows.model.series_ensemble import SeriesEnsemble, replay_combination
-from flows.model.series_forecaster import Persistence
+from flows.model.series_forecaster import Persistence, SeasonalPersistence
 from flows.model.series_lru import LruSeriesForecaster, SeriesLruConfig, change_targets
 from flows.model.series_nlinear import OnlineNLinear
 
@@ -58,6 +58,37 @@ def test_standardised_on_the_training_rows_only(ett, tmp_path):
     np.testing.assert_allclose(series.values[:2880].mean(axis=0), 0.0, atol=1e-5)
     # The trend makes the later rows' mean differ: the statistics did not see them.
     assert (np.abs(series.values[3600:].mean(axis=0)) > 1.0).all()
+
+
+def test_rows_per_day_come_from_the_dates(ett, tmp_path):
+    """Hourly rows give a day of 24 rows, 15-minute rows (ETTm) 96: the seasonal members' periods."""
+    _write_ett(tmp_path / "ETTh1.csv")
+    assert ett.load_series(tmp_path / "ETTh1.csv").rows_per_day == 24
+    frame = _write_ett(tmp_path / "ETTm1.csv")
+    frame["date"] = pd.date_range("2016-07-01", periods=len(frame), freq="15min").astype(str)
+    frame.to_csv(tmp_path / "ETTm1.csv", index=False)
+    assert ett.load_series(tmp_path / "ETTm1.csv").rows_per_day == 96
+    members = ett.ensemble(rows_per_day=96, members=("persistence", "seasonal-day", "seasonal-week")).members
+    assert (members["seasonal-day"].period, members["seasonal-week"].period) == (96, 672)
+
+
+@pytest.mark.parametrize("period,horizon", [(24, 1), (24, 24), (24, 48), (5, 13), (1, 3)])
+def test_seasonal_persistence_forecasts_the_row_one_period_back(period, horizon):
+    """Each step's forecast is the latest row at the same phase of the period, checked row by
+    row against the rule written out: step h of a window starting at s is row s + h - k·period
+    for the smallest k that puts it before s. Before a whole period has passed, the last row."""
+    history = np.random.default_rng(period).normal(size=(100, 3)).astype(np.float32)
+    got = SeasonalPersistence(period).forecast(history, horizon)
+    for h in range(horizon):
+        row = len(history) + h
+        while row >= len(history):
+            row -= period
+        np.testing.assert_array_equal(got[h], history[row])
+    if period > 1:  # the next row's same phase lies before the first row: the last one stands in
+        short = history[: period - 1]
+        np.testing.assert_array_equal(SeasonalPersistence(period).forecast(short, 1), short[-1:])
+    with pytest.raises(ValueError, match="period"):
+        SeasonalPersistence(0)
 
 
 def test_bad_files_are_named_with_the_row(ett, tmp_path):
@@ -194,8 +225,9 @@ def test_the_linear_member_and_a_variant_change_their_fields(ett, monkeypatch):
 
 
 def test_one_configuration_serves_both_protocols(ett):
-    fsnet, delayed = (ett.METHODS["lru"](6, protocol) for protocol in ("fsnet", "delayed"))
-    assert list(fsnet.members) == list(delayed.members) == ["lru-blocks", "lru-linear", "linear", "persistence"]
+    fsnet, delayed = (ett.METHODS["lru"](6, protocol, 24) for protocol in ("fsnet", "delayed"))
+    configured = ett.load_config("ett")["ensemble"]["members"]
+    assert list(fsnet.members) == list(delayed.members) == configured
     for a, b in zip(fsnet.members.values(), delayed.members.values(), strict=True):
         assert getattr(a, "config", None) == getattr(b, "config", None)
     assert fsnet.mixture.config == delayed.mixture.config
