@@ -22,18 +22,18 @@ forecaster with LRU blocks (`lru-blocks`), the forecaster's linear path alone (`
 the online NLinear, persistence and the rows a day and a week back (`seasonal-day`,
 `seasonal-week`, periods in rows from the `date` column's spacing), combined per horizon step
 and column by their recent losses (lru_online.mixture), each LRU carrying its state through the
-whole series; `linear` — NLinear
-on the last 60 rows, updated by SGD every step (flows.model.series_nlinear); `persistence` —
-the last row repeated; `snarimax` — river's SNARIMAX on `OT` alone (reported on `OT`), the one
-forecaster of this file, a baseline; `lru-blocks`, `lru-linear` — one member alone;
+whole series; `linear` — NLinear on the last 60 rows, updated by SGD every step
+(flows.model.series_nlinear); `persistence` — the last row repeated; `snarimax` — river's
+SNARIMAX on `OT` alone (reported on `OT`), the one forecaster of this file, a baseline;
+`lru-blocks`, `lru-linear` — one member alone;
 `lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC, for the forgetting
 comparison (not run by default).
 
 Splits: the ensemble's members and settings were chosen on the first 20 % of the stream
 (windows starting at rows 3600–5759) of ETTh1 and of its time-reversed copy (`python
-bench/ett_tune.py`); the report split is the rest. The table
-prints the report split, the whole stream (the published protocol, comparable with the papers)
-and the tuning split (not a result) apart.
+bench/ett_tune.py`); the report split is the rest. The table prints the report split, the whole
+stream (the published protocol, comparable with the papers) and the tuning split (not a
+result) apart.
 
 Forgetting (backward transfer): after the stream, each learning method is frozen and re-scores
 the first fifth of the online windows; the table gives the MSE it had there while streaming and
