@@ -117,9 +117,8 @@ def main() -> None:
     parser.add_argument("--optional-members", default="seasonal-day,seasonal-week")
     args = parser.parse_args()
     horizons = [int(h) for h in args.horizons.split(",")]
-    configured = load_config("ett").get("ensemble", {})
-    base = tuple(m for m in configured.get("members", ()) if m not in args.optional_members.split(","))
     optional = tuple(m for m in args.optional_members.split(",") if m)
+    base = tuple(m for m in load_config("ett").get("ensemble", {}).get("members", ()) if m not in optional)
     member_sets = [
         base + tuple(m for m in optional if m in subset)
         for size in range(len(optional) + 1)
@@ -144,9 +143,9 @@ def main() -> None:
         started = time.perf_counter()
         recording = record(name, data, Protocol(protocol_name, horizon), everything, combinations[0])
         recordings.append(recording)
+        forecasts = np.stack([f for _, f in recording.recorded], axis=1)  # (K, windows, H, C)
         alone = {
-            m: float(np.mean((np.stack([f[k] for _, f in recording.recorded]) - recording.true) ** 2))
-            / recording.persistence
+            m: float(np.mean((forecasts[k] - recording.true) ** 2)) / recording.persistence
             for k, m in enumerate(everything)
         }
         print(
