@@ -4,7 +4,8 @@
                     feature state (a Dask worker can run it: it touches no shared weights)
     score_lines     the driver: every line scored in one forward from its carried hidden state,
                     by the model as it stood before this file (test-then-train)
-    learn_lines     the driver: the update over all lines (`update.lines_per_step` per step)
+    learn_lines     the driver: the update over all lines (`update.lines_per_step` per step),
+                    on a thread of its own while the lines are finished
     finish_lines    per group of lines: anomaly alarms, drift detectors and the output Parquet file
 
 The driver then commits everything in one transaction (`flows.commit`). A group's results do
@@ -15,7 +16,8 @@ on Dask workers) ends in the same state.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from concurrent import futures
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +26,13 @@ import pandas as pd
 import torch
 
 from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
-from flows.model.forecast_mixture import MixtureSetup, alarm_residuals, carried_mixtures, mix_lines
+from flows.model.forecast_mixture import (
+    MixtureSetup,
+    alarm_residuals,
+    carried_mixtures,
+    mix_lines,
+    run_linear_member,
+)
 from flows.monitor.drift_detectors import Detection, LineDrift, check_lines
 from flows.settings import DriftSettings
 from lru_online import OnlineLearner, RecurrentState, codec
@@ -51,7 +59,6 @@ class ScoredLines:
     scores: np.ndarray  # (R,)
     hidden: dict[str, bytes]  # each line's hidden state after its rows
     update_index: int  # the learner's update count when this part was learned from
-    update_metrics: dict[str, float] = field(default_factory=dict)
     # (R, targets) what the alarms judge where it is not `residuals` (the mixture on:
     # forecast_mixture.alarm_residuals); None: `residuals`.
     alarm_residuals: np.ndarray | None = None
@@ -65,7 +72,6 @@ class ScoredLines:
             self.scores[lo:hi],
             {},
             self.update_index,
-            self.update_metrics,
             judged,
         )
 
@@ -168,22 +174,32 @@ def score_lines(
     features: FeatureBatch,
     hidden: dict[str, bytes | None],
     mixture: MixtureSetup | None = None,
+    beside: futures.Executor | None = None,
 ) -> tuple[ScoredLines, RecurrentState]:
     """One forward over every line, right-padded to the longest, from their carried states.
     With `mixture`, the forecasts, residuals and scores are the mixture's (flows.model
-    .forecast_mixture) and each line's record carries its mixture state too."""
+    .forecast_mixture) and each line's record carries its mixture state too; its `linear`
+    member runs on `beside` (a thread) while the model's forward runs here, when given."""
     u, y, dt, steps = features.tensors()
     records = _decoded_records(features.entities, hidden)
     state = _stacked_states(learner, records, len(features.entities))
-    scored = learner.score(u, y, state, dt, steps)
-    forecast, residuals, scores, ends = scored.forecast, scored.residuals, scored.scores, scored.state
-    beside = None
-    judged = None
+    carried = linear = None
     if mixture is not None:
         config = learner.model.config
-        lines = len(features.entities)
-        carried = carried_mixtures(records, lines, mixture, config.horizon, config.n_targets)
-        mixed = mix_lines(mixture, forecast, y, steps, carried, state.last_forecast)
+        carried = carried_mixtures(records, len(features.entities), mixture, config.horizon, config.n_targets)
+        if beside is not None:
+            linear = beside.submit(run_linear_member, mixture, carried, y, steps)
+    try:
+        scored = learner.score(u, y, state, dt, steps)
+    finally:
+        if linear is not None:  # its error, if any, is raised below
+            futures.wait([linear])
+    forecast, residuals, scores, ends = scored.forecast, scored.residuals, scored.scores, scored.state
+    records_beside = None
+    judged = None
+    if mixture is not None:
+        linear_run = linear.result() if linear is not None else None
+        mixed = mix_lines(mixture, forecast, y, steps, carried, state.last_forecast, linear_run)
         judged = features.flat(alarm_residuals(residuals, mixed, steps).float().numpy())
         forecast, residuals, scores = mixed.forecast.float(), mixed.residuals.float(), mixed.scores.float()
         hidden = scored.state.hidden
@@ -192,22 +208,22 @@ def score_lines(
             reset = mixed.model_diverged[:, None]
             hidden = [torch.where(reset, new, old) for new, old in zip(fresh, hidden, strict=True)]
         ends = RecurrentState(hidden, mixed.last_forecast.float())
-        beside = mixed.record_tensors()
+        records_beside = mixed.record_tensors()
     result = ScoredLines(
         forecast=features.flat(forecast.numpy()),
         residuals=features.flat(residuals.numpy()),
         scores=features.flat(scores.numpy()),
-        hidden=dict(zip(features.entities, ends.lines_to_bytes(beside), strict=True)),
+        hidden=dict(zip(features.entities, ends.lines_to_bytes(records_beside), strict=True)),
         update_index=learner.updates,
         alarm_residuals=judged,
     )
     return result, state
 
 
-def learn_lines(learner: OnlineLearner, features: FeatureBatch, state: RecurrentState, scored: ScoredLines) -> None:
-    """The update over every line of the part, from the states they were scored from."""
+def learn_lines(learner: OnlineLearner, features: FeatureBatch, state: RecurrentState) -> dict[str, float]:
+    """The update over every line of the part, from the states they were scored from; its figures."""
     u, y, dt, steps = features.tensors()
-    scored.update_metrics = learner.update(u, y, state, dt, steps)
+    return learner.update(u, y, state, dt, steps)
 
 
 def judge_lines(

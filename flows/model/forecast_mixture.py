@@ -29,7 +29,7 @@ import torch
 from lru_online import codec
 from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
 from lru_online.model import last_real_forecast, one_step_residuals
-from lru_online.online_linear import OnlineLinear, OnlineLinearConfig, OnlineLinearState
+from lru_online.online_linear import LinearRun, OnlineLinear, OnlineLinearConfig, OnlineLinearState
 from lru_online.state import RecurrentState
 
 PREFIX = "mixture."  # where a line's mixture tensors sit in its forecaster state record
@@ -119,16 +119,17 @@ def mix_lines(
     steps: torch.Tensor,
     carried: CarriedMixtures,
     carried_forecast: torch.Tensor | None,
+    linear: LinearRun | None = None,
 ) -> MixedLines:
     """The combined forecasts of B right-padded lines (the model's `model_forecast` (B, T, H,
     S), `targets` (B, T, S), `steps` (B, T)), their residuals and scores, from what each line
-    carried (its mixture state and last combined forecast, (B, H, S) or None)."""
+    carried (its mixture state and last combined forecast, (B, H, S) or None). `linear`: the
+    `linear` member's run over these rows when the caller made it already (`run_linear_member`)."""
     members = setup.members
     horizon = model_forecast.shape[2]
     targets = targets.to(torch.float64)
-    linear = None
-    if "linear" in members:
-        linear = OnlineLinear(setup.linear).run(carried.linear, targets, steps)
+    if linear is None:
+        linear = run_linear_member(setup, carried, targets, steps)
     built = {
         "lru": lambda: model_forecast.to(torch.float64),
         "persistence": lambda: persistence_forecasts(
@@ -151,6 +152,16 @@ def mix_lines(
         _diverged_at_last_row(run.healthy[..., members.index("lru")], steps),
         _reset_where_diverged(linear.state, run.healthy[..., members.index("linear")], steps) if linear else None,
     )
+
+
+def run_linear_member(
+    setup: MixtureSetup, carried: CarriedMixtures, targets: torch.Tensor, steps: torch.Tensor
+) -> LinearRun | None:
+    """The `linear` member over B lines' rows (None without it): it reads the readings alone,
+    not the model's forecasts, so it can run while the model does."""
+    if "linear" not in setup.members:
+        return None
+    return OnlineLinear(setup.linear).run(carried.linear, targets.to(torch.float64), steps)
 
 
 def residuals_from_a_fresh_mixture(

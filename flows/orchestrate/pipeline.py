@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class Pipeline:
         self.monitor = MonitorHelper(settings, in_driver=lambda: (self.db, self.tracker))
         self.local_work = LocalLineWork()
         self.dask_work: DaskLineWork | None = None
+        self._beside = beside_executor()
 
     # --- lazily built adapters (GE, MLflow and Dask take seconds to start) -----------------
     @property
@@ -137,6 +139,7 @@ class Pipeline:
         return self.dask_work
 
     def close(self) -> None:
+        self._beside.shutdown()
         self.monitor.close()
         if self.dask_work is not None:
             self.dask_work.close()
@@ -365,6 +368,7 @@ class Pipeline:
             return self.live.load()
 
     def _learn_and_commit(self, batch: Batch, part: FilePart, work, aside: list[dict]) -> BatchResult:
+        started = time.perf_counter()
         learner = self._live_learner()
         model_version = self.live.version
         model = self.live.state()
@@ -391,41 +395,47 @@ class Pipeline:
         if learned:
             features = FeatureBatch.stack([prepared[i].features for i in learned])
             tick = time.perf_counter()
-            scored, state = score_lines(learner, features, carried.hidden, self.settings.mixture.setup())
+            scored, state = score_lines(
+                learner, features, carried.hidden, self.settings.mixture.setup(), self._beside
+            )
             timings["score"] = time.perf_counter() - tick
             faults.checkpoint("scored")
-            tick = time.perf_counter()
-            learn_lines(learner, features, state, scored)
-            timings["update"] = time.perf_counter() - tick
-            faults.checkpoint("updated")
-
+            # The update and the per-line finish (alarms, drift, output) read the scored rows and
+            # not each other's results, so the update runs on the other core meanwhile: torch's
+            # kernels release the GIL, and a file's time is the longer of the two, not their sum.
+            learning = self._beside.submit(_timed, learn_lines, learner, features, state)
             tick = time.perf_counter()
             bounds = np.cumsum([0, *(len(prepared[i].features) for i in learned)])
-            finished = work.finish(
-                [handles[i] for i in learned],
-                [scored.rows(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)],
-                [
-                    (
-                        {e: carried.drift.get(e) for e in prepared[i].features.entities},
-                        {e: carried.alarm.get(e) for e in prepared[i].features.entities},
-                    )
-                    for i in learned
-                ],
-                model.reference or {},
-                self.spec,
-                self.settings.drift,
-                self.settings.alarms.config(),
-                model.drift_since_sequence,
-                [self._output_path(batch.id, part.index, i, len(part.groups)) for i in learned],
-            )
-            finish_seconds = time.perf_counter() - tick
+            try:
+                finished = work.finish(
+                    [handles[i] for i in learned],
+                    [scored.rows(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)],
+                    [
+                        (
+                            {e: carried.drift.get(e) for e in prepared[i].features.entities},
+                            {e: carried.alarm.get(e) for e in prepared[i].features.entities},
+                        )
+                        for i in learned
+                    ],
+                    model.reference or {},
+                    self.spec,
+                    self.settings.drift,
+                    self.settings.alarms.config(),
+                    model.drift_since_sequence,
+                    [self._output_path(batch.id, part.index, i, len(part.groups)) for i in learned],
+                )
+                finish_seconds = time.perf_counter() - tick
+            finally:  # never leave the model being changed behind an error
+                futures.wait([learning])
+            update_metrics, timings["update"] = learning.result()
+            faults.checkpoint("updated")
             worker_seconds = {k: sum(f.seconds[k] for f in finished) for k in ("alarms", "drift", "output")}
             share = finish_seconds / max(sum(worker_seconds.values()), 1e-9)
             timings.update({k: v * share for k, v in worker_seconds.items()})
             lines = _line_updates([prepared[i] for i in learned], scored, finished, self.settings.workdir)
-            metrics = _part_metrics(scored, features, finished, late)
+            metrics = _part_metrics(scored, update_metrics, features, finished, late)
             metrics.update({f"seconds_{k}": v for k, v in timings.items()})
-            metrics["rows_per_second"] = metrics["rows"] / max(sum(timings.values()), 1e-9)
+            metrics["rows_per_second"] = metrics["rows"] / max(time.perf_counter() - started, 1e-9)
             checkpoint = save_checkpoint(learner, self.settings.paths.checkpoints, "live")
 
         tick = time.perf_counter()
@@ -507,6 +517,19 @@ def _accumulate(total: BatchResult, part: BatchResult) -> None:
         total.timings[key] = total.timings.get(key, 0.0) + value
 
 
+def beside_executor() -> futures.Executor:
+    """The one thread that runs beside the driver's: the fleet update while the lines are
+    finished, the mixture's linear member while the model scores. Each file waits for both, so
+    the order of the results (and so every committed state) is the order of the steps."""
+    return futures.ThreadPoolExecutor(1, thread_name_prefix="beside-driver")
+
+
+def _timed(function, *args):
+    """The function's result and its wall seconds (on the thread that runs it)."""
+    tick = time.perf_counter()
+    return function(*args), time.perf_counter() - tick
+
+
 def _line_updates(prepared: list, scored: ScoredLines, finished: list[FinishedLines], root: Path) -> list[LineUpdate]:
     updates = []
     for group, done in zip(prepared, finished, strict=True):
@@ -533,7 +556,13 @@ def _line_updates(prepared: list, scored: ScoredLines, finished: list[FinishedLi
     return updates
 
 
-def _part_metrics(scored: ScoredLines, features: FeatureBatch, finished: list[FinishedLines], late: int) -> dict:
+def _part_metrics(
+    scored: ScoredLines,
+    update_metrics: dict[str, float],
+    features: FeatureBatch,
+    finished: list[FinishedLines],
+    late: int,
+) -> dict:
     """The part's figures across all its lines, for MLflow."""
     residuals = scored.residuals[np.isfinite(scored.residuals)]
     scores = scored.scores[np.isfinite(scored.scores)]
@@ -541,7 +570,7 @@ def _part_metrics(scored: ScoredLines, features: FeatureBatch, finished: list[Fi
         "rows": float(len(features)),
         "rows_late": float(late),
         "lines": float(len(features.entities)),
-        **{k: float(v) for k, v in scored.update_metrics.items()},
+        **{k: float(v) for k, v in update_metrics.items()},
         "mae_before": float(np.abs(residuals).mean()) if residuals.size else float("nan"),
         "rmse_before": float(np.sqrt((residuals**2).mean())) if residuals.size else float("nan"),
         "dask_workers": float(len({f.worker for f in finished} - {None})),

@@ -1,22 +1,26 @@
 """A plant file of many lines goes through one fleet step: every line scored by the model as it
-stood before the file, whatever the other lines of the file or their order, and short batches
+stood before the file, whatever the other lines of the file or their order; the update run
+beside the lines' finish ends exactly where the steps run one after another end; short batches
 still feed the replay reservoir."""
 
 from __future__ import annotations
 
 import shutil
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sqlalchemy import select
 
 from flows.ingest.landing import read_batch
+from flows.orchestrate import pipeline
 from flows.orchestrate.prefect_flows import continual_update
 from flows.settings import load_settings
 from flows.storage.database import Database
-from flows.storage.models import BatchSummary, ModelState
+from flows.storage.models import Batch, BatchStatus, BatchSummary, EntityState, ModelState
 from flows.storage.work_folder import resolved_path
 from lru_online import OnlineLearner
 from tests.flows.helpers import small_config, small_plant
@@ -75,6 +79,85 @@ def test_a_lines_scores_do_not_depend_on_the_other_lines_of_its_file(tmp_path, b
     kept = original.drop(index="line-3", level="entity").sort_index()
     pd.testing.assert_frame_equal(grown.drop(index="line-9", level="entity").sort_index(), kept, rtol=1e-5, atol=1e-6)
     assert np.isfinite(grown.loc["line-9", "score"].iloc[1:]).all()  # the new line is scored from its 2nd event
+
+
+class _InOrder(futures.Executor):
+    """Runs each call when it is submitted, in the caller's thread: the file's steps one after
+    another as they are written (the linear member before the model's forward, the update
+    before the lines' finish)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> futures.Future:
+        future = futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller like a thread's
+            future.set_exception(error)
+        return future
+
+
+def _last_file_run(before_last_file, root: Path) -> dict:
+    """Every state the last file leaves behind, in a copy of the folder that ran the rest."""
+    base, config, last = before_last_file
+    shutil.copytree(base, root)
+    settings = load_settings(config, workdir=root)
+    shutil.copy(last, settings.paths.landing / last.name)
+    continual_update(config=config, workdir=str(root))
+    db = Database(settings.database_url)
+    with db.session() as session:
+        lines = {
+            s.entity: (s.hidden_state, s.feature_state, s.drift_state, s.alarm_state)
+            for s in session.scalars(select(EntityState))
+        }
+        summary = session.scalars(select(BatchSummary).order_by(BatchSummary.sequence.desc())).first()
+        checkpoint = session.get(ModelState, settings.pipeline).checkpoint_path
+    db.dispose()
+    learner = OnlineLearner.load_checkpoint(resolved_path(settings.workdir, checkpoint))
+    return {
+        "lines": lines,
+        "weights": {k: v.clone() for k, v in learner.model.state_dict().items()},
+        "updates": learner.updates,
+        "output": pd.read_parquet(resolved_path(settings.workdir, summary.features_path)),
+    }
+
+
+@pytest.mark.slow
+def test_the_update_beside_the_finish_ends_where_the_steps_in_order_end(tmp_path, before_last_file, monkeypatch):
+    beside = _last_file_run(before_last_file, tmp_path / "beside")
+    monkeypatch.setattr(pipeline, "beside_executor", _InOrder)
+    in_order = _last_file_run(before_last_file, tmp_path / "in-order")
+
+    assert beside["lines"] == in_order["lines"]  # hidden, feature, drift and alarm states, byte for byte
+    assert beside["updates"] == in_order["updates"]
+    assert beside["weights"].keys() == in_order["weights"].keys()
+    for name, weight in in_order["weights"].items():
+        assert torch.equal(beside["weights"][name], weight), name
+    pd.testing.assert_frame_equal(beside["output"], in_order["output"])
+    assert beside["output"]["anomaly_score"].notna().any()  # the lines were judged
+
+
+def test_an_update_that_fails_beside_the_finish_commits_nothing_of_its_file(tmp_path, before_last_file, monkeypatch):
+    base, config, last = before_last_file
+    root = tmp_path / "failing"
+    shutil.copytree(base, root)
+    settings = load_settings(config, workdir=root)
+    shutil.copy(last, settings.paths.landing / last.name)
+
+    def failing_update(*args):
+        raise RuntimeError("update failed on its thread")
+
+    monkeypatch.setattr(pipeline, "learn_lines", failing_update)
+    with pytest.raises(Exception, match="update failed on its thread"):
+        continual_update(config=config, workdir=str(root))
+    db = Database(settings.database_url)
+    with db.session() as session:
+        batch = session.scalars(select(Batch).order_by(Batch.id.desc())).first()
+        assert batch.status == BatchStatus.PENDING
+        assert session.scalar(select(BatchSummary).where(BatchSummary.batch_id == batch.id)) is None
+    monkeypatch.undo()
+    continual_update(config=config, workdir=str(root))  # the next run processes it
+    with db.session() as session:
+        assert session.get(Batch, batch.id).status == BatchStatus.PROCESSED
+    db.dispose()
 
 
 def test_short_batches_keep_refreshing_the_replay_reservoir(tmp_path, prefect_api):
