@@ -17,7 +17,8 @@ cluster of 1, then 2 single-threaded worker processes.
 
 Reported per run: rows scored per second from the first file's commit to the last (initial
 training excluded), p50/p99 seconds per file (between consecutive commits: everything a file
-costs), the driver's median stage seconds per file, and its peak RSS (with the growth per 1,000
+costs), the driver's median stage seconds per file (each stage's own wall time: the update runs
+beside the alarms, drift and output, so those overlap), and its peak RSS (with the growth per 1,000
 lines over an empty run's). Beside them, in the same run:
 - `river HST`: river's HalfSpaceTrees scoring and learning the same rows one at a time
   (score_one, learn_one; no validation, storage or tracking) — the yardstick a user would pick;
