@@ -395,9 +395,7 @@ class Pipeline:
         if learned:
             features = FeatureBatch.stack([prepared[i].features for i in learned])
             tick = time.perf_counter()
-            scored, state = score_lines(
-                learner, features, carried.hidden, self.settings.mixture.setup(), self._beside
-            )
+            scored, state = score_lines(learner, features, carried.hidden, self.settings.mixture.setup(), self._beside)
             timings["score"] = time.perf_counter() - tick
             faults.checkpoint("scored")
             # The update and the per-line finish (alarms, drift, output) read the scored rows and
@@ -435,7 +433,9 @@ class Pipeline:
             lines = _line_updates([prepared[i] for i in learned], scored, finished, self.settings.workdir)
             metrics = _part_metrics(scored, update_metrics, features, finished, late)
             metrics.update({f"seconds_{k}": v for k, v in timings.items()})
-            metrics["rows_per_second"] = metrics["rows"] / max(time.perf_counter() - started, 1e-9)
+            # Wall time, not the stages' sum: the update overlaps the finish.
+            elapsed = time.perf_counter() - started + part.validate_seconds
+            metrics["rows_per_second"] = metrics["rows"] / max(elapsed, 1e-9)
             checkpoint = save_checkpoint(learner, self.settings.paths.checkpoints, "live")
 
         tick = time.perf_counter()
