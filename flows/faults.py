@@ -1,9 +1,10 @@
 """Fault injection for crash tests: LRU_ONLINE_KILL_AT=<stage> SIGKILLs the process there.
 
 Stages of one batch in `continual_update`, in order: ledger (after the ledger row exists),
-validated, features, scored, updated (model updated and the lines finished, nothing committed), in_commit (inside the
-database transaction, before it commits), committed (committed, before MLflow logging). And of a recovery of the live
-model: restored (the registry's checkpoint written, the live model not yet pointed at it).
+validated, features, scored, updated (model updated and the lines finished, nothing committed),
+in_commit (inside the database transaction, before it commits), committed (committed, before
+MLflow logging). And of a recovery of the live model: restored (the registry's checkpoint
+written, the live model not yet pointed at it).
 LRU_ONLINE_KILL_AFTER=<n> lets the stage pass n times before the kill.
 
 LRU_ONLINE_PAUSE_AT=<stage> holds the process at a stage while the file LRU_ONLINE_PAUSE_FILE

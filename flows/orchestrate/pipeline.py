@@ -398,9 +398,9 @@ class Pipeline:
             scored, state = score_lines(learner, features, carried.hidden, self.settings.mixture.setup(), self._beside)
             timings["score"] = time.perf_counter() - tick
             faults.checkpoint("scored")
-            # The update and the per-line finish (alarms, drift, output) read the scored rows and
-            # not each other's results, so the update runs on the other core meanwhile: torch's
-            # kernels release the GIL, and a file's time is the longer of the two, not their sum.
+            # The update changes only the model; the per-line finish (alarms, drift, output) reads
+            # the scored rows, never the model. So the update runs on the other core meanwhile:
+            # torch's kernels release the GIL, and a file costs the longer of the two, not the sum.
             learning = self._beside.submit(_timed, learn_lines, learner, features, state)
             tick = time.perf_counter()
             bounds = np.cumsum([0, *(len(prepared[i].features) for i in learned)])
