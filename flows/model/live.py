@@ -11,6 +11,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.orm import undefer
+
 from flows.model.fleet import load_learner
 from flows.settings import Settings
 from flows.storage.database import Database
@@ -44,12 +46,18 @@ class LiveModel:
         self.version: int | None = None  # model_state.version the learner was loaded at
 
     def state(self) -> ModelState | None:
+        """The live model's row, its drift reference included."""
+        with self.db.session() as session:
+            return session.get(ModelState, self.settings.pipeline, options=[undefer(ModelState.reference)])
+
+    def _row(self) -> ModelState | None:
+        """The row without its drift reference: what a version check reads."""
         with self.db.session() as session:
             return session.get(ModelState, self.settings.pipeline)
 
     def load(self) -> OnlineLearner:
         """The live learner, reloaded from its checkpoint when the committed version moved."""
-        state = self.state()
+        state = self._row()
         if state is None:
             raise RuntimeError("no live model yet: run initial training first")
         if self.learner is None or self.version != state.version:
@@ -80,7 +88,7 @@ class LiveModel:
         return resolved_path(self.settings.workdir, state.checkpoint_path)
 
     def _moved_on(self, loaded: ModelState) -> bool:
-        current = self.state()
+        current = self._row()
         return current is not None and current.version != loaded.version
 
     def remove_checkpoint(self, stored: str) -> None:

@@ -135,8 +135,10 @@ class ModelState(Base):
     checkpoint_path: Mapped[str] = mapped_column(Text)
     champion_version: Mapped[str | None] = mapped_column(String(50))
     online_run_id: Mapped[str | None] = mapped_column(String(64))
-    # Drift reference (per-sensor bins and fractions, reference error) from training data.
-    reference: Mapped[dict | None] = mapped_column(JSON)
+    # Drift reference (per-sensor bins and fractions, samples, reference error) from training
+    # data. Deferred: 100-200 KB of JSON that most reads of this row (a file's version checks,
+    # its commit, the snapshot count) never use; `LiveModel.state` loads it.
+    reference: Mapped[dict | None] = mapped_column(JSON, deferred=True)
     # Drift detectors only read batches after this sequence number (reset at each retrain).
     drift_since_sequence: Mapped[int] = mapped_column(Integer, default=0)
     batches_since_snapshot: Mapped[int] = mapped_column(Integer, default=0)
