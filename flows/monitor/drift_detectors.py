@@ -284,23 +284,21 @@ def _window_stats(
         sums = np.bincount(owner, weights=observed, minlength=len(lines))
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / counts
-        effective = _effective_readings(values[:, column], line, follows, counts, len(lines))
-        psi = ks = None
+        # None where a figure does not exist (no readings): stored as JSON as it is. Each figure
+        # is computed for all lines at once and handed out as Python floats.
+        figures = {"mean": _finite_or_none(np.where(counts > 0, means, np.nan))}
         if sensor in references:
-            psi = grouped_psi(references[sensor], observed, owner, len(lines))
-            ks = grouped_ks(references[sensor], observed, owner, len(lines))
-            bins = len(references[sensor]["edges"]) + 1
-            sample = len(references[sensor]["sample"])
-        # None where a figure does not exist (no readings): stored as JSON as it is.
-        for position, i in enumerate(lines):
-            stats[i]["mean"][sensor] = float(means[position]) if counts[position] else None
-            if psi is not None:
-                stats[i]["psi"][sensor] = _finite_or_none(psi[position])
-                stats[i]["ks"][sensor] = _finite_or_none(ks[position])
-                n = float(effective[position])
-                chance = psi_by_chance(bins, n, settings.significance), ks_by_chance(n, sample, settings.significance)
-                stats[i]["psi_limit"][sensor] = max(settings.psi_threshold, chance[0])
-                stats[i]["ks_limit"][sensor] = max(settings.ks_threshold, chance[1])
+            effective = _effective_readings(values[:, column], line, follows, counts, len(lines))
+            bins, sample = len(references[sensor]["edges"]) + 1, len(references[sensor]["sample"])
+            psi_chance = psi_by_chance(bins, effective, settings.significance)
+            ks_chance = ks_by_chance(effective, sample, settings.significance)
+            figures["psi"] = _finite_or_none(grouped_psi(references[sensor], observed, owner, len(lines)))
+            figures["ks"] = _finite_or_none(grouped_ks(references[sensor], observed, owner, len(lines)))
+            figures["psi_limit"] = np.maximum(settings.psi_threshold, psi_chance).tolist()
+            figures["ks_limit"] = np.maximum(settings.ks_threshold, ks_chance).tolist()
+        for name, per_line in figures.items():
+            for i, value in zip(lines, per_line, strict=True):
+                stats[i][name][sensor] = value
     return stats
 
 
@@ -324,23 +322,25 @@ def _effective_readings(
     return np.clip(counts * (1 - rho) / (1 + rho), 1.0, np.maximum(counts, 1))
 
 
-def psi_by_chance(bins: int, readings: float, significance: float) -> float:
-    """The PSI that `readings` independent values from the reference's own law pass with
-    probability `significance`: χ²(bins − 1) at 1 − significance (Wilson–Hilferty) over n."""
+def psi_by_chance(bins: int, readings, significance: float):
+    """The PSI that `readings` independent values (a count, or an array of counts) from the
+    reference's own law pass with probability `significance`: χ²(bins − 1) at 1 − significance
+    (Wilson–Hilferty) over n."""
     k = bins - 1
     z = NormalDist().inv_cdf(1.0 - significance)
     quantile = k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
     return quantile / readings
 
 
-def ks_by_chance(readings: float, sample: int, significance: float) -> float:
-    """The KS distance between `readings` independent values and a reference sample of
-    `sample` from the same law that is passed with probability `significance`."""
-    return math.sqrt(-math.log(significance / 2) / 2) * math.sqrt(1 / readings + 1 / max(sample, 1))
+def ks_by_chance(readings, sample: int, significance: float):
+    """The KS distance between `readings` independent values (a count, or an array of counts)
+    and a reference sample of `sample` from the same law that is passed with probability
+    `significance`."""
+    return math.sqrt(-math.log(significance / 2) / 2) * np.sqrt(1 / readings + 1 / max(sample, 1))
 
 
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
+def _finite_or_none(values: np.ndarray) -> list[float | None]:
+    return [value if math.isfinite(value) else None for value in values.tolist()]
 
 
 def grouped_psi(reference: dict, values: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
