@@ -322,7 +322,7 @@ def _effective_readings(
     return np.clip(counts * (1 - rho) / (1 + rho), 1.0, np.maximum(counts, 1))
 
 
-def psi_by_chance(bins: int, readings, significance: float):
+def psi_by_chance(bins: int, readings: float | np.ndarray, significance: float) -> float | np.ndarray:
     """The PSI that `readings` independent values (a count, or an array of counts) from the
     reference's own law pass with probability `significance`: χ²(bins − 1) at 1 − significance
     (Wilson–Hilferty) over n."""
@@ -332,7 +332,7 @@ def psi_by_chance(bins: int, readings, significance: float):
     return quantile / readings
 
 
-def ks_by_chance(readings, sample: int, significance: float):
+def ks_by_chance(readings: float | np.ndarray, sample: int, significance: float) -> float | np.ndarray:
     """The KS distance between `readings` independent values (a count, or an array of counts)
     and a reference sample of `sample` from the same law that is passed with probability
     `significance`."""
