@@ -105,9 +105,16 @@ def load_series(path: Path) -> Series:
     if not np.isfinite(raw).all():
         row = int(np.argwhere(~np.isfinite(raw))[0, 0])
         raise SystemExit(f"{path}: row {row + 2} (line) holds a missing or non-finite value")
+    values, mean, std = standardised(raw)
+    return Series(values, tuple(frame.columns), mean, std, rows_per_day)
+
+
+def standardised(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows scaled by the mean and deviation of their first TRAIN_END (a constant column by
+    1), as float32, with that mean and deviation."""
     mean, std = raw[:TRAIN_END].mean(axis=0), raw[:TRAIN_END].std(axis=0)
     std = np.where(std > 0, std, 1.0)
-    return Series(((raw - mean) / std).astype(np.float32), tuple(frame.columns), mean, std, rows_per_day)
+    return ((raw - mean) / std).astype(np.float32), mean, std
 
 
 @dataclass(frozen=True)

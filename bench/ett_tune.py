@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from bench.common import load_config
-from bench.ett import STREAM_END, TRAIN_END, TUNING_END, Protocol, Series, ensemble, load_series, run_stream
+from bench.ett import STREAM_END, TUNING_END, Protocol, Series, ensemble, load_series, run_stream, standardised
 from flows.model.series_ensemble import replay_combination
 from lru_online.mixture import MixtureConfig
 
@@ -73,11 +73,8 @@ def reversed_series(path: Path) -> Series:
     """The file's rows backwards, cut to the protocol's rows and standardised on its training rows."""
     forward = load_series(path)  # validates the file
     frame = pd.read_csv(path).drop(columns="date", errors="ignore")
-    raw = frame.to_numpy(dtype=np.float64)[::-1][:STREAM_END]
-    mean, std = raw[:TRAIN_END].mean(axis=0), raw[:TRAIN_END].std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    values = np.ascontiguousarray((raw - mean) / std, dtype=np.float32)
-    return replace(forward, values=values, mean=mean, std=std)
+    values, mean, std = standardised(frame.to_numpy(dtype=np.float64)[::-1][:STREAM_END])
+    return replace(forward, values=np.ascontiguousarray(values), mean=mean, std=std)
 
 
 def record(
