@@ -7,6 +7,8 @@ whole is orchestrated by Prefect.
     monitor/      what is watched and reported: drift statistics and detectors, MLflow, status
     orchestrate/  Prefect flows and deployments, the per-file driver, Dask, the command line
 
-Imports go down that list only (orchestrate uses everything, ingest only settings); Prefect is
-imported in orchestrate alone. `settings.py` is the one typed configuration of all of it.
+Imports go down that list only (orchestrate uses everything, ingest only the settings); Prefect
+is imported in orchestrate alone. `settings.py` is the one typed configuration of all of it;
+`log_schema.py`, its part that says what a log file holds, stands alone so that reading and
+validating files needs no torch.
 """

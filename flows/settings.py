@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from features.spec import FeatureSpec
+from flows.log_schema import LogSchema, SettingsSection
 from flows.model.forecast_mixture import MixtureSetup
 from lru_online.alarms import AlarmConfig
 from lru_online.learner import LearnerConfig
@@ -29,77 +30,7 @@ class ConfigError(ValueError):
     """A configuration that cannot start the pipeline; the message names the field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SensorSpec(_Section):
-    name: str
-    unit: str
-    min: float
-    max: float
-    source: str
-    max_null_fraction: float = Field(0.6, ge=0.0, le=1.0)
-    # The model sees this sensor as its change from the previous reading, not its level: for a
-    # slow sensor (a temperature) whose level wanders beyond any baseline.
-    as_change: bool = False
-
-    @model_validator(mode="after")
-    def _range(self) -> SensorSpec:
-        if not self.min < self.max:
-            raise ValueError(f"sensor {self.name!r}: min {self.min} must be below max {self.max}")
-        return self
-
-
-def _default_sensors() -> list[SensorSpec]:
-    return [
-        SensorSpec(name="temperature", unit="degC", min=-20, max=150, source="thermal"),
-        SensorSpec(name="vibration", unit="mm/s", min=0, max=50, source="vibration"),
-        SensorSpec(name="pressure", unit="bar", min=0, max=25, source="hydraulic"),
-        SensorSpec(name="flow", unit="l/min", min=0, max=600, source="hydraulic"),
-        SensorSpec(name="motor_current", unit="A", min=0, max=120, source="electrical"),
-    ]
-
-
-class LogSchema(_Section):
-    entity_column: str = "entity"
-    # Files of one machine often have no line column: then every row belongs to this line.
-    single_line: str | None = None
-    # Each file holds one run of its lines (a batch, a test-bench experiment): a line's feature
-    # scaling, hidden state and alarm calibration start afresh with each file, as after a restart
-    # (its drift detectors and watermark carry on).
-    file_is_run: bool = False
-    timestamp_column: str = "timestamp"
-    # The field separator of CSV files (SKAB's files use ';').
-    delimiter: str = Field(",", min_length=1, max_length=1)
-    sensors: list[SensorSpec] = Field(default_factory=_default_sensors, min_length=1)
-    label_columns: list[str] = Field(default_factory=lambda: ["anomaly"])
-    # Timestamps later than now + this are refused as clock errors.
-    max_future_seconds: float = Field(3600.0, ge=0)
-
-    @model_validator(mode="after")
-    def _unique(self) -> LogSchema:
-        names = [s.name for s in self.sensors]
-        reserved = {self.entity_column, self.timestamp_column, *self.label_columns}
-        if len(set(names)) != len(names):
-            raise ValueError(f"sensor names must be unique, got {names}")
-        if reserved & set(names):
-            raise ValueError(f"sensor names {sorted(reserved & set(names))} clash with entity/timestamp/label columns")
-        return self
-
-    @property
-    def sensor_names(self) -> list[str]:
-        return [s.name for s in self.sensors]
-
-    @property
-    def sources(self) -> dict[str, list[str]]:
-        grouped: dict[str, list[str]] = {}
-        for sensor in self.sensors:
-            grouped.setdefault(sensor.source, []).append(sensor.name)
-        return grouped
-
-
-class PathSettings(_Section):
+class PathSettings(SettingsSection):
     landing: Path = Path("landing")
     quarantine: Path = Path("quarantine")
     archive: Path = Path("archive")
@@ -107,7 +38,7 @@ class PathSettings(_Section):
     checkpoints: Path = Path("checkpoints")
 
 
-class TrackingSettings(_Section):
+class TrackingSettings(SettingsSection):
     tracking_uri: str = "sqlite:///{workdir}/mlflow.db"
     # Where a new experiment keeps its artifacts; null lets an MLflow server decide (it proxies
     # them to its own artifact store, e.g. S3).
@@ -118,7 +49,7 @@ class TrackingSettings(_Section):
     snapshot_every: int = Field(50, ge=0)
 
 
-def _core_section(name: str, config: type, exclude: tuple[str, ...], defaults: dict[str, Any]) -> type[_Section]:
+def _core_section(name: str, config: type, exclude: tuple[str, ...], defaults: dict[str, Any]) -> type[SettingsSection]:
     """A settings section with every field of a core config dataclass (`lru_online`), so each
     one can be set from YAML or the environment and reaches the core; `defaults` are the
     pipeline's own where they differ from the core's. The core config validates the values."""
@@ -128,7 +59,8 @@ def _core_section(name: str, config: type, exclude: tuple[str, ...], defaults: d
         for field in dataclasses.fields(config)
         if field.name not in exclude
     }
-    return create_model(name, __base__=_Section, __doc__=f"Every field of lru_online.{config.__name__}.", **fields)
+    doc = f"Every field of lru_online.{config.__name__}."
+    return create_model(name, __base__=SettingsSection, __doc__=doc, **fields)
 
 
 # n_inputs and n_targets follow from the log schema (lru_online.model.ModelConfig).
@@ -170,7 +102,7 @@ class UpdateSettings(_UpdateFields):
         return self.model_dump(exclude={"torch_threads"})
 
 
-class FeatureSettings(_Section):
+class FeatureSettings(SettingsSection):
     # Nominal sampling interval: Δt is measured in these units for the model's decay.
     time_scale_seconds: float = Field(10.0, gt=0.0)
     # A line standardises each sensor by its first `baseline_rows` readings, then holds them, so
@@ -179,7 +111,7 @@ class FeatureSettings(_Section):
     baseline_rows: int = Field(0, ge=0)
 
 
-class InitialTrainingSettings(_Section):
+class InitialTrainingSettings(SettingsSection):
     # The first valid batches in the landing folder that train a model when none exists.
     batches: int = Field(18, ge=1)
     epochs: int = Field(6, ge=1)
@@ -189,7 +121,7 @@ class InitialTrainingSettings(_Section):
     steps_per_window: int = Field(32, ge=1)
 
 
-class DriftSettings(_Section):
+class DriftSettings(SettingsSection):
     # What a detection does: call `retrain` in this process, emit a Prefect event for the
     # retrain deployment's trigger, or only record it.
     on_detect: Literal["retrain", "event", "record"] = "retrain"
@@ -341,7 +273,7 @@ class MixtureSettings(_MixtureFields):
         return MixtureSetup(tuple(self.members), self.config(), OnlineLinearConfig(**self.linear.model_dump()))
 
 
-class RetrainSettings(_Section):
+class RetrainSettings(SettingsSection):
     # The window in rows, not files, so a retraining costs the same whatever a plant's files
     # hold: each line's newest `window_rows` rows, its newest `holdout_rows` held out to judge
     # the challenger by, and at most `max_lines` lines (a sample) to train it on. Its budget is
@@ -366,7 +298,7 @@ class RetrainSettings(_Section):
         return self
 
 
-class ScheduleSettings(_Section):
+class ScheduleSettings(SettingsSection):
     cron: str | None = None
     interval_seconds: int | None = Field(300, ge=1)
 
@@ -377,7 +309,7 @@ class ScheduleSettings(_Section):
         return self
 
 
-class PrefectSettings(_Section):
+class PrefectSettings(SettingsSection):
     # Null: Prefect's own setting (PREFECT_API_URL), or a local API started on demand.
     api_url: str | None = None
     # Deployments register on this work pool; null: `lru-online serve` serves them itself.
@@ -390,21 +322,21 @@ class PrefectSettings(_Section):
     dask_address: str | None = None
 
 
-class ValidationSettings(_Section):
+class ValidationSettings(SettingsSection):
     # Stored GE validation results (and Data Docs pages) of quarantined files: the newest this many.
     keep_results: int = Field(200, ge=1)
     # `lru-online docs` serves the Data Docs on this port of 127.0.0.1.
     docs_port: int = Field(8765, ge=1, le=65535)
 
 
-class IngestSettings(_Section):
+class IngestSettings(SettingsSection):
     # A landing file must keep its size this long before it is read (still being written).
     stable_seconds: float = Field(0.0, ge=0.0)
     # Rows read per chunk from large files.
     chunk_rows: int = Field(200_000, ge=1000)
 
 
-class RecoverySettings(_Section):
+class RecoverySettings(SettingsSection):
     # When the live checkpoint is missing or unreadable: "restore" the newest registered version
     # of the live model in the run itself (recorded, shown by `status`), or "fail" with an error
     # naming the file and leave it to `lru-online recover`.

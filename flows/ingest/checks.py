@@ -11,7 +11,7 @@ import numpy as np
 
 from flows.ingest.landing import BatchReadError, iter_batch
 from flows.ingest.validation import ValidationOutcome, validator_for
-from flows.settings import LogSchema
+from flows.log_schema import LogSchema
 
 
 @dataclass

@@ -16,7 +16,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from flows.settings import LogSchema
+from flows.log_schema import LogSchema
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows.settings import LogSchema
+from flows.log_schema import LogSchema
 
 SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".parquet")
 # Files still being written by a well-behaved producer.

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flows.settings import LogSchema
+from flows.log_schema import LogSchema
 
 START = pd.Timestamp("2026-01-05T06:00:00Z")
 # Reporting probability of each source at an event.

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from flows.ingest.expectations import FUTURE_COLUMN, LABEL_PREFIX, ORDER_COLUMN, ZONE_COLUMN, load_suite
-from flows.settings import LogSchema
+from flows.log_schema import LogSchema
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
