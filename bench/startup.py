@@ -124,6 +124,8 @@ def main() -> None:
         f"Python {platform.python_version()}, {os.cpu_count()} cores, 1 torch thread; {library_versions()}",
         flush=True,
     )
+    if arguments.workdir:
+        arguments.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=arguments.workdir) as folder:
         root = Path(folder)
         trained, held = trained_folder(root)
