@@ -14,6 +14,7 @@ API calls, more than the work of a line group; the Prefect flow still shows one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections import deque
@@ -72,22 +73,35 @@ def _finish(prepared: PreparedLines, scored: ScoredLines, states, reference, spe
 
 class LocalLineWork:
     """All of a file's lines as one group, in this process; files are read and validated one
-    ahead in a thread while the driver works on the current one (pandas, pyarrow and torch
-    release the GIL for most of their work)."""
+    ahead while the driver works on the current one: in the command's checking interpreter
+    when it started one (`flows.ingest.check_process`), else in a thread (pandas, pyarrow and
+    torch release the GIL for most of their work)."""
 
     def checked_ahead(
         self, settings: Settings, files: list[tuple[int, Path]]
     ) -> Iterator[tuple[int, FileCheck | None]]:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        from flows.ingest.check_process import checker
 
         schema, chunk_rows, suite = settings.log_schema, settings.ingest.chunk_rows, suite_path(settings.workdir)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="check-ahead") as pool:
+        interpreter = checker()
+        with (
+            contextlib.nullcontext(interpreter)
+            if interpreter is not None
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="check-ahead")
+        ) as pool:
             waiting: deque = deque()
             queue = iter(files)
 
             def submit_next() -> None:
                 for batch_id, path in queue:
-                    waiting.append((batch_id, pool.submit(check_file, path, schema, suite, chunk_rows, 1)))
+                    try:
+                        future = pool.submit(check_file, path, schema, suite, chunk_rows, 1)
+                    except Exception as error:  # a checking interpreter that died takes no more
+                        future = Future()
+                        future.set_exception(error)
+                    waiting.append((batch_id, future))
                     return
 
             submit_next()
