@@ -59,6 +59,16 @@ def small_config(workdir: Path, **overrides) -> tuple[Settings, str]:
     return settings, str(path)
 
 
+def assert_same_outcome(checked, local, name: str) -> None:
+    """A file's validation outcome from elsewhere (Dask, the checking interpreter) agrees with
+    the driver's own: the verdict, its reasons and the lines taken out of the file."""
+    assert checked.success == local.success, name
+    assert checked.reasons == local.reasons, name
+    assert [(q.entity, q.rows, q.reasons) for q in checked.lines] == [
+        (q.entity, q.rows, q.reasons) for q in local.lines
+    ], name
+
+
 def small_plant(settings: Settings, **overrides) -> GroundTruth:
     config = SimulationConfig(
         entities=2,

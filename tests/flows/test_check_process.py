@@ -17,7 +17,7 @@ import pytest
 from flows.ingest.check_process import NICENESS, checker, checking_interpreter
 from flows.ingest.checks import check_file
 from flows.ingest.expectations import ensure_suite, suite_path
-from tests.flows.helpers import small_config, small_plant
+from tests.flows.helpers import assert_same_outcome, small_config, small_plant
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,11 +94,7 @@ def test_checks_in_the_second_interpreter_match_the_drivers_and_keep_ge_out_of_i
         verdicts.append(None if local.outcome is None else local.outcome.success)
         if local.outcome is None:
             continue
-        assert check.outcome.success == local.outcome.success, path.name
-        assert check.outcome.reasons == local.outcome.reasons
-        assert [(q.entity, q.rows, q.reasons) for q in check.outcome.lines] == [
-            (q.entity, q.rows, q.reasons) for q in local.outcome.lines
-        ]
+        assert_same_outcome(check.outcome, local.outcome, path.name)
         if local.outcome.success:
             pd.testing.assert_frame_equal(pd.concat(check.parts), pd.concat(local.parts))
     assert False in verdicts and True in verdicts and any(c.read_error for _, c in checks)

@@ -15,7 +15,7 @@ from flows.orchestrate.line_work import DaskLineWork
 from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import DriftEvent, EntityState, SequenceMetrics
-from tests.flows.helpers import small_config, small_plant
+from tests.flows.helpers import assert_same_outcome, small_config, small_plant
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,7 @@ def test_checks_on_dask_match_checks_in_the_driver_and_keep_the_order(tmp_path, 
             assert check.rows == local.rows and check.groups == local.groups
             if local.outcome is None:
                 continue
-            assert check.outcome.success == local.outcome.success, path.name
-            assert check.outcome.reasons == local.outcome.reasons
-            assert [(q.entity, q.rows, q.reasons) for q in check.outcome.lines] == [
-                (q.entity, q.rows, q.reasons) for q in local.outcome.lines
-            ]
+            assert_same_outcome(check.outcome, local.outcome, path.name)
             if local.outcome.success:  # the rows stayed on the workers, split by line group
                 kept = sorted({"line-1", "line-2", "line-3"} - {q.entity for q in local.outcome.lines})
                 assert len(check.groups) == min(2, len(kept)) and sorted(sum(check.groups, [])) == kept
