@@ -3,7 +3,7 @@
 A `run` or `backfill` command spends its first seconds importing: torch, Prefect and MLflow in
 the driver, and Great Expectations (~2.5 s on 2 cores) for the first file's validation. Reading
 and validating a file needs pandas and GE, none of the rest (`flows.log_schema` keeps the
-schema apart from the settings that import torch). Started first thing, this interpreter
+schema apart from the settings that import torch). Started before the flows' imports, it
 imports them on the other core while the driver imports its own, then checks each file ahead
 of the driver outside its GIL, and hands back the validated rows as a thread would.
 

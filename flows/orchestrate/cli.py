@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from flows.ingest.check_process import checking_interpreter
+from flows.ingest.check_process import checker, checking_interpreter
 from flows.secrets import install_log_masking, mask_secrets
 
 install_log_masking()
@@ -136,8 +136,6 @@ def _import_while_api_boots() -> None:
     is the checking interpreter's (flows.ingest.check_process), or this process's where there
     is none."""
     import mlflow  # noqa: F401
-
-    from flows.ingest.check_process import checker
 
     if checker() is None:
         import great_expectations  # noqa: F401

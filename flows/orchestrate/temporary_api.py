@@ -88,8 +88,8 @@ class TemporaryApi:
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
             # No block types registered at boot: the pipeline uses no Prefect blocks, and
-            # registering loads every installed collection (prefect-dask, ~0.6 s of the boot's
-            # 4 s, which the command's first file waits for). A `serve`d API registers them.
+            # registering loads every installed collection (prefect-dask; 0.9 s of the boot's
+            # 4.2 s, which the command's first file waits for). A `serve`d API registers them.
             "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
             "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
         }
