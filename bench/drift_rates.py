@@ -13,8 +13,11 @@ per file (all, and per detector), plant-level events, the files with any event, 
 retraining requests the configured `on_detect` would have made (at most one per file, none
 within `drift.retrain_cooldown_files` of the one before), and the anomaly alarms on the rows the
 simulator did not label anomalous, past each line's warm-up: how many alarmed, as a multiple
-of the configured false-alarm rate α, over the run and in its worst file. The defaults are the
-simulator's seed 11 (tuning plants are seeds 11-13; the demo's is 7).
+of the configured false-alarm rate α, over the run and in its worst file. Then the alarm events
+an operator is sent: the lines' alarm episodes, the plant-level alarms and how many episodes
+they took in, the events raised (each line's own episodes and one per plant-level alarm) beside
+the events one per episode would have been, over the run and in the file with the most. The
+defaults are the simulator's seed 11 (tuning plants are seeds 11-13; the demo's is 7).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def run_plant(
     from flows.orchestrate.prefect_flows import continual_update
     from flows.settings import derive_config, load_settings
     from flows.storage.database import Database
-    from flows.storage.models import Batch, DriftEvent
+    from flows.storage.models import AnomalyAlarm, Batch, DriftEvent, PlantAlarm
 
     profile = yaml.safe_load(config.read_text()) or {}
     drift = {**profile.get("drift", {}), "on_detect": "record"}
@@ -84,6 +87,8 @@ def run_plant(
         events = list(session.scalars(select(DriftEvent)))
         processed = session.scalar(select(Batch.id).where(Batch.status == "processed").order_by(Batch.id.desc()))
         files = len(list(session.scalars(select(Batch.id).where(Batch.status == "processed"))))
+        episodes = [(a.batch_id, a.plant_alarm_id) for a in session.scalars(select(AnomalyAlarm))]
+        plant_alarms = [a.batch_id for a in session.scalars(select(PlantAlarm))]
     db.dispose()
     judged = files - settings.initial_training.batches if processed else 0
     per_detector: dict[str, int] = {}
@@ -97,6 +102,8 @@ def run_plant(
         if last is None or sequence - last > cooldown:
             requests, last = requests + 1, sequence
     lines_files = max(entities * judged, 1)
+    raised = [batch for batch, plant in episodes if plant is None] + plant_alarms
+    per_episode = [batch for batch, _ in episodes]
     alarmed, normal, worst = normal_rows_alarmed(settings.paths.output / "batches", folder / "ground_truth.json")
     return {
         "drifts": drifts,
@@ -113,7 +120,18 @@ def run_plant(
         "normal_rows_alarmed": alarmed,
         "alarm_rate_x_alpha": alarmed / max(normal, 1) / settings.alarms.false_alarm_rate,
         "worst_file_x_alpha": worst / settings.alarms.false_alarm_rate,
+        "alarm_episodes": len(episodes),
+        "plant_alarms": len(plant_alarms),
+        "episodes_in_plant_alarms": sum(plant is not None for _, plant in episodes),
+        "alarm_events": len(raised),
+        "alarm_events_one_per_episode": len(per_episode),
+        "worst_file_alarm_events": _most_in_one_file(raised),
+        "worst_file_alarm_events_one_per_episode": _most_in_one_file(per_episode),
     }
+
+
+def _most_in_one_file(batch_ids: list[int]) -> int:
+    return int(np.bincount(batch_ids).max()) if batch_ids else 0
 
 
 def normal_rows_alarmed(outputs: Path, truth: Path) -> tuple[int, int, float]:
@@ -190,6 +208,20 @@ def main() -> None:
         print(
             "   per detector, per line per file: "
             + ", ".join(f"{k} {v:.4f}" for k, v in r["per_detector_per_line_per_file"].items())
+        )
+    header = (
+        f"{'plant':<12} {'episodes':>8} {'plant alarms':>12} {'episodes in them':>16} "
+        f"{'events (1 per episode)':>22} {'worst file (1 per episode)':>26}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        events = f"{r['alarm_events']} ({r['alarm_events_one_per_episode']})"
+        worst = f"{r['worst_file_alarm_events']} ({r['worst_file_alarm_events_one_per_episode']})"
+        print(
+            f"{'drifts' if r['drifts'] else 'stationary':<12} {r['alarm_episodes']:>8} {r['plant_alarms']:>12} "
+            f"{r['episodes_in_plant_alarms']:>16} {events:>22} {worst:>26}"
         )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

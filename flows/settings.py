@@ -214,8 +214,23 @@ _AlarmFields = _core_section(
 )
 
 
+class PlantAlarmSettings(SettingsSection):
+    """When many lines open alarms at once (flows.monitor.plant_alarms)."""
+
+    # At least this share of a part's lines (and `min_lines`) opening episodes within one stretch
+    # of `stretch_rows` typical row spacings raise one plant-level alarm. 0.5 and 20 rows: on
+    # simulated tuning plants of 60 lines (seed 11) the largest share of lines opening in one
+    # 20-row stretch was 0.90 at the plant-wide valve change and at most 0.18 in every other file,
+    # with and without drifts (README, "One alarm for a plant-wide change").
+    share: float = Field(0.5, gt=0.0, le=1.0)
+    stretch_rows: float = Field(20.0, gt=0.0)
+    min_lines: int = Field(3, ge=2)
+    event_name: str = "lru-online.anomaly.plant"
+
+
 class AlarmSettings(_AlarmFields):
     event_name: str = "lru-online.anomaly.detected"
+    plant: PlantAlarmSettings = Field(default_factory=PlantAlarmSettings)
 
     @model_validator(mode="after")
     def _consistent(self) -> AlarmSettings:
@@ -223,7 +238,7 @@ class AlarmSettings(_AlarmFields):
         return self
 
     def config(self) -> AlarmConfig:
-        return AlarmConfig(**self.model_dump(exclude={"event_name"}))
+        return AlarmConfig(**self.model_dump(exclude={"event_name", "plant"}))
 
 
 # The pipeline's half-life and temperature: `python bench/mixture_tune.py` over the backfills of

@@ -90,7 +90,10 @@ class JudgedLines:
     alarms: np.ndarray  # (R,) bool
     states: dict[str, bytes]  # per line, carried on
     # Alarm episodes: entity, start_ts, end_ts (ISO, first and last alarmed row), rows (alarmed),
-    # peak_score, threshold (what the first row passed), continues (from the file before).
+    # peak_score, threshold (what the first row passed), continues (from the file before),
+    # onset_ns and onset_rows (each of its rows here that alarmed after one that did not, where
+    # its line started alarming: UTC nanoseconds, and its position among the line's rows of the
+    # file; read by flows.monitor.plant_alarms).
     episodes: list[dict]
 
 
@@ -242,8 +245,11 @@ def judge_lines(
     length = residuals.shape[1]
     size = config.judge_rows or max(length, 1)
     state = AlarmState.from_many([alarm_states.get(e) for e in features.entities], sensors, config)
+    alarming_before = state.in_alarm.numpy().copy()  # each line's last row before this file alarmed
     scores, thresholds, alarms, episodes = [], [], [], []
     latest: dict[int, dict] = {}  # line → its latest episode
+    spans: list[list[int]] = []  # per episode: its line, first and last alarmed position in the file
+    latest_span: dict[int, list[int]] = {}
     for lo in range(0, max(length, 1), size):
         judged = detector.detect(
             residuals[:, lo : lo + size],
@@ -263,6 +269,7 @@ def judge_lines(
                 record = latest[episode.line]
                 record.update(end_ts=end_ts, rows=record["rows"] + episode.rows)
                 record["peak_score"] = max(record["peak_score"], episode.peak_score)
+                latest_span[episode.line][2] = lo + episode.end
                 continue
             latest[episode.line] = {
                 "entity": features.entities[episode.line],
@@ -274,13 +281,35 @@ def judge_lines(
                 "continues": episode.continues,  # from the file before
             }
             episodes.append(latest[episode.line])
+            latest_span[episode.line] = [episode.line, lo + episode.start, lo + episode.end]
+            spans.append(latest_span[episode.line])
+    alarmed = torch.cat(alarms, 1).numpy()
+    _add_onsets(episodes, spans, alarmed, alarming_before, features)
     return JudgedLines(
         scores=features.flat(torch.cat(scores, 1).numpy()),
         thresholds=features.flat(torch.cat(thresholds, 1).numpy()),
-        alarms=features.flat(torch.cat(alarms, 1).numpy()),
+        alarms=features.flat(alarmed),
         states=dict(zip(features.entities, state.to_many(), strict=True)),
         episodes=episodes,
     )
+
+
+def _add_onsets(
+    episodes: list[dict],
+    spans: list[list[int]],
+    alarmed: np.ndarray,
+    alarming_before: np.ndarray,
+    features: FeatureBatch,
+) -> None:
+    """Each episode's `onset_ns` and `onset_rows`: its rows that alarmed after a row of the line that did not
+    (alarmed: (B, T), right-padded with False)."""
+    previous = np.concatenate([alarming_before[:, None], alarmed[:, :-1]], axis=1)
+    starts = alarmed & ~previous
+    nanoseconds = features.timestamps.as_unit("ns").asi8
+    for record, (line, first, last) in zip(episodes, spans, strict=True):
+        positions = first + np.flatnonzero(starts[line, first : last + 1])
+        record["onset_ns"] = nanoseconds[features.offsets[line] + positions].tolist()
+        record["onset_rows"] = positions.tolist()
 
 
 def finish_lines(

@@ -8,7 +8,7 @@ from flows.monitor.tracking import CHALLENGER, CHAMPION, Tracker
 from flows.settings import Settings
 from flows.storage.database import Database, masked
 from flows.storage.ledger import Ledger
-from flows.storage.models import AnomalyAlarm, ModelRecovery
+from flows.storage.models import AnomalyAlarm, ModelRecovery, PlantAlarm
 
 LATEST_ALARMS = 10
 
@@ -47,8 +47,22 @@ def pipeline_status(settings: Settings) -> dict:
                     "peak_score": a.peak_score,
                     "threshold": a.threshold,
                     "model_version": a.model_version,
+                    "plant_alarm_id": a.plant_alarm_id,
                 }
                 for a in session.scalars(select(AnomalyAlarm).order_by(AnomalyAlarm.id.desc()).limit(LATEST_ALARMS))
+            ]
+            plant_alarms = session.scalar(select(func.count(PlantAlarm.id)))
+            latest_plant = [
+                {
+                    "id": a.id,
+                    "start": a.start_ts.isoformat(),
+                    "end": a.end_ts.isoformat(),
+                    "lines": a.lines,
+                    "share": a.share,
+                    "rows": a.rows,
+                    "entities": a.entities,
+                }
+                for a in session.scalars(select(PlantAlarm).order_by(PlantAlarm.id.desc()).limit(LATEST_ALARMS))
             ]
         return {
             "pipeline": settings.pipeline,
@@ -63,6 +77,10 @@ def pipeline_status(settings: Settings) -> dict:
                 "rows": int(alarmed_rows or 0),
                 "lines": alarmed_lines,
                 "latest": latest,
+                # Alarms many lines opened at once (flows.monitor.plant_alarms); their lines'
+                # own alarms are counted above too, each naming its plant_alarm_id.
+                "plant_alarms": plant_alarms,
+                "latest_plant": latest_plant,
             },
             "paths": {
                 name: str(getattr(settings.paths, name)) for name in ("landing", "quarantine", "archive", "output")

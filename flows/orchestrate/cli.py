@@ -393,7 +393,7 @@ def _summary(report: dict) -> str:
                 else []
             ),
             f"anomaly alarms: {report['anomaly_alarms']['alarms']} on {report['anomaly_alarms']['lines']} line(s),"
-            f" {report['anomaly_alarms']['rows']} rows",
+            f" {report['anomaly_alarms']['rows']} rows, {report['anomaly_alarms']['plant_alarms']} plant-level",
             f"drift events: {report['drift_events']}",
             f"model versions: {report['model_versions']}, champion: version {report['champion_version']}",
             *recoveries,

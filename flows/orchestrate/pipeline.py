@@ -32,6 +32,7 @@ from flows.model.fleet import save_checkpoint
 from flows.model.live import CheckpointMissing, CheckpointRefused, LiveModel
 from flows.monitor.drift_detectors import plant_level
 from flows.monitor.helper import MonitorHelper
+from flows.monitor.plant_alarms import plant_alarms, typical_spacing_seconds
 from flows.orchestrate.line_work import DaskLineWork, LocalLineWork
 from flows.settings import Settings
 from flows.storage.database import Database
@@ -60,6 +61,7 @@ class BatchResult:
     drift_event_ids: list[int] = field(default_factory=list)
     drift_action: str | None = None  # what its drift events asked for: retrain | event_emitted | recorded
     alarm_ids: list[int] = field(default_factory=list)  # anomaly alarms the file started
+    plant_alarm_ids: list[int] = field(default_factory=list)  # plant-level alarms the file started
     reasons: list[str] = field(default_factory=list)
     validation_page: str | None = None  # the Data Docs page of a quarantined file's failed validation
     line_quarantines: list[dict] = field(default_factory=list)  # rows taken out of a file that went on
@@ -392,6 +394,7 @@ class Pipeline:
         metrics: dict[str, float] = {}
         finished: list[FinishedLines] = []
         checkpoint = None
+        spacing = float("nan")
         if learned:
             features = FeatureBatch.stack([prepared[i].features for i in learned])
             tick = time.perf_counter()
@@ -437,6 +440,13 @@ class Pipeline:
             elapsed = time.perf_counter() - started + part.validate_seconds
             metrics["rows_per_second"] = metrics["rows"] / max(elapsed, 1e-9)
             checkpoint = save_checkpoint(learner, self.settings.paths.checkpoints, "live")
+            spacing = typical_spacing_seconds(features.timestamps, features.offsets)
+
+        plants, alarms = plant_alarms(
+            [a for f in finished for a in f.alarms], len(lines), spacing, self.settings.alarms.plant
+        )
+        if metrics:
+            metrics["plant_alarms_started"] = float(len(plants))
 
         tick = time.perf_counter()
         commit = PartCommit(
@@ -453,7 +463,8 @@ class Pipeline:
             ),
             drift_action=DRIFT_ACTIONS[self.settings.drift.on_detect],
             retrain_cooldown_files=self.settings.drift.retrain_cooldown_files,
-            alarms=[a for f in finished for a in f.alarms],
+            alarms=alarms,
+            plant_alarms=plants,
             update_index=learner.updates,
             line_quarantines=aside,
             duplicates=part.outcome.duplicates if part.outcome is not None else 0,
@@ -489,6 +500,7 @@ class Pipeline:
             drift_event_ids=committed.drift_event_ids,
             drift_action=committed.drift_action,
             alarm_ids=committed.alarm_ids,
+            plant_alarm_ids=committed.plant_alarm_ids,
             timings=timings,
         )
 
@@ -513,6 +525,7 @@ def _accumulate(total: BatchResult, part: BatchResult) -> None:
     if part.drift_action is not None:
         total.drift_action = part.drift_action if total.drift_action in (None, "recorded") else total.drift_action
     total.alarm_ids += part.alarm_ids
+    total.plant_alarm_ids += part.plant_alarm_ids
     for key, value in part.timings.items():
         total.timings[key] = total.timings.get(key, 0.0) + value
 

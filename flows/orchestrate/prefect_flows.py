@@ -31,7 +31,7 @@ from flows.orchestrate.pipeline import BatchResult, Pipeline
 from flows.orchestrate.retrain_beside import RetrainBeside
 from flows.secrets import install_log_masking
 from flows.settings import load_settings
-from flows.storage.models import AnomalyAlarm, BatchStatus, DriftEvent
+from flows.storage.models import AnomalyAlarm, BatchStatus, DriftEvent, PlantAlarm
 
 RESOURCE_PREFIX = "lru-online.pipeline."
 install_log_masking()
@@ -96,24 +96,60 @@ def report_drift(pipeline: Pipeline, result: BatchResult) -> list[int]:
 def announce_alarms(pipeline: Pipeline, result: BatchResult) -> None:
     """The alarm episodes a committed file opened: a warning in the run log, and one Prefect
     event (`alarms.event_name`) per episode, with its line, onset, peak and threshold, that
-    automations can act on (an episode that runs on into later files raises no other)."""
+    automations can act on (an episode that runs on into later files raises no other). Episodes
+    most of the file's lines started together raise one plant-level event instead
+    (`alarms.plant.event_name`), naming the lines and their alarms."""
     from prefect.events import emit_event
 
     with pipeline.db.session() as session:
         alarms = list(session.scalars(select(AnomalyAlarm).where(AnomalyAlarm.id.in_(result.alarm_ids))))
-    lines = sorted({a.entity for a in alarms})
-    get_run_logger().warning(
-        "%d anomaly alarm(s) in %s on %d line(s): %s",
-        len(alarms),
-        result.file,
-        len(lines),
-        ", ".join(f"{a.entity} from {a.start_ts:%Y-%m-%d %H:%M:%S} (peak {a.peak_score:.3g})" for a in alarms[:10]),
-    )
+        plants = list(session.scalars(select(PlantAlarm).where(PlantAlarm.id.in_(result.plant_alarm_ids))))
+        # Its lines' alarms, those that opened before the plant changed and alarmed again in it too.
+        members = list(
+            session.scalars(select(AnomalyAlarm).where(AnomalyAlarm.plant_alarm_id.in_(result.plant_alarm_ids)))
+        )
+    own = [a for a in alarms if a.plant_alarm_id is None]
+    logger = get_run_logger()
+    for plant in plants:
+        logger.warning(
+            "plant-level anomaly alarm in %s: %d line(s) (%.0f%% of the file's in one stretch) from %s to %s",
+            result.file,
+            plant.lines,
+            100 * plant.share,
+            f"{plant.start_ts:%Y-%m-%d %H:%M:%S}",
+            f"{plant.end_ts:%Y-%m-%d %H:%M:%S}",
+        )
+    if own:
+        logger.warning(
+            "%d anomaly alarm(s) in %s on %d line(s): %s",
+            len(own),
+            result.file,
+            len({a.entity for a in own}),
+            ", ".join(f"{a.entity} from {a.start_ts:%Y-%m-%d %H:%M:%S} (peak {a.peak_score:.3g})" for a in own[:10]),
+        )
     name = pipeline.settings.pipeline
-    for alarm in alarms:
+    resource = {"prefect.resource.id": drift_resource(name), "prefect.resource.name": name}
+    for plant in plants:
+        emit_event(
+            event=pipeline.settings.alarms.plant.event_name,
+            resource=resource,
+            payload={
+                "plant_alarm_id": plant.id,
+                "lines": plant.entities,
+                "alarm_ids": [a.id for a in members if a.plant_alarm_id == plant.id],
+                "onset": plant.start_ts.isoformat(),
+                "end": plant.end_ts.isoformat(),
+                "share": plant.share,
+                "threshold": plant.threshold,
+                "rows": plant.rows,
+                "file": result.file,
+                "sequence": result.sequence,
+            },
+        )
+    for alarm in own:
         emit_event(
             event=pipeline.settings.alarms.event_name,
-            resource={"prefect.resource.id": drift_resource(name), "prefect.resource.name": name},
+            resource=resource,
             related=[{"prefect.resource.id": f"lru-online.line.{alarm.entity}", "prefect.resource.role": "line"}],
             payload={
                 "alarm_id": alarm.id,
@@ -156,6 +192,7 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
         "late": 0,
         "skipped": 0,
         "anomaly_alarms": 0,
+        "plant_alarms": 0,
         "drift_events": 0,
         "retrains": 0,
     }
@@ -248,8 +285,9 @@ def _after_commit(
     settings = pipeline.settings
     pipeline.monitor.track(started)  # logged by the helper process while the next file runs
     snapshot_if_due(pipeline.db, pipeline.tracker, settings)
-    if result.alarm_ids:
+    if result.alarm_ids or result.plant_alarm_ids:
         counts["anomaly_alarms"] += len(result.alarm_ids)
+        counts["plant_alarms"] += len(result.plant_alarm_ids)
         announce_alarms(pipeline, result)
     if not result.drift_event_ids:
         return

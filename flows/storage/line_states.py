@@ -10,6 +10,7 @@ a run that finds either moved on raises `StaleModel` and redoes the part from th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -29,6 +30,7 @@ from flows.storage.models import (
     EntityState,
     LineQuarantine,
     ModelState,
+    PlantAlarm,
     SequenceMetrics,
 )
 
@@ -154,8 +156,10 @@ class PartCommit:
     drift_action: str  # what a detection does: retrain | event_emitted | recorded
     # Detections within this many files of the last retraining request are recorded only.
     retrain_cooldown_files: int = 0
-    # Anomaly alarms (flows.model.file_step.JudgedLines.episodes) and the model that raised them.
+    # Anomaly alarms (flows.model.file_step.JudgedLines.episodes, each with "plant": the index of
+    # its plant-level alarm or None) and the plant-level alarms (flows.monitor.plant_alarms).
     alarms: list[dict] = field(default_factory=list)
+    plant_alarms: list[dict] = field(default_factory=list)
     update_index: int = 0
     # Rows taken out of the part while its other lines go on (flows.ingest.validation), each a
     # dict of entity, rows, reasons, sample_rows, rows_file, validation_page; and exact
@@ -176,6 +180,7 @@ class Committed:
     drift_event_ids: list[int]
     model_version: int  # the live model's version lock after this commit
     alarm_ids: list[int] = field(default_factory=list)  # alarms this part started
+    plant_alarm_ids: list[int] = field(default_factory=list)  # plant-level alarms this part started
     drift_action: str | None = None  # what the part's drift events ask for (None: no events)
 
 
@@ -210,7 +215,8 @@ def commit_part(
                 )
             action = _drift_action(session, pipeline, part, sequence)
             event_ids = _record_detections(session, pipeline, part, sequence, action)
-            alarm_ids = _record_alarms(session, pipeline, part, sequence, model.champion_version)
+            plant_alarm_ids = _record_plant_alarms(session, pipeline, part, sequence)
+            alarm_ids = _record_alarms(session, pipeline, part, sequence, model.champion_version, plant_alarm_ids)
             session.add_all(
                 LineQuarantine(batch_id=part.batch_id, part=part.part, **json_safe(quarantine))
                 for quarantine in part.line_quarantines
@@ -223,7 +229,9 @@ def commit_part(
             version = model.version
     except (StaleDataError, IntegrityError) as error:
         raise StaleModel(str(error)) from error
-    return Committed(status, sequence, previous, event_ids, version, alarm_ids, action if event_ids else None)
+    return Committed(
+        status, sequence, previous, event_ids, version, alarm_ids, plant_alarm_ids, action if event_ids else None
+    )
 
 
 def _write_lines(session, lines: list[LineUpdate], loaded: CarriedLines) -> None:
@@ -341,9 +349,34 @@ def _record_detections(session, pipeline: str, part: PartCommit, sequence: int |
     return [event.id for event in events]
 
 
-def _record_alarms(session, pipeline: str, part: PartCommit, sequence: int | None, champion: str | None) -> list[int]:
-    """New alarms as rows; an alarm that runs on from the line's previous file extends the
-    line's newest alarm (found for all such lines in one query)."""
+def _record_plant_alarms(session, pipeline: str, part: PartCommit, sequence: int | None) -> list[int]:
+    started = [
+        PlantAlarm(
+            pipeline=pipeline,
+            batch_id=part.batch_id,
+            sequence=sequence,
+            start_ts=datetime.fromisoformat(a["start_ts"]),
+            end_ts=datetime.fromisoformat(a["end_ts"]),
+            lines=len(a["entities"]),
+            entities=a["entities"],
+            share=a["share"],
+            threshold=a["threshold"],
+            rows=a["rows"],
+            peak_ratio=a["peak_ratio"] if math.isfinite(a["peak_ratio"]) else None,
+        )
+        for a in part.plant_alarms
+    ]
+    session.add_all(started)
+    session.flush()
+    return [alarm.id for alarm in started]
+
+
+def _record_alarms(
+    session, pipeline: str, part: PartCommit, sequence: int | None, champion: str | None, plant_alarm_ids: list[int]
+) -> list[int]:
+    """New alarms as rows, each pointing to its plant-level alarm if it has one; an alarm that
+    runs on from the line's previous file extends the line's newest alarm (found for all such
+    lines in one query) and the plant-level alarm that one is part of, or joins the new one."""
     continuing = {a["entity"]: a for a in part.alarms if a["continues"]}
     newest: dict[str, int] = {}
     if continuing:
@@ -358,6 +391,12 @@ def _record_alarms(session, pipeline: str, part: PartCommit, sequence: int | Non
             stored.rows += episode["rows"]
             stored.peak_score = max(stored.peak_score, episode["peak_score"])
             newest[stored.entity] = stored.id
+            if stored.plant_alarm_id is not None:  # the plant-level alarm it is part of goes on
+                plant = session.get(PlantAlarm, stored.plant_alarm_id)
+                plant.end_ts = max(plant.end_ts, stored.end_ts)
+                plant.rows += episode["rows"]
+            elif episode.get("plant") is not None:  # alarming again as the plant changed
+                stored.plant_alarm_id = plant_alarm_ids[episode["plant"]]
     started = [
         AnomalyAlarm(
             pipeline=pipeline,
@@ -371,6 +410,7 @@ def _record_alarms(session, pipeline: str, part: PartCommit, sequence: int | Non
             threshold=a["threshold"],
             model_version=champion,
             update_index=part.update_index,
+            plant_alarm_id=plant_alarm_ids[a["plant"]] if a.get("plant") is not None else None,
         )
         for a in part.alarms
         # A continued alarm whose start was never stored opens a row of its own.

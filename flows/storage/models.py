@@ -183,6 +183,27 @@ class LineQuarantine(Base):
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class PlantAlarm(Base):
+    """Episodes that many of a file's lines opened in one stretch of time
+    (flows.monitor.plant_alarms): one alarm for the plant, its lines' episodes pointing to it."""
+
+    __tablename__ = "plant_alarms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(200))
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"))  # the file it started in
+    sequence: Mapped[int | None] = mapped_column(Integer, index=True)  # the part that started it
+    start_ts: Mapped[datetime] = mapped_column(UTCDateTime())  # the first line's onset
+    end_ts: Mapped[datetime] = mapped_column(UTCDateTime())  # the last of its episodes' ends
+    lines: Mapped[int] = mapped_column(Integer)
+    entities: Mapped[list] = mapped_column(JSON)
+    share: Mapped[float] = mapped_column(Float)  # of the part's lines opening in the densest stretch
+    threshold: Mapped[float] = mapped_column(Float)  # the share that raises one
+    rows: Mapped[int] = mapped_column(Integer)  # alarmed rows of its episodes
+    peak_ratio: Mapped[float | None] = mapped_column(Float)  # the highest peak score / threshold of its lines
+    detected_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class AnomalyAlarm(Base):
     """One run of alarmed rows of a line; an alarm still running at the end of a file is
     extended by the next file's rows instead of opening another."""
@@ -202,6 +223,8 @@ class AnomalyAlarm(Base):
     model_version: Mapped[str | None] = mapped_column(String(50))  # the champion then (None: the initial model)
     update_index: Mapped[int] = mapped_column(Integer)  # the live model's update count then
     detected_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The plant-level alarm it is part of (None: the line's own).
+    plant_alarm_id: Mapped[int | None] = mapped_column(ForeignKey("plant_alarms.id"), index=True)
 
 
 class BatchSummary(Base):

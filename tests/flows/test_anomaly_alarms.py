@@ -1,7 +1,8 @@
 """Anomaly alarms in a real flow run: a fault injected into one line of a plant's last two files
 alarms on that line only, the alarm running on from one file into the next is one stored alarm,
-and the output rows, the status, MLflow and the Prefect events read back from the API (one per
-episode) count the same alarms."""
+the same fault on every line of the next file at once is one plant-level alarm, and the output
+rows, the status, MLflow and the Prefect events read back from the API (one per episode, one for
+the plant's) count the same alarms."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from flows.monitor.status import pipeline_status
 from flows.monitor.tracking import Tracker
 from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
-from flows.storage.models import AnomalyAlarm, ModelState
+from flows.storage.models import AnomalyAlarm, ModelState, PlantAlarm
 from tests.flows.helpers import small_config, small_plant
 
 # Any quiet row ends an episode here: the fault's alarm is then its own, whatever alarmed before.
@@ -36,17 +37,17 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
     settings, config = small_config(
         tmp_path, initial_training={"batches": 2, "epochs": 2}, drift={"on_detect": "record"}, alarms=ALARMS
     )
-    truth = small_plant(settings, entities=3, batches=8, rows_per_batch=60, plant_files=True, broken_batches={})
-    last_two = [settings.paths.landing / name for name in truth.files[-2:]]
-    frames = [read_batch(path, settings.log_schema) for path in last_two]
-    for path in last_two:
+    truth = small_plant(settings, entities=3, batches=9, rows_per_batch=60, plant_files=True, broken_batches={})
+    last_three = [settings.paths.landing / name for name in truth.files[-3:]]
+    frames = [read_batch(path, settings.log_schema) for path in last_three]
+    for path in last_three:
         path.unlink()
     continual_update(config=config)  # the plant's history: every line calibrates its detector
 
     # Pressure stuck high on line-2 over the last 15 rows of the first file and the first 10 of the
     # second (longer, the running feature scaler takes the stuck level in and its rows fade).
     faulty = []
-    for number, frame in enumerate(frames):
+    for number, frame in enumerate(frames[:2]):
         line = frame.index[frame["entity"] == "line-2"]
         span = line[-15:] if number == 0 else line[:10]
         frame.loc[span, "pressure"] = 24.5  # stuck at the top of its physical range [0, 25]
@@ -55,10 +56,17 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
         )
         frame.to_csv(settings.paths.landing / f"fault-{number}.csv", index=False)
         continual_update(config=config)
+    # Then the plant's pressure header fails: every line's pressure stuck high over the same rows.
+    plant_wide = frames[2]
+    stuck = plant_wide.groupby("entity").cumcount().between(20, 34)
+    plant_wide.loc[stuck, "pressure"] = 24.5
+    plant_wide.to_csv(settings.paths.landing / "plant-fault.csv", index=False)
+    continual_update(config=config)
 
     db = Database(settings.database_url)
     with db.session() as session:
         alarms = list(session.scalars(select(AnomalyAlarm).order_by(AnomalyAlarm.id)))
+        plants = list(session.scalars(select(PlantAlarm)))
         run_id = session.get(ModelState, settings.pipeline).online_run_id
     db.dispose()
     fault_start, fault_end = faulty[0][1], faulty[-1][1]
@@ -67,6 +75,20 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
     alarm = on_fault[0]
     assert alarm.start_ts <= faulty[3][1] and alarm.end_ts >= faulty[-2][1]  # into the second file
     assert alarm.rows >= len(faulty) - 3 and alarm.peak_score > alarm.threshold
+    assert alarm.plant_alarm_id is None
+
+    # The plant-wide fault: one plant-level alarm naming every line, their own alarms pointing to it.
+    assert len(plants) == 1, [(p.entities, p.start_ts) for p in plants]
+    plant = plants[0]
+    assert plant.entities == sorted(plant_wide["entity"].unique()) and plant.share == 1.0
+    stuck_times = pd.to_datetime(plant_wide.loc[stuck, "timestamp"], utc=True)
+    assert stuck_times.min() <= plant.start_ts <= stuck_times.min() + pd.Timedelta(minutes=5)
+    # Its lines' alarms: those opened in the file, and one alarming on from the file before that
+    # started again there (its rows before the plant's file are not the plant's).
+    members = [a for a in alarms if a.plant_alarm_id == plant.id]
+    assert sorted({a.entity for a in members}) == plant.entities
+    assert plant.end_ts == max(a.end_ts for a in members)
+    assert 0 < plant.rows <= sum(a.rows for a in members)
 
     outputs = pd.concat(
         pd.read_parquet(p, columns=["entity", "timestamp", "anomaly", "anomaly_score", "anomaly_threshold"])
@@ -80,11 +102,15 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
 
     status = pipeline_status(settings)["anomaly_alarms"]
     assert (status["alarms"], status["rows"]) == (len(alarms), int(outputs["anomaly"].sum()))
-    history = Tracker(settings).client.get_metric_history(run_id, "alarms_started")
-    assert sum(m.value for m in history) == len(alarms)
+    assert status["plant_alarms"] == 1 and status["latest_plant"][0]["entities"] == plant.entities
+    client = Tracker(settings).client
+    assert sum(m.value for m in client.get_metric_history(run_id, "alarms_started")) == len(alarms)
+    assert sum(m.value for m in client.get_metric_history(run_id, "plant_alarms_started")) == 1
 
-    # Read back from the Prefect API: one event per alarm episode, with its line and onset.
-    expected = sorted(a.id for a in alarms)
+    # Read back from the Prefect API: one event per alarm episode of a line's own (or opened
+    # before the plant's file), with its line and onset; one for the plant-level alarm, naming
+    # its lines and their alarms.
+    expected = sorted(a.id for a in alarms if a.plant_alarm_id is None or a.batch_id != plant.batch_id)
     events = _pipeline_events(
         settings.alarms.event_name, settings.pipeline, started, until=lambda events: _announced(events) == expected
     )
@@ -92,6 +118,13 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
     fault_event = next(e for e in events if e["payload"]["alarm_id"] == alarm.id)
     assert fault_event["payload"]["line"] == "line-2" and fault_event["payload"]["file"] == "fault-0.csv"
     assert pd.Timestamp(fault_event["payload"]["onset"]) == pd.Timestamp(alarm.start_ts)
+    plant_events = _pipeline_events(
+        settings.alarms.plant.event_name, settings.pipeline, started, until=lambda events: len(events) >= 1
+    )
+    assert [e["payload"]["plant_alarm_id"] for e in plant_events] == [plant.id]
+    payload = plant_events[0]["payload"]
+    assert payload["lines"] == plant.entities and sorted(payload["alarm_ids"]) == sorted(a.id for a in members)
+    assert payload["file"] == "plant-fault.csv"
 
 
 def _announced(events: list[dict]) -> list[int]:
