@@ -394,6 +394,12 @@ def _summary(report: dict) -> str:
             ),
             f"anomaly alarms: {report['anomaly_alarms']['alarms']} on {report['anomaly_alarms']['lines']} line(s),"
             f" {report['anomaly_alarms']['rows']} rows, {report['anomaly_alarms']['plant_alarms']} plant-level",
+            *(
+                [
+                    f"latest plant-level alarm: {plant['lines']} lines from {plant['start']} to {plant['end']}"
+                    for plant in report["anomaly_alarms"]["latest_plant"][:1]
+                ]
+            ),
             f"drift events: {report['drift_events']}",
             f"model versions: {report['model_versions']}, champion: version {report['champion_version']}",
             *recoveries,

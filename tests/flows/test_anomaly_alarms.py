@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 
 import pandas as pd
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from flows.ingest.landing import read_batch
 from flows.monitor.status import pipeline_status
 from flows.monitor.tracking import Tracker
+from flows.orchestrate.cli import app
 from flows.orchestrate.prefect_flows import continual_update
 from flows.storage.database import Database
 from flows.storage.models import AnomalyAlarm, ModelState, PlantAlarm
@@ -103,6 +105,10 @@ def test_a_fault_across_two_files_is_one_alarm_on_its_line(tmp_path, prefect_api
     status = pipeline_status(settings)["anomaly_alarms"]
     assert (status["alarms"], status["rows"]) == (len(alarms), int(outputs["anomaly"].sum()))
     assert status["plant_alarms"] == 1 and status["latest_plant"][0]["entities"] == plant.entities
+    shown = CliRunner().invoke(app, ["status", "--config", config])
+    assert shown.exit_code == 0, shown.output
+    assert f"{len(alarms)} on {status['lines']} line(s), {status['rows']} rows, 1 plant-level" in shown.output
+    assert f"latest plant-level alarm: 3 lines from {plant.start_ts.isoformat()}" in shown.output
     client = Tracker(settings).client
     assert sum(m.value for m in client.get_metric_history(run_id, "alarms_started")) == len(alarms)
     assert sum(m.value for m in client.get_metric_history(run_id, "plant_alarms_started")) == 1
