@@ -215,13 +215,14 @@ _AlarmFields = _core_section(
 
 
 class PlantAlarmSettings(SettingsSection):
-    """When many lines open alarms at once (flows.monitor.plant_alarms)."""
+    """When many lines start alarming together (flows.monitor.plant_alarms)."""
 
-    # At least this share of a part's lines (and `min_lines`) opening episodes within one stretch
-    # of `stretch_rows` typical row spacings raise one plant-level alarm. 0.5 and 20 rows: on
-    # simulated tuning plants of 60 lines (seed 11) the largest share of lines opening in one
-    # 20-row stretch was 0.90 at the plant-wide valve change and at most 0.18 in every other file,
-    # with and without drifts (README, "One alarm for a plant-wide change").
+    # At least this share of a part's lines (and `min_lines`) starting to alarm within
+    # `stretch_rows` rows of each other (in typical row spacings, or in positions among each
+    # line's rows of the file) raise one plant-level alarm. 0.5 and 20 rows: on simulated tuning
+    # plants of 60 lines (seed 11) the largest such share was 0.90 at the plant-wide valve change
+    # and at most 0.22 in every other file, with and without drifts (README, "One alarm for a
+    # plant-wide change").
     share: float = Field(0.5, gt=0.0, le=1.0)
     stretch_rows: float = Field(20.0, gt=0.0)
     min_lines: int = Field(3, ge=2)

@@ -301,8 +301,8 @@ def _add_onsets(
     alarming_before: np.ndarray,
     features: FeatureBatch,
 ) -> None:
-    """Each episode's `onset_ns` and `onset_rows`: its rows that alarmed after a row of the line that did not
-    (alarmed: (B, T), right-padded with False)."""
+    """Each episode's `onset_ns` and `onset_rows`: its rows that alarmed after a row of the line
+    that did not (alarmed: (B, T), right-padded with False)."""
     previous = np.concatenate([alarming_before[:, None], alarmed[:, :-1]], axis=1)
     starts = alarmed & ~previous
     nanoseconds = features.timestamps.as_unit("ns").asi8

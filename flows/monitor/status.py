@@ -77,8 +77,8 @@ def pipeline_status(settings: Settings) -> dict:
                 "rows": int(alarmed_rows or 0),
                 "lines": alarmed_lines,
                 "latest": latest,
-                # Alarms many lines opened at once (flows.monitor.plant_alarms); their lines'
-                # own alarms are counted above too, each naming its plant_alarm_id.
+                # Alarms most of a file's lines started together (flows.monitor.plant_alarms);
+                # their lines' own alarms are counted above too, each naming its plant_alarm_id.
                 "plant_alarms": plant_alarms,
                 "latest_plant": latest_plant,
             },

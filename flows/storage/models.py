@@ -184,8 +184,8 @@ class LineQuarantine(Base):
 
 
 class PlantAlarm(Base):
-    """Episodes that many of a file's lines opened in one stretch of time
-    (flows.monitor.plant_alarms): one alarm for the plant, its lines' episodes pointing to it."""
+    """Episodes that most of a file's lines started together (flows.monitor.plant_alarms): one
+    alarm for the plant, its lines' episodes pointing to it."""
 
     __tablename__ = "plant_alarms"
 

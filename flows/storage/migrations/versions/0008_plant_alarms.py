@@ -1,4 +1,4 @@
-"""One alarm for a plant-wide change: the episodes many lines opened at once, and each line's
+"""One alarm for a plant-wide change: the episodes most lines started together, and each line's
 episode pointing to it.
 
 Revision ID: 0008
