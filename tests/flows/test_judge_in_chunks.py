@@ -69,11 +69,23 @@ def test_each_line_is_judged_as_alone_chunk_by_chunk_and_a_cut_run_is_one_alarm(
         assert judged.states[entity] == state.to_bytes()
         stamps = features.timestamps[rows]
         for start, end in _runs(alarms):
-            expected_episodes.append((entity, stamps[start].isoformat(), stamps[end].isoformat(), end - start + 1))
+            # A run is one episode here, and the line starts alarming at its first row only.
+            expected_episodes.append(
+                (
+                    entity,
+                    stamps[start].isoformat(),
+                    stamps[end].isoformat(),
+                    end - start + 1,
+                    [start],
+                    [stamps[start].value],
+                )
+            )
             peak = max(e["peak_score"] for e in judged.episodes if e["start_ts"] == stamps[start].isoformat())
             assert peak == pytest.approx(scores[start : end + 1].max())
 
-    got = [(e["entity"], e["start_ts"], e["end_ts"], e["rows"]) for e in judged.episodes]
+    got = [
+        (e["entity"], e["start_ts"], e["end_ts"], e["rows"], e["onset_rows"], e["onset_ns"]) for e in judged.episodes
+    ]
     assert sorted(got) == sorted(expected_episodes)
     assert any(e["rows"] > CONFIG.judge_rows for e in judged.episodes)  # runs did cross the grid
     assert not judged.alarms[features.offsets[2] :].any()  # line-3 never held its warm-up
@@ -94,6 +106,9 @@ def test_without_judge_rows_a_file_is_judged_at_once_and_a_run_from_the_file_bef
     np.testing.assert_array_equal(at_once.alarms, alarms)
     np.testing.assert_array_equal(at_once.thresholds, thresholds)
     assert at_once.episodes[0]["continues"] and at_once.episodes[0]["start_ts"] == later.timestamps[0].isoformat()
+    # Alarming on from the file before is no onset; each later row that alarms after a quiet one is.
+    restarts = [i for i in range(1, len(alarms)) if alarms[i] and not alarms[i - 1]]
+    assert at_once.episodes[0]["onset_rows"] == restarts
 
     in_chunks = judge_lines(later, scored_later, carried, CONFIG)
     assert [e["continues"] for e in in_chunks.episodes][:1] == [True]
