@@ -979,9 +979,8 @@ class AnomalyDetector:
         if not bool(has_rows.any()):
             return torch.zeros_like(standard)
         at = torch.where(has_rows, times, math.nan)
-        spacing = torch.diff(at, dim=1).nanmedian(1).values  # NaN for a line with one row
-        typical = spacing[torch.isfinite(spacing)].median() if bool(torch.isfinite(spacing).any()) else 0.0
-        width = COMMON_MODE_ROWS * float(typical) if typical > 0 else 1.0
+        typical = typical_spacing(at)
+        width = COMMON_MODE_ROWS * typical if typical > 0 else 1.0
         start = at[has_rows].min()
         # Only the stretches that hold rows: a chunk spanning years costs its rows, not its span.
         number = ((torch.where(has_rows, at, start) - start) / width).floor().long()
@@ -1200,6 +1199,16 @@ class _RecurringEvents:
         self.time[self.lines, slot] = torch.where(potential, now, self.time[self.lines, slot])
         self.score[self.lines, slot] = torch.where(potential, scores, self.score[self.lines, slot])
         self.next = torch.where(potential, (slot + 1) % self.config.recurring_events, slot)
+
+
+def typical_spacing(times: torch.Tensor) -> float:
+    """A plant's typical row spacing in seconds: the median over its lines of each line's median
+    spacing of rows (times: (B, T), NaN where a line has no row); 0 when no line has two rows."""
+    if times.shape[1] < 2:
+        return 0.0
+    spacing = torch.diff(times, dim=1).nanmedian(1).values  # NaN for a line with one row
+    known = torch.isfinite(spacing)
+    return float(spacing[known].median()) if bool(known.any()) else 0.0
 
 
 def _quiet_before(

@@ -1077,6 +1077,24 @@ def test_with_fewer_lines_than_the_plant_needs_each_line_is_judged_alone():
     )
 
 
+def test_a_plant_whose_lines_report_one_row_each_is_judged():
+    """A plant file with one reading per line (no spacing to take stretches from) is judged, as
+    at a spacing not known: stretches of one second, in which these lines, each on its own clock,
+    are too few for the plant's median, so each is judged alone (before, an error)."""
+    rng = np.random.default_rng(33)
+    lines = 25
+    calibration, calibration_times = _plant(rng, lines, 300)
+    rows, times = _plant(rng, lines, 1)
+    times += calibration_times[:, -1:]
+    config = AlarmConfig(false_alarm_rate=0.01, smoothing_rows=1, calibration_rows=300, warmup_rows=100)
+    alone = _alarms_after(AnomalyDetector(config), calibration, rows, calibration_times, times)
+    plant = _alarms_after(
+        AnomalyDetector(replace(config, common_mode_lines=20)), calibration, rows, calibration_times, times
+    )
+    assert plant.shape == (lines, 1)
+    np.testing.assert_array_equal(plant, alone)
+
+
 def test_the_plants_shift_needs_the_rows_times():
     detector = AnomalyDetector(AlarmConfig(common_mode_lines=2))
     with pytest.raises(ValueError, match="common_mode_lines"):
