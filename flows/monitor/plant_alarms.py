@@ -35,26 +35,15 @@ import pandas as pd
 from flows.settings import PlantAlarmSettings
 
 
-def typical_spacing_seconds(timestamps: pd.DatetimeIndex, offsets: np.ndarray) -> float:
-    """The median time between consecutive rows of a line, over every line's rows (NaN when no
-    line has two)."""
-    seconds = timestamps.as_unit("ns").asi8.astype(np.float64) / 1e9
-    gaps = np.diff(seconds)
-    within_line = np.ones(len(gaps), dtype=bool)
-    starts = offsets[1:-1]
-    within_line[starts[(starts > 0) & (starts <= len(gaps))] - 1] = False  # a gap across two lines
-    gaps = gaps[within_line]
-    return float(np.median(gaps)) if len(gaps) else math.nan
-
-
 def plant_alarms(
     episodes: list[dict], lines: int, spacing_seconds: float, settings: PlantAlarmSettings
 ) -> tuple[list[dict], list[dict]]:
     """The part's plant-level alarms, and its episodes (flows.model.file_step.JudgedLines, with
     `onset_ns` and `onset_rows`) each with "plant": the index of its plant-level alarm or None.
 
-    lines: the lines the part scored; spacing_seconds: their typical row spacing (not finite:
-    in time, only onsets at one instant are together).
+    lines: the lines the part scored; spacing_seconds: their typical row spacing
+    (lru_online.alarms.typical_spacing; 0 where not known: in time, only onsets at one instant
+    are together).
     """
     marked = [{**episode, "plant": None} for episode in episodes]
     needed = max(settings.min_lines, math.ceil(settings.share * lines - 1e-9))
@@ -64,7 +53,7 @@ def plant_alarms(
         return [], marked
     times = np.array([t for e in episodes for t in e["onset_ns"]], dtype=np.int64)
     rows = np.array([r for e in episodes for r in e["onset_rows"]], dtype=np.int64)
-    in_time = round(settings.stretch_rows * spacing_seconds * 1e9) if math.isfinite(spacing_seconds) else 0
+    in_time = round(settings.stretch_rows * spacing_seconds * 1e9) if spacing_seconds > 0 else 0
     found = _together(times, line, in_time, needed) + _together(rows, line, settings.stretch_rows, needed)
     # Spans that share an episode are one alarm: its episodes, the onsets in its spans, the most
     # lines one stretch held.

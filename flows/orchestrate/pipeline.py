@@ -32,7 +32,7 @@ from flows.model.fleet import save_checkpoint
 from flows.model.live import CheckpointMissing, CheckpointRefused, LiveModel
 from flows.monitor.drift_detectors import plant_level
 from flows.monitor.helper import MonitorHelper
-from flows.monitor.plant_alarms import plant_alarms, typical_spacing_seconds
+from flows.monitor.plant_alarms import plant_alarms
 from flows.orchestrate.line_work import DaskLineWork, LocalLineWork
 from flows.settings import Settings
 from flows.storage.database import Database
@@ -40,6 +40,7 @@ from flows.storage.ledger import DiscoveryResult, Ledger
 from flows.storage.line_states import LineUpdate, PartCommit, StaleModel, commit_part, read_carried
 from flows.storage.models import Batch, BatchStatus
 from flows.storage.work_folder import stored_path
+from lru_online.alarms import typical_spacing
 
 log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 3
@@ -394,7 +395,7 @@ class Pipeline:
         metrics: dict[str, float] = {}
         finished: list[FinishedLines] = []
         checkpoint = None
-        spacing = float("nan")
+        spacing = 0.0
         if learned:
             features = FeatureBatch.stack([prepared[i].features for i in learned])
             tick = time.perf_counter()
@@ -440,7 +441,8 @@ class Pipeline:
             elapsed = time.perf_counter() - started + part.validate_seconds
             metrics["rows_per_second"] = metrics["rows"] / max(elapsed, 1e-9)
             checkpoint = save_checkpoint(learner, self.settings.paths.checkpoints, "live")
-            spacing = typical_spacing_seconds(features.timestamps, features.offsets)
+            seconds = features.timestamps.as_unit("ns").asi8.astype(np.float64) / 1e9
+            spacing = typical_spacing(torch.from_numpy(features.padded(seconds, fill=np.nan)))
 
         plants, alarms = plant_alarms(
             [a for f in finished for a in f.alarms], len(lines), spacing, self.settings.alarms.plant

@@ -350,6 +350,8 @@ def _record_detections(session, pipeline: str, part: PartCommit, sequence: int |
 
 
 def _record_plant_alarms(session, pipeline: str, part: PartCommit, sequence: int | None) -> list[int]:
+    if not part.plant_alarms:  # most parts: no flush to pay for
+        return []
     started = [
         PlantAlarm(
             pipeline=pipeline,

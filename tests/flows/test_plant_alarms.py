@@ -9,9 +9,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from flows.monitor.plant_alarms import plant_alarms, typical_spacing_seconds
+from flows.monitor.plant_alarms import plant_alarms
 from flows.settings import PlantAlarmSettings
+from lru_online.alarms import typical_spacing
 
 START = pd.Timestamp("2026-03-01T00:00:00Z")
 SPACING = 10.0  # seconds between a line's rows
@@ -92,11 +94,10 @@ def test_separate_plant_wide_changes_are_separate_alarms_and_overlapping_stretch
 
 
 def test_together_in_time_or_in_each_lines_own_rows():
-    offsets = np.array([0, 4, 8])
-    line_rows = pd.date_range(START, periods=4, freq="30s")
-    timestamps = line_rows.append(line_rows + pd.Timedelta(days=1))  # the jump between lines is no gap
-    assert typical_spacing_seconds(timestamps, offsets) == 30.0
-    assert math.isnan(typical_spacing_seconds(timestamps[:2], np.array([0, 1, 2])))
+    line_rows = np.arange(4) * 30.0
+    times = torch.tensor(np.stack([line_rows, line_rows + 86_400.0]))  # a day between the lines is no gap
+    assert typical_spacing(times) == 30.0
+    assert typical_spacing(times[:, :1]) == 0.0  # one row a line: not known
     settings = PlantAlarmSettings()
     # In time: lines whose files start 30 rows apart, opening within 15 rows of time (their own
     # rows 100, 85, 40, 25: no three within 20).
