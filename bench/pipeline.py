@@ -2,6 +2,8 @@
 
     python bench/pipeline.py [--rows 10000,100000] [--workdir DIR]
 
+`--workdir DIR` keeps the work folder for a look after; without it a temporary one is removed.
+
 For each batch size, a fresh embedded-profile work folder gets simulated batches of that size;
 the first trains the initial model, the next ones go through the same code as a
 `continual_update` run (ledger, GE validation, features, score, update, drift detectors, output, commit,
@@ -14,10 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from bench.common import work_folder
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -91,9 +94,9 @@ def main() -> None:
     parser.add_argument("--measured", type=int, default=2, help="measured batches per size (after a warm-up)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="lru-bench-pipeline-"))
     sizes = [int(v) for v in args.rows.split(",")]
-    results = {rows: run_size(rows, root, args.measured) for rows in sizes}
+    with work_folder(args.workdir, "lru-bench-pipeline-") as root:
+        results = {rows: run_size(rows, root, args.measured) for rows in sizes}
 
     import torch
 

@@ -4,6 +4,8 @@ with 1 and 2 Dask workers, beside river's HalfSpaceTrees and the per-line model 
     python bench/scale.py [--shapes 200x40,2000x40,10x5000] [--batches 20] [--workers 1,2]
                           [--infra DIR] [--embedded-only] [--per-line] [--as-deployed] [--workdir DIR]
 
+`--workdir DIR` keeps the work folder for a look after; without it a temporary one is removed.
+
 A shape LxR is a plant of L lines whose every file holds R rows of each line (one file per
 period, all lines in it, as a plant exports them); `--entities L --rows R` asks for one shape.
 The simulated files of a shape are the same for every profile; the first two train the model
@@ -42,12 +44,13 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import work_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -259,43 +262,47 @@ def main() -> None:
 
         running = services.status(args.infra)
         started_services = not all(running[name] == "up" for name in ("postgres", "s3", "mlflow", "prefect"))
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="lru-scale-"))
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; work in {root}"
-    )
-    if servers and not started_services:
-        print(f"note: the services of {args.infra} were up already and ran beside the embedded runs")
-    startup_rss = empty_rss(root)
-    results: list[tuple[str, str, dict]] = []
-    yardsticks: dict[str, dict] = {}
-    plants: dict[str, list[Path]] = {}
-    for lines, rows in shapes:
-        shape = f"{lines}x{rows}"
-        files = plants[shape] = simulate_plant(root / f"data-{shape}", lines, args.batches + 2, rows)
-        print(f"{shape}: {len(files)} files of {lines * rows:,} rows", flush=True)
-        yardsticks[shape] = river_half_space_trees(files, args.river_rows)
-        clean = {"PREFECT_API_URL": None}  # the embedded driver starts its own local API
-        config = write_config("embedded", root / f"embedded-{shape}", {})
-        results.append((shape, "embedded", run_profile("embedded", config, files, clean, args.per_line)))
-        if args.as_deployed:
-            deployed = simulate_plant(root / f"data-deployed-{shape}", lines, args.batches + 2, rows, anomalies=True)
-            config = write_config("embedded", root / f"deployed-{shape}", AS_DEPLOYED)
-            results.append((shape, "embedded, as deployed", run_profile("as deployed", config, deployed, clean, False)))
-        if args.per_line and lines <= 500:
-            config = write_config("embedded", root / f"per-line-{shape}", {"update": {"lines_per_step": 1}})
-            results.append((shape, "embedded, 1 line/step", run_profile("1/step", config, files, clean, False)))
-    if servers:
-        try:
-            if started_services:
-                print(f"starting the services in {args.infra}", flush=True)
-                services.up(args.infra)
-            for shape, files in plants.items():
-                results += servers_runs(shape, files, args, root)
-        finally:
-            if started_services:
-                services.down(args.infra)
-    print_table(results, yardsticks, startup_rss, shapes)
+    with work_folder(args.workdir, "lru-scale-") as root:
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+            f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; work in {root}"
+        )
+        if servers and not started_services:
+            print(f"note: the services of {args.infra} were up already and ran beside the embedded runs")
+        startup_rss = empty_rss(root)
+        results: list[tuple[str, str, dict]] = []
+        yardsticks: dict[str, dict] = {}
+        plants: dict[str, list[Path]] = {}
+        for lines, rows in shapes:
+            shape = f"{lines}x{rows}"
+            files = plants[shape] = simulate_plant(root / f"data-{shape}", lines, args.batches + 2, rows)
+            print(f"{shape}: {len(files)} files of {lines * rows:,} rows", flush=True)
+            yardsticks[shape] = river_half_space_trees(files, args.river_rows)
+            clean = {"PREFECT_API_URL": None}  # the embedded driver starts its own local API
+            config = write_config("embedded", root / f"embedded-{shape}", {})
+            results.append((shape, "embedded", run_profile("embedded", config, files, clean, args.per_line)))
+            if args.as_deployed:
+                deployed = simulate_plant(
+                    root / f"data-deployed-{shape}", lines, args.batches + 2, rows, anomalies=True
+                )
+                config = write_config("embedded", root / f"deployed-{shape}", AS_DEPLOYED)
+                results.append(
+                    (shape, "embedded, as deployed", run_profile("as deployed", config, deployed, clean, False))
+                )
+            if args.per_line and lines <= 500:
+                config = write_config("embedded", root / f"per-line-{shape}", {"update": {"lines_per_step": 1}})
+                results.append((shape, "embedded, 1 line/step", run_profile("1/step", config, files, clean, False)))
+        if servers:
+            try:
+                if started_services:
+                    print(f"starting the services in {args.infra}", flush=True)
+                    services.up(args.infra)
+                for shape, files in plants.items():
+                    results += servers_runs(shape, files, args, root)
+            finally:
+                if started_services:
+                    services.down(args.infra)
+        print_table(results, yardsticks, startup_rss, shapes)
 
 
 def servers_runs(shape: str, files: list[Path], args, root: Path) -> list[tuple[str, str, dict]]:

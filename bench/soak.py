@@ -1,7 +1,9 @@
 """Soak test: thousands of mixed good and bad batches through `continual_update`, with the
 process SIGKILLed at random stages, on the embedded profile.
 
-    python bench/soak.py [--batches 10000] [--rows 40] [--per-run 500] [--kill-rate 0.5]
+    python bench/soak.py [--batches 10000] [--rows 40] [--per-run 500] [--kill-rate 0.5] [--workdir DIR]
+
+`--workdir DIR` keeps the work folder for a look after; without it a temporary one is removed.
 
 Files land in rounds of --per-run: good batches of several lines, with broken files
 (wrong schema, NaN bursts, out-of-range values, unsorted times, binary junk), exact duplicates
@@ -22,13 +24,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from bench.common import work_folder
 
 STAGES = ("ledger", "validated", "features", "scored", "updated", "in_commit", "committed")
 
@@ -141,10 +144,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--port", type=int, default=4299)
     args = parser.parse_args()
+    with work_folder(args.workdir, "lru-soak-") as workdir:
+        soak(args, workdir)
+
+
+def soak(args: argparse.Namespace, workdir: Path) -> None:
+    """Lands the rounds of files into `workdir`, runs and kills, then prints the balance."""
     rng, chooser = np.random.default_rng(args.seed), random.Random(args.seed)
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="lru-soak-"))).resolve()
     config = workdir / "soak.yaml"
-    workdir.mkdir(parents=True, exist_ok=True)
     config.write_text(
         "\n".join(
             [

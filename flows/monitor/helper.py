@@ -75,8 +75,11 @@ class MonitorHelper:
             return
         self.start(files=2)
         # The job goes in a file: a line longer than the pipe's buffer would block the driver until
-        # the helper, still importing at its first job, reads it.
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, prefix="lru-online-job-") as file:
+        # the helper, still importing at its first job, reads it. The file lives in the work folder,
+        # so one a killed helper never read goes where the run's other files go, not into /tmp.
+        jobs = self.settings.workdir / "monitor-jobs"
+        jobs.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, prefix="job-", dir=jobs) as file:
             json.dump({"settings": self.settings.model_dump(mode="json"), **job}, file)
         self._helper.stdin.write(file.name + "\n")
         self._helper.stdin.flush()

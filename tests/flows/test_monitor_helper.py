@@ -36,7 +36,8 @@ def test_the_helper_started_ahead_of_its_first_job_is_one_process_and_ends_clean
 @pytest.mark.parametrize("files", [1, 3])
 def test_a_failed_job_fails_the_wait_in_the_helper_and_in_the_driver(tmp_path, files):
     """A run of one file does its jobs in the driver (no second interpreter to wait for), a
-    run of more in the helper; either way a job that fails makes `wait` raise with its error."""
+    run of more in the helper; either way a job that fails makes `wait` raise with its error,
+    and no job file is left behind."""
     settings, _ = small_config(tmp_path)
     helper = MonitorHelper(settings, in_driver=_driver_side(settings))
     helper.start(files=files)
@@ -45,6 +46,8 @@ def test_a_failed_job_fails_the_wait_in_the_helper_and_in_the_driver(tmp_path, f
     with pytest.raises(RuntimeError, match="monitoring helper"):
         helper.wait()
     helper.close()
+    # The helper's job file went to the work folder and was removed once read.
+    assert list((settings.workdir / "monitor-jobs").glob("*")) == []
 
 
 def _logged_steps(settings) -> tuple[list[int], list[int]]:
