@@ -40,7 +40,7 @@ LIBRARIES = {
     "prefect": "prefect",
     "Great Expectations": "great_expectations",
     "MLflow": "mlflow",
-    "river (ADWIN)": "river.drift",
+    "river (ADWIN's core)": "river._river_rust.drift",
 }
 
 
