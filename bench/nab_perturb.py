@@ -16,6 +16,11 @@ Kinds, applied after the first 15 % only:
 - volatility: from a random row between 30 % and 70 % of the series on, every value's distance
   from its level (the median of the `WANDER_ROWS` rows around it) three times as large: the
   same level, three times the spread, labelled rows included;
+- seasonal: a pattern by the clock added to every row, the first 15 % included (a real
+  stream has its day from the start): a daily profile (two harmonics, random phases) spanning
+  `SEASONAL_SDS` standard deviations of the series from trough to peak, and on Saturdays and
+  Sundays a level lower by half as much (a plant's or a service's weekend), labelled rows included.
+  The first file holds about two days: the weekly part is first met while streaming;
 - long: each series three times in a row (`LONG_COPIES`), time running on (each copy starts one
   row spacing after the one before ends), its labelled windows copied with it into windows.json:
   a stream three times as long whose every anomaly is labelled, cut by bench/nab.py into files
@@ -37,7 +42,7 @@ import pandas as pd
 
 from bench.nab import INITIAL_SHARE, Series, load_series
 
-KINDS = ("gaps", "irregular", "wander", "volatility", "long")
+KINDS = ("gaps", "irregular", "wander", "volatility", "seasonal", "long")
 GAP_BURSTS = 6
 GAP_SHARE = (0.01, 0.03)  # each burst's length, as a share of the series
 IRREGULAR_SHARE = 1 / 3
@@ -45,6 +50,7 @@ WANDER_ROWS = 288  # a day of 5-minute rows: the walk's smoothing span
 WANDER_SDS = 3.0
 VOLATILITY_FACTOR = 3.0
 VOLATILITY_START = (0.3, 0.7)  # where the change may fall, as a share of the series
+SEASONAL_SDS = 3.0
 LONG_COPIES = 3
 
 
@@ -79,6 +85,8 @@ def perturb(item: Series, kind: str, rng: np.random.Generator) -> pd.DataFrame:
         start = int(rng.uniform(*VOLATILITY_START) * rows)
         factor = np.where(np.arange(rows) >= max(start, first), VOLATILITY_FACTOR, 1.0)
         return frame.assign(value=level + factor * (frame["value"].to_numpy() - level))
+    if kind == "seasonal":
+        return frame.assign(value=frame["value"] + clock_pattern(frame["timestamp"], rng) * float(frame["value"].std()))
     if kind == "long":
         span = copy_span(frame["timestamp"])
         return pd.concat(
@@ -86,6 +94,17 @@ def perturb(item: Series, kind: str, rng: np.random.Generator) -> pd.DataFrame:
             ignore_index=True,
         )
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def clock_pattern(stamps: pd.Series, rng: np.random.Generator) -> np.ndarray:
+    """`seasonal`'s pattern at each timestamp, in standard deviations of the series: a daily
+    profile from trough to peak `SEASONAL_SDS`, and weekends half as much lower."""
+    day = 2 * np.pi * (stamps.dt.hour + stamps.dt.minute / 60 + stamps.dt.second / 3600).to_numpy() / 24
+    first, second = rng.uniform(0, 2 * np.pi, size=2)
+    profile = np.sin(day - first) + 0.5 * np.sin(2 * (day - second))
+    profile = (profile - profile.min()) / max(float(np.ptp(profile)), 1e-12) - 0.5
+    weekend = (stamps.dt.day_of_week >= 5).to_numpy()
+    return SEASONAL_SDS * (profile - 0.5 * weekend)
 
 
 def copy_span(stamps: pd.Series) -> pd.Timedelta:

@@ -1,5 +1,5 @@
-"""bench/nab_perturb.py: each kind changes only the rows after the first 15 %, never removes a
-labelled row, is the same for the same seed and file, and its copies read back through
+"""bench/nab_perturb.py: each kind but `seasonal` changes only the rows after the first 15 %,
+none removes a labelled row, is the same for the same seed and file, and its copies read back through
 bench/nab.py's loader with the windows at the same times."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from bench.nab_perturb import (
     GAP_BURSTS,
     KINDS,
     LONG_COPIES,
+    SEASONAL_SDS,
     VOLATILITY_FACTOR,
     WANDER_ROWS,
     WANDER_SDS,
@@ -42,7 +43,7 @@ def _streams(folder: Path) -> None:
     (folder / "windows.json").write_text(json.dumps(windows))
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "long"])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in ("long", "seasonal")])
 def test_a_perturbation_keeps_the_first_share_and_every_labelled_row(tmp_path, kind):
     data, out = tmp_path / "data", tmp_path / kind
     _streams(data)
@@ -88,6 +89,33 @@ def test_a_perturbation_keeps_the_first_share_and_every_labelled_row(tmp_path, k
                 assert 1 <= (spacing > 1).sum() <= GAP_BURSTS
             else:
                 assert removed == pytest.approx((ROWS - first - (hi - lo + 1)) / 3, rel=0.15)
+
+
+def test_a_seasonal_copy_adds_one_daily_profile_and_a_weekend_level_to_every_row(tmp_path):
+    """The pattern goes on every row, the first share included (a stream has its day from the
+    start): the same at the same clock time on any two weekdays, spanning SEASONAL_SDS standard
+    deviations in a day, and half of that lower on Saturdays and Sundays; no row removed."""
+    data, out = tmp_path / "data", tmp_path / "seasonal"
+    _streams(data)
+    write_perturbed(data, out, "seasonal", seed=0)
+    originals = {item.name: item for item in nab.load_series(data)}
+    profiles = []
+    for item in nab.load_series(out):
+        original = originals[item.name].frame
+        assert len(item.frame) == ROWS and item.windows == originals[item.name].windows
+        added = (item.frame["value"] - original["value"]).to_numpy() / original["value"].std()
+        stamps = original["timestamp"]
+        weekend = (stamps.dt.day_of_week >= 5).to_numpy()
+        clock = (stamps.dt.hour * 60 + stamps.dt.minute).to_numpy()
+        daily = pd.Series(added[~weekend]).groupby(clock[~weekend]).agg(["min", "max"])
+        assert np.allclose(daily["min"], daily["max"], atol=1e-3)  # one profile on every weekday
+        assert daily["max"].max() - daily["min"].min() == pytest.approx(SEASONAL_SDS, abs=0.01)
+        on_weekend = pd.Series(added[weekend]).groupby(clock[weekend]).first()
+        shared = on_weekend.index.intersection(daily.index)
+        assert len(shared) > 100
+        assert np.allclose(daily.loc[shared, "min"] - on_weekend.loc[shared], SEASONAL_SDS / 2, atol=1e-3)
+        profiles.append(daily["min"].to_numpy())
+    assert not np.allclose(profiles[0], profiles[1], atol=0.1)  # each series its own phases
 
 
 def test_a_long_copy_repeats_each_series_with_its_windows_and_time_running_on(tmp_path):
