@@ -11,11 +11,14 @@ period, all lines in it, as a plant exports them); `--entities L --rows R` asks 
 The simulated files of a shape are the same for every profile; the first two train the model
 (one epoch), drift is recorded, not answered, and no snapshot is registered, so the measured
 files are the continual update alone. Each profile runs in a fresh child process (the driver),
-so its peak RSS is its own. The embedded runs come first, with nothing else running; the
-servers profile then uses the services of `lru-online infra up --dir DIR` (Postgres, MLflow
-with S3 artifacts, Prefect server), started by the bench and stopped after when they are not
-up already (on two cores their idle polling alone costs the driver 15 %), and its own Dask
-cluster of 1, then 2 single-threaded worker processes.
+so its peak RSS is its own, and runs the flow as `lru-online run` does: embedded, its files read
+and validated ahead in the checking interpreter (flows/ingest/check_process.py, a process of
+its own whose memory the driver's RSS does not count); on servers, by the Dask workers. The
+embedded runs come first, with nothing else running; the servers profile then uses the
+services of `lru-online infra up --dir DIR` (Postgres, MLflow with S3 artifacts, Prefect
+server), started by the bench and stopped after when they are not up already (on two cores
+their idle polling alone costs the driver 15 %), and its own Dask cluster of 1, then 2
+single-threaded worker processes.
 
 Reported per run: rows scored per second from the first file's commit to the last (initial
 training excluded), p50/p99 seconds per file (between consecutive commits: everything a file
@@ -99,6 +102,7 @@ def run_driver(config: Path, per_line: bool) -> dict:
     """The child: one continual_update over the landed files; figures as JSON."""
     from sqlalchemy import select
 
+    from flows.ingest.check_process import checking_for_command
     from flows.orchestrate.prefect_flows import continual_update
     from flows.settings import load_settings
     from flows.storage.database import Database
@@ -108,7 +112,10 @@ def run_driver(config: Path, per_line: bool) -> dict:
     if settings.prefect.api_url:
         os.environ["PREFECT_API_URL"] = settings.prefect.api_url
     started = time.time()
-    outcome = continual_update(config=str(config))
+    # As `lru-online run` runs it: its files read and validated ahead in the checking interpreter
+    # (embedded; Dask workers check them on servers).
+    with checking_for_command(settings.prefect.dask_address):
+        outcome = continual_update(config=str(config))
     wall = time.time() - started
     db = Database(settings.database_url)
     with db.session() as session:

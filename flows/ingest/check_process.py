@@ -70,6 +70,12 @@ def checking_interpreter() -> Iterator[None]:
         checker.shutdown(wait=True, cancel_futures=True)
 
 
+def checking_for_command(dask_address: str | None) -> contextlib.AbstractContextManager:
+    """What a `run` or `backfill` checks its files in: this interpreter, unless Dask workers
+    check them (a servers profile's `prefect.dask_address`)."""
+    return contextlib.nullcontext() if dask_address else checking_interpreter()
+
+
 def checker() -> Executor | None:
     """The checking interpreter, while a command's block runs one."""
     return _checker

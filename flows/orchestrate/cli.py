@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from flows.ingest.check_process import checker, checking_interpreter
+from flows.ingest.check_process import checker, checking_for_command
 from flows.secrets import install_log_masking, mask_secrets
 
 install_log_masking()
@@ -124,12 +124,6 @@ def _early_api(settings) -> Iterator:
         raise typer.Exit(1) from None
 
 
-def _checking(settings) -> contextlib.AbstractContextManager:
-    """The interpreter that checks the command's files ahead (flows.ingest.check_process),
-    where they are checked in this process (no Dask workers do it)."""
-    return contextlib.nullcontext() if settings.prefect.dask_address else checking_interpreter()
-
-
 def _import_while_api_boots() -> None:
     """Imports MLflow while Prefect's API boots on the other core (about 1 s on 2 cores): the
     first file's tracking would otherwise wait for it after the API is up. Great Expectations
@@ -185,7 +179,8 @@ def run(config: ConfigOption = None, workdir: WorkdirOption = None, max_batches:
         # model or MLflow to load. A scheduled deployment runs the flow itself and is unaffected.
         typer.echo(json.dumps({"processed": 0, "quarantined": 0, "late": 0, "skipped": 0, "idle": 1}))
         return
-    with _early_api(settings) as api, _checking(settings):  # both start before the flows' imports
+    # Both start before the flows' imports.
+    with _early_api(settings) as api, checking_for_command(settings.prefect.dask_address):
         from flows.orchestrate.prefect_flows import continual_update
 
         _import_while_api_boots()
@@ -205,7 +200,7 @@ def backfill(
     if not source.is_dir():
         typer.echo(f"error: {source} is not a folder", err=True)
         raise typer.Exit(2)
-    with _early_api(settings) as api, _checking(settings):
+    with _early_api(settings) as api, checking_for_command(settings.prefect.dask_address):
         from flows.orchestrate.prefect_flows import backfill as backfill_flow
         from flows.orchestrate.prefect_flows import backfill_files
         from flows.orchestrate.progress import LedgerProgress
