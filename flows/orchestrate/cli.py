@@ -135,6 +135,24 @@ def _import_while_api_boots() -> None:
         import great_expectations  # noqa: F401
 
 
+@contextlib.contextmanager
+def _flows_without_heartbeats() -> Iterator[None]:
+    """Prefect's flow-run heartbeats off for the flows this command runs in its own process,
+    unless the environment or the Prefect profile sets their frequency. Why: the heartbeat
+    thread sleeps in steps of one second and the end of every flow run joins it, so each
+    command ended 0-1 s (0.5 s on average) after its work was done. The heartbeats feed a
+    zombie-run automation, which one who set it up configures; a command's caller has its
+    exit status. Flow runs of `serve` (Prefect's runner, processes of their own) keep Prefect's
+    setting."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def _config_arg(config: Path | None) -> str | None:
     return str(config.resolve()) if config else None
 
@@ -185,7 +203,10 @@ def run(config: ConfigOption = None, workdir: WorkdirOption = None, max_batches:
 
         _import_while_api_boots()
         api.ready()
-        result = continual_update(config=_config_arg(config), workdir=str(settings.workdir), max_batches=max_batches)
+        with _flows_without_heartbeats():
+            result = continual_update(
+                config=_config_arg(config), workdir=str(settings.workdir), max_batches=max_batches
+            )
     typer.echo(json.dumps(result["run"]))
 
 
@@ -207,7 +228,7 @@ def backfill(
 
         _import_while_api_boots()
         api.ready()
-        with LedgerProgress(settings, files=len(backfill_files(source))):
+        with LedgerProgress(settings, files=len(backfill_files(source))), _flows_without_heartbeats():
             result = backfill_flow(
                 source=str(source.resolve()), config=_config_arg(config), workdir=str(settings.workdir)
             )
@@ -225,9 +246,10 @@ def retrain(
     settings = _settings(config, workdir)
     from flows.orchestrate.prefect_flows import retrain_flow
 
-    outcome = retrain_flow(
-        config=_config_arg(config), workdir=str(settings.workdir), trigger=trigger, drift_event_id=drift_event_id
-    )
+    with _flows_without_heartbeats():
+        outcome = retrain_flow(
+            config=_config_arg(config), workdir=str(settings.workdir), trigger=trigger, drift_event_id=drift_event_id
+        )
     typer.echo(outcome["reason"])
 
 
@@ -419,7 +441,8 @@ def demo(
     from flows.monitor.status import pipeline_status
     from flows.orchestrate.prefect_flows import continual_update
 
-    continual_update(workdir=str(workdir))
+    with _flows_without_heartbeats():
+        continual_update(workdir=str(workdir))
     report = pipeline_status(settings)
     typer.echo("\n" + _summary(report))
     typer.echo(f"quarantined files: {[q['file'] for q in report['quarantined_files']]}")

@@ -35,3 +35,34 @@ def test_a_command_that_fails_exits_with_its_status_and_its_message(tmp_path, ar
     done = _lru_online(*arguments, "-w", str(tmp_path / "work"), cwd=tmp_path)
     assert done.returncode == status
     assert message in done.stderr
+
+
+_HEARTBEATS = """
+from prefect.settings import get_current_settings
+from flows.orchestrate.cli import _flows_without_heartbeats
+
+with _flows_without_heartbeats():
+    inside = get_current_settings().flows.heartbeat_frequency
+print(inside, get_current_settings().flows.heartbeat_frequency)
+"""
+
+
+@pytest.mark.parametrize(
+    ("environment", "inside", "after"),
+    [
+        ({}, "None", "180"),  # Prefect's default: off for the command's own flows, restored after
+        ({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "45"}, "45", "45"),  # set by the user: kept
+        ({"PREFECT_RUNNER_HEARTBEAT_FREQUENCY": "60"}, "60", "60"),  # Prefect's legacy name too
+    ],
+)
+def test_a_commands_own_flows_run_without_heartbeats_unless_configured(tmp_path, environment, inside, after):
+    """The flow engine reads the frequency from the current settings when a run starts; with
+    none it starts no heartbeat thread, whose whole-second sleep the run's end would wait for."""
+    env = {k: v for k, v in os.environ.items() if "HEARTBEAT" not in k}
+    env.update(environment, PREFECT_HOME=str(tmp_path / ".prefect"))
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _HEARTBEATS], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [inside, after]
