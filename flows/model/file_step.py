@@ -33,7 +33,7 @@ from flows.model.forecast_mixture import (
     mix_lines,
     run_linear_member,
 )
-from flows.monitor.drift_detectors import Detection, LineDrift, check_lines
+from flows.monitor.drift_detectors import Detection, check_lines, decode_drift_states, encode_drift_states
 from flows.settings import DriftSettings
 from lru_online import OnlineLearner, RecurrentState, codec
 from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector
@@ -337,7 +337,7 @@ def finish_lines(
     errors = np.sqrt(scored.scores)  # per-event absolute one-step error
     checks = check_lines(
         entities,
-        [LineDrift.from_bytes(drift_states.get(e)) for e in entities],
+        decode_drift_states([drift_states.get(e) for e in entities]),
         np.split(errors, offsets[1:-1]),
         np.split(features.raw, offsets[1:-1]),
         maes,
@@ -367,7 +367,7 @@ def finish_lines(
         output_path=output_path,
         metrics=metrics,
         drift_stats={e: c.stats for e, c in zip(entities, checks, strict=True)},
-        drift_states={e: c.state.to_bytes() for e, c in zip(entities, checks, strict=True)},
+        drift_states=dict(zip(entities, encode_drift_states([c.state for c in checks]), strict=True)),
         alarm_states=judged.states,
         alarms=judged.episodes,
         detections=[d for c in checks for d in c.detections],

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import ks_2samp
 
 from flows.monitor import drift_detectors
@@ -22,6 +23,7 @@ from flows.monitor.drift_detectors import (
 from flows.monitor.drift_detectors import _window_stats as _window_stats
 from flows.monitor.drift_statistics import Reference, ks_statistic, psi, summarise
 from flows.settings import DriftSettings
+from lru_online import codec
 
 SENSORS = ("pressure",)
 
@@ -284,3 +286,115 @@ def test_the_drift_detectors_import_neither_river_drift_nor_scikit_learn():
     )
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert imported.strip() == "[]"
+
+
+def _state(rng, batches: int, rows: int, sensors: tuple[str, ...], since: int = 0) -> LineDrift:
+    """A line's carried drift state after `batches` files of `rows` rows."""
+    return LineDrift(
+        since=since,
+        batches=batches,
+        maes=rng.random(batches).tolist(),
+        errors=[rng.random(rows).astype(np.float32) for _ in range(min(batches, 3))],
+        readings=[np.where(rng.random((rows, len(sensors))) < 0.1, np.nan, rng.normal(size=(rows, len(sensors))))]
+        * min(batches, 2),
+        runs={k: {s: int(rng.integers(0, 4)) for s in sensors} for k in ("ks", "psi")},
+    )
+
+
+def _earlier_layout(state: LineDrift) -> bytes:
+    """A record as releases before the batched codec wrote it: since, batches and the runs in
+    the JSON header, so no two lines shared one."""
+    sensors = sorted({s for runs in state.runs.values() for s in runs})
+    values = np.concatenate(
+        [np.asarray(state.maes), *(e.astype(np.float64) for e in state.errors), *(r.ravel() for r in state.readings)]
+    )
+    meta = {
+        "kind": "LineDrift",
+        "since": state.since,
+        "batches": state.batches,
+        "maes": len(state.maes),
+        "errors": [len(e) for e in state.errors],
+        "readings": [list(r.shape) for r in state.readings],
+        "runs": {k: [state.runs[k].get(s, 0) for s in sensors] for k in sorted(state.runs)},
+        "sensors": sensors,
+    }
+    return codec.encode({"values": torch.from_numpy(values)}, meta)
+
+
+def _assert_same(got: LineDrift, expected: LineDrift) -> None:
+    assert (got.since, got.batches, got.maes, got.runs) == (
+        expected.since,
+        expected.batches,
+        expected.maes,
+        expected.runs,
+    )
+    assert len(got.errors) == len(expected.errors) and len(got.readings) == len(expected.readings)
+    for a, b in zip(got.errors, expected.errors, strict=True):
+        assert a.dtype == np.float32 and np.array_equal(a, b)
+    for a, b in zip(got.readings, expected.readings, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+
+
+def test_drift_states_of_many_lines_round_trip_together_and_read_the_earlier_layout():
+    """A plant's lines, most of one shape and some of others (new lines, a line with a longer
+    file, one never seen), encoded and read back together, each as it was; records of the
+    earlier layout read alike, mixed with new ones."""
+    rng = np.random.default_rng(7)
+    sensors = ("flow", "pressure")
+    states = [_state(rng, 5, 40, sensors) for _ in range(30)]
+    states += [_state(rng, 1, 40, sensors, since=2), _state(rng, 5, 55, sensors), LineDrift()]
+    records = drift_detectors.encode_drift_states(states)
+    for got, expected in zip(drift_detectors.decode_drift_states(records), states, strict=True):
+        _assert_same(got, expected)
+    mixed = [_earlier_layout(s) if i % 3 == 0 else r for i, (s, r) in enumerate(zip(states, records, strict=True))]
+    mixed.append(None)  # a line without a record starts fresh
+    decoded = drift_detectors.decode_drift_states(mixed)
+    for got, expected in zip(decoded, [*states, LineDrift()], strict=True):
+        _assert_same(got, expected)
+    assert drift_detectors.encode_drift_states([states[0]]) == [states[0].to_bytes()]
+
+
+def test_window_figures_of_many_lines_equal_each_line_alone():
+    """The means and the limits (through each line's effective readings) of lines computed
+    together, against each line and sensor computed alone from its own windows: missing
+    readings, batches of different lengths, a sensor without readings and one without a
+    reference."""
+    rng = np.random.default_rng(11)
+    sensors = ("flow", "pressure", "spare")
+    reference = {"sensors": {s: summarise(rng.normal(0, 1, 2000)).to_dict() for s in sensors[:2]}}
+    settings = DriftSettings(psi_threshold=0.01, ks_threshold=0.01, window_batches=3, significance=0.01)
+    windows = []
+    for line in range(40):
+        window = []
+        for _ in range(3):
+            batch = np.cumsum(rng.normal(size=(int(rng.integers(1, 30)), 3)), axis=0) * rng.uniform(0.1, 1)
+            batch[rng.random(batch.shape) < 0.2] = np.nan
+            if line % 5 == 0:
+                batch[:, 1] = np.nan
+            window.append(batch)
+        windows.append(window)
+    stats = _window_stats(windows, [line % 7 != 3 for line in range(40)], reference, sensors, settings)
+    for line, (window, figures) in enumerate(zip(windows, stats, strict=True)):
+        if line % 7 == 3:
+            assert figures == {}
+            continue
+        for column, sensor in enumerate(sensors):
+            readings = np.concatenate([batch[:, column] for batch in window])
+            count = np.isfinite(readings).sum()
+            mean = figures["mean"][sensor]
+            assert (mean is None) if count == 0 else mean == pytest.approx(np.nanmean(readings), rel=1e-9)
+            if sensor not in reference["sensors"]:
+                assert sensor not in figures["psi_limit"]
+                continue
+            pairs = [(b[1:, column], b[:-1, column]) for b in window]
+            current = np.concatenate([c for c, _ in pairs])
+            previous = np.concatenate([p for _, p in pairs])
+            both = np.isfinite(current) & np.isfinite(previous)
+            rho = 0.0
+            if both.sum() > 1 and np.std(current[both]) > 0 and np.std(previous[both]) > 0:
+                rho = float(np.corrcoef(current[both], previous[both])[0, 1])
+            rho = min(max(rho, 0.0), 0.999)
+            effective = min(max(count * (1 - rho) / (1 + rho), 1.0), max(count, 1))
+            bins = len(reference["sensors"][sensor]["edges"]) + 1
+            limit = max(settings.psi_threshold, psi_by_chance(bins, effective, settings.significance))
+            assert figures["psi_limit"][sensor] == pytest.approx(limit, rel=1e-9)
