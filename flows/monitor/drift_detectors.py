@@ -46,6 +46,9 @@ except ImportError:  # depends on river's layout
 # MAEs kept for the error jump's median: far more batches than a drift takes to show.
 MAE_HISTORY = 1000
 _EPS = 1e-4  # the floor of a bin's share in PSI
+# The kind of the records `encode_drift_states` writes (since, batches and runs in the body);
+# "LineDrift" records, with them in the header, are the earlier layout.
+LAYOUT_KIND = "LineDrift/2"
 
 
 @dataclass
@@ -100,8 +103,9 @@ def encode_drift_states(states: list[LineDrift]) -> list[bytes]:
             dtype=np.int64,
         )
         meta = {
-            "kind": "LineDrift",
-            "layout": 2,
+            # A kind of its own: a release that knows only the earlier layout refuses these
+            # records by name ("do not hold a LineDrift") instead of misreading them.
+            "kind": LAYOUT_KIND,
             "maes": maes,
             "errors": list(errors),
             "readings": [list(shape) for shape in readings],
@@ -133,11 +137,11 @@ def decode_drift_states(records: list[bytes | None]) -> list[LineDrift]:
     states = [LineDrift() for _ in records]
     for group in codec.decode_lines(records):
         meta = group.meta
-        if meta.get("kind") != "LineDrift":
+        if meta.get("kind") not in ("LineDrift", LAYOUT_KIND):
             raise codec.CodecError("drift state bytes do not hold a LineDrift")
         lines = len(group.lines)
         values = group.tensors["values"].numpy().reshape(lines, -1)
-        if meta.get("layout") == 2:
+        if meta["kind"] == LAYOUT_KIND:
             counts = group.tensors["counts"].numpy().reshape(lines, -1).tolist()
             statistics, sensors = meta["statistics"], meta["sensors"]
         else:

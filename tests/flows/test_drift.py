@@ -398,3 +398,13 @@ def test_window_figures_of_many_lines_equal_each_line_alone():
             bins = len(reference["sensors"][sensor]["edges"]) + 1
             limit = max(settings.psi_threshold, psi_by_chance(bins, effective, settings.significance))
             assert figures["psi_limit"][sensor] == pytest.approx(limit, rel=1e-9)
+
+
+def test_a_release_that_knows_only_the_earlier_layout_refuses_the_new_records_by_name():
+    """The earlier release's reader checked the record's kind, then trusted its header: the new
+    records carry a kind of their own so that reader stops with its own clear error."""
+    record = LineDrift(since=3, batches=2, maes=[0.1, 0.2]).to_bytes()
+    _, meta = codec.decode(record)
+    assert meta["kind"] != "LineDrift"
+    with pytest.raises(codec.CodecError, match="LineDrift"):
+        drift_detectors.decode_drift_states([codec.encode({"values": torch.zeros(1)}, {"kind": "AlarmState"})])
