@@ -359,33 +359,28 @@ def _window_stats(
     references = reference.get("sensors", {})
     referenced = [column for column, sensor in enumerate(sensors) if sensor in references]
     names = [sensors[column] for column in referenced]
-    per_line = {"mean": _finite_or_none(means)}
+    shape = (len(lines), len(referenced))
+    psis, kss, psi_limits, ks_limits = (np.empty(shape) for _ in range(4))
     if referenced:
-        effective = _effective_readings(values[:, referenced], follows, counts[:, referenced], sizes)
-        psis, kss = np.empty_like(effective), np.empty_like(effective)
-        psi_limits, ks_limits = np.empty_like(effective), np.empty_like(effective)
-        for position, column in enumerate(referenced):
-            sensor_reference = references[sensors[column]]
-            owner, observed = line[finite[:, column]], values[finite[:, column], column]
-            psis[:, position] = grouped_psi(sensor_reference, observed, owner, len(lines))
-            kss[:, position] = grouped_ks(sensor_reference, observed, owner, len(lines))
-            bins, sample = len(sensor_reference["edges"]) + 1, len(sensor_reference["sample"])
-            psi_limits[:, position] = psi_by_chance(bins, effective[:, position], settings.significance)
-            ks_limits[:, position] = ks_by_chance(effective[:, position], sample, settings.significance)
-        per_line |= {
-            "psi": _finite_or_none(psis),
-            "ks": _finite_or_none(kss),
-            "psi_limit": np.maximum(settings.psi_threshold, psi_limits).tolist(),
-            "ks_limit": np.maximum(settings.ks_threshold, ks_limits).tolist(),
-        }
+        effective = _effective_readings(values[:, referenced], line, follows, counts[:, referenced], sizes)
+    for position, column in enumerate(referenced):
+        sensor_reference = references[sensors[column]]
+        owner, observed = line[finite[:, column]], values[finite[:, column], column]
+        psis[:, position] = grouped_psi(sensor_reference, observed, owner, len(lines))
+        kss[:, position] = grouped_ks(sensor_reference, observed, owner, len(lines))
+        bins, sample = len(sensor_reference["edges"]) + 1, len(sensor_reference["sample"])
+        psi_limits[:, position] = psi_by_chance(bins, effective[:, position], settings.significance)
+        ks_limits[:, position] = ks_by_chance(effective[:, position], sample, settings.significance)
+    # Per figure: the sensors it has and each line's values, in the order the stats are stored.
+    figures = {
+        "psi": (names, _finite_or_none(psis)),
+        "ks": (names, _finite_or_none(kss)),
+        "mean": (sensors, _finite_or_none(means)),
+        "psi_limit": (names, np.maximum(settings.psi_threshold, psi_limits).tolist()),
+        "ks_limit": (names, np.maximum(settings.ks_threshold, ks_limits).tolist()),
+    }
     for position, i in enumerate(lines):
-        stats[i] = {
-            "psi": dict(zip(names, per_line["psi"][position], strict=True)) if referenced else {},
-            "ks": dict(zip(names, per_line["ks"][position], strict=True)) if referenced else {},
-            "mean": dict(zip(sensors, per_line["mean"][position], strict=True)),
-            "psi_limit": dict(zip(names, per_line["psi_limit"][position], strict=True)) if referenced else {},
-            "ks_limit": dict(zip(names, per_line["ks_limit"][position], strict=True)) if referenced else {},
-        }
+        stats[i] = {name: dict(zip(keys, rows[position], strict=True)) for name, (keys, rows) in figures.items()}
     return stats
 
 
@@ -399,12 +394,14 @@ def _line_sums(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return sums
 
 
-def _effective_readings(values: np.ndarray, follows: np.ndarray, counts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+def _effective_readings(
+    values: np.ndarray, line: np.ndarray, follows: np.ndarray, counts: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
     """Per line and column, n(1 − ρ)/(1 + ρ) with ρ the lag-1 autocorrelation of its finite
-    readings (pairs within a batch), in [1, n]; ρ ≤ 0 counts as independent."""
+    readings (pairs within a batch), in [1, n]; ρ ≤ 0 counts as independent. `line`: each
+    row's line, `sizes`: each line's rows (contiguous)."""
     previous = np.vstack([np.full((1, values.shape[1]), np.nan), values[:-1]])
     pairs = follows[:, None] & np.isfinite(values) & np.isfinite(previous)
-    line = np.repeat(np.arange(len(sizes)), sizes)
     size = _line_sums(pairs.astype(np.float64), sizes)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_c = _line_sums(np.where(pairs, values, 0.0), sizes) / size
