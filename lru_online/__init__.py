@@ -3,7 +3,7 @@
 from lru_online.block import LRUBlock
 from lru_online.hindsight import HindsightConfig, HindsightModel, train_hindsight
 from lru_online.layer import LRU
-from lru_online.learner import LearnerConfig, LearnStep, OnlineLearner, forecast_targets
+from lru_online.learner import LearnerConfig, LearnStep, OnlineLearner, ScoringGraph, forecast_targets
 from lru_online.linear_path import LinearPath
 from lru_online.linear_scan import available_backends, scan
 from lru_online.model import LRUForecaster, ModelConfig, ScoredSequence
@@ -20,6 +20,7 @@ __all__ = [
     "LinearPath",
     "ModelConfig",
     "OnlineLearner",
+    "ScoringGraph",
     "RecurrentState",
     "ScoredSequence",
     "available_backends",

@@ -66,6 +66,15 @@ class LearnStep:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class ScoringGraph:
+    """A scoring forward's forecast with its autograd graph (OnlineLearner.score_for_update)."""
+
+    forecast: torch.Tensor  # (B, T, horizon, targets), requires grad
+    updates: int  # the learner's update count when it was made: valid while no update ran since
+    shape: tuple[int, int]  # (lines, rows) of the batch it scored
+
+
 def forecast_targets(targets: torch.Tensor, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The values each event's forecast is judged on, and where they exist.
 
@@ -102,7 +111,6 @@ class OnlineLearner:
             group["lr"] = value
 
     # --- test ---------------------------------------------------------------------------
-    @torch.no_grad()
     def score(
         self,
         inputs: torch.Tensor,
@@ -111,12 +119,51 @@ class OnlineLearner:
         dt: torch.Tensor | None = None,
         steps: torch.Tensor | None = None,
     ) -> ScoredSequence:
+        return self._score(inputs, targets, state, dt, steps, keep_graph=False)[0]
+
+    def score_for_update(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        state: RecurrentState | None = None,
+        dt: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
+    ) -> tuple[ScoredSequence, ScoringGraph | None]:
+        """`score`, and, when the update of this batch will run the very same forward (all its
+        rows in one window and one optimizer step, no dropout: a plant file of many short
+        lines), that forward's forecast with its autograd graph, for `update(..., scoring=)` to
+        learn from instead of running the forward again (a third of an update's time)."""
+        return self._score(inputs, targets, state, dt, steps, keep_graph=self._one_forward(*inputs.shape[:2]))
+
+    def _one_forward(self, lines: int, length: int, lines_per_step: int | None = None) -> bool:
+        """Whether an update over (lines, length) is one forward from the carried state, the one
+        scoring runs (scoring is in eval mode: equal only without dropout)."""
+        per_step = lines_per_step or self.config.lines_per_step
+        one_step = per_step is None or per_step >= lines
+        return length <= self.config.window and one_step and not self.model.config.dropout
+
+    def _score(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        state: RecurrentState | None,
+        dt: torch.Tensor | None,
+        steps: torch.Tensor | None,
+        keep_graph: bool,
+    ) -> tuple[ScoredSequence, ScoringGraph | None]:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.model.score(inputs, targets, state, dt, steps)
+            with torch.set_grad_enabled(keep_graph):
+                scored = self.model.score(inputs, targets, state, dt, steps)
         finally:
             self.model.train(was_training)
+        if not keep_graph:
+            return scored, None
+        detached = ScoredSequence(
+            scored.forecast.detach(), scored.residuals.detach(), scored.scores.detach(), scored.state.detach()
+        )
+        return detached, ScoringGraph(scored.forecast, self.updates, tuple(inputs.shape[:2]))
 
     # --- train --------------------------------------------------------------------------
     def _windows(self, length: int) -> list[tuple[int, int]]:
@@ -186,14 +233,16 @@ class OnlineLearner:
         dt: torch.Tensor | None = None,
         steps: torch.Tensor | None = None,
         lines_per_step: int | None = None,
+        scoring: ScoringGraph | None = None,
     ) -> dict[str, float]:
         """Learns from one batch, starting from the state carried in before it.
 
         `updates` counts the calls; this one has index `updates` until it returns.
-        `lines_per_step` overrides the configured one for this call.
+        `lines_per_step` overrides the configured one for this call. `scoring`: what
+        `score_for_update` kept of this batch's scoring forward (same inputs, state, dt, steps).
         """
         future, mask = forecast_targets(_padding_to_nan(targets, steps), self.model.config.horizon)
-        return self.update_forecasts(inputs, future, mask, state, dt, steps, lines_per_step)
+        return self.update_forecasts(inputs, future, mask, state, dt, steps, lines_per_step, scoring)
 
     def _checked_targets(
         self, inputs: torch.Tensor, future: torch.Tensor, mask: torch.Tensor
@@ -213,15 +262,17 @@ class OnlineLearner:
         dt: torch.Tensor | None = None,
         steps: torch.Tensor | None = None,
         lines_per_step: int | None = None,
+        scoring: ScoringGraph | None = None,
     ) -> dict[str, float]:
         """Learns from explicit forecast targets, for targets that do not simply follow `inputs`
         in the same batch: values that arrive later than the inputs, or only in part.
 
         future (B, T, horizon, n_targets): what the forecast made at each event is judged on;
         mask (same shape, bool): which of those values may be learned from; steps: optional
-        (B, T) bool, False at padding (no loss is taken there).
+        (B, T) bool, False at padding (no loss is taken there). `scoring`: as in `update`.
         """
         future, mask = self._checked_targets(inputs, future, mask)
+        reused = self._reusable(scoring, inputs, lines_per_step)
         if steps is not None:
             mask = mask & steps[:, :, None, None]
         start_state = (state or self.model.initial_state(inputs.shape[0], inputs.device)).detach()
@@ -239,7 +290,10 @@ class OnlineLearner:
                 for lo, hi in self._windows(inputs.shape[1]):
                     window_dt = group_dt[:, lo:hi] if group_dt is not None else None
                     window_steps = group_steps[:, lo:hi] if group_steps is not None else None
-                    forecast, next_state = self.model(group_inputs[:, lo:hi], carried, window_dt, window_steps)
+                    if reused is not None and epoch == 0:  # the weights have not moved yet
+                        forecast, next_state = reused, None
+                    else:
+                        forecast, next_state = self.model(group_inputs[:, lo:hi], carried, window_dt, window_steps)
                     loss = masked_mse(forecast, group_future[:, lo:hi], group_mask[:, lo:hi])
                     total = loss
                     losses.append(loss.item())
@@ -261,7 +315,8 @@ class OnlineLearner:
                         self._remember(
                             group_inputs[:, lo:hi], group_future[:, lo:hi], group_mask[:, lo:hi], window_dt, carried
                         )
-                    carried = next_state.detach()
+                    if next_state is not None:  # None: the batch's only window
+                        carried = next_state.detach()
         self.updates += 1
         return {
             "loss": _mean(losses),
@@ -270,6 +325,19 @@ class OnlineLearner:
             "windows": float(len(losses)),
             "replay_size": float(len(self.replay)),
         }
+
+    def _reusable(
+        self, scoring: ScoringGraph | None, inputs: torch.Tensor, lines_per_step: int | None
+    ) -> torch.Tensor | None:
+        """The kept scoring forecast, after checking that this update is that very forward."""
+        if scoring is None:
+            return None
+        lines, length = inputs.shape[:2]
+        if scoring.updates != self.updates or scoring.shape != (lines, length):
+            raise ValueError("the scoring graph is of another batch or of weights an update has changed since")
+        if not self._one_forward(lines, length, lines_per_step):
+            raise ValueError("the scoring graph serves an update of one window and one step only")
+        return scoring.forecast
 
     def _line_groups(self, lines: int, size: int | None) -> list[torch.Tensor | None]:
         """Rows of each optimizer step: all at once (None), or shuffled groups of `size`, the
@@ -294,8 +362,8 @@ class OnlineLearner:
         do not depend on the other rows or their order. The returned state is the one the
         scoring pass ends in; carry it into the next batch.
         """
-        scored = self.score(inputs, targets, state, dt, steps)
-        metrics = self.update(inputs, targets, state, dt, steps)
+        scored, scoring = self.score_for_update(inputs, targets, state, dt, steps)
+        metrics = self.update(inputs, targets, state, dt, steps, scoring=scoring)
         metrics.update(forecast_error(scored.residuals))
         return LearnStep(scored, metrics)
 

@@ -35,7 +35,7 @@ from flows.model.forecast_mixture import (
 )
 from flows.monitor.drift_detectors import Detection, check_lines, decode_drift_states, encode_drift_states
 from flows.settings import DriftSettings
-from lru_online import OnlineLearner, RecurrentState, codec
+from lru_online import OnlineLearner, RecurrentState, ScoringGraph, codec
 from lru_online.alarms import AlarmConfig, AlarmState, AnomalyDetector
 
 
@@ -178,11 +178,15 @@ def score_lines(
     hidden: dict[str, bytes | None],
     mixture: MixtureSetup | None = None,
     beside: futures.Executor | None = None,
-) -> tuple[ScoredLines, RecurrentState]:
+    for_update: bool = False,
+) -> tuple[ScoredLines, RecurrentState, ScoringGraph | None]:
     """One forward over every line, right-padded to the longest, from their carried states.
     With `mixture`, the forecasts, residuals and scores are the mixture's (flows.model
     .forecast_mixture) and each line's record carries its mixture state too; its `linear`
-    member runs on `beside` (a thread) while the model's forward runs here, when given."""
+    member runs on `beside` (a thread) while the model's forward runs here, when given.
+    Returned beside the scores: the carried states scored from and, `for_update`, the scoring
+    forward's graph when the update can learn from it (OnlineLearner.score_for_update), for
+    `learn_lines`."""
     u, y, dt, steps = features.tensors()
     records = _decoded_records(features.entities, hidden)
     state = _stacked_states(learner, records, len(features.entities))
@@ -193,7 +197,10 @@ def score_lines(
         if beside is not None:
             linear = beside.submit(run_linear_member, mixture, carried, y, steps)
     try:
-        scored = learner.score(u, y, state, dt, steps)
+        if for_update:
+            scored, scoring = learner.score_for_update(u, y, state, dt, steps)
+        else:
+            scored, scoring = learner.score(u, y, state, dt, steps), None
     finally:
         if linear is not None:  # its error, if any, is raised below
             futures.wait([linear])
@@ -220,13 +227,16 @@ def score_lines(
         update_index=learner.updates,
         alarm_residuals=judged,
     )
-    return result, state
+    return result, state, scoring
 
 
-def learn_lines(learner: OnlineLearner, features: FeatureBatch, state: RecurrentState) -> dict[str, float]:
-    """The update over every line of the part, from the states they were scored from; its figures."""
+def learn_lines(
+    learner: OnlineLearner, features: FeatureBatch, state: RecurrentState, scoring: ScoringGraph | None = None
+) -> dict[str, float]:
+    """The update over every line of the part, from the states they were scored from (and from
+    the scoring forward itself when `score_lines` kept it); its figures."""
     u, y, dt, steps = features.tensors()
-    return learner.update(u, y, state, dt, steps)
+    return learner.update(u, y, state, dt, steps, scoring=scoring)
 
 
 def judge_lines(

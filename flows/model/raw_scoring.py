@@ -58,7 +58,7 @@ def score_raw_rows(
     if not late.all():
         # The late rows are decided above, once: the rest go in with no watermark to test.
         features = prepare_lines(frame[~late], spec, carried.features, {}).features
-        scored, _ = score_lines(learner, features, carried.hidden, mixture)
+        scored, _, _ = score_lines(learner, features, carried.hidden, mixture)
         judged = judge_lines(features, scored, carried.alarm, alarms)
         # The builder orders rows by line (sorted ids), then time, stably: the same order here
         # gives each feature row's place in the input.

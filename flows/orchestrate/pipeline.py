@@ -399,13 +399,15 @@ class Pipeline:
         if learned:
             features = FeatureBatch.stack([prepared[i].features for i in learned])
             tick = time.perf_counter()
-            scored, state = score_lines(learner, features, carried.hidden, self.settings.mixture.setup(), self._beside)
+            scored, state, scoring = score_lines(
+                learner, features, carried.hidden, self.settings.mixture.setup(), self._beside, for_update=True
+            )
             timings["score"] = time.perf_counter() - tick
             faults.checkpoint("scored")
             # The update changes only the model; the per-line finish (alarms, drift, output) reads
             # the scored rows, never the model. So the update runs on the other core meanwhile:
             # torch's kernels release the GIL, and a file costs the longer of the two, not the sum.
-            learning = self._beside.submit(_timed, learn_lines, learner, features, state)
+            learning = self._beside.submit(_timed, learn_lines, learner, features, state, scoring)
             tick = time.perf_counter()
             bounds = np.cumsum([0, *(len(prepared[i].features) for i in learned)])
             try:

@@ -135,6 +135,33 @@ def test_the_update_beside_the_finish_ends_where_the_steps_in_order_end(tmp_path
     assert beside["output"]["anomaly_score"].notna().any()  # the lines were judged
 
 
+@pytest.mark.slow
+def test_the_update_learning_from_the_scoring_forward_ends_where_one_running_it_again_ends(
+    tmp_path, before_last_file, monkeypatch
+):
+    """The plant's 30-row lines fit one update window: the update takes the scoring forward's
+    graph (OnlineLearner.score_for_update) instead of running that forward again, and the file
+    ends exactly where an update that runs it ends."""
+    given = []
+    update = OnlineLearner.update
+
+    def recording(self, *args, scoring=None, **kwargs):
+        given.append(scoring is not None)
+        return update(self, *args, scoring=scoring, **kwargs)
+
+    monkeypatch.setattr(OnlineLearner, "update", recording)
+    reused = _last_file_run(before_last_file, tmp_path / "reused")
+    assert given == [True]
+    monkeypatch.setattr(OnlineLearner, "score_for_update", lambda self, *a: (self.score(*a), None))
+    again = _last_file_run(before_last_file, tmp_path / "again")
+    assert given == [True, False]
+
+    assert reused["lines"] == again["lines"]
+    for name, weight in again["weights"].items():
+        assert torch.equal(reused["weights"][name], weight), name
+    pd.testing.assert_frame_equal(reused["output"], again["output"])
+
+
 def test_an_update_that_fails_beside_the_finish_commits_nothing_of_its_file(tmp_path, before_last_file, monkeypatch):
     base, config, last = before_last_file
     root = tmp_path / "failing"

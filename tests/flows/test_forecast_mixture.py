@@ -180,12 +180,12 @@ def test_a_line_whose_model_forecast_blew_up_starts_its_next_file_from_a_fresh_s
     nothing_yet = torch.full((1, 1, len(spec.sensors)), math.nan)
     blown = RecurrentState([torch.full_like(h, 1e30) for h in blown.hidden], nothing_yet)
     hidden = {"line-a": None, "line-b": blown.to_bytes()}
-    scored, _ = score_lines(learner, first, hidden, settings.mixture.setup())
+    scored, _, _ = score_lines(learner, first, hidden, settings.mixture.setup())
 
     assert np.isfinite(scored.forecast).all() and np.abs(scored.forecast).max() < 1e3  # not the model's 1e30s
     ends = {e: RecurrentState.from_bytes(b) for e, b in scored.hidden.items()}
     assert all((h == 0).all() for h in ends["line-b"].hidden)
-    plain, _ = score_lines(learner, first, {"line-a": None, "line-b": None})
+    plain, _, _ = score_lines(learner, first, {"line-a": None, "line-b": None})
     for kept, model in zip(
         ends["line-a"].hidden, RecurrentState.from_bytes(plain.hidden["line-a"]).hidden, strict=True
     ):
@@ -200,7 +200,7 @@ def test_a_line_whose_model_forecast_blew_up_starts_its_next_file_from_a_fresh_s
     np.testing.assert_allclose(scored.alarm_residuals[b_rows][1:], scored.residuals[b_rows][1:], equal_nan=True)
     assert np.nanmax(np.abs(scored.alarm_residuals[b_rows][1:])) < 1e3
 
-    again, _ = score_lines(learner, second, scored.hidden, settings.mixture.setup())
+    again, _, _ = score_lines(learner, second, scored.hidden, settings.mixture.setup())
     mixture = MixtureState.from_tensors(codec.decode(again.hidden["line-b"])[0], PREFIX)
     assert np.isfinite(again.forecast).all()
     assert mixture.losses[0, 0].max() < 1e3  # the model's recent loss on line-b: back to a forecast's

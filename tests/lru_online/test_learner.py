@@ -146,3 +146,76 @@ def test_update_forecasts_never_learns_from_masked_targets():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="future and mask must be"):
         poisoned_learner.update_forecasts(x, future[:, :10], mask[:, :10])
+
+
+def _fleet_file(lines: int, length: int, inputs: int, targets: int, generator: torch.Generator):
+    """A plant file's batch: right-padded lines of random lengths, irregular Δt."""
+    u = torch.randn(lines, length, inputs, generator=generator)
+    y = torch.randn(lines, length, targets, generator=generator)
+    dt = torch.rand(lines, length, generator=generator) + 0.5
+    steps = torch.arange(length)[None] < torch.randint(1, length + 1, (lines, 1), generator=generator)
+    return u, y, dt, steps
+
+
+def _fleet_learner(**overrides) -> OnlineLearner:
+    torch.manual_seed(5)
+    model = LRUForecaster(ModelConfig(n_inputs=5, n_targets=3, d_model=8, d_state=8, **overrides.pop("model", {})))
+    settings = {"learning_rate": 1e-2, "window": 32, "replay_capacity": 64, "replay_batch": 4} | overrides
+    return OnlineLearner(model, LearnerConfig(**settings))
+
+
+def test_an_update_learning_from_the_scoring_forward_equals_one_that_runs_it_again():
+    """A plant file of short lines (one window, one step): the update that takes the scoring
+    pass's forecast and graph moves the weights, the replay and the figures exactly as the update
+    that runs the same forward itself, file after file, from the states carried between them."""
+    again, reused = _fleet_learner(), _fleet_learner()
+    forwards = {"again": 0, "reused": 0}
+    for name, learner in (("again", again), ("reused", reused)):
+        learner.model.register_forward_hook(lambda *_, name=name: forwards.__setitem__(name, forwards[name] + 1))
+    generator = torch.Generator().manual_seed(11)
+    carried_again = carried_reused = None
+    for _ in range(3):
+        u, y, dt, steps = _fleet_file(40, 24, 5, 3, generator)
+        scored_again = again.score(u, y, carried_again, dt, steps)
+        scored_reused, scoring = reused.score_for_update(u, y, carried_reused, dt, steps)
+        assert scoring is not None and scoring.forecast.requires_grad
+        assert not scored_reused.forecast.requires_grad  # what the alarms and output read is plain
+        before = dict(forwards)
+        figures_again = again.update(u, y, carried_again, dt, steps)
+        figures_reused = reused.update(u, y, carried_reused, dt, steps, scoring=scoring)
+        # The update's own forward (replayed windows aside) ran in one learner only.
+        assert forwards["reused"] - before["reused"] == forwards["again"] - before["again"] - 1
+        assert figures_reused == figures_again
+        assert torch.equal(scored_reused.scores.nan_to_num(-1.0), scored_again.scores.nan_to_num(-1.0))
+        for a, b in zip(again.model.parameters(), reused.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+        carried_again, carried_reused = scored_again.state, scored_reused.state
+    assert len(again.replay) == len(reused.replay) > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "length"),
+    [({}, 40), ({"lines_per_step": 10}, 24), ({"model": {"dropout": 0.1}}, 24)],
+    ids=["longer-than-a-window", "several-steps", "dropout"],
+)
+def test_no_scoring_graph_where_the_update_runs_another_forward(overrides, length):
+    learner = _fleet_learner(**overrides)
+    u, y, dt, steps = _fleet_file(40, length, 5, 3, torch.Generator().manual_seed(1))
+    scored, scoring = learner.score_for_update(u, y, None, dt, steps)
+    assert scoring is None
+    assert torch.equal(scored.scores.nan_to_num(-1.0), learner.score(u, y, None, dt, steps).scores.nan_to_num(-1.0))
+
+
+def test_a_scoring_graph_of_other_weights_or_another_batch_is_refused():
+    learner = _fleet_learner()
+    generator = torch.Generator().manual_seed(2)
+    u, y, dt, steps = _fleet_file(40, 24, 5, 3, generator)
+    _, scoring = learner.score_for_update(u, y, None, dt, steps)
+    learner.update(u, y, None, dt, steps)  # the weights move after the graph was made
+    with pytest.raises(ValueError, match="changed since"):
+        learner.update(u, y, None, dt, steps, scoring=scoring)
+    _, fresh = learner.score_for_update(u, y, None, dt, steps)
+    with pytest.raises(ValueError, match="another batch"):
+        learner.update(u[:20], y[:20], None, dt[:20], steps[:20], scoring=fresh)
+    with pytest.raises(ValueError, match="one window and one step"):
+        learner.update(u, y, None, dt, steps, lines_per_step=5, scoring=fresh)
