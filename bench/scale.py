@@ -23,8 +23,11 @@ single-threaded worker processes.
 Reported per run: rows scored per second from the first file's commit to the last (initial
 training excluded), p50/p99 seconds per file (between consecutive commits: everything a file
 costs), the driver's median stage seconds per file (each stage's own wall time: the update runs
-beside the alarms, drift and output, so those overlap), and its peak RSS (with the growth per 1,000
-lines over an empty run's). Beside them, in the same run:
+beside the alarms, drift and output, so those overlap), the CPU seconds per file of the driver
+(all its threads) and of the processes it started (the checking interpreter, the monitoring
+helper, Prefect's temporary API; not Dask's workers) over the same span as the rows/s (where
+every core is busy, work saved shows there before it shows in the rows/s), and its peak RSS
+(with the growth per 1,000 lines over an empty run's). Beside them, in the same run:
 - `river HST`: river's HalfSpaceTrees scoring and learning the same rows one at a time
   (score_one, learn_one; no validation, storage or tracking) — the yardstick a user would pick;
 - with `--as-deployed`: the same shape as a plant running the defaults exports and pays for it
@@ -98,6 +101,57 @@ def write_config(profile: str, workdir: Path, extra: dict) -> Path:
     return derive_config(ROOT / "configs" / f"{profile}.yaml", workdir, {**OVERRIDES, **extra})
 
 
+class CpuClock:
+    """CPU seconds of this process (all threads) and of every process it started, read every
+    `every` seconds on a thread of its own, so that the CPU spent between two moments of the run
+    (two commits) can be read after it. A child that has exited keeps the last figure read."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self._children: dict[int, float] = {}
+        self.samples: list[tuple[float, float, float]] = []  # (time, own, children's)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), name="cpu-clock", daemon=True)
+
+    def __enter__(self) -> CpuClock:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self._sample()
+
+    def _sample(self) -> None:
+        import psutil
+
+        for child in self._me.children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except psutil.Error:  # gone between the listing and the read
+                continue
+            self._children[child.pid] = times.user + times.system
+        own = self._me.cpu_times()
+        self.samples.append((time.time(), own.user + own.system, sum(self._children.values())))
+
+    def between(self, start: float, end: float) -> tuple[float, float]:
+        """CPU seconds of this process and of its children from `start` to `end` (times, s)."""
+        times, own, children = (np.array(column) for column in zip(*self.samples, strict=True))
+        return (
+            float(np.interp(end, times, own) - np.interp(start, times, own)),
+            float(np.interp(end, times, children) - np.interp(start, times, children)),
+        )
+
+
 def run_driver(config: Path, per_line: bool) -> dict:
     """The child: one continual_update over the landed files; figures as JSON."""
     from sqlalchemy import select
@@ -114,7 +168,7 @@ def run_driver(config: Path, per_line: bool) -> dict:
     started = time.time()
     # As `lru-online run` runs it: its files read and validated ahead in the checking interpreter
     # (embedded; Dask workers check them on servers).
-    with checking_for_command(settings.prefect.dask_address):
+    with CpuClock() as clock, checking_for_command(settings.prefect.dask_address):
         outcome = continual_update(config=str(config))
     wall = time.time() - started
     db = Database(settings.database_url)
@@ -129,6 +183,7 @@ def run_driver(config: Path, per_line: bool) -> dict:
     latencies = np.diff(commits)
     rows = sum(b.rows_scored for b in processed[1:])
     timings = [f["seconds"] for f in outcome["processed_files"][1:]]
+    driver_cpu, children_cpu = clock.between(commits[0], commits[-1])
     figures = {
         "files": len(processed),
         "rows": rows,
@@ -136,6 +191,7 @@ def run_driver(config: Path, per_line: bool) -> dict:
         "p50_s": float(np.percentile(latencies, 50)),
         "p99_s": float(np.percentile(latencies, 99)),
         "stages": {k: float(np.median([t.get(k, 0.0) for t in timings])) for k in STAGES},
+        "cpu_per_file": {"driver": driver_cpu / len(latencies), "started": children_cpu / len(latencies)},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": wall,
     }
@@ -343,10 +399,13 @@ def print_table(results, yardsticks, startup_rss: float, shapes) -> None:
     header = (
         f"{'lines x rows':<13}{'profile':<24}{'rows/s':>9}{'vs emb.':>8}{'p50 s':>7}{'p99 s':>7}"
         + "".join(f"{s[:8]:>9}" for s in STAGES)
-        + f"{'RSS MiB':>9}{'MiB/1k lines':>13}"
+        + f"{'cpu drv':>9}{'cpu oth':>9}{'RSS MiB':>9}{'MiB/1k lines':>13}"
     )
     print()
-    print("per file: rows/s from the first commit to the last; p50/p99 s between commits; stages: driver median s")
+    print(
+        "per file: rows/s from the first commit to the last; p50/p99 s between commits; stages: driver median s;"
+        " cpu: CPU s per file of the driver and of the processes it started"
+    )
     print(header)
     print("-" * len(header))
     order = [f"{lines}x{rows}" for lines, rows in shapes]
@@ -358,6 +417,7 @@ def print_table(results, yardsticks, startup_rss: float, shapes) -> None:
             f"{shape:<13}{label:<24}{r['rows_per_s']:>9.0f}{r['rows_per_s'] / base:>7.2f}x"
             f"{r['p50_s']:>7.2f}{r['p99_s']:>7.2f}"
             + "".join(f"{r['stages'][s]:>9.3f}" for s in STAGES)
+            + f"{r['cpu_per_file']['driver']:>9.2f}{r['cpu_per_file']['started']:>9.2f}"
             + f"{r['peak_rss_mib']:>9.0f}{growth:>13.1f}"
         )
     for shape, figures in yardsticks.items():
