@@ -50,11 +50,13 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from bench.common import work_folder
 
@@ -107,10 +109,6 @@ class CpuClock:
     (two commits) can be read after it. A child that has exited keeps the last figure read."""
 
     def __init__(self, every: float = 0.2) -> None:
-        import threading
-
-        import psutil
-
         self._me = psutil.Process()
         self._children: dict[int, float] = {}
         self.samples: list[tuple[float, float, float]] = []  # (time, own, children's)
@@ -132,8 +130,6 @@ class CpuClock:
             self._sample()
 
     def _sample(self) -> None:
-        import psutil
-
         for child in self._me.children(recursive=True):
             try:
                 times = child.cpu_times()

@@ -72,7 +72,6 @@ class ScoringGraph:
 
     forecast: torch.Tensor  # (B, T, horizon, targets), requires grad
     updates: int  # the learner's update count when it was made: valid while no update ran since
-    shape: tuple[int, int]  # (lines, rows) of the batch it scored
 
 
 def forecast_targets(targets: torch.Tensor, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +162,7 @@ class OnlineLearner:
         detached = ScoredSequence(
             scored.forecast.detach(), scored.residuals.detach(), scored.scores.detach(), scored.state.detach()
         )
-        return detached, ScoringGraph(scored.forecast, self.updates, tuple(inputs.shape[:2]))
+        return detached, ScoringGraph(scored.forecast, self.updates)
 
     # --- train --------------------------------------------------------------------------
     def _windows(self, length: int) -> list[tuple[int, int]]:
@@ -333,7 +332,7 @@ class OnlineLearner:
         if scoring is None:
             return None
         lines, length = inputs.shape[:2]
-        if scoring.updates != self.updates or scoring.shape != (lines, length):
+        if scoring.updates != self.updates or scoring.forecast.shape[:2] != (lines, length):
             raise ValueError("the scoring graph is of another batch or of weights an update has changed since")
         if not self._one_forward(lines, length, lines_per_step):
             raise ValueError("the scoring graph serves an update of one window and one step only")
