@@ -106,11 +106,17 @@ def write_config(profile: str, workdir: Path, extra: dict) -> Path:
 class CpuClock:
     """CPU seconds of this process (all threads) and of every process it started, read every
     `every` seconds on a thread of its own, so that the CPU spent between two moments of the run
-    (two commits) can be read after it. A child that has exited keeps the last figure read."""
+    (two commits) can be read after it. A child that has exited keeps the last figure read.
+    The thread runs in the measured process: the list of children, which psutil finds by reading
+    every process of the machine, is renewed every `children_every` readings only (a child found
+    late brings its whole CPU time with it)."""
 
-    def __init__(self, every: float = 0.2) -> None:
+    def __init__(self, every: float = 0.2, children_every: int = 10) -> None:
         self._me = psutil.Process()
+        self._known: list[psutil.Process] = []
         self._children: dict[int, float] = {}
+        self._children_every = children_every
+        self._readings = 0
         self.samples: list[tuple[float, float, float]] = []  # (time, own, children's)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), name="cpu-clock", daemon=True)
@@ -123,6 +129,7 @@ class CpuClock:
     def __exit__(self, *_) -> None:
         self._stop.set()
         self._thread.join()
+        self._readings = 0  # the last reading looks for children again
         self._sample()
 
     def _run(self, every: float) -> None:
@@ -130,10 +137,13 @@ class CpuClock:
             self._sample()
 
     def _sample(self) -> None:
-        for child in self._me.children(recursive=True):
+        if self._readings % self._children_every == 0:
+            self._known = self._me.children(recursive=True)
+        self._readings += 1
+        for child in self._known:
             try:
                 times = child.cpu_times()
-            except psutil.Error:  # gone between the listing and the read
+            except psutil.Error:  # exited since the listing
                 continue
             self._children[child.pid] = times.user + times.system
         own = self._me.cpu_times()
