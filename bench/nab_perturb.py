@@ -1,6 +1,6 @@
 """Perturbed copies of NAB-style streams: does the alarms' normal-row rate hold on what real
 streams do that the given ones may not? (The real-streams issue, part 1: bursts of missing
-data, irregular sampling, slow wander, scale changes; and streams longer than these.)
+data, irregular sampling, slow wander, scale changes, level shifts; and streams longer than these.)
 
     python bench/nab_perturb.py --data DIR --out PERTURBED --kind KIND [--seed 0]
     python bench/nab.py --data PERTURBED --out RESULTS
@@ -16,6 +16,9 @@ Kinds, applied after the first 15 % only:
 - volatility: from a random row between 30 % and 70 % of the series on, every value's distance
   from its level (the median of the `WANDER_ROWS` rows around it) three times as large: the
   same level, three times the spread, labelled rows included;
+- shift: from a random row between 30 % and 70 % of the series on, every value moved by
+  `SHIFT_SDS` standard deviations of the series, up or down at random, for good: a level that
+  jumps and stays (a recalibrated meter, a resized service), labelled rows included;
 - seasonal: a pattern by the clock added to every row, the first 15 % included (a real
   stream has its day from the start): a daily profile (two harmonics, random phases) spanning
   `SEASONAL_SDS` standard deviations of the series from trough to peak, and on Saturdays and
@@ -42,14 +45,15 @@ import pandas as pd
 
 from bench.nab import INITIAL_SHARE, Series, load_series
 
-KINDS = ("gaps", "irregular", "wander", "volatility", "seasonal", "long")
+KINDS = ("gaps", "irregular", "wander", "volatility", "shift", "seasonal", "long")
 GAP_BURSTS = 6
 GAP_SHARE = (0.01, 0.03)  # each burst's length, as a share of the series
 IRREGULAR_SHARE = 1 / 3
 WANDER_ROWS = 288  # a day of 5-minute rows: the walk's smoothing span
 WANDER_SDS = 3.0
 VOLATILITY_FACTOR = 3.0
-VOLATILITY_START = (0.3, 0.7)  # where the change may fall, as a share of the series
+VOLATILITY_START = (0.3, 0.7)  # where the change may fall, as a share of the series (also the shift's)
+SHIFT_SDS = 3.0
 SEASONAL_SDS = 3.0
 LONG_COPIES = 3
 
@@ -85,6 +89,10 @@ def perturb(item: Series, kind: str, rng: np.random.Generator) -> pd.DataFrame:
         start = int(rng.uniform(*VOLATILITY_START) * rows)
         factor = np.where(np.arange(rows) >= max(start, first), VOLATILITY_FACTOR, 1.0)
         return frame.assign(value=level + factor * (frame["value"].to_numpy() - level))
+    if kind == "shift":
+        start = max(int(rng.uniform(*VOLATILITY_START) * rows), first)
+        step = rng.choice([-1.0, 1.0]) * SHIFT_SDS * float(frame["value"].std())
+        return frame.assign(value=frame["value"] + np.where(np.arange(rows) >= start, step, 0.0))
     if kind == "seasonal":
         return frame.assign(value=frame["value"] + clock_pattern(frame["timestamp"], rng) * float(frame["value"].std()))
     if kind == "long":

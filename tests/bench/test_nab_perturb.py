@@ -19,6 +19,7 @@ from bench.nab_perturb import (
     KINDS,
     LONG_COPIES,
     SEASONAL_SDS,
+    SHIFT_SDS,
     VOLATILITY_FACTOR,
     WANDER_ROWS,
     WANDER_SDS,
@@ -78,6 +79,14 @@ def test_a_perturbation_keeps_the_first_share_and_every_labelled_row(tmp_path, k
             assert 0.3 * ROWS <= start <= 0.7 * ROWS
             after = ratio[start:][np.isfinite(ratio[start:])]
             assert np.allclose(after, VOLATILITY_FACTOR)
+        elif kind == "shift":
+            assert len(copy.frame) == ROWS
+            added = (copy.frame["value"] - original.frame["value"]).to_numpy()
+            start = np.flatnonzero(np.abs(added) > 1e-9)[0]
+            assert 0.3 * ROWS <= start <= 0.7 * ROWS
+            # One step, the same on every row after it, labelled rows included.
+            assert np.allclose(np.abs(added[start:]), SHIFT_SDS * original.frame["value"].std())
+            assert np.ptp(added[start:]) < 1e-9 and np.abs(added[:start]).max() < 1e-9
         else:
             pd.testing.assert_series_equal(copied["value"], labelled["value"])
             assert (kept["value_copy"] == kept["value"]).all()  # rows kept as they were
