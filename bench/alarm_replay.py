@@ -65,6 +65,11 @@ def replay(settings: Settings, config: AlarmConfig) -> Replay:
                 states = {}  # each file a run of its lines: they start afresh
             frame = pd.concat([pd.read_parquet(p) for p in parts if _part_index(p) == part], ignore_index=True)
             if spec.entity_column not in frame:  # a one-line log without a line column
+                if settings.log_schema.single_line is None:
+                    raise ValueError(
+                        f"{parts[0]} has no line column {spec.entity_column!r}: replay the work folder with the "
+                        "config it ran with (--config)"
+                    )
                 frame[spec.entity_column] = settings.log_schema.single_line
             # Each line's rows together in time order, as the pipeline judged them.
             features, frame = sequences(frame, spec, file_is_run=False)
@@ -197,7 +202,10 @@ def main() -> None:
     settings, config = load_work_settings(args.workdir, args.config)
     print(f"{library_versions()}; work folder {args.workdir}, config {config or 'embedded defaults'}")
     for overrides in grid(settings, args.choices) or [{}]:
-        figures = setting_figures(settings, overrides, args.labels, args.tuning)
+        try:
+            figures = setting_figures(settings, overrides, args.labels, args.tuning)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         print(json.dumps({"alarms": overrides or "as run"} | figures))
 
 

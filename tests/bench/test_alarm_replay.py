@@ -6,6 +6,7 @@ settings it judges afresh rather than reading the stored flags back."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from sqlalchemy import select
 
 from bench.alarm_replay import replay
@@ -52,3 +53,9 @@ def test_replaying_the_run_settings_gives_back_its_flags_and_onsets(tmp_path, pr
 
     looser = replay(settings, settings.alarms.model_copy(update={"false_alarm_rate": 0.2}).config())
     assert looser.rows["anomaly"].sum() > flags.sum()
+
+    # A folder replayed under another log format's settings (here a line column it never had)
+    # is refused with the file and the column named, not a pandas error.
+    schema = settings.log_schema.model_copy(update={"entity_column": "series", "single_line": None})
+    with pytest.raises(ValueError, match=r"batch-.*parquet has no line column 'series'.*--config"):
+        replay(settings.model_copy(update={"log_schema": schema}), settings.alarms.config())
