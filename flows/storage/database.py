@@ -111,7 +111,8 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self, revision: str = "head") -> None:
-        """Brings the schema to `revision` (idempotent); refuses an unreachable database.
+        """Brings the schema to `revision` (idempotent); refuses an unreachable database. A
+        database already at the head returns before alembic is loaded (`schema_head`).
 
         Two processes starting on a fresh database at once both see it empty; on Postgres an
         advisory lock serialises them, on SQLite the loser's "already exists" is retried after
