@@ -52,7 +52,7 @@ IRREGULAR_SHARE = 1 / 3
 WANDER_ROWS = 288  # a day of 5-minute rows: the walk's smoothing span
 WANDER_SDS = 3.0
 VOLATILITY_FACTOR = 3.0
-VOLATILITY_START = (0.3, 0.7)  # where the change may fall, as a share of the series (also the shift's)
+CHANGE_START = (0.3, 0.7)  # where a volatility change or a shift may fall, as a share of the series
 SHIFT_SDS = 3.0
 SEASONAL_SDS = 3.0
 LONG_COPIES = 3
@@ -86,11 +86,11 @@ def perturb(item: Series, kind: str, rng: np.random.Generator) -> pd.DataFrame:
         return frame.assign(value=frame["value"] + walk * scale)
     if kind == "volatility":
         level = frame["value"].rolling(WANDER_ROWS, center=True, min_periods=1).median().to_numpy()
-        start = int(rng.uniform(*VOLATILITY_START) * rows)
+        start = int(rng.uniform(*CHANGE_START) * rows)
         factor = np.where(np.arange(rows) >= max(start, first), VOLATILITY_FACTOR, 1.0)
         return frame.assign(value=level + factor * (frame["value"].to_numpy() - level))
     if kind == "shift":
-        start = max(int(rng.uniform(*VOLATILITY_START) * rows), first)
+        start = max(int(rng.uniform(*CHANGE_START) * rows), first)
         step = rng.choice([-1.0, 1.0]) * SHIFT_SDS * float(frame["value"].std())
         return frame.assign(value=frame["value"] + np.where(np.arange(rows) >= start, step, 0.0))
     if kind == "seasonal":

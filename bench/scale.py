@@ -116,30 +116,29 @@ class CpuClock:
         self._known: list[psutil.Process] = []
         self._children: dict[int, float] = {}
         self._children_every = children_every
-        self._readings = 0
         self.samples: list[tuple[float, float, float]] = []  # (time, own, children's)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), name="cpu-clock", daemon=True)
 
     def __enter__(self) -> CpuClock:
-        self._sample()
+        self._sample(list_children=True)
         self._thread.start()
         return self
 
     def __exit__(self, *_) -> None:
         self._stop.set()
         self._thread.join()
-        self._readings = 0  # the last reading looks for children again
-        self._sample()
+        self._sample(list_children=True)
 
     def _run(self, every: float) -> None:
+        readings = 0
         while not self._stop.wait(every):
-            self._sample()
+            readings += 1
+            self._sample(list_children=readings % self._children_every == 0)
 
-    def _sample(self) -> None:
-        if self._readings % self._children_every == 0:
+    def _sample(self, list_children: bool) -> None:
+        if list_children:
             self._known = self._me.children(recursive=True)
-        self._readings += 1
         for child in self._known:
             try:
                 times = child.cpu_times()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import time
 from collections.abc import Iterator
@@ -78,13 +79,22 @@ def schema_head() -> str | None:
     database that is already at this revision."""
     revisions: dict[str, str | None] = {}
     for script in (MIGRATIONS / "versions").glob("*.py"):
-        fields = dict(_REVISION_LINE.findall(script.read_text(encoding="utf-8")))
-        revision, down = fields.get("revision", ""), fields.get("down_revision", "None")
-        if not re.fullmatch(r"[\"'][\w-]+[\"']", revision) or not re.fullmatch(r"None|[\"'][\w-]+[\"']", down):
-            return None
-        revisions[revision.strip("\"'")] = None if down == "None" else down.strip("\"'")
+        fields = {name: _literal(value) for name, value in _REVISION_LINE.findall(script.read_text(encoding="utf-8"))}
+        revision, down = fields.get("revision"), fields.get("down_revision")
+        if not isinstance(revision, str) or not isinstance(down, str | None):
+            return None  # a merge (a tuple of revisions) or a line not read: alembic decides
+        revisions[revision] = down
     heads = set(revisions) - set(revisions.values())
     return heads.pop() if len(heads) == 1 else None
+
+
+def _literal(source: str) -> object:
+    """A script's revision value as Python reads it; a value that is not a literal reads as a
+    tuple, which `schema_head` hands back to alembic."""
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return ()
 
 
 def alembic_config(url: str) -> Config:
