@@ -5,14 +5,16 @@
 
 The defaults' alarm settings were chosen on the simulated tuning plants and nab-aws's tuning files
 as given (flows/settings.py); on streams that do what real streams do (gaps, irregular sampling,
-wander, wider spread, long lines in large files) the same settings alarm at up to 4α. This bench
+wander, wider spread, level shifts, daily patterns, long lines in large files) the same settings
+alarm at up to 4α. This bench
 widens the tuning streams to those cases, all derived from tuning data, and judges a setting on
 all of them at once by replaying each work folder's stored residuals (bench/alarm_replay.py): a
 setting costs about a minute, not a backfill per stream.
 
-`--build DIR` makes the work folders (about 25 minutes on 2 cores, 2 at a time):
-- `nab-given`, `nab-gaps`, `nab-irregular`, `nab-wander`, `nab-volatility`, `nab-long`:
-  `bench/nab.py` on nab-aws and on its `bench/nab_perturb.py` copies (seed 0; `data-KIND/`);
+`--build DIR` makes the work folders (about 27 minutes on 2 cores, 2 at a time):
+- `nab-given`, `nab-gaps`, `nab-irregular`, `nab-wander`, `nab-volatility`, `nab-shift`,
+  `nab-seasonal`, `nab-long`: `bench/nab.py` on nab-aws and on its `bench/nab_perturb.py` copies
+  (seed 0; `data-KIND/`);
   `nab-long60`: the long copy cut into 60 files instead of 20;
 - `plant-11`, `plant-12`: `lru-online simulate --seed S` then `run` (the demo's plant, other seeds);
 - `demo`: `lru-online demo` (its plant, seed 7), a report stream;
@@ -44,7 +46,7 @@ from bench.common import ROOT, library_versions, run_cli, usable_cores
 if TYPE_CHECKING:
     from flows.settings import Settings
 
-NAB_KINDS = ("given", "gaps", "irregular", "wander", "volatility", "long", "long60")
+NAB_KINDS = ("given", "gaps", "irregular", "wander", "volatility", "shift", "seasonal", "long", "long60")
 PLANT_SEEDS = (11, 12)
 SKAB_SEED = 2
 RATE_LIMIT = 2.0  # in α: the issue's bar for normal rows
