@@ -27,6 +27,7 @@ from flows.model.initial_training import train_initial
 from flows.model.registry_package import snapshot_if_due
 from flows.model.retraining import retrain
 from flows.monitor.tracking import track_pending
+from flows.orchestrate.heap import frozen_heap
 from flows.orchestrate.pipeline import BatchResult, Pipeline
 from flows.orchestrate.retrain_beside import RetrainBeside
 from flows.secrets import install_log_masking
@@ -219,27 +220,28 @@ def continual_update(config: str | None = None, workdir: str | None = None, max_
         checked = work.checked_ahead(settings, files)
         progress = _Progress(len(files))
         timings = []  # per processed file: its rows and where its seconds went
-        for batch_id, check in checked:
-            pipeline.ledger.acquire(run_lease)  # renew
-            result = process_batch(pipeline, batch_id, check)
-            progress.advance()
-            counts[result.status] = counts.get(result.status, 0) + 1
-            if result.status == BatchStatus.QUARANTINED:
-                page = f" (Data Docs: {result.validation_page})" if result.validation_page else ""
-                logger.warning("quarantined %s: %s%s", result.file, "; ".join(result.reasons)[:500], page)
-            for quarantine in result.line_quarantines:
-                page = quarantine["validation_page"]
-                logger.warning(
-                    "quarantined %d row(s) of %s in %s; its other lines went on: %s%s",
-                    quarantine["rows"],
-                    "rows without a line" if quarantine["entity"] is None else f"line {quarantine['entity']!r}",
-                    result.file,
-                    "; ".join(quarantine["reasons"])[:500],
-                    f" (rows: {quarantine['rows_file']}; Data Docs: {page})" if page else "",
-                )
-            if result.status == BatchStatus.PROCESSED:
-                timings.append({"batch_id": batch_id, "rows": result.rows_scored, "seconds": result.timings})
-                _after_commit(pipeline, result, counts, config, started, beside)
+        with frozen_heap():  # what the run built so far is not scanned again for every file
+            for batch_id, check in checked:
+                pipeline.ledger.acquire(run_lease)  # renew
+                result = process_batch(pipeline, batch_id, check)
+                progress.advance()
+                counts[result.status] = counts.get(result.status, 0) + 1
+                if result.status == BatchStatus.QUARANTINED:
+                    page = f" (Data Docs: {result.validation_page})" if result.validation_page else ""
+                    logger.warning("quarantined %s: %s%s", result.file, "; ".join(result.reasons)[:500], page)
+                for quarantine in result.line_quarantines:
+                    page = quarantine["validation_page"]
+                    logger.warning(
+                        "quarantined %d row(s) of %s in %s; its other lines went on: %s%s",
+                        quarantine["rows"],
+                        "rows without a line" if quarantine["entity"] is None else f"line {quarantine['entity']!r}",
+                        result.file,
+                        "; ".join(quarantine["reasons"])[:500],
+                        f" (rows: {quarantine['rows_file']}; Data Docs: {page})" if page else "",
+                    )
+                if result.status == BatchStatus.PROCESSED:
+                    timings.append({"batch_id": batch_id, "rows": result.rows_scored, "seconds": result.timings})
+                    _after_commit(pipeline, result, counts, config, started, beside)
         pipeline.monitor.wait()  # a report or tracking that failed fails the run, as a task would
         return {"run": counts, "processed_files": timings, **pipeline.ledger.accounting()}
     finally:
