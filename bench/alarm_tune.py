@@ -6,10 +6,9 @@
 The defaults' alarm settings were chosen on the simulated tuning plants and nab-aws's tuning files
 as given (flows/settings.py); on streams that do what real streams do (gaps, irregular sampling,
 wander, wider spread, level shifts, daily patterns, long lines in large files) the same settings
-alarm at up to 4α. This bench
-widens the tuning streams to those cases, all derived from tuning data, and judges a setting on
-all of them at once by replaying each work folder's stored residuals (bench/alarm_replay.py): a
-setting costs about a minute, not a backfill per stream.
+alarm at up to 4α. This bench widens the tuning streams to those cases, all derived from tuning
+data, and judges a setting on all of them at once by replaying each work folder's stored
+residuals (bench/alarm_replay.py): a setting costs about a minute, not a backfill per stream.
 
 `--build DIR` makes the work folders (about 27 minutes on 2 cores, 2 at a time):
 - `nab-given`, `nab-gaps`, `nab-irregular`, `nab-wander`, `nab-volatility`, `nab-shift`,
@@ -191,13 +190,13 @@ def _row(overrides: dict, figures: dict[str, dict]) -> str:
     given = figures["nab-given"]["tuning"]["standard"]
     # Beside the rule's as-given figure, not in it: the tuning files over every nab folder, so a
     # gain on the as-given files is seen holding across kinds of stream or not (README, judge_rows).
-    kinds = [found["tuning"]["standard"] for name, found in figures.items() if name.startswith("nab-")]
-    every_kind = sum(kinds) / len(kinds)
-    report = []
+    kinds, report = [], []
     for name, found in figures.items():
         if name.startswith("nab-"):
+            kinds.append(found["tuning"]["standard"])
             part = found["report"]
             report.append(f"{name.removeprefix('nab-')} {part['standard']:.1f}/{part['normal_rate_x_alpha']:.2f}α")
+    every_kind = sum(kinds) / len(kinds)
     return (
         f"{_label(overrides):<40} plants F1 {plants}  NAB tuning {given:5.1f} (every kind {every_kind:5.1f})"
         f"  score {score(figures):.4f}"
