@@ -2,6 +2,13 @@
 
 from features.builder import FeatureBatch, build_features
 from features.spec import FeatureSpec
-from features.state import EntityFeatureState, FeatureStateError
+from features.state import EntityFeatureState, FeatureStateError, LineFeatureStates
 
-__all__ = ["EntityFeatureState", "FeatureBatch", "FeatureSpec", "FeatureStateError", "build_features"]
+__all__ = [
+    "EntityFeatureState",
+    "FeatureBatch",
+    "FeatureSpec",
+    "FeatureStateError",
+    "LineFeatureStates",
+    "build_features",
+]

@@ -23,7 +23,7 @@ import torch
 from features.changes import changes_from_previous
 from features.scaling import ScalerStatistics, last_observed, latest_observed, standardize
 from features.spec import FeatureSpec
-from features.state import EntityFeatureState
+from features.state import NO_EVENT, EntityFeatureState, LineFeatureStates
 
 
 @dataclass
@@ -162,10 +162,11 @@ class FeatureBatch:
 
 
 def build_features(
-    rows: pd.DataFrame, spec: FeatureSpec, states: Mapping[str, EntityFeatureState]
-) -> tuple[FeatureBatch, dict[str, EntityFeatureState]]:
-    """Features of validated rows of any number of lines, each from its carried state (a line
-    missing from `states` starts fresh), and every line's state after them.
+    rows: pd.DataFrame, spec: FeatureSpec, states: Mapping[str, EntityFeatureState | bytes | None]
+) -> tuple[FeatureBatch, LineFeatureStates]:
+    """Features of validated rows of any number of lines, each from its carried state (stored
+    bytes, an `EntityFeatureState`, or a `LineFeatureStates`; a line missing from `states`
+    starts fresh), and every line's state after them.
 
     Lines come out sorted by id; each line's rows in time order.
     """
@@ -181,19 +182,19 @@ def build_features(
     counts = np.bincount(line, minlength=len(entities))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     entities = [str(e) for e in entities]
-    carried = [states.get(e) or EntityFeatureState() for e in entities]
     sensors = spec.sensors
+    carried = LineFeatureStates.from_states(entities, states, sensors)
     raw = rows[list(sensors)].to_numpy(np.float64)[order]
     measured = raw
     changing = [sensors.index(name) for name in spec.change_sensors]
+    last_readings = carried.last_readings.copy()
     if changing:
-        previous = np.array(
-            [[s.last_readings.get(sensors[c], np.nan) for c in changing] for s in carried], dtype=np.float64
-        ).reshape(len(entities), len(changing))
         measured = raw.copy()
-        measured[:, changing], last_readings = changes_from_previous(raw[:, changing], line, offsets, previous)
+        measured[:, changing], last_readings[:, changing] = changes_from_previous(
+            raw[:, changing], line, offsets, carried.last_readings[:, changing]
+        )
 
-    statistics = ScalerStatistics.from_states([s.scaler for s in carried], sensors)
+    statistics = ScalerStatistics(carried.counts, carried.means, carried.variances)
     standardised, after = standardize(measured, line, offsets, statistics, spec.baseline_rows)
 
     # Carry each sensor's last reading forward (from the previous batch too; 0 before any).
@@ -201,20 +202,18 @@ def build_features(
     latest = latest_observed(fresh)
     starts = offsets[:-1][line][:, None]
     columns = np.arange(len(sensors))
-    carried_values = np.array(
-        [[s.last_values.get(sensor, np.nan) for sensor in sensors] for s in carried], dtype=np.float64
-    ).reshape(len(entities), len(sensors))
     in_line = latest >= starts
-    values = np.where(in_line, standardised[np.where(in_line, latest, 0), columns], carried_values[line])
+    values = np.where(in_line, standardised[np.where(in_line, latest, 0), columns], carried.last_values[line])
     values = np.nan_to_num(values, nan=0.0)
 
     seconds = np.diff(nanoseconds, prepend=nanoseconds[:1]) / 1e9
     first_rows = offsets[:-1]
-    for index, state in enumerate(carried):
-        if state.last_timestamp is not None:
-            seconds[first_rows[index]] = (timestamps[first_rows[index]] - state.last_timestamp).total_seconds()
-        else:
-            seconds[first_rows[index]] = spec.time_scale_seconds  # a line's first event ever: one nominal step
+    before = carried.last_event_ns
+    known = before != NO_EVENT
+    since_carried = (nanoseconds[first_rows] - np.where(known, before, 0)) / 1e9
+    seconds[first_rows] = np.where(
+        known, since_carried, spec.time_scale_seconds
+    )  # a line's first event ever: one nominal step
     dt = np.maximum(seconds, 0.0) / spec.time_scale_seconds
 
     inputs = np.concatenate([values, fresh.astype(np.float64), np.log1p(dt)[:, None]], axis=1)
@@ -222,23 +221,18 @@ def build_features(
     labels = rows[present].to_numpy(np.float64)[order] if present else None
 
     last = last_observed(latest, offsets)
-    new_states = {}
-    for index, (entity, state) in enumerate(zip(entities, carried, strict=True)):
-        last_values = dict(state.last_values)
-        for col, sensor in enumerate(sensors):
-            if last[index, col] >= 0:
-                last_values[sensor] = float(standardised[last[index, col], col])
-        readings = dict(state.last_readings)
-        for position, col in enumerate(changing):
-            if np.isfinite(last_readings[index, position]):
-                readings[sensors[col]] = float(last_readings[index, position])
-        new_states[entity] = EntityFeatureState(
-            scaler=after.state(index, sensors),
-            last_values=last_values,
-            last_timestamp=timestamps[offsets[index + 1] - 1],
-            events=state.events + int(counts[index]),
-            last_readings=readings,
-        )
+    seen = last >= 0
+    new_states = LineFeatureStates(
+        entities=entities,
+        sensors=sensors,
+        counts=after.counts,
+        means=after.means,
+        variances=after.variances,
+        last_values=np.where(seen, standardised[np.where(seen, last, 0), columns], carried.last_values),
+        last_readings=last_readings,
+        last_event_ns=nanoseconds[offsets[1:] - 1].astype(np.int64),
+        events=carried.events + counts,
+    )
     batch = FeatureBatch(
         entities=entities,
         offsets=offsets,

@@ -1,16 +1,34 @@
-"""The feature state one entity carries from batch to batch, stored as JSON (never pickle)."""
+"""The feature state each line carries from batch to batch, and its stored bytes (never pickle).
+
+A plant's file holds thousands of lines, so the states of a file's lines are read, built on and
+written as arrays (`LineFeatureStates`), one row per line; `EntityFeatureState` is one line's
+state as dicts, for reading and for tests. Stored layout (version 2, per line): a 4-byte tag,
+the sensors' names (JSON, with a 2-byte length), then the time of the line's last event
+(int64 UTC nanoseconds), its event count (int64) and five float64 values per sensor: river's
+count, mean and variance, the last standardised reading and the last raw reading of a sensor
+that enters as its change, NaN where a line has none. Lines stored with the same sensors are
+decoded together in one read. Version 1 (JSON, before 2026-12-07) is still read.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
+import numpy as np
 import pandas as pd
 
 
 class FeatureStateError(ValueError):
     """Stored feature state that cannot be read back."""
+
+
+TAG = b"LFS\x02"  # version 2; version 1 is JSON and starts with "{"
+NO_EVENT = np.iinfo(np.int64).min  # last event time of a line that has none
+_PER_SENSOR = 5  # counts, means, variances, last values, last readings
 
 
 @dataclass
@@ -25,39 +43,201 @@ class EntityFeatureState:
     last_readings: dict[str, float] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        payload = {
-            "version": 1,
-            "scaler": self.scaler,
-            "last_values": self.last_values,
-            "last_timestamp": self.last_timestamp.isoformat() if self.last_timestamp is not None else None,
-            "events": self.events,
-            "last_readings": self.last_readings,
-        }
-        return json.dumps(payload, sort_keys=True, allow_nan=False).encode()
+        sensors = tuple(dict.fromkeys([*self.scaler["counts"], *self.last_values, *self.last_readings]))
+        return LineFeatureStates.from_states(["line"], {"line": self}, sensors).to_bytes_many()["line"]
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EntityFeatureState:
+        if data[:4] == TAG:
+            states = LineFeatureStates.from_states(["line"], {"line": data}, None)
+            return states["line"]
+        return _from_json(data)
+
+
+@dataclass(eq=False)
+class LineFeatureStates(Mapping):
+    """The feature states of L lines over S sensors, as (L, S) and (L,) arrays; also a read-only
+    mapping from each line to its `EntityFeatureState`."""
+
+    entities: list[str]
+    sensors: tuple[str, ...]
+    counts: np.ndarray  # (L, S) river's counts; 0: the sensor never seen
+    means: np.ndarray
+    variances: np.ndarray
+    last_values: np.ndarray  # (L, S) NaN: none yet
+    last_readings: np.ndarray  # (L, S) NaN: none (or not a change sensor)
+    last_event_ns: np.ndarray  # (L,) int64 UTC nanoseconds, NO_EVENT: none yet
+    events: np.ndarray  # (L,) int64
+
+    @classmethod
+    def empty(cls, entities: list[str], sensors: tuple[str, ...]) -> LineFeatureStates:
+        shape = (len(entities), len(sensors))
+        zeros, missing = np.zeros(shape), np.full(shape, np.nan)
+        return cls(
+            list(entities),
+            tuple(sensors),
+            zeros,
+            zeros.copy(),
+            zeros.copy(),
+            missing,
+            missing.copy(),
+            np.full(len(entities), NO_EVENT, dtype=np.int64),
+            np.zeros(len(entities), dtype=np.int64),
+        )
+
+    @classmethod
+    def from_states(
+        cls,
+        entities: list[str],
+        states: Mapping[str, EntityFeatureState | bytes | None],
+        sensors: tuple[str, ...] | None,
+    ) -> LineFeatureStates:
+        """The lines' states in `entities` order from stored bytes, `EntityFeatureState`s or
+        another `LineFeatureStates` (a line absent or None starts fresh), on `sensors` (None:
+        those of the first stored state; a sensor a state does not hold starts fresh)."""
+        if isinstance(states, LineFeatureStates) and (sensors is None or states.sensors == tuple(sensors)):
+            return states._pick(entities)
+        stored = [states.get(e) for e in entities]
+        if sensors is None:
+            sensors = next((_sensors_of(s) for s in stored if s is not None), ())
+        out = cls.empty(entities, tuple(sensors))
+        binary: dict[bytes, list[int]] = {}  # lines grouped by their stored sensors' header
+        for row, state in enumerate(stored):
+            if state is None:
+                continue
+            if isinstance(state, bytes | bytearray | memoryview):
+                state = bytes(state)
+                if state[:4] == TAG:
+                    binary.setdefault(_header(state), []).append(row)
+                    continue
+                state = _from_json(state)
+            out._set_row(row, state)
+        for header, rows in binary.items():
+            out._set_binary(rows, header, [stored[r] for r in rows])
+        return out
+
+    def to_bytes_many(self) -> dict[str, bytes]:
+        """Each line's stored bytes."""
+        names = json.dumps(list(self.sensors)).encode()
+        prefix = TAG + len(names).to_bytes(2, "little") + names
+        times = np.stack([self.last_event_ns, self.events], axis=1).astype("<i8")
+        values = np.concatenate(
+            [self.counts, self.means, self.variances, self.last_values, self.last_readings], axis=1
+        ).astype("<f8")
+        return {
+            entity: prefix + times[row].tobytes() + values[row].tobytes() for row, entity in enumerate(self.entities)
+        }
+
+    def __getitem__(self, entity: str) -> EntityFeatureState:
+        row = self._row(entity)
+        seen = [c for c, sensor in enumerate(self.sensors) if self.counts[row, c] > 0]
+        stamp = self.last_event_ns[row]
+        return EntityFeatureState(
+            scaler={
+                "counts": {self.sensors[c]: int(self.counts[row, c]) for c in seen},
+                "means": {self.sensors[c]: float(self.means[row, c]) for c in seen},
+                "vars": {self.sensors[c]: float(self.variances[row, c]) for c in seen},
+            },
+            last_values=_present(self.sensors, self.last_values[row]),
+            last_timestamp=pd.Timestamp(int(stamp), tz="UTC") if stamp != NO_EVENT else None,
+            events=int(self.events[row]),
+            last_readings=_present(self.sensors, self.last_readings[row]),
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entities)
+
+    def __len__(self) -> int:
+        return len(self.entities)
+
+    @cached_property
+    def _rows(self) -> dict[str, int]:
+        return {entity: row for row, entity in enumerate(self.entities)}
+
+    def _row(self, entity: str) -> int:
+        return self._rows[entity]
+
+    def _pick(self, entities: list[str]) -> LineFeatureStates:
+        rows = np.array([self._rows.get(e, -1) for e in entities], dtype=np.int64)
+        known = rows >= 0
+        out = LineFeatureStates.empty(entities, self.sensors)
+        for name in ("counts", "means", "variances", "last_values", "last_readings", "last_event_ns", "events"):
+            getattr(out, name)[known] = getattr(self, name)[rows[known]]
+        return out
+
+    def _set_row(self, row: int, state: EntityFeatureState) -> None:
+        for col, sensor in enumerate(self.sensors):
+            if sensor in state.scaler["counts"]:
+                self.counts[row, col] = state.scaler["counts"][sensor]
+                self.means[row, col] = state.scaler["means"][sensor]
+                self.variances[row, col] = state.scaler["vars"][sensor]
+            self.last_values[row, col] = state.last_values.get(sensor, np.nan)
+            self.last_readings[row, col] = state.last_readings.get(sensor, np.nan)
+        if state.last_timestamp is not None:
+            stamp = pd.Timestamp(state.last_timestamp)
+            stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+            self.last_event_ns[row] = stamp.as_unit("ns").value
+        self.events[row] = state.events
+
+    def _set_binary(self, rows: list[int], header: bytes, blobs: list[bytes]) -> None:
         try:
-            payload = json.loads(data.decode())
-            if payload.get("version") != 1:
-                raise FeatureStateError(f"feature state version {payload.get('version')!r} is not supported")
-            scaler = {part: dict(payload["scaler"][part]) for part in ("counts", "means", "vars")}
-            last_values = {str(k): float(v) for k, v in payload["last_values"].items()}
-            stamp = payload["last_timestamp"]
-            events = int(payload["events"])
-            # A state stored before sensors could enter as changes has none.
-            last_readings = {str(k): float(v) for k, v in payload.get("last_readings", {}).items()}
-        except FeatureStateError:
-            raise
-        except (
-            UnicodeDecodeError,
-            json.JSONDecodeError,
-            KeyError,
-            TypeError,
-            ValueError,
-            AttributeError,
-        ) as error:
+            stored = tuple(json.loads(header.decode()))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise FeatureStateError(f"feature state is unreadable: {error}") from error
-        if not all(math.isfinite(v) for v in [*last_values.values(), *last_readings.values()]):
-            raise FeatureStateError("feature state holds a non-finite carried value")
-        return cls(scaler, last_values, pd.Timestamp(stamp) if stamp else None, events, last_readings)
+        width = 4 + 2 + len(header) + 16 + 8 * _PER_SENSOR * len(stored)
+        if any(len(blob) != width for blob in blobs):
+            raise FeatureStateError(f"feature state is unreadable: a record is not {width} bytes long")
+        body = np.frombuffer(b"".join(blob[6 + len(header) :] for blob in blobs), dtype=np.uint8)
+        body = body.reshape(len(blobs), -1)
+        times = body[:, :16].copy().view("<i8")
+        values = body[:, 16:].copy().view("<f8").reshape(len(blobs), _PER_SENSOR, len(stored))
+        if np.isinf(values).any() or np.isnan(values[:, :3]).any() or (values[:, 0] < 0).any():
+            raise FeatureStateError("feature state holds a non-finite or negative statistic")
+        rows_index = np.asarray(rows)
+        columns = [(self.sensors.index(s), j) for j, s in enumerate(stored) if s in self.sensors]
+        for target, source in columns:
+            for part, name in enumerate(("counts", "means", "variances", "last_values", "last_readings")):
+                getattr(self, name)[rows_index, target] = values[:, part, source]
+        self.last_event_ns[rows_index] = times[:, 0]
+        self.events[rows_index] = times[:, 1]
+
+
+def _header(data: bytes) -> bytes:
+    size = int.from_bytes(data[4:6], "little")
+    return data[6 : 6 + size]
+
+
+def _sensors_of(state: EntityFeatureState | bytes) -> tuple[str, ...]:
+    if isinstance(state, bytes | bytearray | memoryview) and bytes(state[:4]) == TAG:
+        try:
+            return tuple(json.loads(_header(bytes(state)).decode()))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FeatureStateError(f"feature state is unreadable: {error}") from error
+    if not isinstance(state, EntityFeatureState):
+        state = _from_json(bytes(state))
+    return tuple(dict.fromkeys([*state.scaler["counts"], *state.last_values, *state.last_readings]))
+
+
+def _present(sensors: tuple[str, ...], values: np.ndarray) -> dict[str, float]:
+    return {sensor: float(v) for sensor, v in zip(sensors, values, strict=True) if not math.isnan(v)}
+
+
+def _from_json(data: bytes) -> EntityFeatureState:
+    """A version-1 state (JSON)."""
+    try:
+        payload = json.loads(data.decode())
+        if payload.get("version") != 1:
+            raise FeatureStateError(f"feature state version {payload.get('version')!r} is not supported")
+        scaler = {part: dict(payload["scaler"][part]) for part in ("counts", "means", "vars")}
+        last_values = {str(k): float(v) for k, v in payload["last_values"].items()}
+        stamp = payload["last_timestamp"]
+        events = int(payload["events"])
+        # A state stored before sensors could enter as changes has none.
+        last_readings = {str(k): float(v) for k, v in payload.get("last_readings", {}).items()}
+    except FeatureStateError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise FeatureStateError(f"feature state is unreadable: {error}") from error
+    if not all(math.isfinite(v) for v in [*last_values.values(), *last_readings.values()]):
+        raise FeatureStateError("feature state holds a non-finite carried value")
+    return EntityFeatureState(scaler, last_values, pd.Timestamp(stamp) if stamp else None, events, last_readings)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
+from features import FeatureBatch, FeatureSpec, build_features
 from flows.model.forecast_mixture import (
     MixtureSetup,
     alarm_residuals,
@@ -128,13 +128,9 @@ def prepare_lines(
     fresh = rows[~late_rows]
     if fresh.empty:
         return PreparedLines(_counts(received), _counts(late), None, {}, time.perf_counter() - started)
-    carried = {
-        e: EntityFeatureState.from_bytes(data)
-        for e, data in feature_states.items()
-        if data is not None and e in received
-    }
+    carried = {e: data for e, data in feature_states.items() if e in received}
     features, states = build_features(fresh, spec, carried)
-    encoded = {e: state.to_bytes() for e, state in states.items()}
+    encoded = states.to_bytes_many()
     return PreparedLines(_counts(received), _counts(late), features, encoded, time.perf_counter() - started)
 
 

@@ -12,7 +12,7 @@ import logging
 import pandas as pd
 from sqlalchemy.exc import IntegrityError
 
-from features import EntityFeatureState, FeatureBatch, FeatureSpec, build_features
+from features import FeatureBatch, FeatureSpec, build_features
 from features.windows import concatenate
 from flows.model.fleet import new_learner, save_checkpoint
 from flows.model.live import LiveModel
@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 def training_features(picked: list[pd.DataFrame], spec: FeatureSpec, file_is_run: bool) -> list[FeatureBatch]:
     """The features of the picked files in order, each line's feature state carried from file
     to file, as the stream carries it; when each file is a run, each starts from nothing."""
-    states: dict[str, EntityFeatureState] = {}
+    states: dict[str, bytes] = {}
     parts = []
     for rows in picked:
         features, after = build_features(rows, spec, states)
         if not file_is_run:  # a run's states end with its file: nothing to carry, each starts fresh
-            states.update(after)
+            states.update(after.to_bytes_many())
         parts.append(features)
     return parts
 

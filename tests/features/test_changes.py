@@ -75,9 +75,14 @@ def test_a_change_sensor_is_built_as_if_its_changes_had_been_logged():
 
 
 def test_a_state_stored_before_change_sensors_existed_reads_back_without_readings():
-    state = EntityFeatureState(last_values={"a": 0.5})
-    payload = json.loads(state.to_bytes())
-    del payload["last_readings"]
+    # Version 1 (JSON), as stored before the binary layout and before change sensors.
+    payload = {
+        "version": 1,
+        "scaler": {"counts": {}, "means": {}, "vars": {}},
+        "last_values": {"a": 0.5},
+        "last_timestamp": None,
+        "events": 0,
+    }
     restored = EntityFeatureState.from_bytes(json.dumps(payload).encode())
     assert restored.last_readings == {} and restored.last_values == {"a": 0.5}
 

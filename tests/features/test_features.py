@@ -1,10 +1,12 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from river.preprocessing import StandardScaler
 
-from features import EntityFeatureState, FeatureBatch, FeatureSpec, FeatureStateError, build_features
+from features import EntityFeatureState, FeatureBatch, FeatureSpec, FeatureStateError, LineFeatureStates, build_features
 from features.scaling import ScalerStatistics, standardize
 from features.windows import concatenate
 
@@ -145,6 +147,65 @@ def test_feature_state_refuses_bad_bytes():
     for payload in [b"", b"not json", b'{"version": 2}', b'{"version": 1}', b"\x80\x04\x95pickle"]:
         with pytest.raises(FeatureStateError):
             EntityFeatureState.from_bytes(payload)
+
+
+def _plant(lines: int = 6, rows: int = 40) -> pd.DataFrame:
+    return pd.concat([_rows(rows, seed=i).assign(entity=f"m{i}") for i in range(lines)], ignore_index=True)
+
+
+def test_a_plants_states_carried_as_stored_bytes_equal_them_carried_as_dicts():
+    """The pipeline carries states as bytes decoded for all lines at once; each line's dict view
+    (`EntityFeatureState`) carried instead gives the same features and the same states."""
+    plant = _plant()
+    first, second = plant.groupby("entity").head(25), plant.groupby("entity").tail(15)
+    _, states = build_features(first, SPEC, {})
+    stored = states.to_bytes_many()
+    as_dicts = {entity: states[entity] for entity in states}
+    from_bytes, after_bytes = build_features(second, SPEC, {**stored, "m9": None})
+    from_dicts, after_dicts = build_features(second, SPEC, as_dicts)
+    np.testing.assert_array_equal(from_bytes.inputs, from_dicts.inputs)
+    assert after_bytes.to_bytes_many() == after_dicts.to_bytes_many()
+    whole, after_whole = build_features(plant, SPEC, {})
+    np.testing.assert_array_equal(concatenate([build_features(first, SPEC, {})[0], from_bytes]).dt, whole.dt)
+    for name in ("counts", "means", "variances", "last_values", "last_event_ns", "events"):
+        np.testing.assert_allclose(getattr(after_bytes, name), getattr(after_whole, name), rtol=1e-9, err_msg=name)
+
+
+def test_a_state_stored_as_json_before_the_binary_layout_reads_the_same():
+    _, states = build_features(_plant(2), SPEC, {})
+    view = states["m1"]
+    version_1 = json.dumps(
+        {
+            "version": 1,
+            "scaler": view.scaler,
+            "last_values": view.last_values,
+            "last_timestamp": view.last_timestamp.isoformat(),
+            "events": view.events,
+            "last_readings": {},
+        }
+    ).encode()
+    stored = states.to_bytes_many()
+    read = LineFeatureStates.from_states(["m0", "m1"], {"m0": stored["m0"], "m1": version_1}, SPEC.sensors)
+    assert read.to_bytes_many() == stored
+    assert EntityFeatureState.from_bytes(version_1) == EntityFeatureState.from_bytes(stored["m1"]) == view
+
+
+def test_states_stored_with_other_sensors_carry_those_the_log_still_has():
+    _, states = build_features(_plant(2), SPEC, {})
+    now = FeatureSpec("entity", "timestamp", ("b", "c"))
+    read = LineFeatureStates.from_states(["m0", "m1"], states.to_bytes_many(), now.sensors)
+    np.testing.assert_array_equal(read.means[:, 0], states.means[:, 1])  # b
+    assert (read.counts[:, 1] == 0).all() and np.isnan(read.last_values[:, 1]).all()  # c: never seen
+    assert read["m0"].scaler["counts"].keys() == {"b"}
+
+
+def test_damaged_binary_states_are_refused():
+    stored = build_features(_plant(1), SPEC, {})[1].to_bytes_many()["m0"]
+    infinite = bytearray(stored)
+    infinite[-8:] = np.array([np.inf]).tobytes()
+    for payload in (stored[:-3], bytes(infinite), stored[:6] + b"\xff" * (len(stored) - 6)):
+        with pytest.raises(FeatureStateError):
+            LineFeatureStates.from_states(["m0"], {"m0": payload}, SPEC.sensors)
 
 
 def test_lines_together_equal_each_line_alone_in_any_order():
