@@ -22,7 +22,7 @@ import torch
 
 from features.changes import changes_from_previous
 from features.scaling import ScalerStatistics, last_observed, latest_observed, standardize
-from features.spec import FeatureSpec
+from features.spec import CLOCK_PERIODS_SECONDS, FeatureSpec
 from features.state import NO_EVENT, EntityFeatureState, LineFeatureStates
 
 
@@ -161,6 +161,16 @@ class FeatureBatch:
         )
 
 
+def clock_phases(nanoseconds: np.ndarray, periods: tuple[str, ...]) -> np.ndarray:
+    """(R, 2 × periods): the sine and cosine of each row's phase (UTC) in each period."""
+    seconds = nanoseconds.astype(np.float64) / 1e9
+    columns = []
+    for period in periods:
+        angle = 2 * np.pi * np.mod(seconds, CLOCK_PERIODS_SECONDS[period]) / CLOCK_PERIODS_SECONDS[period]
+        columns += [np.sin(angle), np.cos(angle)]
+    return np.stack(columns, axis=1) if columns else np.empty((len(seconds), 0))
+
+
 def build_features(
     rows: pd.DataFrame, spec: FeatureSpec, states: Mapping[str, EntityFeatureState | bytes | None]
 ) -> tuple[FeatureBatch, LineFeatureStates]:
@@ -216,7 +226,9 @@ def build_features(
     )  # a line's first event ever: one nominal step
     dt = np.maximum(seconds, 0.0) / spec.time_scale_seconds
 
-    inputs = np.concatenate([values, fresh.astype(np.float64), np.log1p(dt)[:, None]], axis=1)
+    inputs = np.concatenate(
+        [values, fresh.astype(np.float64), np.log1p(dt)[:, None], clock_phases(nanoseconds, spec.clock_periods)], axis=1
+    )
     present = [c for c in spec.label_columns if c in rows.columns]
     labels = rows[present].to_numpy(np.float64)[order] if present else None
 

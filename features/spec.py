@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Periods a line's readings may repeat over, by the clock: each adds the sine and cosine of the
+# row's phase in it (UTC) to the model's inputs, so a daily or weekly profile can be forecast
+# from the time of the row instead of learnt back from the rows alone.
+CLOCK_PERIODS_SECONDS = {"day": 86_400.0, "week": 7 * 86_400.0}
+
 
 @dataclass(frozen=True)
 class FeatureSpec:
@@ -18,8 +23,16 @@ class FeatureSpec:
     baseline_rows: int = 0
     # Sensors that enter as their change from the line's previous reading (features.changes).
     change_sensors: tuple[str, ...] = ()
+    # Names of CLOCK_PERIODS_SECONDS whose phase enters the model's inputs.
+    clock_periods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown_periods = [p for p in self.clock_periods if p not in CLOCK_PERIODS_SECONDS]
+        if unknown_periods or len(set(self.clock_periods)) != len(self.clock_periods):
+            raise ValueError(
+                f"FeatureSpec.clock_periods must name each of {sorted(CLOCK_PERIODS_SECONDS)} at most once, "
+                f"got {list(self.clock_periods)}"
+            )
         unknown = set(self.change_sensors) - set(self.sensors)
         if unknown:
             raise ValueError(f"FeatureSpec.change_sensors names no sensor of the log: {sorted(unknown)}")
@@ -32,9 +45,10 @@ class FeatureSpec:
 
     @property
     def n_inputs(self) -> int:
-        # standardised value and fresh-reading mask per sensor, plus log(1 + Δt)
-        return 2 * len(self.sensors) + 1
+        # standardised value and fresh-reading mask per sensor, log(1 + Δt), each clock phase
+        return 2 * len(self.sensors) + 1 + 2 * len(self.clock_periods)
 
     @property
     def input_names(self) -> list[str]:
-        return [f"z_{s}" for s in self.sensors] + [f"fresh_{s}" for s in self.sensors] + ["log1p_dt"]
+        clock = [f"clock_{period}_{part}" for period in self.clock_periods for part in ("sin", "cos")]
+        return [f"z_{s}" for s in self.sensors] + [f"fresh_{s}" for s in self.sensors] + ["log1p_dt", *clock]

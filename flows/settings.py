@@ -109,6 +109,8 @@ class FeatureSettings(SettingsSection):
     # a fault or a new operating point is measured against that baseline instead of being
     # learned into the scaling (0: river's running mean and variance of every reading).
     baseline_rows: int = Field(0, ge=0)
+    # Periods ("day", "week") whose phase by the clock (UTC) enters the model's inputs.
+    clock_periods: tuple[Literal["day", "week"], ...] = ()
 
 
 class InitialTrainingSettings(SettingsSection):
@@ -413,6 +415,7 @@ class Settings(BaseSettings):
             label_columns=tuple(schema.label_columns),
             baseline_rows=self.features.baseline_rows,
             change_sensors=tuple(s.name for s in schema.sensors if s.as_change),
+            clock_periods=self.features.clock_periods,
         )
 
     @model_validator(mode="after")

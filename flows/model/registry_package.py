@@ -79,7 +79,7 @@ class ScoringSetup:
     def from_json(cls, text: str) -> ScoringSetup:
         data = json.loads(text)
         features = data["features"]
-        lists = ("sensors", "label_columns", "change_sensors")  # JSON gives lists back
+        lists = ("sensors", "label_columns", "change_sensors", "clock_periods")  # JSON gives lists back
         spec = FeatureSpec(**{**features, **{name: tuple(features[name]) for name in lists if name in features}})
         mixture = data.get("mixture")  # absent from versions registered before the mixture
         if mixture is not None:

@@ -255,3 +255,30 @@ def test_concatenate_joins_each_lines_batches_in_order():
     np.testing.assert_allclose(joined.inputs, whole.inputs, rtol=1e-6, atol=1e-6)
     # A line missing from one batch keeps its rows from the others.
     assert concatenate([first, only_a]).lengths.tolist() == [40, 20]
+
+
+def test_clock_phases_enter_the_inputs_from_each_rows_utc_time():
+    spec = FeatureSpec("entity", "timestamp", ("a", "b"), clock_periods=("day", "week"))
+    # 06:00 is a quarter of a day; a week's phase counts from Thursday 00:00 UTC (the epoch's).
+    stamps = ["2026-01-05T06:00:00Z", "2026-01-08T12:00:00+06:00", "2026-01-09T12:00:00Z"]  # text, as logged
+    rows = pd.DataFrame({"entity": "m1", "timestamp": stamps, "a": [1.0, 2.0, 3.0], "b": [0.0, 1.0, 0.5]})
+    batch, _ = build_features(rows, spec, {})
+    assert spec.n_inputs == batch.inputs.shape[1] == 2 * 2 + 1 + 4
+    clock = pd.DataFrame(batch.inputs, columns=spec.input_names).filter(like="clock_")
+    assert list(clock) == ["clock_day_sin", "clock_day_cos", "clock_week_sin", "clock_week_cos"]
+    day = 2 * np.pi * np.array([6, 6, 12]) / 24  # the +06:00 row is 06:00 UTC
+    np.testing.assert_allclose(clock[["clock_day_sin", "clock_day_cos"]], np.c_[np.sin(day), np.cos(day)], atol=1e-6)
+    since_thursday = np.array([4 * 24 + 6, 6, 24 + 12])  # hours: Monday 06:00, Thursday 06:00, Friday 12:00
+    week = 2 * np.pi * since_thursday / (7 * 24)
+    weekly = np.c_[np.sin(week), np.cos(week)]
+    np.testing.assert_allclose(clock[["clock_week_sin", "clock_week_cos"]], weekly, atol=1e-6)
+    # The other inputs are those of a spec without a clock.
+    plain, _ = build_features(rows, FeatureSpec("entity", "timestamp", ("a", "b")), {})
+    np.testing.assert_array_equal(batch.inputs[:, :5], plain.inputs)
+    assert FeatureBatch.from_frame(batch.to_frame(spec), spec).inputs.tolist() == batch.inputs.tolist()
+
+
+@pytest.mark.parametrize("periods", [("hour",), ("day", "day")])
+def test_a_clock_period_not_known_or_named_twice_is_refused(periods):
+    with pytest.raises(ValueError, match="clock_periods"):
+        FeatureSpec("entity", "timestamp", ("a",), clock_periods=periods)

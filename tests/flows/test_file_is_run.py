@@ -98,10 +98,10 @@ def test_initial_training_builds_each_file_afresh_when_it_is_a_run():
 
 
 def test_the_per_run_settings_travel_with_a_registered_version_and_a_request_is_a_new_run():
-    spec = FeatureSpec("line", "datetime", ("a", "b"), baseline_rows=400, change_sensors=("b",))
+    spec = FeatureSpec("line", "datetime", ("a", "b"), baseline_rows=400, change_sensors=("b",), clock_periods=("day",))
     setup = ScoringSetup(spec, AlarmConfig(judge_rows=10, warmup_rows=400, calibration_rows=512), file_is_run=True)
     restored = ScoringSetup.from_json(setup.to_json())
-    assert restored == setup and restored.spec.change_sensors == ("b",)
+    assert restored == setup and restored.spec.change_sensors == ("b",) and restored.spec.clock_periods == ("day",)
     assert not restored.starts_from_stored_states(None)  # a request is a run of its own
     assert restored.starts_from_stored_states({"carried_states": True})
     (param,) = signature(restored, horizon=1).params.params

@@ -44,6 +44,7 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
         ({"retrain": {"window_rows": 300, "holdout_rows": 300}}, "retrain"),
         ({"schedule": {"cron": "* * * * *", "interval_seconds": 60}}, "schedule"),
         ({"pipeline": "a b"}, "pipeline"),
+        ({"features": {"clock_periods": ["hour"]}}, "features.clock_periods.0"),
     ],
 )
 def test_a_bad_field_fails_at_start_naming_it(tmp_path, content, field):
