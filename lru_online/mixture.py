@@ -164,15 +164,21 @@ class LossMixture:
         """(B, M, H, S), summing to 1 over the members; 0 where a member's loss exploded or,
         with `healthy` (B, M) given, where its forecast diverged (a line with no healthy member:
         all 0)."""
+        # Losses are finite (capped at LOSS_CAP): masks enter as sums and products, which cost
+        # a fraction of a full-size torch.where on CPU.
         losses = state.losses
-        kept = losses <= self.config.exploded_loss_ratio * losses.amin(dim=1, keepdim=True)
-        if healthy is not None:
-            healthy = healthy.to(torch.bool)[:, :, None, None]
-            best = torch.where(healthy, losses, math.inf).amin(dim=1, keepdim=True)
-            kept = healthy & (losses <= self.config.exploded_loss_ratio * best)
-        scale = torch.where(kept, losses, 0.0).sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True)
+        if healthy is None:
+            best = losses.amin(dim=1, keepdim=True)
+            kept = losses <= self.config.exploded_loss_ratio * best
+        else:
+            healthy = healthy.to(torch.bool)
+            unhealthy = torch.where(healthy, 0.0, math.inf).to(losses.dtype)[:, :, None, None]  # (B, M, 1, 1)
+            best = (losses + unhealthy).amin(dim=1, keepdim=True)
+            kept = healthy[:, :, None, None] & (losses <= self.config.exploded_loss_ratio * best)
+        share = kept.to(losses.dtype)
+        scale = (losses * share).sum(dim=1, keepdim=True) / share.sum(dim=1, keepdim=True)
         relative = losses / scale.clamp(min=1e-12)
-        logits = torch.where(kept, -self.config.temperature * relative, -math.inf)
+        logits = torch.log(share) - self.config.temperature * relative  # −inf where not kept
         # A step and sensor with no member kept: softmax of all −inf is NaN; no weight at all.
         return torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)
 
@@ -205,12 +211,12 @@ class LossMixture:
         high = torch.where(known, seen_high + reach, math.inf)[..., None, None, :]
         inside = torch.isfinite(forecasts) & (forecasts >= low) & (forecasts <= high)
         healthy = inside.flatten(-2).all(dim=-1)
-        # NaN goes to the far side of the bound: its loss is then charged as large, not as none.
-        finite_high = torch.where(torch.isfinite(high), high, torch.finfo(torch.float64).max / 4)
-        clipped = torch.where(torch.isnan(forecasts), finite_high, forecasts)
-        clipped = torch.minimum(torch.maximum(clipped, low), high)
-        clipped = clipped.clamp(-torch.finfo(torch.float64).max / 4, torch.finfo(torch.float64).max / 4)
-        return clipped, healthy
+        # Clipped into [low, high], NaN to the far side of the bound (high; without a bound the
+        # largest finite value): its loss is then charged as large, not as none. fmax and fmin
+        # pass NaN over, so on the negated forecasts NaN lands on −high, then back on high.
+        largest = torch.finfo(torch.float64).max / 4
+        clipped = -torch.fmin(torch.fmax(-forecasts, -high), -low)
+        return clipped.clamp(-largest, largest), healthy
 
     def combine(self, state: MixtureState, forecasts: torch.Tensor, fallback: torch.Tensor) -> Combination:
         """The combined forecast of the members' forecasts (B, M, H, S) by the current weights,
@@ -270,7 +276,8 @@ class LossMixture:
         seen_low = torch.minimum(state.low[:, None], torch.where(usable, values, math.inf).cummin(dim=1).values)
         seen_high = torch.maximum(state.high[:, None], torch.where(usable, values, -math.inf).cummax(dim=1).values)
         clipped, healthy = self._clip(seen_low, seen_high, forecasts)
-        clipped = torch.where(steps[..., None, None, None], clipped, math.nan)  # padding forecasts nothing
+        if not bool(steps.all()):
+            clipped = torch.where(steps[..., None, None, None], clipped, math.nan)  # padding forecasts nothing
 
         # Step h (index k) of the forecast made at row t is judged at row t + k + 1: at row τ,
         # the forecast of row τ − k − 1, which lies in the pending rows before the chunk when
@@ -281,7 +288,9 @@ class LossMixture:
         )  # (B, T, M, H, S): at row τ, step k of the forecast it judges
         truth = values[:, :, None, None, :]
         known = torch.isfinite(judged) & torch.isfinite(truth)
-        squared = torch.where(known, judged - torch.where(known, truth, 0.0), 0.0) ** 2
+        # Judged forecasts are clipped (finite) or NaN: the difference is not finite exactly where
+        # a forecast or its value is not known.
+        squared = torch.nan_to_num(judged - truth, nan=0.0, posinf=0.0, neginf=0.0) ** 2
         decay = self.config.decay
         keep = torch.where(known, decay, 1.0)
         losses = _linear_recurrence(keep, (1.0 - decay) * squared.clamp(max=LOSS_CAP), state.losses, decay)
