@@ -221,9 +221,8 @@ def build_features(
     before = carried.last_event_ns
     known = before != NO_EVENT
     since_carried = (nanoseconds[first_rows] - np.where(known, before, 0)) / 1e9
-    seconds[first_rows] = np.where(
-        known, since_carried, spec.time_scale_seconds
-    )  # a line's first event ever: one nominal step
+    # A line's first event ever: one nominal step.
+    seconds[first_rows] = np.where(known, since_carried, spec.time_scale_seconds)
     dt = np.maximum(seconds, 0.0) / spec.time_scale_seconds
 
     inputs = np.concatenate(

@@ -21,6 +21,8 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from features.scaling import ScalerStatistics
+
 
 class FeatureStateError(ValueError):
     """Stored feature state that cannot be read back."""
@@ -42,9 +44,13 @@ class EntityFeatureState:
     # Last raw reading of each sensor that enters as its change (FeatureSpec.change_sensors).
     last_readings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def sensors(self) -> tuple[str, ...]:
+        """The sensors it holds anything of, in the order first met."""
+        return tuple(dict.fromkeys([*self.scaler["counts"], *self.last_values, *self.last_readings]))
+
     def to_bytes(self) -> bytes:
-        sensors = tuple(dict.fromkeys([*self.scaler["counts"], *self.last_values, *self.last_readings]))
-        return LineFeatureStates.from_states(["line"], {"line": self}, sensors).to_bytes_many()["line"]
+        return LineFeatureStates.from_states(["line"], {"line": self}, self.sensors).to_bytes_many()["line"]
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EntityFeatureState:
@@ -102,6 +108,7 @@ class LineFeatureStates(Mapping):
             sensors = next((_sensors_of(s) for s in stored if s is not None), ())
         out = cls.empty(entities, tuple(sensors))
         binary: dict[bytes, list[int]] = {}  # lines grouped by their stored sensors' header
+        as_dicts: dict[int, EntityFeatureState] = {}
         for row, state in enumerate(stored):
             if state is None:
                 continue
@@ -111,7 +118,9 @@ class LineFeatureStates(Mapping):
                     binary.setdefault(_header(state), []).append(row)
                     continue
                 state = _from_json(state)
-            out._set_row(row, state)
+            as_dicts[row] = state
+        if as_dicts:
+            out._set_dicts(list(as_dicts), list(as_dicts.values()))
         for header, rows in binary.items():
             out._set_binary(rows, header, [stored[r] for r in rows])
         return out
@@ -130,14 +139,9 @@ class LineFeatureStates(Mapping):
 
     def __getitem__(self, entity: str) -> EntityFeatureState:
         row = self._row(entity)
-        seen = [c for c, sensor in enumerate(self.sensors) if self.counts[row, c] > 0]
         stamp = self.last_event_ns[row]
         return EntityFeatureState(
-            scaler={
-                "counts": {self.sensors[c]: int(self.counts[row, c]) for c in seen},
-                "means": {self.sensors[c]: float(self.means[row, c]) for c in seen},
-                "vars": {self.sensors[c]: float(self.variances[row, c]) for c in seen},
-            },
+            scaler=ScalerStatistics(self.counts, self.means, self.variances).state(row, self.sensors),
             last_values=_present(self.sensors, self.last_values[row]),
             last_timestamp=pd.Timestamp(int(stamp), tz="UTC") if stamp != NO_EVENT else None,
             events=int(self.events[row]),
@@ -165,25 +169,20 @@ class LineFeatureStates(Mapping):
             getattr(out, name)[known] = getattr(self, name)[rows[known]]
         return out
 
-    def _set_row(self, row: int, state: EntityFeatureState) -> None:
-        for col, sensor in enumerate(self.sensors):
-            if sensor in state.scaler["counts"]:
-                self.counts[row, col] = state.scaler["counts"][sensor]
-                self.means[row, col] = state.scaler["means"][sensor]
-                self.variances[row, col] = state.scaler["vars"][sensor]
-            self.last_values[row, col] = state.last_values.get(sensor, np.nan)
-            self.last_readings[row, col] = state.last_readings.get(sensor, np.nan)
-        if state.last_timestamp is not None:
-            stamp = pd.Timestamp(state.last_timestamp)
-            stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-            self.last_event_ns[row] = stamp.as_unit("ns").value
-        self.events[row] = state.events
+    def _set_dicts(self, rows: list[int], states: list[EntityFeatureState]) -> None:
+        scaler = ScalerStatistics.from_states([state.scaler for state in states], self.sensors)
+        self.counts[rows], self.means[rows], self.variances[rows] = scaler.counts, scaler.means, scaler.variances
+        for row, state in zip(rows, states, strict=True):
+            self.last_values[row] = [state.last_values.get(sensor, np.nan) for sensor in self.sensors]
+            self.last_readings[row] = [state.last_readings.get(sensor, np.nan) for sensor in self.sensors]
+            if state.last_timestamp is not None:
+                stamp = pd.Timestamp(state.last_timestamp)
+                stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+                self.last_event_ns[row] = stamp.as_unit("ns").value
+            self.events[row] = state.events
 
     def _set_binary(self, rows: list[int], header: bytes, blobs: list[bytes]) -> None:
-        try:
-            stored = tuple(json.loads(header.decode()))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise FeatureStateError(f"feature state is unreadable: {error}") from error
+        stored = _stored_sensors(header)
         width = 4 + 2 + len(header) + 16 + 8 * _PER_SENSOR * len(stored)
         if any(len(blob) != width for blob in blobs):
             raise FeatureStateError(f"feature state is unreadable: a record is not {width} bytes long")
@@ -207,15 +206,19 @@ def _header(data: bytes) -> bytes:
     return data[6 : 6 + size]
 
 
+def _stored_sensors(header: bytes) -> tuple[str, ...]:
+    try:
+        return tuple(json.loads(header.decode()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FeatureStateError(f"feature state is unreadable: {error}") from error
+
+
 def _sensors_of(state: EntityFeatureState | bytes) -> tuple[str, ...]:
     if isinstance(state, bytes | bytearray | memoryview) and bytes(state[:4]) == TAG:
-        try:
-            return tuple(json.loads(_header(bytes(state)).decode()))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise FeatureStateError(f"feature state is unreadable: {error}") from error
+        return _stored_sensors(_header(bytes(state)))
     if not isinstance(state, EntityFeatureState):
         state = _from_json(bytes(state))
-    return tuple(dict.fromkeys([*state.scaler["counts"], *state.last_values, *state.last_readings]))
+    return state.sensors
 
 
 def _present(sensors: tuple[str, ...], values: np.ndarray) -> dict[str, float]:
