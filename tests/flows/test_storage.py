@@ -1,7 +1,11 @@
 """The pipeline database: migrations, optimistic locking, the ledger and entity leases."""
 
+import json
+import math
+import sqlite3
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -10,7 +14,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from flows.ingest.landing import LandedFile
-from flows.storage.database import Database, DatabaseError, masked
+from flows.storage.database import SQLITE_PAGE_BYTES, Database, DatabaseError, json_text, masked
 from flows.storage.ledger import Ledger
 from flows.storage.models import Base, EntityState, Lease
 
@@ -57,6 +61,53 @@ def test_times_come_back_in_utc(db):
         assert session.get(EntityState, "e").watermark == moment
     with pytest.raises(sa.exc.StatementError, match="naive datetime"), db.session() as session:
         session.add(EntityState(entity="f", watermark=datetime(2026, 3, 1)))
+
+
+def test_a_new_sqlite_database_takes_large_pages_and_an_existing_one_keeps_its_own(db, tmp_path):
+    with db.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA page_size").scalar() == SQLITE_PAGE_BYTES
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    older = tmp_path / "older.db"
+    with sqlite3.connect(older) as made:  # made by an earlier release, on SQLite's default page
+        made.execute("PRAGMA page_size=4096")
+        made.execute("PRAGMA journal_mode=WAL")
+        made.execute("CREATE TABLE kept (value TEXT)")
+        made.execute("INSERT INTO kept VALUES ('there')")
+    database = Database(f"sqlite:///{older}")
+    with database.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA page_size").scalar() == 4096
+        assert connection.exec_driver_sql("SELECT value FROM kept").scalar() == "there"
+    database.dispose()
+
+
+def test_json_columns_store_what_the_standard_library_reads_back(db):
+    figures = {
+        "psi": {"temperature": 0.1 + 0.2, "flow": 1e-7, "pressure": 1e16, "vibration": -0.0},
+        "count": 3,
+        "numpy": np.float64(2.5),
+        "numpy32": np.float32(0.5),
+        "none": None,
+        "text": "é ✓",
+        "nested": [[1, 2.25], []],
+    }
+    expected = {**figures, "numpy": 2.5, "numpy32": 0.5}
+    assert json.loads(json_text(figures)) == expected
+    # What orjson refuses goes through the standard library as before: keys that are not strings.
+    assert json.loads(json_text({1: "one"})) == {"1": "one"}
+    # Non-finite floats are stored as JSON's null (the standard library wrote NaN, which
+    # Postgres refuses).
+    assert json.loads(json_text({"nan": math.nan, "inf": math.inf})) == {"nan": None, "inf": None}
+    table = sa.Table(
+        "figures", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("value", sa.JSON)
+    )
+    table.create(db.engine)
+    with db.engine.begin() as connection:
+        connection.execute(table.insert(), [{"id": 1, "value": figures}])
+    with db.engine.connect() as connection:
+        stored = connection.execute(sa.select(table.c.value)).scalar()
+        text = connection.exec_driver_sql("SELECT value FROM figures").scalar()
+    assert stored == expected
+    assert json.loads(text) == expected
 
 
 def test_ledger_records_new_and_duplicate_arrivals(db, tmp_path):
