@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -551,9 +552,12 @@ def _line_updates(prepared: list, scored: ScoredLines, finished: list[FinishedLi
     updates = []
     for group, done in zip(prepared, finished, strict=True):
         features = group.features
+        # Each line's first and last time converted at once (one Timestamp per line cost ~30 ms
+        # a file at 2,000 lines); sub-microsecond digits dropped as before.
+        firsts = features.timestamps[features.offsets[:-1]].to_pydatetime()
+        lasts = features.timestamps[features.offsets[1:] - 1].to_pydatetime()
         for index, entity in enumerate(features.entities):
-            first = features.timestamps[features.offsets[index]].to_pydatetime(warn=False)
-            last = features.timestamps[features.offsets[index + 1] - 1].to_pydatetime(warn=False)
+            first, last = firsts[index], lasts[index]
             updates.append(
                 LineUpdate(
                     entity=entity,
@@ -603,7 +607,7 @@ def _part_metrics(
         for stats in done.drift_stats.values():
             for statistic in ("psi", "ks"):
                 for sensor, value in (stats.get(statistic) or {}).items():
-                    if value is not None and np.isfinite(value):
+                    if value is not None and math.isfinite(value):  # not np.isfinite: 20,000 scalars
                         key = f"drift_{statistic}_{sensor}"
                         metrics[key] = max(metrics.get(key, 0.0), float(value))
     return metrics
