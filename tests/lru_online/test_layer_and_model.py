@@ -66,6 +66,37 @@ def test_continuous_time_decay():
     np.testing.assert_allclose(h_last.detach().numpy(), numpy_scan(per_step, drive)[:, -1], rtol=1e-10)
 
 
+def test_rounded_spacings_give_the_powers_and_gradients_of_each_step():
+    # A plant file: 300 lines x 40 rows whose times are rounded to 0.1 s, so a few hundred
+    # spacings repeat over 12,000 steps (the layer takes Λ^Δt once per distinct spacing).
+    torch.manual_seed(4)
+    layer = _double(LRU(3, 6))
+    u = torch.randn(300, 40, 3, dtype=torch.float64)
+    gaps = torch.distributions.Exponential(0.1).sample((300, 40)).clamp(min=0.5)
+    dt = (gaps.round(decimals=1) / 10).to(torch.float64)
+    assert torch.unique(dt).numel() * 8 <= dt.numel()
+    y, h_last = layer(u, dt=dt)
+    (y.sum() + h_last.abs().sum()).backward()
+    computed = [p.grad.clone() for p in (layer.nu_log, layer.theta_log)]
+    layer.zero_grad()
+    # The reference: every step's own power, |λ|^Δt · exp(i Δt θ), through the same scan.
+    modulus = torch.exp(-torch.exp(layer.nu_log))
+    theta = torch.exp(layer.theta_log)
+    per_step = torch.polar(modulus ** dt[..., None], dt[..., None] * theta)
+    drive = layer.input_drive(u)
+    states = torch.zeros(300, 6, dtype=torch.complex128)
+    every = []
+    for t in range(40):
+        states = per_step[:, t] * states + drive[:, t]
+        every.append(states)
+    expected = layer.readout(torch.stack(every, 1), u)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_last, states, rtol=1e-12, atol=1e-12)
+    (expected.sum() + states.abs().sum()).backward()
+    for got, want in zip(computed, (layer.nu_log.grad, layer.theta_log.grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def _model(horizon=2, layers=3, n_inputs=4, n_targets=3, dropout=0.0):
     torch.manual_seed(3)
     config = ModelConfig(
