@@ -80,10 +80,11 @@ class LRU(nn.Module):
         if dt is None:
             return torch.polar(torch.exp(-nu), theta)
         steps = dt.to(self.nu_log.dtype)
-        if steps.numel() >= REPEATED_SPACINGS_MIN_STEPS:
+        if steps.device.type == "cpu" and steps.numel() >= REPEATED_SPACINGS_MIN_STEPS:
             # Logged times are rounded (to 0.1 s, to the second), so a file's spacings repeat:
             # Λ^Δt for each distinct Δt, then read out per step, costs a third of the exp and
-            # polar over (B, T, N) (forward and backward) and gives the same values.
+            # polar over (B, T, N) (forward and backward) on CPU and gives the same values. Not
+            # on a GPU, where the elementwise ops are cheap and unique's size waits for the device.
             spacings, which = torch.unique(steps, return_inverse=True)
             if spacings.numel() * REPEATED_SPACINGS_SHARE <= steps.numel():
                 return self._powers(spacings, nu, theta)[which]
