@@ -83,8 +83,9 @@ class LRU(nn.Module):
         if steps.device.type == "cpu" and steps.numel() >= REPEATED_SPACINGS_MIN_STEPS:
             # Logged times are rounded (to 0.1 s, to the second), so a file's spacings repeat:
             # Λ^Δt for each distinct Δt, then read out per step, costs a third of the exp and
-            # polar over (B, T, N) (forward and backward) on CPU and gives the same values. Not
-            # on a GPU, where the elementwise ops are cheap and unique's size waits for the device.
+            # polar over (B, T, N) (forward and backward) on CPU and gives the same values (the
+            # gradients summed per spacing first: equal to rounding). Not on a GPU, where the
+            # elementwise ops are cheap and unique's size waits for the device.
             spacings, which = torch.unique(steps, return_inverse=True)
             if spacings.numel() * REPEATED_SPACINGS_SHARE <= steps.numel():
                 return self._powers(spacings, nu, theta)[which]
