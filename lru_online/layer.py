@@ -18,10 +18,10 @@ from torch import nn
 
 from lru_online.linear_scan import scan
 
-# Λ^Δt per distinct spacing (`LRU.decay`) from this many steps on, where the distinct spacings
-# are at most this share of them: one in 8 or fewer (a sort of the steps is the price).
+# Λ^Δt per distinct spacing (`LRU.decay`) from this many steps on, where there are at least
+# this many steps per distinct spacing (a sort of the steps is the price).
 REPEATED_SPACINGS_MIN_STEPS = 1024
-REPEATED_SPACINGS_SHARE = 8
+STEPS_PER_DISTINCT_SPACING = 8
 
 
 class LRU(nn.Module):
@@ -87,7 +87,7 @@ class LRU(nn.Module):
             # gradients summed per spacing first: equal to rounding). Not on a GPU, where the
             # elementwise ops are cheap and unique's size waits for the device.
             spacings, which = torch.unique(steps, return_inverse=True)
-            if spacings.numel() * REPEATED_SPACINGS_SHARE <= steps.numel():
+            if spacings.numel() * STEPS_PER_DISTINCT_SPACING <= steps.numel():
                 return self._powers(spacings, nu, theta)[which]
         return self._powers(steps, nu, theta)
 
