@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 # Periods a line's readings may repeat over, by the clock: each adds the sine and cosine of the
 # row's phase in it (UTC) to the model's inputs, so a daily or weekly profile can be forecast
 # from the time of the row instead of learnt back from the rows alone.
 CLOCK_PERIODS_SECONDS = {"day": 86_400.0, "week": 7 * 86_400.0}
+# Their names as a type, for the settings to check a config against (subscripting with the
+# tuple is the same as naming each).
+ClockPeriod = Literal[tuple(CLOCK_PERIODS_SECONDS)]
 
 
 @dataclass(frozen=True)

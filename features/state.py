@@ -138,7 +138,7 @@ class LineFeatureStates(Mapping):
         }
 
     def __getitem__(self, entity: str) -> EntityFeatureState:
-        row = self._row(entity)
+        row = self._rows[entity]
         stamp = self.last_event_ns[row]
         return EntityFeatureState(
             scaler=ScalerStatistics(self.counts, self.means, self.variances).state(row, self.sensors),
@@ -157,9 +157,6 @@ class LineFeatureStates(Mapping):
     @cached_property
     def _rows(self) -> dict[str, int]:
         return {entity: row for row, entity in enumerate(self.entities)}
-
-    def _row(self, entity: str) -> int:
-        return self._rows[entity]
 
     def _pick(self, entities: list[str]) -> LineFeatureStates:
         rows = np.array([self._rows.get(e, -1) for e in entities], dtype=np.int64)

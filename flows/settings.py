@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from features.spec import FeatureSpec
+from features.spec import ClockPeriod, FeatureSpec
 from flows.log_schema import LogSchema, SettingsSection
 from flows.model.forecast_mixture import MixtureSetup
 from lru_online.alarms import AlarmConfig
@@ -110,7 +110,7 @@ class FeatureSettings(SettingsSection):
     # learned into the scaling (0: river's running mean and variance of every reading).
     baseline_rows: int = Field(0, ge=0)
     # Periods ("day", "week") whose phase by the clock (UTC) enters the model's inputs.
-    clock_periods: tuple[Literal["day", "week"], ...] = ()
+    clock_periods: tuple[ClockPeriod, ...] = ()
 
 
 class InitialTrainingSettings(SettingsSection):
