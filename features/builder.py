@@ -24,6 +24,7 @@ from features.changes import changes_from_previous
 from features.scaling import ScalerStatistics, last_observed, latest_observed, standardize
 from features.spec import CLOCK_PERIODS_SECONDS, FeatureSpec
 from features.state import NO_EVENT, EntityFeatureState, LineFeatureStates
+from features.stretch import level_stretch
 
 
 @dataclass
@@ -39,6 +40,9 @@ class FeatureBatch:
     raw: np.ndarray  # (R, n_targets) float64 readings as logged (NaN where absent)
     labels: np.ndarray | None  # (R, n_labels) when label columns are present
     label_names: tuple[str, ...] = ()  # the label columns in `labels`
+    # (R, n_targets) how far level changes have stretched each reading's unit (features.stretch);
+    # None where not known (features read back from an archive)
+    level_stretch: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.timestamps)
@@ -83,6 +87,7 @@ class FeatureBatch:
             raw=self.raw[rows],
             labels=self.labels[rows] if self.labels is not None else None,
             label_names=self.label_names,
+            level_stretch=self.level_stretch[rows] if self.level_stretch is not None else None,
         )
 
     @classmethod
@@ -103,6 +108,7 @@ class FeatureBatch:
             raw=np.concatenate([b.raw for b in batches]),
             labels=np.concatenate(labels) if same_labels else None,
             label_names=batches[0].label_names if same_labels else (),
+            level_stretch=_joined_stretch(batches),
         )
 
     def padded(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -161,6 +167,12 @@ class FeatureBatch:
         )
 
 
+def _joined_stretch(batches: list[FeatureBatch]) -> np.ndarray | None:
+    if any(b.level_stretch is None for b in batches):
+        return None
+    return np.concatenate([b.level_stretch for b in batches])
+
+
 def clock_phases(nanoseconds: np.ndarray, periods: tuple[str, ...]) -> np.ndarray:
     """(R, 2 × periods): the sine and cosine of each row's phase (UTC) in each period."""
     seconds = nanoseconds.astype(np.float64) / 1e9
@@ -205,7 +217,10 @@ def build_features(
         )
 
     statistics = ScalerStatistics(carried.counts, carried.means, carried.variances)
-    standardised, after = standardize(measured, line, offsets, statistics, spec.baseline_rows)
+    standardised, after, stds = standardize(measured, line, offsets, statistics, spec.baseline_rows)
+    # A held baseline cannot stretch; a change sensor is a difference already (features.stretch).
+    stretched = np.array([not spec.baseline_rows and name not in spec.change_sensors for name in sensors])
+    stretch, steps = level_stretch(measured, stds, line, offsets, carried.steps, stretched)
 
     # Carry each sensor's last reading forward (from the previous batch too; 0 before any).
     fresh = ~np.isnan(standardised)
@@ -243,6 +258,7 @@ def build_features(
         last_readings=last_readings,
         last_event_ns=nanoseconds[offsets[1:] - 1].astype(np.int64),
         events=carried.events + counts,
+        steps=steps,
     )
     batch = FeatureBatch(
         entities=entities,
@@ -254,5 +270,6 @@ def build_features(
         raw=raw,
         labels=labels,
         label_names=tuple(present),
+        level_stretch=stretch.astype(np.float32),
     )
     return batch, new_states

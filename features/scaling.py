@@ -52,14 +52,14 @@ class ScalerStatistics:
 
 def standardize(
     values: np.ndarray, line: np.ndarray, offsets: np.ndarray, carried: ScalerStatistics, hold_after: int = 0
-) -> tuple[np.ndarray, ScalerStatistics]:
+) -> tuple[np.ndarray, ScalerStatistics, np.ndarray]:
     """Standardises (R, S) readings causally per line and learns them; NaN stays NaN.
 
     line: (R,) the line index of each row, rows of a line together and in time order;
     offsets: (L + 1,) where each line's rows start. `hold_after` N > 0: a line learns only its
     first N readings of each sensor, then holds those statistics (a baseline that a fault or a
     slow drift does not move); 0: it learns every reading, as river does. Returns the
-    standardised readings and the statistics after the batch.
+    standardised readings, the statistics after the batch and the std each row was divided by.
     """
     values = np.asarray(values, dtype=np.float64)
     present = ~np.isnan(values)
@@ -92,7 +92,7 @@ def standardize(
         np.where(has, means[pick, columns], carried.means),
         np.where(has, variances[pick, columns], carried.variances),
     )
-    return out, after
+    return out, after, std
 
 
 def latest_observed(observed: np.ndarray) -> np.ndarray:

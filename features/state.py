@@ -2,12 +2,15 @@
 
 A plant's file holds thousands of lines, so the states of a file's lines are read, built on and
 written as arrays (`LineFeatureStates`), one row per line; `EntityFeatureState` is one line's
-state as dicts, for reading and for tests. Stored layout (version 2, per line): a 4-byte tag,
+state as dicts, for reading and for tests. Stored layout (version 3, per line): a 4-byte tag,
 the sensors' names (JSON, with a 2-byte length), then the time of the line's last event
-(int64 UTC nanoseconds), its event count (int64) and five float64 values per sensor: river's
-count, mean and variance, the last standardised reading and the last raw reading of a sensor
-that enters as its change, NaN where a line has none. Lines stored with the same sensors are
-decoded together in one read. Version 1 (JSON, before 2026-12-07) is still read.
+(int64 UTC nanoseconds), its event count (int64) and nine float64 values per sensor: river's
+count, mean and variance, the last standardised reading, the last raw reading of a sensor
+that enters as its change (NaN where a line has none), then the level stretch's statistics
+(features.stretch: differences learned, the mean of their half squares, the last reading
+learned, the reference ratio). Lines stored with the same sensors are decoded together in one
+read. Version 2 (the first five values only, before 2026-12-07's level stretch: its statistics
+start afresh) and version 1 (JSON) are still read.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ import numpy as np
 import pandas as pd
 
 from features.scaling import ScalerStatistics
+from features.stretch import StepStatistics
 
 
 class FeatureStateError(ValueError):
     """Stored feature state that cannot be read back."""
 
 
-TAG = b"LFS\x02"  # version 2; version 1 is JSON and starts with "{"
+TAG = b"LFS\x03"  # version 3; version 1 is JSON and starts with "{"
+TAG_V2 = b"LFS\x02"  # without the level stretch's statistics
 NO_EVENT = np.iinfo(np.int64).min  # last event time of a line that has none
-_PER_SENSOR = 5  # counts, means, variances, last values, last readings
+_PER_SENSOR = 9  # counts, means, variances, last values, last readings, then the four of StepStatistics
+_PER_SENSOR_V2 = 5
+_STEP_FIELDS = ("step_counts", "step_square_means", "step_last_readings", "stretch_references")
 
 
 @dataclass
@@ -43,6 +50,8 @@ class EntityFeatureState:
     events: int = 0
     # Last raw reading of each sensor that enters as its change (FeatureSpec.change_sensors).
     last_readings: dict[str, float] = field(default_factory=dict)
+    # The level stretch's statistics (features.stretch), {field: {sensor: value}} over _STEP_FIELDS.
+    level_steps: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def sensors(self) -> tuple[str, ...]:
@@ -54,7 +63,7 @@ class EntityFeatureState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EntityFeatureState:
-        if data[:4] == TAG:
+        if data[:4] in (TAG, TAG_V2):
             states = LineFeatureStates.from_states(["line"], {"line": data}, None)
             return states["line"]
         return _from_json(data)
@@ -74,6 +83,11 @@ class LineFeatureStates(Mapping):
     last_readings: np.ndarray  # (L, S) NaN: none (or not a change sensor)
     last_event_ns: np.ndarray  # (L,) int64 UTC nanoseconds, NO_EVENT: none yet
     events: np.ndarray  # (L,) int64
+    steps: StepStatistics = field(default=None)  # the level stretch's, (L, S) each; None: empty
+
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = StepStatistics.empty(self.counts.shape)
 
     @classmethod
     def empty(cls, entities: list[str], sensors: tuple[str, ...]) -> LineFeatureStates:
@@ -107,21 +121,21 @@ class LineFeatureStates(Mapping):
         if sensors is None:
             sensors = next((_sensors_of(s) for s in stored if s is not None), ())
         out = cls.empty(entities, tuple(sensors))
-        binary: dict[bytes, list[int]] = {}  # lines grouped by their stored sensors' header
+        binary: dict[tuple[bytes, bytes], list[int]] = {}  # lines grouped by their version and sensors
         as_dicts: dict[int, EntityFeatureState] = {}
         for row, state in enumerate(stored):
             if state is None:
                 continue
             if isinstance(state, bytes | bytearray | memoryview):
                 state = bytes(state)
-                if state[:4] == TAG:
-                    binary.setdefault(_header(state), []).append(row)
+                if state[:4] in (TAG, TAG_V2):
+                    binary.setdefault((state[:4], _header(state)), []).append(row)
                     continue
                 state = _from_json(state)
             as_dicts[row] = state
         if as_dicts:
             out._set_dicts(list(as_dicts), list(as_dicts.values()))
-        for header, rows in binary.items():
+        for (_, header), rows in binary.items():
             out._set_binary(rows, header, [stored[r] for r in rows])
         return out
 
@@ -130,8 +144,13 @@ class LineFeatureStates(Mapping):
         names = json.dumps(list(self.sensors)).encode()
         prefix = TAG + len(names).to_bytes(2, "little") + names
         times = np.stack([self.last_event_ns, self.events], axis=1).astype("<i8")
+        steps = self.steps
         values = np.concatenate(
-            [self.counts, self.means, self.variances, self.last_values, self.last_readings], axis=1
+            [
+                *(self.counts, self.means, self.variances, self.last_values, self.last_readings),
+                *(steps.counts, steps.square_means, steps.last_readings, steps.references),
+            ],
+            axis=1,
         ).astype("<f8")
         return {
             entity: prefix + times[row].tobytes() + values[row].tobytes() for row, entity in enumerate(self.entities)
@@ -146,6 +165,19 @@ class LineFeatureStates(Mapping):
             last_timestamp=pd.Timestamp(int(stamp), tz="UTC") if stamp != NO_EVENT else None,
             events=int(self.events[row]),
             last_readings=_present(self.sensors, self.last_readings[row]),
+            level_steps=self._level_steps(row),
+        )
+
+    def _level_steps(self, row: int) -> dict[str, dict[str, float]]:
+        """One line's level-stretch statistics as dicts; none for a line that has none yet."""
+        if not self.steps.counts[row].any() and np.isnan(self.steps.last_readings[row]).all():
+            return {}
+        return {name: _present(self.sensors, values[row]) for name, values in self._step_arrays().items()}
+
+    def _step_arrays(self) -> dict[str, np.ndarray]:
+        steps = self.steps
+        return dict(
+            zip(_STEP_FIELDS, (steps.counts, steps.square_means, steps.last_readings, steps.references), strict=True)
         )
 
     def __iter__(self) -> Iterator[str]:
@@ -164,6 +196,8 @@ class LineFeatureStates(Mapping):
         out = LineFeatureStates.empty(entities, self.sensors)
         for name in ("counts", "means", "variances", "last_values", "last_readings", "last_event_ns", "events"):
             getattr(out, name)[known] = getattr(self, name)[rows[known]]
+        for name, values in out._step_arrays().items():
+            values[known] = self._step_arrays()[name][rows[known]]
         return out
 
     def _set_dicts(self, rows: list[int], states: list[EntityFeatureState]) -> None:
@@ -172,6 +206,10 @@ class LineFeatureStates(Mapping):
         for row, state in zip(rows, states, strict=True):
             self.last_values[row] = [state.last_values.get(sensor, np.nan) for sensor in self.sensors]
             self.last_readings[row] = [state.last_readings.get(sensor, np.nan) for sensor in self.sensors]
+            for name, values in self._step_arrays().items():
+                stored = state.level_steps.get(name)
+                if stored:
+                    values[row] = [stored.get(sensor, values[row, col]) for col, sensor in enumerate(self.sensors)]
             if state.last_timestamp is not None:
                 stamp = pd.Timestamp(state.last_timestamp)
                 stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
@@ -180,20 +218,26 @@ class LineFeatureStates(Mapping):
 
     def _set_binary(self, rows: list[int], header: bytes, blobs: list[bytes]) -> None:
         stored = _stored_sensors(header)
-        width = 4 + 2 + len(header) + 16 + 8 * _PER_SENSOR * len(stored)
+        per_sensor = _PER_SENSOR if blobs[0][:4] == TAG else _PER_SENSOR_V2
+        width = 4 + 2 + len(header) + 16 + 8 * per_sensor * len(stored)
         if any(len(blob) != width for blob in blobs):
             raise FeatureStateError(f"feature state is unreadable: a record is not {width} bytes long")
         body = np.frombuffer(b"".join(blob[6 + len(header) :] for blob in blobs), dtype=np.uint8)
         body = body.reshape(len(blobs), -1)
         times = body[:, :16].copy().view("<i8")
-        values = body[:, 16:].copy().view("<f8").reshape(len(blobs), _PER_SENSOR, len(stored))
+        values = body[:, 16:].copy().view("<f8").reshape(len(blobs), per_sensor, len(stored))
         if np.isinf(values).any() or np.isnan(values[:, :3]).any() or (values[:, 0] < 0).any():
             raise FeatureStateError("feature state holds a non-finite or negative statistic")
+        if per_sensor == _PER_SENSOR and (np.isnan(values[:, 5:7]).any() or (values[:, 5:7] < 0).any()):
+            raise FeatureStateError("feature state holds a non-finite or negative level-stretch statistic")
         rows_index = np.asarray(rows)
         columns = [(self.sensors.index(s), j) for j, s in enumerate(stored) if s in self.sensors]
         for target, source in columns:
             for part, name in enumerate(("counts", "means", "variances", "last_values", "last_readings")):
                 getattr(self, name)[rows_index, target] = values[:, part, source]
+            if per_sensor == _PER_SENSOR:
+                for part, array in enumerate(self._step_arrays().values(), start=_PER_SENSOR_V2):
+                    array[rows_index, target] = values[:, part, source]
         self.last_event_ns[rows_index] = times[:, 0]
         self.events[rows_index] = times[:, 1]
 
@@ -211,7 +255,7 @@ def _stored_sensors(header: bytes) -> tuple[str, ...]:
 
 
 def _sensors_of(state: EntityFeatureState | bytes) -> tuple[str, ...]:
-    if isinstance(state, bytes | bytearray | memoryview) and bytes(state[:4]) == TAG:
+    if isinstance(state, bytes | bytearray | memoryview) and bytes(state[:4]) in (TAG, TAG_V2):
         return _stored_sensors(_header(bytes(state)))
     if not isinstance(state, EntityFeatureState):
         state = _from_json(bytes(state))

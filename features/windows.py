@@ -38,4 +38,5 @@ def concatenate(batches: list[FeatureBatch]) -> FeatureBatch:
         raw=joined("raw"),
         labels=np.concatenate(labels)[order] if all(lab is not None for lab in labels) and same_labels else None,
         label_names=batches[0].label_names,
+        level_stretch=joined("level_stretch") if all(b.level_stretch is not None for b in batches) else None,
     )

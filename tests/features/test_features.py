@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_standardizer_equals_river_one_row_at_a_time_for_every_line():
         parts = [values[lo:hi] for values in lines.values()]
         offsets = np.cumsum([0, *(len(p) for p in parts)])
         line = np.repeat(np.arange(2), [len(p) for p in parts])
-        out, statistics = standardize(np.vstack(parts), line, offsets, statistics)
+        out, statistics, _ = standardize(np.vstack(parts), line, offsets, statistics)
         statistics = ScalerStatistics.from_states([statistics.state(i, ("a", "b")) for i in range(2)], ("a", "b"))
         for index, name in enumerate(lines):
             outputs[name].append(out[offsets[index] : offsets[index + 1]])
@@ -79,7 +80,7 @@ def test_a_held_standardizer_is_river_learning_each_sensors_first_readings_only(
         parts = [values[lo:hi] for values in lines.values()]
         offsets = np.cumsum([0, *(len(p) for p in parts)])
         line = np.repeat(np.arange(2), [len(p) for p in parts])
-        out, statistics = standardize(np.vstack(parts), line, offsets, statistics, hold_after=hold)
+        out, statistics, _ = standardize(np.vstack(parts), line, offsets, statistics, hold_after=hold)
         for index, name in enumerate(lines):
             outputs[name].append(out[offsets[index] : offsets[index + 1]])
     for index, (name, values) in enumerate(lines.items()):
@@ -185,9 +186,26 @@ def test_a_state_stored_as_json_before_the_binary_layout_reads_the_same():
         }
     ).encode()
     stored = states.to_bytes_many()
+    # JSON held no level-stretch statistics: they start afresh, the rest reads the same.
+    without_steps = dataclasses.replace(states, steps=None).to_bytes_many()
     read = LineFeatureStates.from_states(["m0", "m1"], {"m0": stored["m0"], "m1": version_1}, SPEC.sensors)
-    assert read.to_bytes_many() == stored
-    assert EntityFeatureState.from_bytes(version_1) == EntityFeatureState.from_bytes(stored["m1"]) == view
+    assert read.to_bytes_many() == {"m0": stored["m0"], "m1": without_steps["m1"]}
+    assert EntityFeatureState.from_bytes(version_1) == EntityFeatureState.from_bytes(without_steps["m1"])
+    assert EntityFeatureState.from_bytes(stored["m1"]) == view
+
+
+def test_a_state_stored_before_the_level_stretch_reads_its_other_statistics():
+    _, states = build_features(_plant(2, rows=150), SPEC, {})
+    stored = states.to_bytes_many()
+    sensors = len(SPEC.sensors)
+    header = 6 + int.from_bytes(stored["m1"][4:6], "little")
+    # Version 2: its own tag, then the same record cut after the first five values per sensor.
+    version_2 = b"LFS\x02" + stored["m1"][4 : header + 16 + 8 * 5 * sensors]
+    read = LineFeatureStates.from_states(["m0", "m1"], {"m0": stored["m0"], "m1": version_2}, SPEC.sensors)
+    for name in ("counts", "means", "variances", "last_values", "last_readings", "last_event_ns", "events"):
+        np.testing.assert_array_equal(getattr(read, name), getattr(states, name), err_msg=name)
+    np.testing.assert_array_equal(read.steps.counts, [states.steps.counts[0], np.zeros(sensors)])
+    assert np.isnan(read.steps.references[1]).all() and not np.isnan(read.steps.references[0]).any()
 
 
 def test_states_stored_with_other_sensors_carry_those_the_log_still_has():
