@@ -91,6 +91,7 @@ def sequences(rows: pd.DataFrame, spec: FeatureSpec, file_is_run: bool) -> tuple
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     names = rows[keys].iloc[starts].astype(str).agg("/".join, axis=1).tolist()
     targets = rows[[f"target_{s}" for s in spec.sensors]].to_numpy(np.float32)
+    stretch = [f"level_stretch_{s}" for s in spec.sensors]  # absent from outputs written before it
     batch = FeatureBatch(
         entities=names,
         offsets=np.append(starts, len(rows)).astype(np.int64),
@@ -100,6 +101,7 @@ def sequences(rows: pd.DataFrame, spec: FeatureSpec, file_is_run: bool) -> tuple
         dt=rows["dt"].to_numpy(np.float32),
         raw=targets.astype(np.float64),
         labels=None,
+        level_stretch=rows[stretch].to_numpy(np.float32) if set(stretch) <= set(rows.columns) else None,
     )
     return batch, rows
 

@@ -248,6 +248,7 @@ def judge_lines(
     steps = torch.from_numpy(features.padded(np.ones(len(features), dtype=bool), fill=False))
     seconds = features.timestamps.as_unit("ns").asi8.astype(np.float64) / 1e9
     times = torch.from_numpy(features.padded(seconds, fill=np.nan))
+    stretch = None if features.level_stretch is None else torch.from_numpy(features.padded(features.level_stretch, 1.0))
     length = residuals.shape[1]
     size = config.judge_rows or max(length, 1)
     state = AlarmState.from_many([alarm_states.get(e) for e in features.entities], sensors, config)
@@ -263,6 +264,7 @@ def judge_lines(
             steps[:, lo : lo + size],
             readings=readings[:, lo : lo + size],
             times=times[:, lo : lo + size],
+            stretch=stretch[:, lo : lo + size] if stretch is not None else None,
         )
         state = judged.state
         scores.append(judged.scores)
@@ -443,6 +445,8 @@ def write_output(
             columns[f"alarm_residual_{sensor}"] = scored.alarm_residuals[:, index]
         for step in range(scored.forecast.shape[1]):
             columns[f"forecast_h{step + 1}_{sensor}"] = scored.forecast[:, step, index]
+        if features.level_stretch is not None:
+            columns[f"level_stretch_{sensor}"] = features.level_stretch[:, index]
     if features.labels is not None:
         for index, label in enumerate(features.label_names):
             columns[f"label_{label}"] = features.labels[:, index]

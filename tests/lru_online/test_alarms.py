@@ -1153,3 +1153,40 @@ def _onsets(result: AlarmResult) -> torch.Tensor:
         if not episode.continues:
             onsets[episode.line, episode.start] = True
     return onsets
+
+
+def test_a_unit_stretched_past_the_cap_is_multiplied_back_by_the_excess():
+    """After a level shift the scaler's std (the residuals' unit) is stretched g-fold: residuals
+    come g times smaller. With a cap c the detector judges them multiplied by max(1, g / c), the
+    same as residuals that came that much larger; a stretch within the cap changes nothing."""
+    config = AlarmConfig(false_alarm_rate=0.01, calibration_rows=400, warmup_rows=100, level_stretch_cap=2.0)
+    detector = AnomalyDetector(config)
+    rng = np.random.default_rng(5)
+    calibrated = _calibrated(detector, rng.normal(size=(2, 400, 1)))
+    rows = torch.tensor(rng.normal(size=(2, 300, 1)))
+    stretch = torch.where(torch.arange(300)[None, :, None] < 100, 1.5, 8.0).expand(2, 300, 1)
+    stretched = detector.detect(rows, calibrated, stretch=stretch)
+    off = AnomalyDetector(replace(config, level_stretch_cap=0.0))
+    multiplied = off.detect(rows * torch.clamp(stretch / 2.0, min=1.0), calibrated)
+    torch.testing.assert_close(stretched.scores, multiplied.scores)
+    assert torch.equal(stretched.alarms, multiplied.alarms)
+    within = detector.detect(rows, calibrated, stretch=torch.full_like(rows, 1.9))
+    torch.testing.assert_close(within.scores, off.detect(rows, calibrated).scores)
+
+
+def test_a_fault_after_a_level_shift_is_seen_at_its_size_before_the_shift():
+    """The residuals after a shift come 20 times smaller (the scaler's std stretched 20-fold);
+    a fault of 10 deviations then reads 0.5 without the cap and is missed, and 5 with it."""
+    config = AlarmConfig(
+        false_alarm_rate=0.01, smoothing_rows=1, calibration_rows=400, warmup_rows=100, level_stretch_cap=2.0
+    )
+    rng = np.random.default_rng(6)
+    normal = rng.normal(size=(1, 400, 1))
+    after = rng.normal(size=(1, 200, 1))
+    after[0, 150:155, 0] += 10.0
+    shrunk = torch.tensor(after / 20.0)
+    stretch = torch.full_like(shrunk, 20.0)
+    for cap, caught in ((2.0, True), (0.0, False)):
+        detector = AnomalyDetector(replace(config, level_stretch_cap=cap))
+        judged = detector.detect(shrunk, _calibrated(detector, normal), stretch=stretch)
+        assert bool(judged.alarms[0, 150:155].any()) is caught
