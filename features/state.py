@@ -83,7 +83,7 @@ class LineFeatureStates(Mapping):
     last_readings: np.ndarray  # (L, S) NaN: none (or not a change sensor)
     last_event_ns: np.ndarray  # (L,) int64 UTC nanoseconds, NO_EVENT: none yet
     events: np.ndarray  # (L,) int64
-    steps: StepStatistics = field(default=None)  # the level stretch's, (L, S) each; None: empty
+    steps: StepStatistics | None = None  # the level stretch's, (L, S) each; None: empty
 
     def __post_init__(self) -> None:
         if self.steps is None:
