@@ -220,11 +220,11 @@ def build_features(
     standardised, after, stds = standardize(measured, line, offsets, statistics, spec.baseline_rows)
     # A held baseline cannot stretch; a change sensor is a difference already (features.stretch).
     stretched = np.array([not spec.baseline_rows and name not in spec.change_sensors for name in sensors])
-    stretch, steps = level_stretch(measured, stds, line, offsets, carried.steps, stretched)
-
-    # Carry each sensor's last reading forward (from the previous batch too; 0 before any).
     fresh = ~np.isnan(standardised)
     latest = latest_observed(fresh)
+    stretch, steps = level_stretch(measured, stds, line, offsets, carried.steps, stretched, latest)
+
+    # Carry each sensor's last reading forward (from the previous batch too; 0 before any).
     starts = offsets[:-1][line][:, None]
     columns = np.arange(len(sensors))
     in_line = latest >= starts

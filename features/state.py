@@ -34,6 +34,7 @@ class FeatureStateError(ValueError):
 
 TAG = b"LFS\x03"  # version 3; version 1 is JSON and starts with "{"
 TAG_V2 = b"LFS\x02"  # without the level stretch's statistics
+_BINARY_TAGS = (TAG, TAG_V2)
 NO_EVENT = np.iinfo(np.int64).min  # last event time of a line that has none
 _PER_SENSOR = 9  # counts, means, variances, last values, last readings, then the four of StepStatistics
 _PER_SENSOR_V2 = 5
@@ -63,7 +64,7 @@ class EntityFeatureState:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EntityFeatureState:
-        if data[:4] in (TAG, TAG_V2):
+        if data[:4] in _BINARY_TAGS:
             states = LineFeatureStates.from_states(["line"], {"line": data}, None)
             return states["line"]
         return _from_json(data)
@@ -128,7 +129,7 @@ class LineFeatureStates(Mapping):
                 continue
             if isinstance(state, bytes | bytearray | memoryview):
                 state = bytes(state)
-                if state[:4] in (TAG, TAG_V2):
+                if state[:4] in _BINARY_TAGS:
                     binary.setdefault((state[:4], _header(state)), []).append(row)
                     continue
                 state = _from_json(state)
@@ -196,8 +197,8 @@ class LineFeatureStates(Mapping):
         out = LineFeatureStates.empty(entities, self.sensors)
         for name in ("counts", "means", "variances", "last_values", "last_readings", "last_event_ns", "events"):
             getattr(out, name)[known] = getattr(self, name)[rows[known]]
-        for name, values in out._step_arrays().items():
-            values[known] = self._step_arrays()[name][rows[known]]
+        for mine, theirs in zip(self._step_arrays().values(), out._step_arrays().values(), strict=True):
+            theirs[known] = mine[rows[known]]
         return out
 
     def _set_dicts(self, rows: list[int], states: list[EntityFeatureState]) -> None:
@@ -255,7 +256,7 @@ def _stored_sensors(header: bytes) -> tuple[str, ...]:
 
 
 def _sensors_of(state: EntityFeatureState | bytes) -> tuple[str, ...]:
-    if isinstance(state, bytes | bytearray | memoryview) and bytes(state[:4]) in (TAG, TAG_V2):
+    if isinstance(state, bytes | bytearray | memoryview) and bytes(state[:4]) in _BINARY_TAGS:
         return _stored_sensors(_header(bytes(state)))
     if not isinstance(state, EntityFeatureState):
         state = _from_json(bytes(state))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from features.scaling import last_observed, latest_observed
+from features.scaling import last_observed
 
 REFERENCE_STEPS = 100  # differences behind a line's reference ratio: its first steady estimate
 
@@ -52,16 +52,17 @@ def level_stretch(
     offsets: np.ndarray,
     carried: StepStatistics,
     columns: np.ndarray,
+    latest: np.ndarray,
 ) -> tuple[np.ndarray, StepStatistics]:
     """The stretch (R, S) of each reading, 1 where not known, and the statistics after the batch.
 
     readings: (R, S) as the scaler learned them (NaN: absent); stds: (R, S) the scaler's std
     at each row (the one it was standardised by); line, offsets as in `standardize`; columns:
-    (S,) bool, the sensors a stretch is measured for (others stay at 1 and carry nothing).
+    (S,) bool, the sensors a stretch is measured for (others stay at 1 and carry nothing);
+    latest: `latest_observed` of the readings' presence, which the builder has already.
     """
     readings = np.where(columns, readings, np.nan)
     present = ~np.isnan(readings)
-    latest = latest_observed(present)
     starts = offsets[:-1][line][:, None]
     # Each reading's previous one: in this batch, else the line's last carried reading.
     before = np.vstack([np.full((1, readings.shape[1]), -1), latest[:-1]])
