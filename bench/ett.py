@@ -17,23 +17,24 @@ The driver enforces the protocol: a method is handed the series cut at the last 
 for forecasting and for learning alike.
 
 Methods: `lru` — one configuration for every series and both protocols (configs/ett.yaml): the
-product's series ensemble (flows.model.series_ensemble), as OneNet does, of the lru_online
-forecaster with LRU blocks (`lru-blocks`), the forecaster's linear path alone (`lru-linear`),
-the online NLinear, persistence and the rows a day and a week back (`seasonal-day`,
-`seasonal-week`, periods in rows from the `date` column's spacing), combined per horizon step
-and column by their recent losses (lru_online.mixture), each LRU carrying its state through the
-whole series; `linear` — NLinear on the last 60 rows, updated by SGD every step
-(flows.model.series_nlinear); `persistence` — the last row repeated; `snarimax` — river's
+product's series ensemble (flows.model.series_ensemble), as OneNet does, of the members
+configs/ett.yaml names among the lru_online forecaster with LRU blocks (`lru-blocks`), the
+forecaster's linear path alone (`lru-linear`), the online NLinear, persistence and the rows a
+day and a week back (`seasonal-day`, `seasonal-week`, periods in rows from the `date` column's
+spacing), combined per horizon step and column by their recent losses (lru_online.mixture),
+each LRU carrying its state through the whole series; `linear` — NLinear on the last 60 rows,
+updated by SGD every step (flows.model.series_nlinear); `persistence` — the last row repeated; `snarimax` — river's
 SNARIMAX on `OT` alone (reported on `OT`), the one forecaster of this file, a baseline;
 `lru-blocks`, `lru-linear` — one member alone;
 `lru-replay`, `lru-ewc` — the lru with the learner's replay or EWC, for the forgetting
 comparison (not run by default).
 
 Splits: the ensemble's members and settings were chosen on the first 20 % of the stream
-(windows starting at rows 3600–5759) of ETTh1 and of its time-reversed copy (`python
-bench/ett_tune.py`); the report split is the rest. The table prints the report split, the whole
-stream (the published protocol, comparable with the papers) and the tuning split (not a
-result) apart.
+(windows starting at rows 3600–5759) of ETTh1, of its time-reversed copy and of its rows after
+14,400, and of the 17 nab-aws streams and SKAB's anomaly-free run cut in the same shares
+(`python bench/ett_tune.py`); the report split is the rest. The table prints the report split,
+the whole stream (the published protocol, comparable with the papers) and the tuning split (not
+a result) apart.
 
 Forgetting (backward transfer): after the stream, each learning method is frozen and re-scores
 the first fifth of the online windows; the table gives the MSE it had there while streaming and
@@ -64,9 +65,31 @@ from flows.model.series_lru import LruSeriesForecaster, SeriesLruConfig
 from flows.model.series_nlinear import NLinearConfig, OnlineNLinear
 from lru_online.mixture import MixtureConfig
 
-TRAIN_END, VALID_END, STREAM_END = 2880, 3600, 14400
-# Windows starting before this row are the tuning split (the first 20 % of the stream).
-TUNING_END = VALID_END + (STREAM_END - VALID_END) // 5
+
+@dataclass(frozen=True)
+class Cuts:
+    """Where a series' rows divide: training [0, train_end), validation [train_end, valid_end),
+    then the online windows, starting at valid_end, up to stream_end. Windows starting before
+    `tuning_end` (the first 20 % of the stream) are the tuning split."""
+
+    train_end: int = 2880
+    valid_end: int = 3600
+    stream_end: int = 14400
+
+    @property
+    def tuning_end(self) -> int:
+        return self.valid_end + (self.stream_end - self.valid_end) // 5
+
+    @classmethod
+    def proportional(cls, rows: int) -> Cuts:
+        """ETT's shares (20 % training, 5 % validation, 75 % stream) of a series of `rows` rows."""
+        ett = cls()
+        return cls(round(rows * ett.train_end / ett.stream_end), round(rows * ett.valid_end / ett.stream_end), rows)
+
+
+ETT_CUTS = Cuts()
+TRAIN_END, VALID_END, STREAM_END = ETT_CUTS.train_end, ETT_CUTS.valid_end, ETT_CUTS.stream_end
+TUNING_END = ETT_CUTS.tuning_end
 LOOKBACK = 60
 TARGET_COLUMN = "OT"
 # Cumulative MSE on ETTh2 at H = 1 / 24 / 48 (ett/README.md; FSNet and OneNet papers).
@@ -84,6 +107,7 @@ class Series:
     mean: np.ndarray
     std: np.ndarray
     rows_per_day: int = 24  # from the `date` column's spacing (ETTh: hourly, ETTm: 15 minutes)
+    cuts: Cuts = ETT_CUTS
 
 
 def load_series(path: Path) -> Series:
@@ -109,10 +133,10 @@ def load_series(path: Path) -> Series:
     return Series(values, tuple(frame.columns), mean, std, rows_per_day)
 
 
-def standardised(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rows scaled by the mean and deviation of their first TRAIN_END (a constant column by
+def standardised(raw: np.ndarray, train_end: int = TRAIN_END) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows scaled by the mean and deviation of their first `train_end` (a constant column by
     1), as float32, with that mean and deviation."""
-    mean, std = raw[:TRAIN_END].mean(axis=0), raw[:TRAIN_END].std(axis=0)
+    mean, std = raw[:train_end].mean(axis=0), raw[:train_end].std(axis=0)
     std = np.where(std > 0, std, 1.0)
     return ((raw - mean) / std).astype(np.float32), mean, std
 
@@ -121,16 +145,18 @@ def standardised(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class Protocol:
     name: str  # fsnet | delayed
     horizon: int
+    cuts: Cuts = ETT_CUTS
 
     def __post_init__(self) -> None:
         if self.name not in ("fsnet", "delayed"):
             raise ValueError(f"protocol must be fsnet or delayed, got {self.name!r}")
-        if not 1 <= self.horizon <= STREAM_END - VALID_END:
-            raise ValueError(f"horizon must be in [1, {STREAM_END - VALID_END}], got {self.horizon}")
+        stream = self.cuts.stream_end - self.cuts.valid_end
+        if not 1 <= self.horizon <= stream:
+            raise ValueError(f"horizon must be in [1, {stream}], got {self.horizon}")
 
     def starts(self) -> range:
-        """Row of each online window's first target step: 3600, 3601, …, 14400 - H."""
-        return range(VALID_END, STREAM_END - self.horizon + 1)
+        """Row of each online window's first target step: 3600, 3601, …, 14400 - H on ETT."""
+        return range(self.cuts.valid_end, self.cuts.stream_end - self.horizon + 1)
 
     def visible_after_forecast(self, start: int) -> int:
         """How many rows a method may learn from once it has forecast the window at `start`."""
@@ -157,7 +183,7 @@ def run_stream(
     horizon, starts = protocol.horizon, protocol.starts()
     if until is not None:
         starts = range(starts.start, min(starts.stop, until))
-    method.fit(series[:VALID_END], horizon, TRAIN_END)
+    method.fit(series[: protocol.cuts.valid_end], horizon, protocol.cuts.train_end)
     pred = np.empty((len(starts), horizon, series.shape[1]), dtype=np.float32)
     started = time.perf_counter()
     for i, start in enumerate(starts):
@@ -263,24 +289,38 @@ MEMBERS: dict[str, Callable[[str | None, int], SeriesForecaster]] = {
 }
 
 
+SEASONAL_DAYS = {"seasonal-day": 1, "seasonal-week": 7}  # each seasonal member's period in days
+
+
+def usable_members(names: tuple[str, ...], rows_per_day: int, rows_before_stream: int) -> tuple[str, ...]:
+    """The members with something of their own to forecast. A seasonal member whose period is
+    longer than the rows before the stream (a week of 5-minute readings against 1,008 rows, a
+    day of a 1-second log) repeats the last row through its first period: a copy of persistence,
+    which only takes weight from the others; it is left out."""
+    return tuple(name for name in names if SEASONAL_DAYS.get(name, 0) * rows_per_day <= rows_before_stream)
+
+
 def ensemble(
     variant: str | None = None,
     record: bool = False,
     rows_per_day: int = 24,
     members: tuple[str, ...] | None = None,
     combine: MixtureConfig | None = None,
+    cuts: Cuts = ETT_CUTS,
 ) -> SeriesEnsemble:
     """The configured `lru` method (configs/ett.yaml `ensemble`), its LRU members with a variant;
-    `members` and `combine` replace the configured ones (bench/ett_tune.py tries others)."""
+    `members` and `combine` replace the configured ones (bench/ett_tune.py tries others); the
+    members `usable_members` keeps on a series so cut. Its mean member weights count the windows
+    from the tuning split's end on (the report split)."""
     data = load_config("ett").get("ensemble", {})
     config = EnsembleConfig(**{**data, "members": tuple(data.get("members", EnsembleConfig.members))})
     names = members or config.members
     unknown = set(names) - set(MEMBERS)
     if unknown:
         raise ValueError(f"configs/ett.yaml ensemble.members: unknown {sorted(unknown)}; known: {sorted(MEMBERS)}")
-    built = {name: MEMBERS[name](variant, rows_per_day) for name in names}
+    built = {name: MEMBERS[name](variant, rows_per_day) for name in usable_members(names, rows_per_day, cuts.valid_end)}
     combine = combine or MixtureConfig(config.half_life, config.temperature)
-    return SeriesEnsemble(built, combine, record, TUNING_END)
+    return SeriesEnsemble(built, combine, record, cuts.tuning_end)
 
 
 # Each builds a fresh method, given the index of the target column, the protocol's name (the

@@ -222,6 +222,13 @@ class LossMixture:
         """The combined forecast of the members' forecasts (B, M, H, S) by the current weights,
         diverged members left out; `fallback` (B, H, S) where every member diverged."""
         clipped, healthy = self.bound(state, forecasts)
+        return self.combine_bounded(state, clipped, healthy, fallback)
+
+    def combine_bounded(
+        self, state: MixtureState, clipped: torch.Tensor, healthy: torch.Tensor, fallback: torch.Tensor
+    ) -> Combination:
+        """`combine` of forecasts `bound` has already clipped, with its (B, M) healthy flags: a
+        replay of recorded members (bench/ett_tune.py) combines exactly as the stream did."""
         weights = self.weights(state, healthy)
         total = weights.sum(dim=1, keepdim=True)
         combined = (weights * clipped).sum(dim=1)

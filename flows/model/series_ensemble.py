@@ -52,7 +52,8 @@ class SeriesEnsemble(SeriesForecaster):
         self.state = self.mixture.seen(self.state, torch.from_numpy(series[None]))
         self.seen = len(series)
         self.pending: dict[int, np.ndarray] = {}  # window start → member forecasts (K, H, C)
-        self.recorded: list[tuple[int, np.ndarray]] = []
+        # (window start, the members' clipped forecasts (K, H, C), which of them were healthy (K,))
+        self.recorded: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.weight_sums = np.zeros(len(self.members))
         self.weighted_windows = 0
         self.snapshots = {name: copy.deepcopy(member) for name, member in self.members.items()}
@@ -71,7 +72,7 @@ class SeriesEnsemble(SeriesForecaster):
         self.diverged |= {name for name, ok in zip(self.members, healthy, strict=True) if not ok}
         self.pending[len(history)] = mixed.members[0].numpy()
         if self.record:
-            self.recorded.append((len(history), self.pending[len(history)]))
+            self.recorded.append((len(history), self.pending[len(history)], healthy))
         if len(history) >= self.weights_counted_from and healthy.any():
             self.weight_sums += mixed.weights[0].mean(dim=(1, 2)).numpy()
             self.weighted_windows += 1
@@ -109,7 +110,7 @@ class SeriesEnsemble(SeriesForecaster):
 
 
 def replay_combination(
-    recorded: list[tuple[int, np.ndarray]],
+    recorded: list[tuple[int, np.ndarray, np.ndarray]],
     starting_losses: np.ndarray,
     series: np.ndarray,
     horizon: int,
@@ -117,15 +118,18 @@ def replay_combination(
     combine: MixtureConfig,
 ) -> np.ndarray:
     """The ensemble's forecasts (n, H, C) for recorded member forecasts (already clipped to the
-    bound) under other combination settings, `window_to_learn(start)` being the window the
-    protocol lets it learn after forecasting `start`: the members do not depend on the
-    combination, so trying its settings needs no second stream."""
+    bound, with each member's health) under other combination settings, `window_to_learn(start)`
+    being the window the protocol lets it learn after forecasting `start`: the members do not
+    depend on the combination (nor a member's health on the others), so trying its settings
+    needs no second stream. Where no member was healthy the fallback is the last row, as live."""
     mixture = LossMixture(combine)
     state = MixtureState.fresh(1, *starting_losses.shape, torch.from_numpy(starting_losses))
-    by_start = {start: torch.from_numpy(forecasts)[None] for start, forecasts in recorded}
+    by_start = {start: torch.from_numpy(forecasts)[None] for start, forecasts, _ in recorded}
     out = []
-    for start, _ in recorded:
-        out.append(torch.einsum("bmhs,bmhs->bhs", mixture.weights(state), by_start[start])[0].numpy())
+    for start, _, healthy in recorded:
+        last = torch.from_numpy(np.repeat(series[start - 1 : start], horizon, axis=0))[None]
+        mixed = mixture.combine_bounded(state, by_start[start], torch.from_numpy(healthy)[None], last)
+        out.append(mixed.forecast[0].numpy())
         window = window_to_learn(start)
         if window in by_start:
             truth = torch.from_numpy(series[window : window + horizon])[None]
