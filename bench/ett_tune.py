@@ -89,11 +89,10 @@ class Recording:
     def ratio(self, members: tuple[str, ...], combine: MixtureConfig) -> float:
         """The ensemble of `members` under `combine`: its MSE ÷ persistence's (of the members
         this series could use: those the recording holds)."""
-        keep = [self.members.index(m) for m in members if m in self.members]
-        recorded = [(start, forecasts[keep], healthy[keep]) for start, forecasts, healthy in self.recorded]
+        kept = self.restricted(tuple(m for m in members if m in self.members))
         horizon = self.protocol.horizon
         forecasts = replay_combination(
-            recorded, self.starting_losses[keep], self.values, horizon, self.protocol.window_to_learn, combine
+            kept.recorded, kept.starting_losses, self.values, horizon, self.protocol.window_to_learn, combine
         )
         return float(np.mean((forecasts - self.true) ** 2)) / self.persistence
 
