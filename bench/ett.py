@@ -64,6 +64,7 @@ from flows.model.series_forecaster import Persistence, SeasonalPersistence, Seri
 from flows.model.series_lru import LruSeriesForecaster, SeriesLruConfig
 from flows.model.series_nlinear import NLinearConfig, OnlineNLinear
 from lru_online.mixture import MixtureConfig
+from lru_online.paced_mixture import PacedMixtureConfig, paced_config
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,15 @@ class EnsembleConfig:
     members: tuple[str, ...] = ("lru-blocks", "lru-linear", "linear", "persistence", "seasonal-day", "seasonal-week")
     half_life: float = 1.5
     temperature: float = 2.0
+    # Several paces instead (lru_online/paced_mixture.py): each level a {half_life, temperature},
+    # `between` the same for weighing the levels; they replace the two fields above.
+    levels: tuple[dict, ...] = ()
+    between: dict | None = None
+
+    def combination(self) -> PacedMixtureConfig:
+        if self.levels:
+            return paced_config({"levels": self.levels, "between": self.between})
+        return PacedMixtureConfig.single(self.half_life, self.temperature)
 
 
 def lru_config(member: str = "blocks", variant: str | None = None) -> SeriesLruConfig:
@@ -305,7 +315,7 @@ def ensemble(
     record: bool = False,
     rows_per_day: int = 24,
     members: tuple[str, ...] | None = None,
-    combine: MixtureConfig | None = None,
+    combine: MixtureConfig | PacedMixtureConfig | None = None,
     cuts: Cuts = ETT_CUTS,
 ) -> SeriesEnsemble:
     """The configured `lru` method (configs/ett.yaml `ensemble`), its LRU members with a variant;
@@ -319,7 +329,7 @@ def ensemble(
     if unknown:
         raise ValueError(f"configs/ett.yaml ensemble.members: unknown {sorted(unknown)}; known: {sorted(MEMBERS)}")
     built = {name: MEMBERS[name](variant, rows_per_day) for name in usable_members(names, rows_per_day, cuts.valid_end)}
-    combine = combine or MixtureConfig(config.half_life, config.temperature)
+    combine = combine or config.combination()
     return SeriesEnsemble(built, combine, record, cuts.tuning_end)
 
 

@@ -4,6 +4,7 @@ several series at once.
     python bench/ett_tune.py [--data ../shared/data/ett/ETTh1.csv ...] [--no-reversed] [--no-tail]
                              [--nab DIR] [--skab FILE] [--jobs 2] [--recordings FILE]
                              [--horizons 1,24,48] [--half-lives 0.75,1.5,3,6] [--temperatures 1,2,4]
+                             [--paced 1.5/4+96/8,...] [--between 24/8,96/8]
                              [--optional-members seasonal-day,seasonal-week]
 
 Series, in three families:
@@ -24,7 +25,9 @@ labelled anomalies of nab-aws stay in: a forecaster meets them in a stream too.
 For each series, protocol and horizon the ensemble of configs/ett.yaml's members plus every
 optional member runs once through the tuning windows, its members' forecasts recorded; every
 setting (a member set: the configured members with any subset of the optional ones, times a
-half-life and a temperature) is then replayed from the recording (the members depend neither on
+combination: one half-life and temperature, or with `--paced` several such levels, each
+half-life/temperature joined by `+`, weighed by a `--between` half-life/temperature: see
+lru_online/paced_mixture.py) is then replayed from the recording (the members depend neither on
 each other nor on the combination, so a replay is what a run with that setting would forecast).
 A seasonal member whose period the rows before a series' stream do not hold is left out there
 (bench/ett.usable_members: it would be a copy of persistence), so on SKAB's 1-second log a
@@ -35,7 +38,8 @@ keeps the recordings, so that a wider grid is replayed without streaming again.
 The rule, fixed before any report figure was looked at: a setting's score is its MSE ÷
 persistence's averaged over each family's series, both protocols and the horizons, then over the
 families (each family counts once, however many series it holds); the lowest wins, and among
-the settings within 0.005 of it the one with the fewest members (then the lowest score).
+the settings within 0.005 of it the one with the fewest members, then the fewest levels (one
+half-life is simpler than several), then the lowest score.
 Printed: every setting's score, its families' and its worst series, the chosen one's figures
 per series and their spread, to be copied into configs/ett.yaml by hand.
 """
@@ -68,6 +72,7 @@ from bench.ett import (
 )
 from flows.model.series_ensemble import replay_combination
 from lru_online.mixture import MixtureConfig
+from lru_online.paced_mixture import PacedMixtureConfig
 
 TIE = 0.005  # scores this close count as equal: the simpler member set is kept
 
@@ -86,7 +91,7 @@ class Recording:
     true: np.ndarray
     persistence: float  # persistence's MSE on the same windows
 
-    def ratio(self, members: tuple[str, ...], combine: MixtureConfig) -> float:
+    def ratio(self, members: tuple[str, ...], combine: PacedMixtureConfig) -> float:
         """The ensemble of `members` under `combine`: its MSE ÷ persistence's (of the members
         this series could use: those the recording holds)."""
         kept = self.restricted(tuple(m for m in members if m in self.members))
@@ -146,7 +151,7 @@ def record(
     series: Series,
     protocol: Protocol,
     members: tuple[str, ...],
-    combine: MixtureConfig,
+    combine: PacedMixtureConfig,
     family: str = "ETT",
 ) -> Recording:
     protocol = replace(protocol, cuts=series.cuts)
@@ -183,7 +188,7 @@ def _replay_all(task: tuple[Recording, list]) -> list[float]:
     return [recording.ratio(members, combine) for members, combine in settings]
 
 
-Setting = tuple[tuple[str, ...], MixtureConfig]
+Setting = tuple[tuple[str, ...], PacedMixtureConfig]
 
 
 def by_family(values: list[float], families: list[str]) -> dict[str, float]:
@@ -200,13 +205,13 @@ def family_mean(values: list[float], families: list[str]) -> float:
 
 def choose(scores: dict[Setting, list[float]], families: list[str] | None = None) -> Setting:
     """The rule: the lowest score (`family_mean`, the families of the values in order; one family
-    when None); among the settings within `TIE` of it, the fewest members, then the lowest
-    score (the first in the grid among equals)."""
+    when None); among the settings within `TIE` of it, the fewest members, then the fewest
+    levels, then the lowest score (the first in the grid among equals)."""
     families = families or ["one"] * len(next(iter(scores.values())))
     mean = {key: family_mean(values, families) for key, values in scores.items()}
     best = min(mean.values())
     near = [key for key in scores if mean[key] <= best + TIE]
-    return min(near, key=lambda key: (len(key[0]), mean[key]))
+    return min(near, key=lambda key: (len(key[0]), len(key[1].levels), mean[key]))
 
 
 def load_recordings(path: Path, tasks: list[tuple]) -> list[Recording]:
@@ -216,13 +221,23 @@ def load_recordings(path: Path, tasks: list[tuple]) -> list[Recording]:
         recordings = pickle.load(saved)
     wanted = [(name, protocol.name, protocol.horizon) for name, _, protocol, *_ in tasks]
     found = [(r.series, r.protocol.name, r.protocol.horizon) for r in recordings]
-    if found != wanted or any(not set(task[3]) <= set(r.members) for r, task in zip(recordings, tasks, strict=True)):
+    # A recording holds the members its series could use (`usable_members`), no more.
+    usable = [
+        usable_members(members, series.rows_per_day, series.cuts.valid_end) for _, series, _, members, *_ in tasks
+    ]
+    if found != wanted or any(not set(u) <= set(r.members) for r, u in zip(recordings, usable, strict=True)):
         raise SystemExit(f"{path}: recorded for other series, horizons or members; remove it to record again")
     # Members do not depend on each other: a recording of more members holds each one's record.
-    return [
-        r.restricted(usable_members(members, series.rows_per_day, series.cuts.valid_end))
-        for r, (_, series, _, members, *_) in zip(recordings, tasks, strict=True)
-    ]
+    return [r.restricted(u) for r, u in zip(recordings, usable, strict=True)]
+
+
+def pair(text: str) -> MixtureConfig:
+    """ "half-life/temperature" as a level's settings."""
+    half_life, _, temperature = text.partition("/")
+    try:
+        return MixtureConfig(float(half_life), float(temperature))
+    except ValueError as bad:
+        raise SystemExit(f"{text!r}: not a half-life/temperature pair ({bad})") from None
 
 
 def tuning_series(args: argparse.Namespace, default_data: Path) -> dict[str, tuple[str, Series]]:
@@ -259,6 +274,10 @@ def main() -> None:
     parser.add_argument("--horizons", default="1,24,48")
     parser.add_argument("--half-lives", default="0.75,1.5,3,6")
     parser.add_argument("--temperatures", default="1,2,4")
+    parser.add_argument(
+        "--paced", default="", help="level sets to try: half-life/temperature pairs joined by +, sets by commas"
+    )
+    parser.add_argument("--between", default="", help="half-life/temperature pairs weighing the --paced levels")
     parser.add_argument("--optional-members", default="seasonal-day,seasonal-week")
     args = parser.parse_args()
     horizons = [int(h) for h in args.horizons.split(",")]
@@ -270,8 +289,14 @@ def main() -> None:
         for subset in itertools.combinations(optional, size)
     ]
     combinations = [
-        MixtureConfig(float(h), float(t))
+        PacedMixtureConfig.single(float(h), float(t))
         for h, t in itertools.product(args.half_lives.split(","), args.temperatures.split(","))
+    ]
+    combinations += [
+        PacedMixtureConfig(tuple(map(pair, levels.split("+"))), pair(between))
+        for levels, between in itertools.product(
+            [p for p in args.paced.split(",") if p], [b for b in args.between.split(",") if b]
+        )
     ]
     series = tuning_series(args, shared / "ett/ETTh1.csv")
     print(
@@ -325,14 +350,14 @@ def main() -> None:
         where = f"{worst.series}, {worst.protocol.name} H={worst.protocol.horizon}"
         per_family = "  ".join(f"{g} {v:.4f}" for g, v in by_family(values, families).items())
         print(
-            f"{extra:<28} half_life {combine.half_life:>4g} temperature {combine.temperature:>4g}: "
+            f"{extra:<28} {combine.describe():<44}: "
             f"score {family_mean(values, families):.4f}  ({per_family})  worst {max(values):.3f} ({where})"
         )
     chosen = choose(scores, families)
     best = min(family_mean(v, families) for v in scores.values())
     members, combine = chosen
     print(
-        f"\nchosen: members {list(members)}, half_life {combine.half_life:g}, temperature {combine.temperature:g} "
+        f"\nchosen: members {list(members)}, {combine.describe()} "
         f"(score {family_mean(scores[chosen], families):.4f}; the best {best:.4f})"
     )
     print(

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from flows.model.series_forecaster import SeriesForecaster, target_windows
-from lru_online.mixture import LossMixture, MixtureConfig, MixtureState
+from lru_online.mixture import MixtureConfig
+from lru_online.paced_mixture import PacedMixture, PacedMixtureConfig
 
 
 class SeriesEnsemble(SeriesForecaster):
@@ -31,12 +32,12 @@ class SeriesEnsemble(SeriesForecaster):
     def __init__(
         self,
         members: dict[str, SeriesForecaster],
-        combine: MixtureConfig,
+        combine: MixtureConfig | PacedMixtureConfig,
         record: bool = False,
         weights_counted_from: int = 0,
     ) -> None:
         self.members = members
-        self.mixture = LossMixture(combine)
+        self.mixture = PacedMixture(paced(combine))
         self.record = record  # keep every window's member forecasts (to replay other settings)
         self.weights_counted_from = weights_counted_from  # first window start `mean_weights` averages
 
@@ -48,10 +49,11 @@ class SeriesEnsemble(SeriesForecaster):
             member.fit(series, horizon, train_rows)
             losses.append(np.mean((member.rescore(series, valid, horizon) - truth) ** 2, axis=0))
         self.starting_losses = np.stack(losses)
-        self.state = MixtureState.fresh(1, *self.starting_losses.shape, torch.from_numpy(self.starting_losses))
+        self.state = self.mixture.fresh(1, torch.from_numpy(self.starting_losses))
         self.state = self.mixture.seen(self.state, torch.from_numpy(series[None]))
         self.seen = len(series)
-        self.pending: dict[int, np.ndarray] = {}  # window start → member forecasts (K, H, C)
+        # window start → the members' clipped forecasts (1, K, H, C) and the levels' (1, L, H, C)
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # (window start, the members' clipped forecasts (K, H, C), which of them were healthy (K,))
         self.recorded: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.weight_sums = np.zeros(len(self.members))
@@ -70,9 +72,9 @@ class SeriesEnsemble(SeriesForecaster):
         mixed = self.mixture.combine(self.state, torch.from_numpy(forecasts)[None], fallback=last)
         healthy = mixed.healthy[0].numpy()
         self.diverged |= {name for name, ok in zip(self.members, healthy, strict=True) if not ok}
-        self.pending[len(history)] = mixed.members[0].numpy()
+        self.pending[len(history)] = (mixed.members, mixed.levels)
         if self.record:
-            self.recorded.append((len(history), self.pending[len(history)], healthy))
+            self.recorded.append((len(history), mixed.members[0].numpy(), healthy))
         if len(history) >= self.weights_counted_from and healthy.any():
             self.weight_sums += mixed.weights[0].mean(dim=(1, 2)).numpy()
             self.weighted_windows += 1
@@ -85,7 +87,7 @@ class SeriesEnsemble(SeriesForecaster):
         forecasts = self.pending.pop(window, None)
         if forecasts is not None:  # None: a window from before the stream began
             truth = torch.from_numpy(history[window : window + horizon])[None]
-            self.state = self.mixture.observe(self.state, torch.from_numpy(forecasts)[None], truth)
+            self.state = self.mixture.observe(self.state, *forecasts, truth)
         for name in self.members:
             if name in self.diverged:
                 self.members[name] = copy.deepcopy(self.snapshots[name])
@@ -115,23 +117,30 @@ def replay_combination(
     series: np.ndarray,
     horizon: int,
     window_to_learn: Callable[[int], int],
-    combine: MixtureConfig,
+    combine: MixtureConfig | PacedMixtureConfig,
 ) -> np.ndarray:
     """The ensemble's forecasts (n, H, C) for recorded member forecasts (already clipped to the
     bound, with each member's health) under other combination settings, `window_to_learn(start)`
     being the window the protocol lets it learn after forecasting `start`: the members do not
     depend on the combination (nor a member's health on the others), so trying its settings
     needs no second stream. Where no member was healthy the fallback is the last row, as live."""
-    mixture = LossMixture(combine)
-    state = MixtureState.fresh(1, *starting_losses.shape, torch.from_numpy(starting_losses))
+    mixture = PacedMixture(paced(combine))
+    state = mixture.fresh(1, torch.from_numpy(starting_losses))
     by_start = {start: torch.from_numpy(forecasts)[None] for start, forecasts, _ in recorded}
+    levels_at: dict[int, torch.Tensor] = {}  # window start → the levels' forecasts, until judged
     out = []
     for start, _, healthy in recorded:
         last = torch.from_numpy(np.repeat(series[start - 1 : start], horizon, axis=0))[None]
         mixed = mixture.combine_bounded(state, by_start[start], torch.from_numpy(healthy)[None], last)
         out.append(mixed.forecast[0].numpy())
+        levels_at[start] = mixed.levels
         window = window_to_learn(start)
-        if window in by_start:
+        if window in levels_at:
             truth = torch.from_numpy(series[window : window + horizon])[None]
-            state = mixture.observe(state, by_start[window], truth)
+            state = mixture.observe(state, by_start[window], levels_at.pop(window), truth)
     return np.stack(out).astype(np.float32)
+
+
+def paced(combine: MixtureConfig | PacedMixtureConfig) -> PacedMixtureConfig:
+    """One `MixtureConfig` is a paced mixture of one level."""
+    return PacedMixtureConfig((combine,)) if isinstance(combine, MixtureConfig) else combine

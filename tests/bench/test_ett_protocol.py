@@ -15,6 +15,8 @@ from flows.model.series_ensemble import SeriesEnsemble, replay_combination
 from flows.model.series_forecaster import Persistence, SeasonalPersistence
 from flows.model.series_lru import LruSeriesForecaster, SeriesLruConfig, change_targets
 from flows.model.series_nlinear import OnlineNLinear
+from lru_online.mixture import MixtureConfig
+from lru_online.paced_mixture import PacedMixtureConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,20 +250,24 @@ class Constant:
         return np.zeros((len(starts), horizon, series.shape[1]), dtype=np.float32)
 
 
-def _small_ensemble(ett, record=False):
-    from lru_online.mixture import MixtureConfig
+# Two paces weighed by a third (lru_online/paced_mixture.py), beside each test's one pace.
+ONE_PACE = MixtureConfig(half_life=12.0, temperature=4.0)
+PACED = PacedMixtureConfig((MixtureConfig(1.5, 4.0), MixtureConfig(96.0, 8.0)), between=MixtureConfig(96.0, 8.0))
 
+
+def _small_ensemble(ett, record=False, combine=ONE_PACE):
     members = {"persistence": Persistence(), "zero": Constant()}
-    return SeriesEnsemble(members, MixtureConfig(half_life=12.0, temperature=4.0), record=record)
+    return SeriesEnsemble(members, combine, record=record)
 
 
+@pytest.mark.parametrize("combine", [ONE_PACE, PACED], ids=["one", "paced"])
 @pytest.mark.parametrize("protocol", ["fsnet", "delayed"])
-def test_the_ensemble_follows_the_member_that_carries_over(ett, protocol):
+def test_the_ensemble_follows_the_member_that_carries_over(ett, protocol, combine):
     """On a random walk far from zero, persistence is right and zero is wrong: the weights go to
     persistence, and the ensemble is about as good as it; the replay of the recorded forecasts
     (bench/ett_tune.py) gives the same forecasts as the stream."""
     walk = 5.0 + np.cumsum(np.random.default_rng(5).normal(scale=0.1, size=(14_400, 3)), axis=0).astype(np.float32)
-    method = _small_ensemble(ett, record=True)
+    method = _small_ensemble(ett, record=True, combine=combine)
     result = ett.run_stream(method, walk, ett.Protocol(protocol, 4), forgetting=False, until=4000)
     persistence = float(np.mean((walk[result.start - 1][:, None] - result.true) ** 2))
     assert float(np.mean((result.pred[50:] - result.true[50:]) ** 2)) < 1.1 * persistence
@@ -361,18 +367,17 @@ class Exploding:
         return np.stack([self.forecast(series[:s], horizon) for s in starts])
 
 
+@pytest.mark.parametrize("combine", [MixtureConfig(half_life=12.0, temperature=8.0), PACED], ids=["one", "paced"])
 @pytest.mark.parametrize("protocol", ["fsnet", "delayed"])
-def test_no_member_can_poison_the_ensemble(ett, protocol):
+def test_no_member_can_poison_the_ensemble(ett, protocol, combine):
     """A 50σ level shift in the stream and a member forced to diverge (inf, then NaN): the
     ensemble's forecasts stay finite and within 10 % of its best healthy member's; the diverged
     member gets weight 0 while it is out of bounds and is reset to its last good snapshot."""
-    from lru_online.mixture import MixtureConfig
-
     rng = np.random.default_rng(8)
     walk = 5.0 + np.cumsum(rng.normal(scale=0.1, size=(14_400, 3)), axis=0).astype(np.float32)
     walk[3800:] += 50 * walk[:2880].std(axis=0)  # far outside anything the members were fitted on
     members = {"persistence": Persistence(), "linear": OnlineNLinear(), "exploding": Exploding(after=30)}
-    method = SeriesEnsemble(members, MixtureConfig(half_life=12.0, temperature=8.0), record=True)
+    method = SeriesEnsemble(members, combine, record=True)
     result = ett.run_stream(method, walk, ett.Protocol(protocol, 4), forgetting=False, until=4100)
 
     assert np.isfinite(result.pred).all()

@@ -10,6 +10,7 @@ import pytest
 
 from bench import ett, ett_tune
 from lru_online.mixture import MixtureConfig
+from lru_online.paced_mixture import PacedMixtureConfig
 
 NO_FIT = ("persistence", "seasonal-day", "seasonal-week")  # members that learn nothing: fast
 
@@ -38,15 +39,28 @@ def test_a_member_subset_replayed_is_what_a_run_of_it_forecasts(protocol):
 
 def test_the_rule_keeps_fewer_members_among_near_equal_scores():
     four, six = ("a", "b", "c", "d"), ("a", "b", "c", "d", "e", "f")
-    slow, fast = MixtureConfig(12.0, 8.0), MixtureConfig(3.0, 2.0)
+    slow, fast = PacedMixtureConfig.single(12.0, 8.0), PacedMixtureConfig.single(3.0, 2.0)
     scores = {(four, slow): [0.420, 0.424], (six, fast): [0.418, 0.420], (six, slow): [0.430, 0.430]}
     assert ett_tune.choose(scores) == (four, slow)  # 0.422 is within 0.005 of 0.419
     scores[four, slow] = [0.430, 0.430]
     assert ett_tune.choose(scores) == (six, fast)
 
 
+def test_the_rule_keeps_one_level_among_near_equal_scores_of_the_same_members():
+    members = ("a", "b")
+    one = PacedMixtureConfig.single(96.0, 8.0)
+    two = PacedMixtureConfig((MixtureConfig(1.5, 4.0), MixtureConfig(96.0, 8.0)), MixtureConfig(96.0, 8.0))
+    scores = {(members, two): [0.480, 0.482], (members, one): [0.483, 0.485]}
+    assert ett_tune.choose(scores) == (members, one)  # 0.484 is within 0.005 of 0.481
+    scores[members, one] = [0.490, 0.490]
+    assert ett_tune.choose(scores) == (members, two)
+    # Fewer members still come first: a paced mixture of fewer members beats one level of more.
+    scores[("a", "b", "c"), one] = [0.479, 0.479]
+    assert ett_tune.choose(scores) == (members, two)
+
+
 def test_each_family_counts_once_however_many_series_it_holds():
-    one, other = (("a",), MixtureConfig(1.5, 2.0)), (("a",), MixtureConfig(6.0, 4.0))
+    one, other = (("a",), PacedMixtureConfig.single(1.5, 2.0)), (("a",), PacedMixtureConfig.single(6.0, 4.0))
     families = ["ETT", "nab-aws", "nab-aws", "nab-aws"]
     # `one` wins three nab-aws streams by a little and loses ETT by a lot: the plain mean over
     # the four (0.475 against 0.4875) would take it, the families' mean (0.55 against 0.458) not.
