@@ -44,6 +44,11 @@ class PacedMixtureConfig:
     def single(cls, half_life: float, temperature: float) -> PacedMixtureConfig:
         return cls((MixtureConfig(half_life, temperature),))
 
+    @classmethod
+    def of(cls, combine: MixtureConfig | PacedMixtureConfig) -> PacedMixtureConfig:
+        """One `MixtureConfig` is a paced mixture of one level."""
+        return cls((combine,)) if isinstance(combine, MixtureConfig) else combine
+
     def describe(self) -> str:
         levels = ", ".join(f"{c.half_life:g}/{c.temperature:g}" for c in self.levels)
         if self.between is None:

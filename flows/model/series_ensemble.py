@@ -37,7 +37,7 @@ class SeriesEnsemble(SeriesForecaster):
         weights_counted_from: int = 0,
     ) -> None:
         self.members = members
-        self.mixture = PacedMixture(paced(combine))
+        self.mixture = PacedMixture(PacedMixtureConfig.of(combine))
         self.record = record  # keep every window's member forecasts (to replay other settings)
         self.weights_counted_from = weights_counted_from  # first window start `mean_weights` averages
 
@@ -124,7 +124,7 @@ def replay_combination(
     being the window the protocol lets it learn after forecasting `start`: the members do not
     depend on the combination (nor a member's health on the others), so trying its settings
     needs no second stream. Where no member was healthy the fallback is the last row, as live."""
-    mixture = PacedMixture(paced(combine))
+    mixture = PacedMixture(PacedMixtureConfig.of(combine))
     state = mixture.fresh(1, torch.from_numpy(starting_losses))
     by_start = {start: torch.from_numpy(forecasts)[None] for start, forecasts, _ in recorded}
     levels_at: dict[int, torch.Tensor] = {}  # window start → the levels' forecasts, until judged
@@ -139,8 +139,3 @@ def replay_combination(
             truth = torch.from_numpy(series[window : window + horizon])[None]
             state = mixture.observe(state, by_start[window], levels_at.pop(window), truth)
     return np.stack(out).astype(np.float32)
-
-
-def paced(combine: MixtureConfig | PacedMixtureConfig) -> PacedMixtureConfig:
-    """One `MixtureConfig` is a paced mixture of one level."""
-    return PacedMixtureConfig((combine,)) if isinstance(combine, MixtureConfig) else combine
